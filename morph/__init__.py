@@ -1,0 +1,1 @@
+"""morph: grow CNNs the MixtureGrowth way, on any standard architecture."""

@@ -1,0 +1,675 @@
+"""Per-op channel rules.
+
+A rule takes the analyzer and an fx node, and returns the :class:`~.analyze.TD` of the node's output
+(or a list of them, or ``None`` for non-tensor values). Rules are looked up by module type
+(``isinstance``, most specific first), by function and by method name. An op with no rule is an
+error that names the node, never a guess.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .analyze import TD, ConstSite, LayerPlan, _Analyzer
+from .coupling import Dim, Seg
+
+__all__ = ["apply_rule", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+
+Rule = Callable[[_Analyzer, fx.Node], Any]
+
+MODULE_RULES: list[tuple[type, Rule]] = []
+FUNCTION_RULES: dict[Any, Rule] = {}
+METHOD_RULES: dict[str, Rule] = {}
+
+
+def _module(*types: type) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for t in types:
+            MODULE_RULES.append((t, fn))
+        return fn
+
+    return deco
+
+
+def _function(*fns: Any) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for f in fns:
+            FUNCTION_RULES[f] = fn
+        return fn
+
+    return deco
+
+
+def _method(*names: str) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            METHOD_RULES[n] = fn
+        return fn
+
+    return deco
+
+
+def apply_rule(a: _Analyzer, node: fx.Node) -> Any:
+    if node.op == "call_module":
+        mod = a.modules[str(node.target)]
+        for t, rule in MODULE_RULES:
+            if isinstance(mod, t):
+                return rule(a, node)
+        if _is_torch_nn(mod) and not any(True for _ in mod.parameters(recurse=False)):
+            return _same_shape_module(a, node)
+        raise a.fail(
+            f"no channel rule for module {type(mod).__module__}.{type(mod).__name__}",
+            "register a rule in morph.graph.rules or make it traceable",
+        )
+    if node.op == "call_function":
+        rule = FUNCTION_RULES.get(node.target)
+        if rule is None and isinstance(node.target, type) and issubclass(node.target, tuple):
+            return list(a.value(list(node.args)))  # namedtuple outputs (GoogLeNetOutputs)
+        if rule is None:
+            if not _any_tensor(a, node):
+                return None
+            name = getattr(node.target, "__qualname__", str(node.target))
+            raise a.fail(f"no channel rule for function {name}", "register one in morph.graph.rules")
+        return rule(a, node)
+    if node.op == "call_method":
+        rule = METHOD_RULES.get(str(node.target))
+        if rule is None:
+            if not isinstance(a.value(node.args[0]), TD):
+                return None
+            raise a.fail(f"no channel rule for Tensor.{node.target}", "register one in morph.graph.rules")
+        return rule(a, node)
+    raise a.fail(f"unexpected node op {node.op}")
+
+
+def _is_torch_nn(mod: nn.Module) -> bool:
+    return type(mod).__module__.startswith("torch.nn")
+
+
+def _any_tensor(a: _Analyzer, node: fx.Node) -> bool:
+    found = False
+
+    def visit(v: Any) -> None:
+        nonlocal found
+        if isinstance(v, TD):
+            found = True
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+
+    visit(a.value(list(node.args) + list(node.kwargs.values())))
+    return found
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _x(a: _Analyzer, node: fx.Node) -> TD:
+    v = a.value(node.args[0] if node.args else next(iter(node.kwargs.values())))
+    if not isinstance(v, TD):
+        raise a.fail("expected a tensor input")
+    return v
+
+
+def _out_shape(a: _Analyzer) -> tuple[int, ...]:
+    s = a.shape()
+    if s is None or isinstance(s, list):
+        raise a.fail("expected a single tensor output")
+    return s
+
+
+def _spatial(a: _Analyzer, x: TD, out_shape: tuple[int, ...], keep: int = 2) -> TD:
+    """First ``keep`` dims as given by caller; trailing dims reuse the input's when sizes match."""
+    dims: list[Dim] = []
+    for i in range(keep, len(out_shape)):
+        if i < len(x.shape) and x.shape[i] == out_shape[i]:
+            dims.append(x.dims[i])
+        else:
+            dims.append(a.structural(out_shape[i]))
+    return TD(tuple(dims), out_shape[keep:])
+
+
+# ------------------------------------------------------------------------------------------------
+# modules with parameters
+# ------------------------------------------------------------------------------------------------
+@_module(nn.modules.conv._ConvNd)
+def _conv(a: _Analyzer, node: fx.Node) -> TD:
+    m = a.modules[str(node.target)]
+    x = _x(a, node)
+    out_shape = _out_shape(a)
+    if m.transposed and m.groups != 1:
+        raise a.fail("grouped transposed convolution is not supported")
+    cin = x.dims[1]
+    if m.groups == 1:
+        out = a.fresh(out_shape[1], source=True)
+    elif m.groups == m.in_channels and not m.transposed:
+        mult = m.out_channels // m.in_channels
+        out = tuple(Seg(s.group, s.inner * mult) for s in a.g.atoms(cin))
+    else:
+        out = a.fresh(out_shape[1], source=True)
+    a.add_layer(LayerPlan(str(node.target), "conv", cin, out, groups=m.groups))
+    rest = _spatial(a, x, out_shape)
+    return TD((x.dims[0], out, *rest.dims), out_shape)
+
+
+@_module(nn.Linear)
+def _linear(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    out_shape = _out_shape(a)
+    out = a.fresh(out_shape[-1], source=True)
+    a.add_layer(LayerPlan(str(node.target), "linear", x.dims[-1], out))
+    return TD((*x.dims[:-1], out), out_shape)
+
+
+@_module(nn.modules.batchnorm._NormBase)
+def _batchnorm(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    a.add_layer(LayerPlan(str(node.target), "norm", x.dims[1], x.dims[1]))
+    return TD(x.dims, _out_shape(a))
+
+
+@_module(nn.GroupNorm)
+def _groupnorm(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    m = a.modules[str(node.target)]
+    a.add_layer(LayerPlan(str(node.target), "groupnorm", x.dims[1], x.dims[1], groups=m.num_groups))
+    return TD(x.dims, _out_shape(a))
+
+
+@_module(nn.LayerNorm)
+def _layernorm(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    m = a.modules[str(node.target)]
+    k = len(m.normalized_shape)
+    if _is_channels_first_ln(m, x):
+        if k != 1:
+            raise a.fail("channels-first LayerNorm over more than one dim")
+        ln_dims: tuple[Dim, ...] = (x.dims[1],)
+    else:
+        ln_dims = x.dims[-k:]
+    a.add_layer(LayerPlan(str(node.target), "layernorm", ln_dims[0], ln_dims[0], ln_dims=ln_dims))
+    return TD(x.dims, _out_shape(a))
+
+
+def _is_channels_first_ln(m: nn.LayerNorm, x: TD) -> bool:
+    # timm's LayerNorm2d and relatives subclass nn.LayerNorm and normalize dim 1 of NCHW
+    return type(m) is not nn.LayerNorm and type(m).__name__.endswith("2d") and len(x.shape) == 4
+
+
+@_module(nn.PReLU)
+def _prelu(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    m = a.modules[str(node.target)]
+    if m.num_parameters != 1:
+        a.add_layer(LayerPlan(str(node.target), "norm", x.dims[1], x.dims[1]))
+    else:
+        a.add_layer(LayerPlan(str(node.target), "scalar", x.dims[1], x.dims[1]))
+    return TD(x.dims, _out_shape(a))
+
+
+# ------------------------------------------------------------------------------------------------
+# parameter-free modules
+# ------------------------------------------------------------------------------------------------
+def _same_shape_module(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    out_shape = _out_shape(a)
+    if tuple(out_shape) != x.shape:
+        raise a.fail(f"module {type(a.modules[str(node.target)]).__name__} changes the shape {x.shape} -> {out_shape}")
+    return TD(x.dims, out_shape)
+
+
+_POOLS = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.Upsample,
+)
+
+
+@_module(*_POOLS)
+def _pool_module(a: _Analyzer, node: fx.Node) -> TD:
+    return _pool(a, node)
+
+
+def _pool(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    out_shape = _out_shape(a)
+    if len(out_shape) != len(x.shape) or out_shape[:2] != x.shape[:2]:
+        raise a.fail(f"pooling changed the channel dims {x.shape} -> {out_shape}")
+    rest = _spatial(a, x, out_shape)
+    return TD((x.dims[0], x.dims[1], *rest.dims), out_shape)
+
+
+@_module(nn.Flatten, nn.Unflatten)
+def _flatten_module(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    return reshape(a, x, _out_shape(a))
+
+
+@_module(nn.ChannelShuffle)
+def _shuffle_module(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    g = a.modules[str(node.target)].groups
+    n, c = x.shape[0], x.shape[1]
+    y = reshape(a, x, (n, g, c // g, *x.shape[2:]))
+    y = TD((y.dims[0], y.dims[2], y.dims[1], *y.dims[3:]), (n, c // g, g, *x.shape[2:]))
+    return reshape(a, y, x.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# elementwise
+# ------------------------------------------------------------------------------------------------
+def broadcast(a: _Analyzer, inputs: list[Any], out_shape: tuple[int, ...]) -> TD:
+    tds = [v for v in inputs if isinstance(v, TD)]
+    dims: list[Dim] = []
+    n = len(out_shape)
+    for i in range(n):
+        size = out_shape[i]
+        chosen: Dim | None = None
+        for t in tds:
+            j = len(t.shape) - n + i
+            if j < 0 or t.shape[j] != size:
+                continue
+            if chosen is None:
+                chosen = t.dims[j]
+            elif size > 1:
+                a.g.unify(chosen, t.dims[j])
+        dims.append(chosen if chosen is not None else a.structural(size))
+    return TD(tuple(dims), out_shape)
+
+
+def _elementwise(a: _Analyzer, node: fx.Node) -> TD | None:
+    vals = a.value(list(node.args) + list(node.kwargs.values()))
+    flat = [v for v in vals if isinstance(v, TD)]
+    if not flat:
+        return None
+    shape = a.shape()
+    if shape is None:
+        return None
+    return broadcast(a, vals, shape)
+
+
+_function(
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.clamp,
+    torch.erf, torch.neg, torch.softmax, torch.log_softmax,
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
+    F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout2d, F.softmax, F.log_softmax,
+    F.alpha_dropout, F.gelu, F.logsigmoid, F.prelu,
+)(_elementwise)
+
+try:  # torchvision wraps stochastic_depth as an fx leaf function
+    from torchvision.ops import stochastic_depth as _tv_stochastic_depth
+
+    _function(_tv_stochastic_depth)(_elementwise)
+except ImportError:  # torchvision is optional for users of timm only
+    pass
+
+_method(
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "pow", "neg", "relu", "relu_", "sigmoid",
+    "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "exp", "abs",
+    "sqrt", "rsqrt", "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to", "type",
+    "type_as", "softmax", "log_softmax", "hardswish", "hardsigmoid", "sign", "erf", "floor", "ceil", "round",
+    "masked_fill", "bernoulli_", "fill_", "requires_grad_", "__add__", "__mul__", "__radd__", "__rmul__",
+)(_elementwise)
+
+
+@_function(torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full)
+def _factory(a: _Analyzer, node: fx.Node) -> TD | None:
+    shape = a.shape()
+    if shape is None or isinstance(shape, list):
+        return None
+    return TD(tuple(a.structural(s) for s in shape), shape)
+
+
+@_method("new_empty", "new_zeros", "new_ones", "new_full")
+def _new_factory(a: _Analyzer, node: fx.Node) -> TD | None:
+    return _factory(a, node)
+
+
+@_method("expand_as")
+def _expand_as(a: _Analyzer, node: fx.Node) -> TD:
+    return broadcast(a, [a.value(node.args[0]), a.value(node.args[1])], _out_shape(a))
+
+
+@_method("expand")
+def _expand(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    out = _out_shape(a)
+    n = len(out)
+    dims = []
+    for i, s in enumerate(out):
+        j = len(x.shape) - n + i
+        dims.append(x.dims[j] if j >= 0 and x.shape[j] == s else a.structural(s))
+    return TD(tuple(dims), out)
+
+
+# ------------------------------------------------------------------------------------------------
+# concatenation and splitting
+# ------------------------------------------------------------------------------------------------
+@_function(torch.cat, torch.concat)
+def _cat(a: _Analyzer, node: fx.Node) -> TD:
+    tensors = [v for v in a.value(_arg(node, 0, "tensors"))]
+    dim = _arg(node, 1, "dim", 0)
+    out_shape = _out_shape(a)
+    nd = len(out_shape)
+    dim = dim % nd
+    for i in range(nd):
+        if i == dim:
+            continue
+        for t in tensors[1:]:
+            if out_shape[i] > 1:
+                a.g.unify(tensors[0].dims[i], t.dims[i])
+    cat_dim: Dim = tuple(seg for t in tensors for seg in t.dims[dim])
+    dims = list(tensors[0].dims)
+    dims[dim] = cat_dim
+    return TD(tuple(dims), out_shape)
+
+
+def _split_dim(a: _Analyzer, x: TD, dim: int, lengths: list[int]) -> list[TD]:
+    pieces = a.g.split(x.dims[dim], lengths)
+    out = []
+    for p, n in zip(pieces, lengths):
+        dims = list(x.dims)
+        dims[dim] = p
+        shape = list(x.shape)
+        shape[dim] = n
+        out.append(TD(tuple(dims), tuple(shape)))
+    return out
+
+
+@_function(torch.chunk, torch.split, torch.tensor_split, torch.unbind)
+def _split_fn(a: _Analyzer, node: fx.Node) -> list[TD]:
+    return _split(a, node)
+
+
+@_method("chunk", "split", "tensor_split", "unbind")
+def _split_method(a: _Analyzer, node: fx.Node) -> list[TD]:
+    return _split(a, node)
+
+
+def _split(a: _Analyzer, node: fx.Node) -> list[TD]:
+    x = _x(a, node)
+    shapes = a.shape()
+    name = getattr(node.target, "__name__", str(node.target))
+    if name == "unbind":
+        dim = _arg(node, 1, "dim", 0) % len(x.shape)
+        if not a.g.is_structural(x.dims[dim]):
+            raise a.fail("unbind along a channel dim")
+        return [TD(tuple(d for i, d in enumerate(x.dims) if i != dim), s) for s in shapes]
+    dim = _arg(node, 2, "dim", 0) % len(x.shape)
+    lengths = [s[dim] for s in shapes]
+    if a.g.is_structural(x.dims[dim]):
+        return [TD(tuple(d if i != dim else a.structural(s[dim]) for i, d in enumerate(x.dims)), s) for s in shapes]
+    pieces = _split_dim(a, x, dim, lengths)
+    sizes = _arg(node, 1, "split_size_or_sections", None)
+    if name == "split" and sizes is not None and not isinstance(sizes, fx.Node):
+        a.consts.append(ConstSite(node.name, "split", dim, tuple(p.dims[dim] for p in pieces)))
+    return pieces
+
+
+@_function(operator.getitem)
+def _getitem(a: _Analyzer, node: fx.Node) -> Any:
+    base = a.value(node.args[0])
+    idx = node.args[1]
+    if isinstance(base, (list, tuple)):
+        if isinstance(idx, fx.Node):
+            raise a.fail("indexing a tuple with a traced value")
+        return base[idx]
+    if not isinstance(base, TD):
+        return None
+    return _index(a, node, base, idx)
+
+
+def _index(a: _Analyzer, node: fx.Node, x: TD, idx: Any) -> TD:
+    out_shape = _out_shape(a)
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in idx):
+        raise a.fail("tensor or traced indices", "use slices with constant bounds")
+    n_ell = sum(i is Ellipsis for i in idx)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    if n_ell:
+        k = idx.index(Ellipsis)
+        idx = idx[:k] + (slice(None),) * (len(x.shape) - n_real) + idx[k + 1 :]
+    idx = idx + (slice(None),) * (len(x.shape) - sum(1 for i in idx if i is not None))
+    dims: list[Dim] = []
+    d = 0
+    for i in idx:
+        if i is None:
+            dims.append(a.structural(1))
+            continue
+        src, size = x.dims[d], x.shape[d]
+        if isinstance(i, int):
+            if not a.g.is_structural(src):
+                raise a.fail("integer index into a channel dim")
+        elif isinstance(i, slice):
+            start, stop, step = i.indices(size)
+            if (start, stop, step) == (0, size, 1):
+                dims.append(src)
+            elif a.g.is_structural(src):
+                dims.append(a.structural(len(range(start, stop, step))))
+            else:
+                if step != 1:
+                    raise a.fail("strided slice of a channel dim")
+                lengths = [n for n in (start, stop - start, size - stop)]
+                keep = [n > 0 for n in lengths]
+                pieces = a.g.split(src, [n for n in lengths if n > 0])
+                pos = sum(keep[:1])  # index of the middle piece among the non-empty ones
+                dims.append(pieces[pos] if lengths[0] > 0 else pieces[0])
+                a.consts.append(ConstSite(node.name, "slice", d, (src,)))
+        else:
+            raise a.fail(f"index {i!r}")
+        d += 1
+    if len(dims) != len(out_shape):
+        raise a.fail(f"indexing produced {len(dims)} dims, expected {len(out_shape)}")
+    return TD(tuple(dims), out_shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# shape ops
+# ------------------------------------------------------------------------------------------------
+def reshape(a: _Analyzer, x: TD, out_shape: tuple[int, ...], site: tuple[str, list[int]] | None = None) -> TD:
+    """Map dims through a reshape by matching blocks of equal product."""
+    in_shape = x.shape
+    out_dims: list[Dim] = []
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        # skip size-1 dims on either side
+        if i < len(in_shape) and in_shape[i] == 1 and (j >= len(out_shape) or out_shape[j] != 1):
+            i += 1
+            continue
+        if j < len(out_shape) and out_shape[j] == 1 and (i >= len(in_shape) or in_shape[i] != 1):
+            out_dims.append(a.structural(1))
+            j += 1
+            continue
+        i0, j0 = i, j
+        pi, pj = in_shape[i], out_shape[j]
+        i += 1
+        j += 1
+        while pi != pj:
+            if pi < pj:
+                pi *= in_shape[i]
+                i += 1
+            else:
+                pj *= out_shape[j]
+                j += 1
+        out_dims.extend(_reshape_block(a, x.dims[i0:i], in_shape[i0:i], out_shape[j0:j]))
+    return TD(tuple(out_dims), out_shape)
+
+
+def _reshape_block(
+    a: _Analyzer, dims: tuple[Dim, ...], in_sizes: tuple[int, ...], out_sizes: tuple[int, ...]
+) -> list[Dim]:
+    chan = [k for k, d in enumerate(dims) if in_sizes[k] > 1 and not a.g.is_structural(d)]
+    if not chan:
+        return [a.structural(s) if not (len(dims) == 1 and len(out_sizes) == 1) else dims[0] for s in out_sizes]
+    if len(dims) == 1 and len(out_sizes) == 1:
+        return [dims[0]]
+    if len(chan) > 1:
+        raise a.fail("reshape merges two channel dims into one")
+    k = chan[0]
+    if len(out_sizes) == 1:  # merge: outer copies x channel segments x inner repeats
+        outer = math.prod(in_sizes[:k])
+        inner = math.prod(in_sizes[k + 1 :])
+        if any(s.group in a.g.derived for s in a.g.atoms(dims[k])):
+            # re-merging a shuffled view: the merged channels scale with it as a whole
+            return [a.g.derive(out_sizes[0], dims[k])]
+        segs = [Seg(s.group, s.inner * inner) for s in a.g.atoms(dims[k])]
+        return [tuple(segs) * outer]
+    if len(dims) == 1:  # split one channel dim into several
+        d = dims[0]
+        big = [t for t, s in enumerate(out_sizes) if s > 1]
+        if len(big) != 2:
+            raise a.fail(f"reshape splits a channel dim into {out_sizes}")
+        p, q = out_sizes[big[0]], out_sizes[big[1]]
+        atoms = a.g.atoms(d)
+        out: list[Dim] = [a.structural(s) for s in out_sizes]
+        if all(s.inner % q == 0 for s in atoms):  # (channels, fixed inner)
+            out[big[0]] = tuple(Seg(s.group, s.inner // q) for s in atoms)
+            return out
+        # (fixed outer, channels), as in channel shuffle: the inner channels scale with the input
+        out[big[1]] = a.g.derive(q, d)
+        return out
+    raise a.fail(f"reshape {in_sizes} -> {out_sizes} regroups channel dims")
+
+
+def _view(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    out_shape = _out_shape(a)
+    y = reshape(a, x, out_shape)
+    shape_args = list(node.args[1:])
+    if len(shape_args) == 1 and isinstance(shape_args[0], (list, tuple)):
+        shape_args = list(shape_args[0])
+    if len(shape_args) == len(out_shape):
+        for k, s in enumerate(shape_args):
+            if isinstance(s, int) and s > 1 and not a.g.is_structural(y.dims[k]):
+                a.consts.append(ConstSite(node.name, "shape", k, (y.dims[k],)))
+    return y
+
+
+_method("view", "reshape")(_view)
+_function(torch.reshape)(_view)
+
+
+@_method("flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
+def _reshape_method(a: _Analyzer, node: fx.Node) -> TD:
+    return reshape(a, _x(a, node), _out_shape(a))
+
+
+_function(torch.flatten, torch.squeeze, torch.unsqueeze)(_reshape_method)
+
+
+@_method("permute")
+def _permute(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    order = node.args[1:] if len(node.args) > 2 else node.args[1]
+    return TD(tuple(x.dims[i] for i in order), _out_shape(a))
+
+
+_function(torch.permute)(_permute)
+
+
+@_method("transpose", "swapaxes")
+def _transpose(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    d0, d1 = (node.args[1] % len(x.shape), node.args[2] % len(x.shape))
+    dims = list(x.dims)
+    dims[d0], dims[d1] = dims[d1], dims[d0]
+    return TD(tuple(dims), _out_shape(a))
+
+
+_function(torch.transpose)(_transpose)
+
+
+@_function(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var)
+def _reduce_fn(a: _Analyzer, node: fx.Node) -> TD:
+    return _reduce(a, node)
+
+
+@_method("mean", "sum", "amax", "amin", "std", "var")
+def _reduce_method(a: _Analyzer, node: fx.Node) -> TD:
+    return _reduce(a, node)
+
+
+def _reduce(a: _Analyzer, node: fx.Node) -> TD | None:
+    x = _x(a, node)
+    out_shape = a.shape()
+    if out_shape is None or isinstance(out_shape, list):
+        raise a.fail("reduction with several outputs")
+    dim = _arg(node, 1, "dim", None)
+    keep = bool(_arg(node, 2, "keepdim", False))
+    nd = len(x.shape)
+    if dim is None:
+        red = set(range(nd))
+    else:
+        red = {d % nd for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+    dims = []
+    for i in range(nd):
+        if i in red:
+            if keep:
+                dims.append(a.structural(1))
+        else:
+            dims.append(x.dims[i])
+    return TD(tuple(dims), out_shape)
+
+
+@_function(
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
+    F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d, F.lp_pool2d,
+)
+def _pool_fn(a: _Analyzer, node: fx.Node) -> TD:
+    return _pool(a, node)
+
+
+@_function(F.pad)
+def _pad(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    pad = _arg(node, 1, "pad")
+    if len(pad) // 2 > len(x.shape) - 2:
+        raise a.fail("padding a channel dim")
+    return _pool(a, node)
+
+
+@_function(torch.matmul, operator.matmul, torch.bmm)
+def _matmul(a: _Analyzer, node: fx.Node) -> TD:
+    x, y = a.value(node.args[0]), a.value(node.args[1])
+    if len(x.shape) < 2 or len(y.shape) < 2:
+        raise a.fail("matmul of vectors")
+    a.g.unify(x.dims[-1], y.dims[-2])
+    out_shape = _out_shape(a)
+    batch = broadcast(a, [TD(x.dims[:-2], x.shape[:-2]), TD(y.dims[:-2], y.shape[:-2])], out_shape[:-2])
+    return TD((*batch.dims, x.dims[-2], y.dims[-1]), out_shape)
+
+
+@_function(getattr)
+def _getattr(a: _Analyzer, node: fx.Node) -> Any:
+    return None
+
+
+@_method("size", "dim", "numel", "nelement")
+def _size(a: _Analyzer, node: fx.Node) -> None:
+    return None
+
+
+@_function(F.channel_shuffle, torch.channel_shuffle)
+def _shuffle_fn(a: _Analyzer, node: fx.Node) -> TD:
+    x = _x(a, node)
+    g = _arg(node, 1, "groups")
+    n, c = x.shape[0], x.shape[1]
+    y = reshape(a, x, (n, g, c // g, *x.shape[2:]))
+    y = TD((y.dims[0], y.dims[2], y.dims[1], *y.dims[3:]), (n, c // g, g, *x.shape[2:]))
+    return reshape(a, y, x.shape)

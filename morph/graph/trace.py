@@ -1,0 +1,92 @@
+"""Tracing: a leaf-aware fx tracer that keeps module paths, plus shape propagation."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import MorphError
+
+__all__ = ["MorphTracer", "trace", "node_qualname"]
+
+# Module types the analysis has rules for are leaves, whatever their subclass does inside
+# (timm's StdConv2d, Conv2dSame, BatchNormAct2d, LayerNorm2d ...).
+_LEAF_TYPES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+
+
+def _timm_notrace() -> tuple[set, set]:
+    try:
+        from timm.layers import _fx as tfx
+
+        return set(tfx._leaf_modules), set(tfx._autowrap_functions)
+    except Exception:  # timm absent or its private registry moved: trace everything
+        return set(), set()
+
+
+class MorphTracer(fx.Tracer):
+    """fx tracer that treats as leaves: morph's rule types, torch.nn modules, and the modules timm
+    marks as not traceable (``timm.layers.register_notrace_module``), as timm's own fx helpers do."""
+
+    def __init__(self) -> None:
+        leaf_mods, autowrap = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(autowrap))
+        self._timm_leaves = tuple(leaf_mods)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _LEAF_TYPES):
+            return True
+        if self._timm_leaves and isinstance(m, self._timm_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, example: torch.Tensor, *, train: bool = False) -> fx.GraphModule:
+    """Trace ``model`` in eval mode (train mode if ``train``) and record the shape of every node (``node.meta["tensor_meta"]``).
+
+    Raises:
+        MorphError: the model cannot be traced symbolically, with fx's reason.
+    """
+    was_training = model.training
+    model.train(train)
+    try:
+        tracer = MorphTracer()
+        try:
+            graph = tracer.trace(model)
+        except Exception as e:
+            raise MorphError(
+                f"torch.fx cannot trace {type(model).__name__}: {str(e).splitlines()[0]}; "
+                "mark the offending submodule as a leaf with timm.layers.register_notrace_module"
+            ) from e
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        with torch.no_grad(), torch.random.fork_rng():
+            try:
+                ShapeProp(gm).propagate(example)
+            except Exception as e:
+                raise MorphError(
+                    f"running {type(model).__name__} on an input of shape {tuple(example.shape)} failed: "
+                    f"{str(e).splitlines()[0]}; pass a larger input_size"
+                ) from e
+    finally:
+        model.train(was_training)
+    return gm
+
+
+def node_qualname(node: fx.Node) -> str:
+    """The module path a node belongs to, as users see it (``layer1.0.conv1``)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1]
+        return path[0] if isinstance(path, tuple) else str(path)
+    if node.op == "get_attr":
+        return str(node.target)
+    return ""

@@ -1,0 +1,293 @@
+"""Plain width scaling: ``scale_width(model, width)`` rebuilds every layer at a new width.
+
+The result is a plain model: the same classes and module paths as the original, with standard
+modules only (a ``torch.fx.GraphModule`` only when the forward hard-codes a channel count that has
+to change). Weights keep the original model's initialization family: at ``width <= 1`` each layer
+keeps the first channels of every coupled channel group of the original's weights, rescaled by
+``sqrt(fan_in_old / fan_in_new)`` so that the variance matches the stock init at the new fan-in;
+at ``width > 1`` weights are drawn from a normal with that variance.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import MorphError
+from .graph.analyze import ChannelPlan, LayerPlan, analyze
+from .graph.coupling import Dim
+from .zoo import get_spec
+
+__all__ = ["scale_width", "LayerShape", "layer_shapes", "dim_index", "check_width"]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """New hyper-parameters of one layer at a target width."""
+
+    name: str
+    kind: str
+    in_ch: int
+    out_ch: int
+    groups: int
+    weight_shape: tuple[int, ...]
+    constant_group_width: bool = True
+
+
+def check_width(width: float) -> float:
+    width = float(width)
+    if not (width > 0 and math.isfinite(width)):
+        raise MorphError(f"width must be a positive number, got {width}")
+    return width
+
+
+def dim_index(plan: ChannelPlan, dim: Dim, width: float) -> torch.Tensor:
+    """Indices into a dim at width 1 that give the dim at ``width``: the first channels of every
+    atom group (cycling when the group grows), with their repeats."""
+    idx: list[torch.Tensor] = []
+    base = 0
+    for s in plan.atoms(dim):
+        n = plan.groups.size[s.group]
+        n_new = plan.atom_size(s.group, width)
+        ch = torch.arange(n_new) % n
+        idx.append((base + ch[:, None] * s.inner + torch.arange(s.inner)[None, :]).reshape(-1))
+        base += n * s.inner
+    return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+
+
+def _conv_groups(p: LayerPlan, m: nn.Module, cin: int, cout: int) -> tuple[int, bool]:
+    g = m.groups
+    if g == 1:
+        return 1, True
+    if g == m.in_channels:  # depthwise: one group per input channel
+        return cin, True
+    gw_in, gw_out = m.in_channels // g, m.out_channels // g
+    if cin % gw_in == 0 and cout % gw_out == 0 and cin // gw_in == cout // gw_out:
+        return cin // gw_in, True
+    if cin % g == 0 and cout % g == 0:
+        return g, False
+    raise MorphError(
+        f"grouped conv {p.name}: {cin} in / {cout} out channels fit neither {gw_in}-wide groups nor {g} groups; "
+        "choose a width that keeps channel counts divisible"
+    )
+
+
+def layer_shapes(plan: ChannelPlan, model: nn.Module, width: float) -> dict[str, LayerShape]:
+    """Predict every layer's new shape at ``width`` without building anything."""
+    out: dict[str, LayerShape] = {}
+    for p in plan.layers.values():
+        m = model.get_submodule(p.name)
+        cin, cout = plan.size(p.in_dim, width), plan.size(p.out_dim, width)
+        if p.kind == "conv":
+            groups, const_w = _conv_groups(p, m, cin, cout)
+            k = tuple(m.kernel_size)
+            shape = (cin, cout // groups, *k) if m.transposed else (cout, cin // groups, *k)
+            out[p.name] = LayerShape(p.name, p.kind, cin, cout, groups, shape, const_w)
+        elif p.kind == "linear":
+            out[p.name] = LayerShape(p.name, p.kind, cin, cout, 1, (cout, cin))
+        elif p.kind == "groupnorm":
+            c_old, g = m.num_channels, m.num_groups
+            if (g * cin) % c_old == 0 and cin % ((g * cin) // c_old or 1) == 0 and (g * cin) // c_old > 0:
+                groups, const_w = (g * cin) // c_old, True
+            elif cin % g == 0:
+                groups, const_w = g, False
+            else:
+                raise MorphError(f"GroupNorm {p.name}: {cin} channels do not split into groups of either kind")
+            out[p.name] = LayerShape(p.name, p.kind, cin, cin, groups, (cin,), const_w)
+        elif p.kind == "layernorm":
+            shape = tuple(plan.size(d, width) for d in p.ln_dims)
+            out[p.name] = LayerShape(p.name, p.kind, cin, cin, 1, shape)
+        elif p.kind == "scalar":
+            out[p.name] = LayerShape(p.name, p.kind, cin, cin, 1, tuple(m.weight.shape))
+        else:
+            out[p.name] = LayerShape(p.name, p.kind, cin, cin, 1, (cin,))
+    return out
+
+
+def _take(t: torch.Tensor, dims: list[torch.Tensor | None]) -> torch.Tensor:
+    for d, idx in enumerate(dims):
+        if idx is not None:
+            t = t.index_select(d, idx.to(t.device))
+    return t
+
+
+def _new_weight(
+    w: torch.Tensor, idx: list[torch.Tensor | None], shape: tuple[int, ...], fan_old: int, fan_new: int,
+    width: float, gen: torch.Generator | None,
+) -> torch.Tensor:
+    if width <= 1:
+        new = _take(w.detach(), idx)
+    else:
+        std = float(w.detach().float().std()) if w.numel() > 1 else 0.0
+        new = torch.randn(shape, generator=gen, dtype=torch.float32).to(w) * std
+    assert tuple(new.shape) == tuple(shape), (new.shape, shape)
+    if fan_new > 0 and fan_old != fan_new:
+        new = new * math.sqrt(fan_old / fan_new)
+    return new.clone()
+
+
+def _resize_layer(
+    plan: ChannelPlan, p: LayerPlan, m: nn.Module, s: LayerShape, width: float, gen: torch.Generator | None
+) -> None:
+    i_in, i_out = dim_index(plan, p.in_dim, width), dim_index(plan, p.out_dim, width)
+    if p.kind == "conv":
+        w = m.weight
+        k = math.prod(m.kernel_size)
+        per_group_old = w.shape[1]
+        per_group_new = s.weight_shape[1]
+        if m.transposed:
+            idx = [i_in, torch.arange(per_group_new) % per_group_old]
+            fan_old, fan_new = w.shape[0] // m.groups * k, s.weight_shape[0] // s.groups * k
+        else:
+            pg = None if per_group_new == per_group_old else torch.arange(per_group_new) % per_group_old
+            idx = [i_out, pg]
+            fan_old, fan_new = per_group_old * k, per_group_new * k
+        m.weight = nn.Parameter(_new_weight(w, idx, s.weight_shape, fan_old, fan_new, width, gen),
+                                requires_grad=w.requires_grad)
+        if m.bias is not None:
+            m.bias = nn.Parameter(m.bias.detach().index_select(0, i_out).clone(), requires_grad=m.bias.requires_grad)
+        m.in_channels, m.out_channels, m.groups = s.in_ch, s.out_ch, s.groups
+    elif p.kind == "linear":
+        w = m.weight
+        m.weight = nn.Parameter(
+            _new_weight(w, [i_out, i_in], s.weight_shape, w.shape[1], s.weight_shape[1], width, gen),
+            requires_grad=w.requires_grad,
+        )
+        if m.bias is not None:
+            m.bias = nn.Parameter(m.bias.detach().index_select(0, i_out).clone(), requires_grad=m.bias.requires_grad)
+        m.in_features, m.out_features = s.in_ch, s.out_ch
+    elif p.kind == "scalar":
+        return
+    else:
+        if p.kind == "layernorm":
+            idxs = [dim_index(plan, d, width) for d in p.ln_dims]
+            m.normalized_shape = tuple(s.weight_shape)
+        else:
+            idxs = [i_in]
+        for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if t is None or t.dim() == 0:
+                continue
+            new = _take(t.detach(), idxs).clone()
+            if isinstance(t, nn.Parameter):
+                setattr(m, name, nn.Parameter(new, requires_grad=t.requires_grad))
+            else:
+                setattr(m, name, new)
+        if p.kind == "norm" and hasattr(m, "num_features"):
+            m.num_features = s.in_ch
+        if isinstance(m, nn.PReLU):
+            m.num_parameters = s.in_ch
+        if p.kind == "groupnorm":
+            m.num_channels, m.num_groups = s.in_ch, s.groups
+
+
+def _resize_attr(plan: ChannelPlan, model: nn.Module, path: str, dims: tuple[Dim, ...], width: float) -> None:
+    mod_path, _, name = path.rpartition(".")
+    owner = model.get_submodule(mod_path) if mod_path else model
+    t = getattr(owner, name)
+    new = _take(t.detach(), [dim_index(plan, d, width) for d in dims]).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(owner, name, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        owner.register_buffer(name, new, persistent=name not in getattr(owner, "_non_persistent_buffers_set", ()))
+
+
+def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float) -> nn.Module:
+    graph = copy.deepcopy(plan.gm.graph)
+    nodes = {n.name: n for n in graph.nodes}
+    for c in plan.consts:
+        n = nodes[c.node]
+        if c.kind != "shape":
+            raise MorphError(
+                f"{c.node} ({c.qualname or 'top level'}) slices or splits channels with a hard-coded count; "
+                "write it with x.size(1) or chunk() so that it follows the width"
+            )
+        args = list(n.args)
+        if len(args) == 2 and isinstance(args[1], (list, tuple)):
+            shape = list(args[1])
+            shape[c.index] = plan.size(c.dims[0], width)
+            args[1] = type(n.args[1])(shape)
+        else:
+            args[1 + c.index] = plan.size(c.dims[0], width)
+        n.args = tuple(args)
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    for attr in ("morph_spec", "pretrained_cfg", "default_cfg"):
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
+    return gm
+
+
+def apply_width(
+    model: nn.Module, plan: ChannelPlan, width: float, gen: torch.Generator | None = None
+) -> tuple[nn.Module, dict[str, LayerShape]]:
+    """Resize a deep copy of ``model`` (analyzed as ``plan``) to ``width``; returns it and its shapes."""
+    shapes = layer_shapes(plan, model, width)
+    new = copy.deepcopy(model)
+    for name, p in plan.layers.items():
+        _resize_layer(plan, p, new.get_submodule(name), shapes[name], width, gen)
+    for path, dims in plan.params.items():
+        _resize_attr(plan, new, path, dims, width)
+    if plan.consts:
+        new = _rewrite_consts(plan, new, width)
+    return new, shapes
+
+
+def verify_forward(original_out: tuple[int, ...], model: nn.Module, input_size: tuple[int, ...]) -> None:
+    """Run ``model`` once and check that its output has the original's shape."""
+    p = next(iter(model.parameters()))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((2, *input_size), dtype=p.dtype, device=p.device))
+    except Exception as e:
+        raise MorphError(f"the rescaled {type(model).__name__} fails to run: {str(e).splitlines()[0]}") from e
+    finally:
+        model.train(was)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if tuple(out.shape[1:]) != tuple(original_out):
+        raise MorphError(f"rescaled output shape {tuple(out.shape[1:])} differs from the original {original_out}")
+
+
+def output_shape(plan: ChannelPlan) -> tuple[int, ...]:
+    out = [n for n in plan.gm.graph.nodes if n.op == "output"][0]
+    node = out.args[0]
+    while isinstance(node, (tuple, list)):
+        node = node[0]
+    meta = node.meta["tensor_meta"]
+    while not hasattr(meta, "shape"):
+        meta = meta[0]
+    return tuple(meta.shape[1:])
+
+
+def scale_width(
+    model: nn.Module, width: float, *, input_size: tuple[int, ...] | None = None, seed: int | None = None,
+    plan: ChannelPlan | None = None,
+) -> nn.Module:
+    """Return a plain copy of ``model`` with every scalable channel group at ``width`` x its width.
+
+    Image channels, the number of classes and anything coupled to them keep their size. Grouped
+    convolutions keep their group width (the number of groups scales) where channel counts allow,
+    else their number of groups.
+
+    Args:
+        model: the model to rescale (left unchanged).
+        width: width multiplier, e.g. ``0.5``.
+        input_size: ``(C, H, W)`` used for tracing; defaults to the model's own.
+        seed: seed of the initialization of grown weights (``width > 1``).
+        plan: a precomputed :func:`~morph.graph.analyze` result.
+    """
+    width = check_width(width)
+    plan = plan or analyze(model, input_size)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    new, _ = apply_width(model, plan, width, gen)
+    verify_forward(output_shape(plan), new, plan.input_size)
+    spec = get_spec(model)
+    if spec is not None:
+        new.morph_spec = spec
+    return new

@@ -1,0 +1,130 @@
+"""Model resolution: ``build_model(spec)`` from timm, torchvision or a user's callable.
+
+Specs, as users type them:
+
+- ``timm/NAME``: ``timm.create_model(NAME, pretrained=False, **kwargs)``
+- ``torchvision/NAME``: ``torchvision.models.get_model(NAME, weights=None, **kwargs)``
+- ``NAME``: timm first, then torchvision; the resolved spec is recorded on the model
+- ``package.module:callable``: a user's own model factory, called with ``**kwargs``
+
+Weights are never downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from .errors import ModelNotFoundError
+
+__all__ = ["build_model", "resolve_spec", "ModelSpec", "get_spec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model came from: enough to build it again.
+
+    Attributes:
+        source: ``"timm"``, ``"torchvision"`` or ``"callable"``.
+        name: model name, or ``module:callable`` for user models.
+        kwargs: constructor keyword arguments (JSON-serializable).
+    """
+
+    source: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> str:
+        return self.name if self.source == "callable" else f"{self.source}/{self.name}"
+
+
+def _timm_has(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def _tv_has(name: str) -> bool:
+    import torchvision.models as tvm
+
+    return name in tvm.list_models()
+
+
+def resolve_spec(spec: str) -> tuple[str, str]:
+    """Resolve a user spec to ``(source, name)`` without building anything.
+
+    Raises:
+        ModelNotFoundError: no library knows the name.
+    """
+    spec = spec.strip()
+    if ":" in spec and "/" not in spec.split(":", 1)[0]:
+        return "callable", spec
+    if spec.startswith("timm/"):
+        name = spec[5:]
+        if not _timm_has(name):
+            raise ModelNotFoundError(f"timm has no model {name!r}; list names with timm.list_models('{name}*')")
+        return "timm", name
+    if spec.startswith("torchvision/") or spec.startswith("tv/"):
+        name = spec.split("/", 1)[1]
+        if not _tv_has(name):
+            raise ModelNotFoundError(
+                f"torchvision has no model {name!r}; list names with torchvision.models.list_models()"
+            )
+        return "torchvision", name
+    if _timm_has(spec):
+        return "timm", spec
+    if _tv_has(spec):
+        return "torchvision", spec
+    raise ModelNotFoundError(
+        f"no timm or torchvision model named {spec!r}; use timm/NAME, torchvision/NAME or package.module:callable"
+    )
+
+
+def build_model(spec: str, **kwargs: Any) -> nn.Module:
+    """Build a model from a spec, without pretrained weights.
+
+    Args:
+        spec: ``timm/NAME``, ``torchvision/NAME``, a bare ``NAME`` (timm first, then torchvision) or
+            ``package.module:callable``.
+        **kwargs: constructor arguments such as ``num_classes``; ``None`` values are dropped so that
+            model defaults apply (as ``timm.create_model`` does).
+
+    Returns:
+        The model, with its :class:`ModelSpec` at ``model.morph_spec``.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    source, name = resolve_spec(spec)
+    try:
+        if source == "timm":
+            import timm
+
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        elif source == "torchvision":
+            import torchvision.models as tvm
+
+            if name in ("googlenet", "inception_v3"):
+                kwargs.setdefault("init_weights", True)
+            model = tvm.get_model(name, weights=None, **kwargs)
+        else:
+            mod_name, fn_name = name.split(":", 1)
+            try:
+                fn = getattr(importlib.import_module(mod_name), fn_name)
+            except (ImportError, AttributeError) as e:
+                raise ModelNotFoundError(f"cannot import {name!r}: {e}") from e
+            model = fn(**kwargs)
+            if not isinstance(model, nn.Module):
+                raise ModelNotFoundError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
+    except TypeError as e:
+        raise ModelNotFoundError(f"cannot build {source}/{name} with {kwargs}: {e}") from e
+    model.morph_spec = ModelSpec(source, name, dict(kwargs))  # type: ignore[assignment]
+    return model
+
+
+def get_spec(model: nn.Module) -> ModelSpec | None:
+    """The :class:`ModelSpec` a model was built from, if morph built it."""
+    spec = getattr(model, "morph_spec", None)
+    return spec if isinstance(spec, ModelSpec) else None
