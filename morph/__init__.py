@@ -1,1 +1,33 @@
-"""morph: grow CNNs the MixtureGrowth way, on any standard architecture."""
+"""morph: grow CNNs the MixtureGrowth way, on any standard architecture.
+
+The public surface::
+
+    build_model(spec, **kwargs)          timm/NAME, torchvision/NAME, NAME, package.module:callable
+    analyze(model, input_size)           coupled channel groups of a traced model
+    scale_width(model, width)            plain model at a new width
+    convert(model, width=0.5, ...)       template-mixing model at reduced width
+    fuse(a, b, growth=, init=)           full-width model from two halves (MixtureGrowth)
+    grow(a, init=)                       MixtureGrowth without fusion
+    bake(model)                          plain model with generated weights materialized
+    save(model, path) / load(path)       safetensors checkpoints
+    flops(model, input_size)             fvcore FLOPs (1 multiply-add = 1 flop)
+"""
+
+from .bake import bake
+from .checkpoint import load, read_info, save
+from .convert import convert
+from .errors import CheckpointError, ModelNotFoundError, MorphError, UnsupportedOpError
+from .flops import FlopReport, flops
+from .fuse import fuse, grow
+from .graph import ChannelPlan, analyze
+from .info import MorphInfo, get_info
+from .scale import scale_width
+from .zoo import build_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelPlan", "CheckpointError", "FlopReport", "ModelNotFoundError", "MorphError", "MorphInfo",
+    "UnsupportedOpError", "analyze", "bake", "build_model", "convert", "flops", "fuse", "get_info", "grow",
+    "load", "read_info", "save", "scale_width", "__version__",
+]

@@ -77,17 +77,23 @@ def _conv_groups(p: LayerPlan, m: nn.Module, cin: int, cout: int) -> tuple[int, 
     )
 
 
-def layer_shapes(plan: ChannelPlan, model: nn.Module, width: float) -> dict[str, LayerShape]:
-    """Predict every layer's new shape at ``width`` without building anything."""
+def layer_shapes(
+    plan: ChannelPlan, model: nn.Module, width: float, groups: dict[str, int] | None = None
+) -> dict[str, LayerShape]:
+    """Predict every layer's new shape at ``width`` without building anything (``groups``: conv
+    group counts to use instead of the derived ones, e.g. the stock model's)."""
     out: dict[str, LayerShape] = {}
     for p in plan.layers.values():
         m = model.get_submodule(p.name)
         cin, cout = plan.size(p.in_dim, width), plan.size(p.out_dim, width)
         if p.kind == "conv":
-            groups, const_w = _conv_groups(p, m, cin, cout)
+            if groups and p.name in groups:
+                groups_n, const_w = groups[p.name], groups[p.name] != m.groups
+            else:
+                groups_n, const_w = _conv_groups(p, m, cin, cout)
             k = tuple(m.kernel_size)
-            shape = (cin, cout // groups, *k) if m.transposed else (cout, cin // groups, *k)
-            out[p.name] = LayerShape(p.name, p.kind, cin, cout, groups, shape, const_w)
+            shape = (cin, cout // groups_n, *k) if m.transposed else (cout, cin // groups_n, *k)
+            out[p.name] = LayerShape(p.name, p.kind, cin, cout, groups_n, shape, const_w)
         elif p.kind == "linear":
             out[p.name] = LayerShape(p.name, p.kind, cin, cout, 1, (cout, cin))
         elif p.kind == "groupnorm":
@@ -120,6 +126,8 @@ def _new_weight(
     w: torch.Tensor, idx: list[torch.Tensor | None], shape: tuple[int, ...], fan_old: int, fan_new: int,
     width: float, gen: torch.Generator | None,
 ) -> torch.Tensor:
+    if gen is _NO_INIT:  # the caller overwrites every weight (fuse): skip the initialization
+        return torch.empty(shape, dtype=w.dtype, device=w.device)
     if width <= 1:
         new = _take(w.detach(), idx)
     else:
@@ -129,6 +137,9 @@ def _new_weight(
     if fan_new > 0 and fan_old != fan_new:
         new = new * math.sqrt(fan_old / fan_new)
     return new.clone()
+
+
+_NO_INIT = torch.Generator()
 
 
 def _resize_layer(
@@ -222,10 +233,11 @@ def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float) -> nn.Mod
 
 
 def apply_width(
-    model: nn.Module, plan: ChannelPlan, width: float, gen: torch.Generator | None = None
+    model: nn.Module, plan: ChannelPlan, width: float, gen: torch.Generator | None = None,
+    groups: dict[str, int] | None = None,
 ) -> tuple[nn.Module, dict[str, LayerShape]]:
     """Resize a deep copy of ``model`` (analyzed as ``plan``) to ``width``; returns it and its shapes."""
-    shapes = layer_shapes(plan, model, width)
+    shapes = layer_shapes(plan, model, width, groups)
     new = copy.deepcopy(model)
     for name, p in plan.layers.items():
         _resize_layer(plan, p, new.get_submodule(name), shapes[name], width, gen)
@@ -287,7 +299,7 @@ def scale_width(
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     new, _ = apply_width(model, plan, width, gen)
     verify_forward(output_shape(plan), new, plan.input_size)
-    spec = get_spec(model)
-    if spec is not None:
-        new.morph_spec = spec
-    return new
+    from .info import MorphInfo, set_info
+
+    return set_info(new, MorphInfo(kind="plain", spec=get_spec(model), width=width,
+                                   input_size=tuple(plan.input_size)))

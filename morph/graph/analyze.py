@@ -293,7 +293,8 @@ def _check_coverage(model: nn.Module, a: _Analyzer) -> None:
     covered = set(a.layers)
     for name, _ in model.named_parameters():
         mod, _, pname = name.rpartition(".")
-        if mod in covered or name in a.params:
+        parts = name.split(".")
+        if name in a.params or any(".".join(parts[:i]) in covered for i in range(1, len(parts))):
             continue
         m = model.get_submodule(mod) if mod else model
         raise MorphError(

@@ -1,0 +1,139 @@
+"""safetensors checkpoints with morph metadata; never pickle.
+
+A checkpoint holds the model's state dict (a bank shared by two layers is stored once) and, in the
+safetensors header metadata, ``format=morph``, ``format_version`` and ``morph_info`` (a JSON
+:class:`~morph.info.MorphInfo`: model spec and kwargs, kind, width, templates, sharing, template-set
+ids, input size, fusion options). :func:`load` rebuilds the model from that recipe and loads every
+tensor strictly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch.nn as nn
+
+from .errors import CheckpointError, MorphError
+from .info import FORMAT_VERSION, MorphInfo, get_info
+
+__all__ = ["save", "load", "read_info", "atomic_save_file"]
+
+
+def atomic_save_file(write, path: str | os.PathLike) -> Path:
+    """Call ``write(tmp_path)``, then rename onto ``path``: no partial file on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` to a safetensors file at ``path`` (atomically).
+
+    Raises:
+        MorphError: the model carries no morph info (build it with :func:`morph.build_model` and
+            transform it with a morph function), or its spec is unknown.
+    """
+    from safetensors.torch import save_model
+
+    info = get_info(model)
+    if info is None:
+        raise MorphError(
+            f"{type(model).__name__} carries no morph info; save models returned by morph.convert, fuse, grow, "
+            "bake or scale_width"
+        )
+    if info.spec is None:
+        raise MorphError("the model has no spec to rebuild it from; build it with morph.build_model(spec)")
+    meta = {"format": "morph", "format_version": str(FORMAT_VERSION), "morph_info": info.to_json()}
+    meta.update(metadata or {})
+    return atomic_save_file(lambda tmp: save_model(model, tmp, metadata=meta), path)
+
+
+def read_info(path: str | os.PathLike) -> tuple[MorphInfo, dict[str, str]]:
+    """Read a checkpoint's :class:`MorphInfo` and raw metadata without loading tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
+    if meta.get("format") != "morph" or "morph_info" not in meta:
+        raise CheckpointError(f"{path}: a safetensors file without morph metadata; it was not written by morph.save")
+    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than this morph's")
+    try:
+        return MorphInfo.from_json(meta["morph_info"]), meta
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt morph metadata ({e})") from e
+
+
+def rebuild(info: MorphInfo) -> nn.Module:
+    """Build the (untrained) model a :class:`MorphInfo` describes."""
+    from .convert import convert
+    from .fuse import fuse, grow
+    from .scale import scale_width
+    from .zoo import build_model
+
+    assert info.spec is not None
+    base = build_model(info.spec.spec, **info.spec.kwargs)
+
+    def half(set_id: str) -> nn.Module:
+        return convert(base, info.width, info.templates, info.share, seed=0, set_id=set_id,
+                       train_edge_coefficients=info.train_edge_coefficients, input_size=info.input_size)
+
+    if info.kind == "plain":
+        if info.width == 1:
+            from .info import set_info
+
+            return set_info(base, info)
+        return _with_info(scale_width(base, info.width, input_size=info.input_size), info)
+    if info.kind == "half":
+        return half(info.set_ids[0])
+    if info.kind == "fused":
+        return fuse(half(info.set_ids[0]), half(info.set_ids[1]), growth=info.growth, init="zero")
+    if info.kind == "grown":
+        return grow(half(info.set_ids[0]), init="zero")
+    raise CheckpointError(f"unknown model kind {info.kind!r} in checkpoint")
+
+
+def _with_info(model: nn.Module, info: MorphInfo) -> nn.Module:
+    from .info import set_info
+
+    return set_info(model, info)
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Rebuild the model a morph checkpoint describes and load its tensors strictly.
+
+    Raises:
+        CheckpointError: missing, truncated, corrupt or foreign file, or tensors that do not match.
+    """
+    from safetensors.torch import load_model
+
+    info, _ = read_info(path)
+    if info.spec is None:
+        raise CheckpointError(f"{path}: the checkpoint records no model spec")
+    try:
+        model = rebuild(info)
+    except MorphError as e:
+        raise CheckpointError(f"{path}: cannot rebuild {info.spec.spec}: {e}") from e
+    try:
+        load_model(model, str(path), strict=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: tensors do not match {info.spec.spec} ({info.kind}): "
+                              f"{str(e).splitlines()[0][:300]}") from e
+    return model

@@ -1,0 +1,93 @@
+"""FLOPs through fvcore.
+
+fvcore counts one multiply-add as one flop (so its "flops" are MACs; multiply by 2 for the
+arithmetic count). It counts convolutions, matmuls/linears, einsum, batch-norm and upsampling; it
+skips elementwise ops (activations, adds), which :class:`FlopReport` lists in ``unsupported``.
+
+Template mixing generates each weight once per forward pass, whatever the batch: the report counts
+the generation (``generation``, a ``[tiles, K] @ [K, numel]`` matmul per layer) once per batch and
+amortizes it over ``batch_size`` images in ``per_image``, as in training (MixtureGrowth §3.1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .info import get_info
+from .templates import mixed_layers
+
+__all__ = ["FlopReport", "flops", "generation_flops"]
+
+
+@dataclass(frozen=True)
+class FlopReport:
+    """FLOPs of one forward pass, fvcore convention (1 multiply-add = 1 flop).
+
+    Attributes:
+        per_image: forward FLOPs per image at ``batch_size``, template generation amortized.
+        forward: FLOPs per image of the network ops alone (no generation).
+        generation: FLOPs of generating all weights once (per batch).
+        batch_size: batch the generation is amortized over.
+        by_module: per-image forward FLOPs by top-level module.
+        unsupported: op -> count of ops fvcore skipped.
+    """
+
+    per_image: float
+    forward: float
+    generation: float
+    batch_size: int
+    by_module: dict[str, float] = field(default_factory=dict)
+    unsupported: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.per_image
+
+
+def generation_flops(model: nn.Module) -> float:
+    """FLOPs of generating every template-mixed weight once: ``tiles * K * tile numel`` per layer."""
+    total = 0
+    for _, m in mixed_layers(model):
+        mix = m.mix
+        for t, b in enumerate(mix.tile_banks):
+            bank = mix.banks[b].templates
+            total += bank.shape[0] * bank[0].numel()
+    return float(total)
+
+
+def flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1) -> FlopReport:
+    """Count forward FLOPs of ``model`` on one ``input_size`` image with fvcore.
+
+    Args:
+        model: any model (plain or template-mixing).
+        input_size: ``(C, H, W)``; defaults to the size recorded by morph, else 3x224x224.
+        batch_size: training batch over which weight generation is amortized.
+    """
+    from fvcore.nn import FlopCountAnalysis
+
+    info = get_info(model)
+    if input_size is None:
+        input_size = info.input_size if info else (3, 224, 224)
+    p = next(iter(model.parameters()))
+    x = torch.zeros((1, *input_size), dtype=p.dtype, device=p.device)
+    was = model.training
+    model.eval()
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            fca = FlopCountAnalysis(model, x)
+            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            total = float(fca.total())
+            by_module = {k: float(v) for k, v in fca.by_module().items() if k and "." not in k}
+            unsupported = dict(Counter(fca.unsupported_ops()))
+    finally:
+        model.train(was)
+    gen = generation_flops(model)
+    fwd = total - gen
+    by_module = {k: v for k, v in by_module.items()}
+    return FlopReport(fwd + gen / max(batch_size, 1), fwd, gen, batch_size, by_module, unsupported)

@@ -1,0 +1,326 @@
+"""MixtureGrowth fusion: two half-width template models become one full-width model by tiling.
+
+Every conv and linear weight of the fused model is a grid of tiles (paper §3.3, Fig. 2)::
+
+    W = [[m0, m2],      m0 = a's layer, m1 = b's layer, carried over unchanged;
+         [m3, m1]]      m2, m3 = new tiles mixing a's or b's templates with new coefficients.
+
+``vertical`` growth (default; official ``member_template_sets 0,1,0,1``): the tiles of one output
+row share a template set (m2 mixes a's bank, m3 b's). ``horizontal`` (``0,1,1,0``): the tiles of one
+input column share one (m2 mixes b's bank, m3 a's).
+
+Edge layers get no new tiles (paper §3.3): the stem stacks a's and b's weights along its output
+(grid 2x1); the classifier concatenates them along its input (grid 1x2) with both coefficient
+vectors halved and the biases averaged, so that with zero off-diagonal tiles the logits are the
+*average* of a's and b's (the official code sums them and has no bias). Grouped and depthwise
+convolutions that keep their group width stack a's groups and b's groups (grid 2x1, no cross tiles).
+Norm layers concatenate affine parameters and running statistics; biases follow their layers.
+Where a channel dim is a concatenation of several groups (DenseNet), the tiles are permuted into the
+full model's layout, group by group, so that the fused model is the stock full-width architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import MorphError
+from .graph.analyze import ChannelPlan, analyze
+from .graph.coupling import Dim
+from .info import MorphInfo, get_info, set_info
+from .scale import _NO_INIT, apply_width
+from .templates import TemplateBank, TemplateMixing, attach, detach, is_mixed
+
+__all__ = ["fuse", "grow", "GROWTH_MODES", "INIT_MODES", "layout_perm"]
+
+GROWTH_MODES = ("vertical", "horizontal")
+INIT_MODES = ("orthogonal", "orthogonal-official", "random", "random-uniform", "copy", "zero")
+
+
+def layout_perm(plan: ChannelPlan, dim: Dim, factor: int = 2) -> torch.Tensor | None:
+    """Permutation from tile layout (``factor`` whole copies of the half dim, one per set) to the full
+    model's layout (each channel group's copies side by side). ``None`` when they coincide."""
+    atoms = plan.atoms(dim)
+    lengths = [plan.size((s,), 1.0) for s in atoms]
+    if len(atoms) <= 1:
+        return None
+    total = sum(lengths)
+    perm, off = [], 0
+    for n in lengths:
+        for c in range(factor):
+            perm.append(torch.arange(n) + c * total + off)
+        off += n
+    return torch.cat(perm)
+
+
+def _check_pair(a: nn.Module, b: nn.Module | None) -> MorphInfo:
+    ia = get_info(a)
+    if ia is None or ia.kind != "half":
+        what = "a plain model" if ia is None or ia.kind == "plain" else f"a {ia.kind} model"
+        raise MorphError(f"fusion needs half-width template models from morph.convert; got {what}")
+    if b is None:
+        return ia
+    ib = get_info(b)
+    if ib is None or ib.kind != "half":
+        what = "a plain model" if ib is None or ib.kind == "plain" else f"a {ib.kind} model"
+        raise MorphError(f"fusion needs half-width template models from morph.convert; the second is {what}")
+    for field in ("spec", "width", "templates", "share", "input_size"):
+        va, vb = getattr(ia, field), getattr(ib, field)
+        if va != vb:
+            raise MorphError(f"cannot fuse models with different {field}: {va} vs {vb}")
+    if ia.set_ids[0] == ib.set_ids[0]:
+        raise MorphError(
+            f"both models use template set {ia.set_ids[0]!r}; convert the second with another seed or set_id"
+        )
+    return ia
+
+
+class _NewCoefficients:
+    """Coefficients of new tiles, by init mode."""
+
+    def __init__(self, init: str, gen: torch.Generator, noise: float | None) -> None:
+        if init not in INIT_MODES:
+            raise MorphError(f"init must be one of {', '.join(INIT_MODES)}, got {init!r}")
+        self.init, self.gen, self.noise = init, gen, noise
+
+    def __call__(self, existing: list[torch.Tensor], same_tile: torch.Tensor, k: int) -> torch.Tensor:
+        """New coefficient vector for a tile mixing a bank whose existing vectors are ``existing``;
+        ``same_tile`` is the diagonal tile's vector of that bank (for ``copy``)."""
+        g, dt = self.gen, same_tile.dtype
+        if self.init == "zero":
+            return torch.zeros(k, dtype=dt)
+        if self.init == "random":  # paper: standard normal
+            return torch.randn(k, generator=g).to(dt)
+        if self.init == "random-uniform":  # official: U[0, 1) x c, c = 1
+            return torch.rand(k, generator=g).to(dt)
+        if self.init == "copy":  # paper: "small noise"; official: noise of norm 1 in a U[0,1) direction
+            n = torch.rand(k, generator=g).to(dt)
+            scale = 0.01 * float(same_tile.norm()) if self.noise is None else self.noise
+            return same_tile + n / n.norm().clamp_min(1e-12) * scale
+        ex = torch.stack(existing).double()
+        if self.init == "orthogonal-official":  # least-singular direction of the stacked vectors, x c = 1
+            _, _, vh = torch.linalg.svd(ex, full_matrices=True)
+            return vh[-1].to(dt)
+        # paper §3.3: orthogonal to every vector that mixes the same templates, scaled to their mean norm
+        _, s, vh = torch.linalg.svd(ex, full_matrices=True)
+        rank = int((s > 1e-10 * max(float(s.max()), 1e-30)).sum())
+        comp = vh[rank:] if rank < k else vh[-1:]
+        w = torch.randn(comp.shape[0], generator=g).double()
+        v = w @ comp
+        v = v / v.norm().clamp_min(1e-30) * ex.norm(dim=1).mean()
+        return v.to(dt)
+
+
+def _bank_vectors(models: list[nn.Module]) -> dict[int, list[torch.Tensor]]:
+    """Every coefficient vector that mixes each bank (by bank object id), across layers."""
+    out: dict[int, list[torch.Tensor]] = {}
+    for m in models:
+        for _, mod in m.named_modules():
+            if is_mixed(mod):
+                for t, bi in enumerate(mod.mix.tile_banks):
+                    out.setdefault(id(mod.mix.banks[bi]), []).append(mod.mix.coefficients[t].detach())
+    return out
+
+
+def _build(
+    a: nn.Module, b: nn.Module | None, growth: str, init: str, seed: int | None, noise: float | None
+) -> nn.Module:
+    ia = _check_pair(a, b)
+    if growth not in GROWTH_MODES:
+        raise MorphError(f"growth must be one of {', '.join(GROWTH_MODES)}, got {growth!r}")
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    newc = _NewCoefficients(init, gen, noise)
+    plain = copy.deepcopy(a)
+    for _, mod in list(plain.named_modules()):
+        if is_mixed(mod):
+            detach(mod)
+    plan = analyze(plain, ia.input_size)
+    stock = _stock_groups(ia)
+    full, shapes = apply_width(plain, plan, 2.0, _NO_INIT, groups=stock)
+    _check_stock(ia, full, shapes)
+    vectors = _bank_vectors([a] if b is None else [a, b])
+    src_b = b if b is not None else a
+    for name, p in plan.layers.items():
+        ma, mb, mf = a.get_submodule(name), src_b.get_submodule(name), full.get_submodule(name)
+        if p.kind in ("conv", "linear"):
+            _fuse_weight(plan, p, ma, mb, mf, growth, newc, vectors, grow_only=b is None)
+        else:
+            _fuse_tensors(plan, p.in_dim if p.kind != "layernorm" else p.ln_dims[0], ma, mb, mf, b is None)
+    for path, dims in plan.params.items():
+        _fuse_attr(plan, path, dims, a, src_b, full, b is None)
+    for prm in full.parameters():
+        prm.requires_grad_(True)
+    info = dataclasses.replace(ia, kind="fused" if b is not None else "grown", growth=growth, init=init, factor=2,
+                        set_ids=ia.set_ids + (get_info(b).set_ids if b is not None else ()))
+    return set_info(full, info)
+
+
+def _stock(info: MorphInfo) -> nn.Module | None:
+    """The stock full-width model, on the meta device (no memory, no init), when fusing halves of it."""
+    if info.width * 2 != 1.0 or info.spec is None:
+        return None
+    from .zoo import build_model
+
+    with torch.device("meta"):
+        return build_model(info.spec.spec, **info.spec.kwargs)
+
+
+def _stock_groups(info: MorphInfo) -> dict[str, int]:
+    stock = _stock(info)
+    if stock is None:
+        return {}
+    return {n: m.groups for n, m in stock.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+
+
+def _check_stock(info: MorphInfo, full: nn.Module, shapes: dict) -> None:
+    """The fused model must be the full-width stock model: halves must have been exact."""
+    stock = _stock(info)
+    if stock is None:
+        return
+    want = {k: tuple(v.shape) for k, v in stock.state_dict().items()}
+    for k, v in full.state_dict().items():
+        if k in want and tuple(v.shape) != want[k]:
+            raise MorphError(
+                f"{k}: the fused tensor {tuple(v.shape)} differs from {info.spec.spec}'s {want[k]} "
+                "(odd channel counts were rounded at half width); this model cannot be fused"
+            )
+
+
+def _fuse_weight(
+    plan: ChannelPlan, p, ma: nn.Module, mb: nn.Module, mf: nn.Module, growth: str,
+    newc: Callable, vectors: dict[int, list[torch.Tensor]], grow_only: bool,
+) -> None:
+    half_shape = tuple(ma.mix.tile_shape)
+    full_shape = tuple(mf.weight.shape)
+    rows = full_shape[0] // half_shape[0]
+    cols = full_shape[1] // half_shape[1]
+    if rows * half_shape[0] != full_shape[0] or cols * half_shape[1] != full_shape[1] or rows > 2 or cols > 2:
+        raise MorphError(f"layer {p.name}: cannot tile {half_shape} into {full_shape}")
+    bank_a, bank_b = ma.mix.banks[0], mb.mix.banks[0]
+    ca, cb = ma.mix.coefficients.detach()[0], mb.mix.coefficients.detach()[0]
+    k = ca.shape[0]
+
+    def new(bank: TemplateBank, diag: torch.Tensor) -> torch.Tensor:
+        v = newc(vectors[id(bank)], diag, k)
+        vectors[id(bank)].append(v)
+        return v
+
+    banks = [bank_a] if grow_only else [bank_a, bank_b]
+    ib = 0 if grow_only else 1
+    if rows == 2 and cols == 2:
+        if grow_only:  # every tile from a's templates; tile (1,1) is new too
+            coef = [ca, new(bank_a, ca), new(bank_a, ca), new(bank_a, ca)]
+            tb = [0, 0, 0, 0]
+        elif growth == "vertical":  # rows share a set: m2 <- a, m3 <- b
+            coef = [ca, new(bank_a, ca), new(bank_b, cb), cb]
+            tb = [0, 0, 1, 1]
+        else:  # columns share a set: m2 <- b, m3 <- a
+            coef = [ca, new(bank_b, cb), new(bank_a, ca), cb]
+            tb = [0, 1, 0, 1]
+        grid = (2, 2)
+    elif rows == 2:  # stem, depthwise / constant-width grouped conv
+        coef = [ca, new(bank_a, ca) if grow_only else cb]
+        tb = [0, ib]
+        grid = (2, 1)
+    elif cols == 2:  # classifier: average of the two networks
+        coef = [ca, new(bank_a, ca)] if grow_only else [ca * 0.5, cb * 0.5]
+        tb = [0, ib]
+        grid = (1, 2)
+    else:  # nothing grows (fixed in and out)
+        coef, tb, grid = [ca], [0], (1, 1)
+    out_perm = layout_perm(plan, p.out_dim) if rows == 2 else None
+    in_perm = layout_perm(plan, p.in_dim) if cols == 2 and p.groups == 1 else None
+    mix = TemplateMixing(banks, torch.stack(coef).to(ca.dtype), tb, grid, out_perm, in_perm)
+    mf._parameters.pop("weight", None)
+    attach(mf, mix)
+    if getattr(ma, "bias", None) is not None:
+        ba, bb = ma.bias.detach(), mb.bias.detach()
+        if rows == 2:
+            bias = torch.cat([ba, bb])
+            if out_perm is not None:
+                bias = bias[out_perm]
+        else:
+            bias = ba.clone() if grow_only else (ba + bb) / 2
+        mf.bias = nn.Parameter(bias)
+
+
+def _cat_perm(plan: ChannelPlan, dim: Dim, ta: torch.Tensor, tb: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    t = torch.cat([ta, tb], dim=axis)
+    perm = layout_perm(plan, dim)
+    return t.index_select(axis, perm) if perm is not None else t
+
+
+def _fuse_tensors(plan: ChannelPlan, dim: Dim, ma: nn.Module, mb: nn.Module, mf: nn.Module, grow_only: bool) -> None:
+    for name, tf in list(mf.named_parameters(recurse=False)) + list(mf.named_buffers(recurse=False)):
+        if tf is None:
+            continue
+        ta, tb = getattr(ma, name).detach(), getattr(mb, name).detach()
+        if tf.dim() == 0:
+            new = ta.clone()
+        elif tf.shape[0] == 2 * ta.shape[0]:
+            new = _cat_perm(plan, dim, ta, tb)
+        elif tf.shape == ta.shape:
+            new = ta.clone() if grow_only else ((ta + tb) / 2).to(ta.dtype)
+        else:
+            raise MorphError(f"cannot fuse {name} of {type(mf).__name__}: {tuple(ta.shape)} -> {tuple(tf.shape)}")
+        if isinstance(tf, nn.Parameter):
+            setattr(mf, name, nn.Parameter(new))
+        else:
+            setattr(mf, name, new)
+
+
+def _fuse_attr(plan, path: str, dims, a: nn.Module, b: nn.Module, full: nn.Module, grow_only: bool) -> None:
+    mod_path, _, name = path.rpartition(".")
+
+    def get(m: nn.Module) -> torch.Tensor:
+        return getattr(m.get_submodule(mod_path) if mod_path else m, name)
+
+    ta, tb, tf = get(a).detach(), get(b).detach(), get(full)
+    grown = [i for i in range(ta.dim()) if tf.shape[i] != ta.shape[i]]
+    if not grown:
+        new = ta.clone() if grow_only else (ta + tb) / 2
+    elif len(grown) == 1:
+        new = _cat_perm(plan, dims[grown[0]], ta, tb, grown[0])
+    else:
+        raise MorphError(f"cannot fuse {path}: more than one of its dims grows")
+    owner = full.get_submodule(mod_path) if mod_path else full
+    if isinstance(tf, nn.Parameter):
+        setattr(owner, name, nn.Parameter(new))
+    else:
+        setattr(owner, name, new)
+
+
+def fuse(
+    a: nn.Module, b: nn.Module, growth: str = "vertical", init: str = "orthogonal", seed: int | None = None,
+    *, noise: float | None = None,
+) -> nn.Module:
+    """Fuse two half-width template models into the full-width template model (MixtureGrowth).
+
+    Args:
+        a, b: models from :func:`morph.convert` of the same architecture and configuration, with
+            different template sets.
+        growth: ``vertical`` (tiles of one output row share a template set) or ``horizontal``.
+        init: coefficients of the new tiles: ``orthogonal`` (paper §3.3, default: orthogonal to every
+            vector mixing the same bank, scaled to their mean norm), ``orthogonal-official`` (the
+            official code's least-singular direction, unit norm), ``random`` (paper: N(0, 1)),
+            ``random-uniform`` (official: U[0, 1)), ``copy`` (the same-bank diagonal tile's vector plus
+            noise) or ``zero`` (the fused model computes the average of ``a`` and ``b``).
+        seed: seed of the new coefficients.
+        noise: norm of the ``copy`` noise (default 1% of the copied vector's norm; official: 1).
+
+    Returns:
+        The full-width template model; every template and coefficient trains.
+    """
+    return _build(a, b, growth, init, seed, noise)
+
+
+def grow(a: nn.Module, init: str = "orthogonal", seed: int | None = None, *, noise: float | None = None) -> nn.Module:
+    """MixtureGrowth without fusion: widen one half model, every new tile mixing ``a``'s templates.
+
+    With ``init="zero"`` the grown model computes exactly ``a``'s function.
+    """
+    return _build(a, None, "vertical", init, seed, noise)

@@ -1,0 +1,149 @@
+"""Template mixing: a layer's weight generated as ``W = sum_k alpha_k T_k`` (MixtureGrowth Eq. 1).
+
+A :class:`TemplateBank` holds ``K`` templates of one tile shape and belongs to a template *set* (one
+set per trained network, told apart by ``set_id``). A :class:`TemplateMixing` generates a layer's
+weight as a grid of tiles, each tile mixing one bank's templates with its own coefficient vector:
+a half-width model has a 1x1 grid; a fused model has 2x2 grids (1x2 or 2x1 at the stem, the
+classifier and grouped convolutions), optionally permuted into the full model's channel layout.
+
+:func:`attach` makes ``module.weight`` a property that calls ``module.mix()``, the same class swap
+``torch.nn.utils.parametrize`` does, so every standard module (and subclasses such as timm's
+``StdConv2d``) works unchanged. Parameters live at ``<layer>.mix.coefficients`` and
+``<layer>.mix.banks.<i>.templates``; a bank shared by two layers is one Parameter object.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["TemplateBank", "TemplateMixing", "attach", "detach", "is_mixed", "mixed_layers"]
+
+
+class TemplateBank(nn.Module):
+    """``K`` templates of one shape, ``templates[k]``.
+
+    Args:
+        templates: tensor ``[K, *tile_shape]``.
+        set_id: the template set (trained network) the bank belongs to.
+        name: a readable name (the module path of the first layer that uses it).
+    """
+
+    def __init__(self, templates: torch.Tensor, set_id: str = "", name: str = "") -> None:
+        super().__init__()
+        self.templates = nn.Parameter(templates)
+        self.set_id = set_id
+        self.name = name
+
+    @property
+    def num_templates(self) -> int:
+        return self.templates.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"K={self.num_templates}, shape={tuple(self.templates.shape[1:])}, set={self.set_id!r}"
+
+
+class TemplateMixing(nn.Module):
+    """Generates a weight from a grid of template-mixed tiles.
+
+    Args:
+        banks: the banks the tiles mix (shared modules are fine).
+        coefficients: ``[R*C, K]``, row ``t`` mixes tile ``t`` (row-major).
+        tile_banks: index into ``banks`` of each tile.
+        grid: ``(R, C)``: tiles stacked along the output (dim 0) and input (dim 1) channels.
+        out_perm, in_perm: optional index permutations from tile layout to the model's layout.
+    """
+
+    def __init__(
+        self,
+        banks: list[TemplateBank],
+        coefficients: torch.Tensor,
+        tile_banks: list[int] | None = None,
+        grid: tuple[int, int] = (1, 1),
+        out_perm: torch.Tensor | None = None,
+        in_perm: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.banks = nn.ModuleList(banks)
+        self.coefficients = nn.Parameter(coefficients)
+        self.grid = tuple(grid)
+        self.tile_banks = list(tile_banks if tile_banks is not None else [0] * (grid[0] * grid[1]))
+        assert len(self.tile_banks) == grid[0] * grid[1] == coefficients.shape[0]
+        self.register_buffer("out_perm", out_perm, persistent=False)
+        self.register_buffer("in_perm", in_perm, persistent=False)
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        return tuple(self.banks[0].templates.shape[1:])
+
+    def tile(self, t: int) -> torch.Tensor:
+        """Tile ``t`` alone: ``sum_k coefficients[t, k] * templates[k]``."""
+        bank = self.banks[self.tile_banks[t]].templates
+        return (self.coefficients[t : t + 1] @ bank.flatten(1)).view(bank.shape[1:])
+
+    def forward(self) -> torch.Tensor:
+        r, c = self.grid
+        if r * c == 1:
+            bank = self.banks[0].templates
+            return (self.coefficients @ bank.flatten(1)).view(bank.shape[1:])
+        tiles: list[torch.Tensor | None] = [None] * (r * c)
+        for b in sorted(set(self.tile_banks)):  # one matmul per bank
+            idx = [t for t, tb in enumerate(self.tile_banks) if tb == b]
+            bank = self.banks[b].templates
+            mixed = self.coefficients[idx] @ bank.flatten(1)
+            for row, t in enumerate(idx):
+                tiles[t] = mixed[row].view(bank.shape[1:])
+        rows = [torch.cat(tiles[i * c : (i + 1) * c], dim=1) if c > 1 else tiles[i * c] for i in range(r)]
+        w = torch.cat(rows, dim=0) if r > 1 else rows[0]
+        if self.out_perm is not None:
+            w = w.index_select(0, self.out_perm)
+        if self.in_perm is not None:
+            w = w.index_select(1, self.in_perm)
+        return w
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, tiles->banks={self.tile_banks}"
+
+
+_MIXED_CLASSES: dict[type, type] = {}
+
+
+def _mixed_class(cls: type) -> type:
+    if cls not in _MIXED_CLASSES:
+
+        def weight(self: nn.Module) -> torch.Tensor:
+            return self.mix()
+
+        _MIXED_CLASSES[cls] = type(f"Mixed{cls.__name__}", (cls,), {"weight": property(weight), "_morph_base": cls})
+    return _MIXED_CLASSES[cls]
+
+
+def attach(module: nn.Module, mixing: TemplateMixing) -> nn.Module:
+    """Replace ``module.weight`` by ``mixing()`` (in place)."""
+    if is_mixed(module):
+        raise ValueError(f"{type(module).__name__} already generates its weight from templates")
+    module._parameters.pop("weight", None)
+    module.mix = mixing
+    module.__class__ = _mixed_class(type(module))
+    return module
+
+
+def detach(module: nn.Module) -> nn.Module:
+    """Materialize the generated weight as a plain Parameter and restore the module's class."""
+    if not is_mixed(module):
+        return module
+    with torch.no_grad():
+        w = module.mix().detach().clone()
+    module.__class__ = module._morph_base
+    del module.mix
+    module.weight = nn.Parameter(w)
+    return module
+
+
+def is_mixed(module: nn.Module) -> bool:
+    return hasattr(type(module), "_morph_base")
+
+
+def mixed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every template-mixed layer, in module order."""
+    return [(n, m) for n, m in model.named_modules() if is_mixed(m)]

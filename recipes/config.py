@@ -1,0 +1,424 @@
+"""Recipe configuration: typed dataclasses, YAML loading, ``key=value`` overrides.
+
+A config is a YAML file with the sections ``data``, ``model``, ``optim``, ``growth`` and ``run``
+(see :class:`Config`). ``CONFIG`` on the command line is either a path to such a file or the name of
+one shipped in ``recipes/configs`` (``cifar10-smoke``, ``cifar10-wrn28-10`` ...). Overrides use dotted
+keys and YAML values: ``optim.lr=0.05``, ``growth.methods=[large,mixturegrowth]``, ``data.root=null``.
+The resolved config is written into the run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "CONFIG_DIR",
+    "METHODS",
+    "Config",
+    "DataConfig",
+    "GrowthConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "apply_overrides",
+    "list_configs",
+    "load_config",
+    "resolve_config_path",
+    "save_config",
+]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+#: Method keys (as typed in ``growth.methods``) and their names in the paper's Table 1, in its order.
+METHODS: dict[str, str] = {
+    "large": "Large",
+    "large-match": "Large Match",
+    "small": "Small",
+    "small-match": "Small Match",
+    "mixturegrowth-nofusion": "MixtureGrowth w/o fusion",
+    "mixturegrowth": "MixtureGrowth",
+}
+
+DATASETS = ("cifar10", "cifar100", "imagenet")
+
+
+@dataclass
+class DataConfig:
+    """Dataset and augmentation.
+
+    Attributes:
+        dataset: ``cifar10``, ``cifar100`` or ``imagenet``.
+        format: ``auto``, ``torchvision`` (``torchvision.datasets.CIFAR10/100``, never downloaded) or
+            ``imagefolder`` (``ROOT/train/<class>/*`` and ``ROOT/test`` or ``ROOT/val``).
+        root: dataset directory; ``--data-dir`` sets it.
+        train_subset: keep the first N training images (class-interleaved order, deterministic).
+        test_subset: keep the first N test images (same order).
+        synthetic: replace the data with seeded random images of the dataset's shape and classes;
+            ``train_subset``/``test_subset`` then give the sizes (default 1024/256).
+        image_size: training crop size; ``None`` means 32 for CIFAR and 224 for ImageNet.
+        cutout: side of the cutout square on CIFAR (0 turns it off).
+        num_workers: DataLoader worker processes per rank.
+    """
+
+    dataset: str = "cifar10"
+    format: str = "auto"
+    root: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    synthetic: bool = False
+    image_size: int | None = None
+    cutout: int = 16
+    num_workers: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """The target (full-width) model.
+
+    Attributes:
+        arch: ``wrn`` (:class:`recipes.models.WideResNet`) or a ``morph.zoo`` spec such as
+            ``torchvision/resnet50``, ``timm/resnet50`` or ``package.module:callable``.
+        depth: WRN depth ``d`` (6n+4).
+        widen_factor: WRN width ``k``.
+        norm: WRN BatchNorm placement: ``block`` (only before each block, as in the MixtureGrowth
+            paper) or ``preact`` (standard pre-activation WRN).
+    """
+
+    arch: str = "wrn"
+    depth: int = 28
+    widen_factor: float = 10
+    norm: str = "block"
+
+
+@dataclass
+class OptimConfig:
+    """SGD and the learning-rate schedule, shared by every stage.
+
+    Attributes:
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: applied to every parameter except template-mixing coefficients (names
+            containing ``coefficients``).
+        batch_size: global batch size (split evenly across ranks).
+        schedule: ``cosine`` (to 0) or ``step`` (``gamma`` at ``milestones``).
+        milestones: step-schedule epochs, in epochs of the from-scratch schedule (``growth.epochs``);
+            a stage of another length scales them proportionally.
+        gamma: step-schedule decay factor.
+        warmup_epochs: linear warmup at the start of every schedule.
+        restart_at_growth: ``true``: each stage has its own schedule; ``false``: one schedule spans
+            all budgeted stages of a method (net 2 and the grown model). Net 1 always has its own.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    restart_at_growth: bool = True
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class GrowthConfig:
+    """What to run: the MixtureGrowth schedule and the paper's reference rows.
+
+    Attributes:
+        methods: keys of :data:`METHODS` to run, in order.
+        epochs: E, the from-scratch schedule length; FLOPs are normalized to the target trained
+            this long (``Large`` = 1X).
+        net1_epochs: epochs of small network 1 (not counted in the budget, as in the paper).
+        net2_epochs: epochs of small network 2, the growth point ``e``.
+        budget: training-FLOPs budget as a fraction of the target trained from scratch (0.45 = 0.45X).
+        width: width of the small networks relative to the target.
+        templates: templates per layer of the template-mixing networks.
+        share: template sharing across layers, passed to ``morph.convert``.
+        growth: ``vertical`` or ``horizontal`` tiling at fusion.
+        init: initialization of the new mixing coefficients (``orthogonal``, ``random``, ``copy``, ``zero``).
+    """
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    epochs: int = 200
+    net1_epochs: int = 200
+    net2_epochs: int = 200
+    budget: float = 0.45
+    width: float = 0.5
+    templates: int = 2
+    share: str = "none"
+    growth: str = "vertical"
+    init: str = "orthogonal"
+
+
+@dataclass
+class RunConfig:
+    """Execution: seeds, device and logging.
+
+    Attributes:
+        seeds: one full run of every method per seed; the report gives mean and std over seeds.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        amp: bf16 autocast on GPU (ignored on CPU).
+        channels_last: channels-last memory format on GPU (ignored on CPU).
+        compile: wrap the model in ``torch.compile``.
+        eval_every: evaluate every N epochs (the last epoch of a stage always is).
+        log_every: write a step record to ``metrics.jsonl`` every N steps (0: epochs only).
+        progress: show a rich progress bar (rank 0).
+    """
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    eval_every: int = 1
+    log_every: int = 50
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A whole recipe. ``name`` is the config's file stem (the default run directory name)."""
+
+    name: str = "recipe"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON serializable)."""
+        return asdict(self)
+
+    def validate(self) -> Config:
+        """Check values that types alone do not; return ``self``.
+
+        Raises:
+            ValueError: naming the offending key and the accepted values.
+        """
+        _choice("data.dataset", self.data.dataset, DATASETS)
+        _choice("data.format", self.data.format, ("auto", "torchvision", "imagefolder"))
+        _choice("model.norm", self.model.norm, ("block", "preact"))
+        _choice("optim.schedule", self.optim.schedule, ("cosine", "step"))
+        _choice("growth.growth", self.growth.growth, ("vertical", "horizontal"))
+        _choice("growth.init", self.growth.init, ("orthogonal", "random", "copy", "zero"))
+        _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
+        for m in self.growth.methods:
+            _choice("growth.methods", m, tuple(METHODS))
+        if not self.growth.methods:
+            raise ValueError(f"growth.methods is empty; choose from {', '.join(METHODS)}")
+        if len(set(self.growth.methods)) != len(self.growth.methods):
+            raise ValueError(f"growth.methods lists a method twice: {self.growth.methods}")
+        if not self.run.seeds or len(set(self.run.seeds)) != len(self.run.seeds):
+            raise ValueError(f"run.seeds must be a non-empty list of distinct ints, got {self.run.seeds}")
+        positive = {
+            "optim.lr": self.optim.lr,
+            "optim.batch_size": self.optim.batch_size,
+            "growth.epochs": self.growth.epochs,
+            "growth.budget": self.growth.budget,
+            "growth.templates": self.growth.templates,
+            "run.eval_every": self.run.eval_every,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{key} must be > 0, got {value}")
+        non_negative = {
+            "optim.weight_decay": self.optim.weight_decay,
+            "optim.momentum": self.optim.momentum,
+            "optim.warmup_epochs": self.optim.warmup_epochs,
+            "growth.net1_epochs": self.growth.net1_epochs,
+            "growth.net2_epochs": self.growth.net2_epochs,
+            "data.cutout": self.data.cutout,
+            "data.num_workers": self.data.num_workers,
+            "run.log_every": self.run.log_every,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        for key, value in (("data.train_subset", self.data.train_subset), ("data.test_subset", self.data.test_subset)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{key} must be > 0 or null, got {value}")
+        if not 0.0 < self.growth.width < 1.0:
+            raise ValueError(f"growth.width must be in (0, 1), got {self.growth.width}")
+        if not 0.0 <= self.optim.label_smoothing < 1.0:
+            raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.optim.label_smoothing}")
+        if self.model.arch == "wrn" and (self.model.depth - 4) % 6 != 0:
+            raise ValueError(f"model.depth must be 6n+4 for a WRN (16, 22, 28, 40 ...), got {self.model.depth}")
+        return self
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    """Return ``value`` converted to type ``tp``; raise ``ValueError`` naming ``key`` if it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(key, inner[0], value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list such as [a, b], got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"{key}: unsupported config field type {tp!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ``ValueError``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown config key {prefix}{unknown[0]}; valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value if value is not None else {}, key)
+        else:
+            kwargs[name] = _check_value(key, tp, value)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def list_configs() -> list[str]:
+    """Names of the configs shipped in ``recipes/configs``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """A config argument as a file path: an existing path, or a shipped config's name.
+
+    Raises:
+        ValueError: neither a file nor a shipped name.
+    """
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{config}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ValueError(
+        f"unknown config {str(config)!r}: no such file and no shipped config of that name; "
+        f"shipped configs: {', '.join(list_configs())}"
+    )
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys, YAML values) to a nested config dict, in place.
+
+    Raises:
+        ValueError: an override without ``=``, with an unknown section, or whose value is not YAML.
+    """
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"bad override {item!r}: expected key=value, e.g. optim.lr=0.05")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"bad override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
+        parts = key.split(".")
+        if parts[0] not in sections:
+            raise ValueError(f"unknown config key {key!r}; keys start with one of: {', '.join(sorted(sections))}")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"bad override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(config: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a config by path or shipped name, apply overrides and validate it.
+
+    Args:
+        config: path to a YAML file, or the name of one in ``recipes/configs``.
+        overrides: ``key=value`` strings applied after the file.
+
+    Raises:
+        ValueError: unknown config, malformed YAML, unknown key, wrong type or invalid value.
+    """
+    path = resolve_config_path(config)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (data, model, optim, growth, run)")
+    data.setdefault("name", path.stem)
+    apply_overrides(data, overrides or [])
+    try:
+        cfg = _from_dict(Config, data, "")
+        return cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from e
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (as written by :func:`save_config`)."""
+    return _from_dict(Config, data, "").validate()

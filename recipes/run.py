@@ -1,0 +1,141 @@
+"""``morph train``: run a recipe's methods for every seed, resuming whatever a previous run finished.
+
+Launch lines (the same code under both)::
+
+    morph train cifar10-smoke                                  # one process
+    torchrun --standalone --nproc_per_node=4 $(which morph) train imagenet-resnet50 --data-dir /data/imagenet
+
+Rerunning the same command after a crash or kill resumes from the last checkpoint of every stage.
+The run directory (``--out-dir``, default ``runs/<config name>``) holds the resolved ``config.yaml``,
+``metrics.jsonl``, one checkpoint per stage and ``seed<S>/<method>/result.json`` per finished method.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import atomic_write_text
+from .config import Config, load_config, save_config
+from .data import build_data
+from .distributed import DistInfo, setup, teardown
+from .schedule import MethodResult, Planner, run_method
+from .trainer import Trainer
+
+__all__ = ["check_run_dir", "main", "train"]
+
+# Keys that may differ between the first run and a resumed one: they do not change what is trained.
+_FREE_KEYS = {"name", "data.root", "data.format", "data.num_workers", "growth.methods"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Refuse to resume a run directory that was trained with a different config.
+
+    Only settings that change what is trained are compared: ``run.*`` (seeds, device, logging),
+    the data root and the method list may change between invocations.
+
+    Raises:
+        ValueError: naming the first differing key.
+    """
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    old = _flatten(yaml.safe_load(path.read_text()) or {})
+    new = _flatten(cfg.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if key in _FREE_KEYS or key.startswith("run."):
+            continue
+        if old.get(key) != new.get(key):
+            raise ValueError(
+                f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
+                "pass another --out-dir to start a new run"
+            )
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
+    """Run every method of ``cfg`` for every seed, in an already set-up process group."""
+    check_run_dir(run_dir, cfg)
+    data = build_data(cfg.data)
+    trainer = Trainer(cfg, data, dist, run_dir)
+    planner = Planner(cfg, trainer, data.num_classes, data.input_size)
+    if dist.is_main:  # written only once the config and the data are known to be good
+        save_config(cfg, run_dir / "config.yaml")
+        atomic_write_text(run_dir / "provenance.yaml", yaml.safe_dump({"git": _git_sha(), "config": cfg.name}))
+    trainer.flops_unit = planner.unit
+    results = [run_method(planner, method, seed, run_dir) for seed in cfg.run.seeds for method in cfg.growth.methods]
+    if dist.is_main:
+        _print_results(results, run_dir)
+    return results
+
+
+def _print_results(results: list[MethodResult], run_dir: Path) -> None:
+    table = Table(title=f"results in {run_dir}")
+    for col in ("method", "seed", "top-1 (%)", "FLOPs norm", "params"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in results:
+        table.add_row(r.label, str(r.seed), f"{r.top1:.2f}", f"{r.flops_norm:.3f}X", f"{r.params:,}")
+    Console(stderr=True).print(table)
+
+
+def main(
+    config: str,
+    data_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Path:
+    """Entry point of ``morph train CONFIG [--data-dir DIR] [--out-dir DIR] [key=value ...]``.
+
+    Works under ``python`` and under ``torchrun`` (DistributedDataParallel when ``RANK`` is set).
+
+    Args:
+        config: path to a YAML config, or the name of one in ``recipes/configs``.
+        data_dir: dataset root (overrides ``data.root``).
+        out_dir: run directory (default ``runs/<config name>``); rerunning into it resumes.
+        overrides: ``key=value`` settings, e.g. ``["optim.lr=0.05", "run.seeds=[0,1,2]"]``.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        ValueError: unknown config, bad override or value, a run dir holding another config.
+        FileNotFoundError: missing data.
+    """
+    cfg = load_config(config, list(overrides or []))
+    if data_dir is not None:
+        cfg.data.root = str(data_dir)
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
+    import torch.distributed as torch_dist
+
+    owns_group = not torch_dist.is_initialized()
+    dist = setup(cfg.run.device)
+    try:
+        train(cfg, run_dir, dist)
+    finally:
+        if owns_group:
+            teardown()
+    return run_dir

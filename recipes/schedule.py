@@ -1,0 +1,273 @@
+"""The stages of every method: MixtureGrowth and the paper's reference rows (MG Table 1).
+
+Budget accounting (MixtureGrowth §4, official ``compute_flops.py``), with ``F`` the forward FLOPs
+per image from ``morph.flops`` (fvcore convention, template generation amortized over the global
+batch) and ``N`` the images of one epoch (``steps_per_epoch x batch_size``):
+
+- training FLOPs of a stage = ``3 x F x images seen``;
+- 1X = the target trained from scratch for ``growth.epochs`` epochs = ``3 x F_target x N x epochs``;
+- a method may spend ``growth.budget`` X; small network 1 is not counted, as in the paper.
+
+Methods (``growth.methods``):
+
+- ``large``: the target, full width and plain, for ``epochs`` (1X).
+- ``large-match``: the target for as many steps as the budget buys.
+- ``small``: the plain half-width model (``morph.scale_width``) for ``epochs``.
+- ``small-match``: the plain half-width model for the budget.
+- ``mixturegrowth``: net 1 (``morph.convert``, half width, template mixing) for ``net1_epochs``; net 2
+  (another ``morph.convert``) for ``net2_epochs`` (the growth point ``e``); ``morph.fuse`` of the two;
+  the fused full-width model until the budget is spent.
+- ``mixturegrowth-nofusion``: net 1, then ``morph.grow`` of net 1 alone, trained for the budget.
+
+Net 1 is shared by both MixtureGrowth methods of a seed. Every model is built under a seed derived
+from ``(run seed, role)``, so a rerun rebuilds the same models and resumes each stage's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import atomic_write_text
+from .config import METHODS, Config
+from .data import derive_seed
+from .models import build_model
+from .trainer import Stage, StageResult, Trainer, make_schedule
+
+__all__ = ["MethodResult", "Planner", "count_params", "run_method", "steps_for_budget"]
+
+
+def steps_for_budget(flops: float, flops_per_image: float, batch_size: int) -> int:
+    """Whole optimizer steps that fit in ``flops`` training FLOPs (``3 x F x batch`` per step)."""
+    return int(flops // (3.0 * flops_per_image * batch_size))
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters, each shared tensor once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class MethodResult:
+    """One method trained with one seed: a row of the results table.
+
+    Attributes:
+        method: key in :data:`recipes.config.METHODS`.
+        label: its name in the paper's Table 1.
+        seed: the run seed.
+        top1: final test top-1 (%).
+        test_loss: final test loss.
+        flops: training FLOPs spent (net 1 excluded).
+        flops_norm: ``flops`` over the target trained from scratch (1X).
+        params: parameters of the final model.
+        stages: per-stage steps, epochs, FLOPs per image and wall time.
+    """
+
+    method: str
+    label: str
+    seed: int
+    top1: float
+    test_loss: float
+    flops: float
+    flops_norm: float
+    params: int
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1)
+
+
+class Planner:
+    """Builds the models of a run and turns epochs and budgets into stages.
+
+    Args:
+        cfg: the recipe config.
+        trainer: the shared trainer (gives steps per epoch and the device).
+        num_classes: classifier outputs.
+        input_size: ``(C, H, W)`` for FLOPs counting.
+    """
+
+    def __init__(self, cfg: Config, trainer: Trainer, num_classes: int, input_size: tuple[int, int, int]) -> None:
+        self.cfg, self.trainer = cfg, trainer
+        self.num_classes, self.input_size = num_classes, input_size
+        self.batch = cfg.optim.batch_size
+        self.spe = trainer.steps_per_epoch
+        self._flops: dict[str, float] = {}
+
+    # --- models -------------------------------------------------------------------------------
+
+    def target(self, seed: int, role: str) -> nn.Module:
+        """A freshly initialized target model, the same for the same ``(seed, role)``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, role, "init"))
+            return build_model(self.cfg.model, self.num_classes)
+
+    def small(self, seed: int) -> nn.Module:
+        """The plain small model (``morph.scale_width`` of the target), freshly initialized."""
+        import morph
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "small", "init"))
+            return morph.scale_width(self.target(seed, "small"), self.cfg.growth.width)
+
+    def half(self, seed: int, role: str) -> nn.Module:
+        """A half-width template-mixing network (``morph.convert``)."""
+        import morph
+
+        g = self.cfg.growth
+        return morph.convert(
+            self.target(seed, role), width=g.width, templates=g.templates, share=g.share, seed=derive_seed(seed, role)
+        )
+
+    def flops(self, kind: str, build: Callable[[], nn.Module]) -> float:
+        """Forward FLOPs per image of the model ``build()`` returns, memoized by ``kind`` (an
+        architecture's FLOPs do not depend on the seed, so each kind is built and counted once)."""
+        if kind not in self._flops:
+            import morph
+
+            self._flops[kind] = float(morph.flops(build(), input_size=self.input_size, batch_size=self.batch).total)
+        return self._flops[kind]
+
+    # --- budgets ------------------------------------------------------------------------------
+
+    @property
+    def unit(self) -> float:
+        """Training FLOPs of the target trained from scratch (1X)."""
+        f = self.flops("target", lambda: self.target(0, "flops"))
+        return 3.0 * f * self.batch * self.spe * self.cfg.growth.epochs
+
+    @property
+    def budget(self) -> float:
+        """Training FLOPs a budgeted method may spend."""
+        return self.cfg.growth.budget * self.unit
+
+    def stage(
+        self, key: str, seed: int, labels: dict[str, Any], steps: int, fpi: float, *,
+        offset_flops: float = 0.0, counted: bool = True, schedule_steps: int | None = None, schedule_offset: int = 0,
+    ) -> Stage:
+        """A :class:`Stage` whose LR schedule spans ``schedule_steps`` (default: the stage itself)."""
+        lr = make_schedule(self.cfg.optim, schedule_steps or steps, self.spe, self.cfg.growth.epochs, schedule_offset)
+        return Stage(
+            key=key, seed=derive_seed(seed, key), steps=steps, lr=lr, flops_per_image=fpi,
+            flops_offset=offset_flops, counted=counted, labels=labels,
+        )
+
+
+def _cpu(model: nn.Module) -> nn.Module:
+    """Surgery runs on the CPU, where its seeded generators live."""
+    return model.to("cpu")
+
+
+Stages = list[tuple[str, StageResult]]
+
+
+def _train_net1(p: Planner, seed: int) -> StageResult:
+    """Small network 1, shared by both MixtureGrowth methods; its FLOPs are not counted."""
+    net1 = p.half(seed, "net1")
+    steps = p.cfg.growth.net1_epochs * p.spe
+    labels = {"seed": seed, "method": None, "stage": "net1"}
+    fpi = p.flops("half", lambda: net1)
+    return p.trainer.fit(net1, p.stage(f"seed{seed}/net1", seed, labels, steps, fpi, counted=False))
+
+
+def _plain(p: Planner, method: str, seed: int) -> Stages:
+    small = method.startswith("small")
+    model = p.small(seed) if small else p.target(seed, "large")
+    fpi = p.flops("small" if small else "target", lambda: model)
+    if method.endswith("-match"):
+        steps = steps_for_budget(p.budget, fpi, p.batch)
+    else:
+        steps = p.cfg.growth.epochs * p.spe
+    labels = {"seed": seed, "method": method, "stage": "train"}
+    return [("train", p.trainer.fit(model, p.stage(f"seed{seed}/{method}/train", seed, labels, steps, fpi)))]
+
+
+def _grown_steps(p: Planner, method: str, spent: float, fpi: float) -> int:
+    left = p.budget - spent
+    steps = steps_for_budget(left, fpi, p.batch)
+    if steps < 1:
+        raise ValueError(
+            f"{method}: growth.budget={p.cfg.growth.budget} leaves no step for the grown model "
+            f"(net 2 alone spends {spent / p.unit:.3f}X); lower growth.net2_epochs or raise growth.budget"
+        )
+    return steps
+
+
+def _mixturegrowth(p: Planner, seed: int) -> Stages:
+    import morph
+
+    g = p.cfg.growth
+    method = "mixturegrowth"
+    net1 = _train_net1(p, seed)
+    net2 = p.half(seed, "net2")
+    f_half = p.flops("half", lambda: net2)
+    fuse = lambda a, b: morph.fuse(_cpu(a), _cpu(b), growth=g.growth, init=g.init, seed=derive_seed(seed, "fuse"))  # noqa: E731
+    f_full = p.flops("fused", lambda: fuse(p.half(seed, "net1"), p.half(seed, "net2")))
+    steps2 = g.net2_epochs * p.spe
+    spent2 = 3.0 * f_half * p.batch * steps2
+    steps3 = _grown_steps(p, method, spent2, f_full)
+    restart = p.cfg.optim.restart_at_growth
+    span = None if restart else steps2 + steps3
+    labels = {"seed": seed, "method": method}
+    r2 = p.trainer.fit(
+        net2, p.stage(f"seed{seed}/{method}/net2", seed, {**labels, "stage": "net2"}, steps2, f_half, schedule_steps=span)
+    )
+    grown = fuse(net1.model, r2.model)
+    r3 = p.trainer.fit(
+        grown,
+        p.stage(
+            f"seed{seed}/{method}/grown", seed, {**labels, "stage": "grown"}, steps3, f_full,
+            offset_flops=r2.flops, schedule_steps=span, schedule_offset=0 if restart else steps2,
+        ),
+    )
+    return [("net1", net1), ("net2", r2), ("grown", r3)]
+
+
+def _mixturegrowth_nofusion(p: Planner, seed: int) -> Stages:
+    import morph
+
+    g = p.cfg.growth
+    method = "mixturegrowth-nofusion"
+    net1 = _train_net1(p, seed)
+    grow = lambda a: morph.grow(_cpu(a), init=g.init, seed=derive_seed(seed, "grow"))  # noqa: E731
+    f_full = p.flops("grown", lambda: grow(p.half(seed, "net1")))
+    steps = _grown_steps(p, method, 0.0, f_full)
+    labels = {"seed": seed, "method": method, "stage": "grown"}
+    r = p.trainer.fit(grow(net1.model), p.stage(f"seed{seed}/{method}/grown", seed, labels, steps, f_full))
+    return [("net1", net1), ("grown", r)]
+
+
+_RUNNERS: dict[str, Callable[[Planner, int], Stages]] = {
+    "large": lambda p, s: _plain(p, "large", s),
+    "large-match": lambda p, s: _plain(p, "large-match", s),
+    "small": lambda p, s: _plain(p, "small", s),
+    "small-match": lambda p, s: _plain(p, "small-match", s),
+    "mixturegrowth": _mixturegrowth,
+    "mixturegrowth-nofusion": _mixturegrowth_nofusion,
+}
+
+
+def run_method(p: Planner, method: str, seed: int, run_dir: Path) -> MethodResult:
+    """Run (or resume) every stage of ``method`` for ``seed``; write ``seed<S>/<method>/result.json``."""
+    stages = _RUNNERS[method](p, seed)
+    final = stages[-1][1]
+    out = MethodResult(
+        method=method,
+        label=METHODS[method],
+        seed=seed,
+        top1=final.top1,
+        test_loss=final.test_loss,
+        flops=final.flops,
+        flops_norm=final.flops / p.unit,
+        params=count_params(final.model),
+        stages=[{"stage": name, **r.summary()} for name, r in stages],
+    )
+    if p.trainer.dist.is_main:
+        atomic_write_text(run_dir / f"seed{seed}" / method / "result.json", out.to_json())
+    return out

@@ -1,0 +1,457 @@
+"""The one training loop every recipe stage runs through.
+
+:meth:`Trainer.fit` trains a model for a fixed number of optimizer steps with SGD (momentum, weight
+decay except on template-mixing coefficients), a per-step LR schedule and cross-entropy (optional
+label smoothing). On GPU it uses bf16 autocast and channels-last; ``torch.compile`` is optional. Under
+``torchrun`` the model is wrapped in DistributedDataParallel; only rank 0 logs and writes.
+
+After every epoch it writes ``RUN_DIR/<stage key>/checkpoint.safetensors`` (model, optimizer, RNG
+states, counters; see :mod:`recipes.checkpoint`). Calling :meth:`Trainer.fit` again for the same stage
+resumes from it, and reproduces the uninterrupted run bit for bit on CPU: the data order and the
+augmentation depend only on the seed and the epoch (:mod:`recipes.data`), and the LR only on the step.
+A finished stage returns its saved model at once.
+
+Training FLOPs are ``3 x forward FLOPs per image x images seen`` (the backward pass costs about twice
+the forward), with forward FLOPs from fvcore (one multiply-add = one flop) via ``morph.flops``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    load_model_tensors,
+    model_tensors,
+    optimizer_state,
+    restore_optimizer,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import Config, OptimConfig
+from .data import DataSplits, EpochBatches, derive_seed, make_loader
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
+from .metrics import MetricsLog
+
+__all__ = ["LRSchedule", "Stage", "StageResult", "Trainer", "build_optimizer", "make_schedule", "seed_everything"]
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning rate as a pure function of the step, so resuming needs only the step counter.
+
+    Attributes:
+        base_lr: peak learning rate.
+        total_steps: length of the schedule (it may span several stages).
+        offset: the step of the schedule at which this stage starts.
+        kind: ``cosine`` (to 0 at ``total_steps``) or ``step``.
+        milestones: step schedule: fractions of ``total_steps`` where the LR is multiplied by ``gamma``.
+        gamma: step-schedule factor.
+        warmup_steps: linear warmup from ``base_lr / warmup_steps`` to ``base_lr``.
+    """
+
+    base_lr: float
+    total_steps: int
+    offset: int = 0
+    kind: str = "cosine"
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+    warmup_steps: int = 0
+
+    def __call__(self, step: int) -> float:
+        """LR at stage-local ``step`` (0-based)."""
+        t = self.offset + step
+        if t < self.warmup_steps:
+            return self.base_lr * (t + 1) / self.warmup_steps
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, (t - self.warmup_steps) / span)
+            return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        drops = sum(t >= m * self.total_steps for m in self.milestones)
+        return self.base_lr * self.gamma**drops
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int, steps_per_epoch: int, ref_epochs: int, offset: int = 0) -> LRSchedule:
+    """The configured schedule over ``total_steps``; step milestones are given in epochs of a
+    ``ref_epochs``-long schedule and scale with the schedule's length."""
+    return LRSchedule(
+        base_lr=cfg.lr,
+        total_steps=total_steps,
+        offset=offset,
+        kind=cfg.schedule,
+        milestones=tuple(m / ref_epochs for m in cfg.milestones),
+        gamma=cfg.gamma,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+    )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a method: what to train for how long, and how to count it.
+
+    Attributes:
+        key: directory of the stage under the run dir, e.g. ``seed0/mixturegrowth/grown``.
+        seed: seed of the stage (RNG, data order, augmentation).
+        steps: optimizer steps to run.
+        lr: the LR schedule.
+        flops_per_image: forward FLOPs per image (fvcore convention).
+        flops_offset: training FLOPs the method spent before this stage.
+        counted: whether this stage's FLOPs count (net 1's do not, as in the paper).
+        labels: ``seed``, ``method``, ``stage`` fields copied into every metrics record.
+    """
+
+    key: str
+    seed: int
+    steps: int
+    lr: LRSchedule
+    flops_per_image: float
+    flops_offset: float = 0.0
+    counted: bool = True
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        model: the trained model (unwrapped, on the training device).
+        top1: final test top-1 (%).
+        test_loss: final test loss.
+        flops: cumulative training FLOPs of the method after this stage.
+        epochs: epochs run (the last may be partial).
+        steps: optimizer steps run.
+        wall_time: seconds spent on the stage, over all sessions.
+    """
+
+    model: nn.Module
+    top1: float
+    test_loss: float
+    flops: float
+    epochs: int
+    steps: int
+    wall_time: float
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "model"}
+
+
+@dataclass
+class _Progress:
+    """Counters saved in the checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    images: int = 0
+    flops: float = 0.0
+    wall_time: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's ``random`` and NumPy."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on every trainable parameter except template-mixing
+    coefficients (names containing ``coefficients``)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if "coefficients" in name else decay).append(p)
+    groups = [
+        {"params": params, "weight_decay": wd}
+        for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))
+        if params
+    ]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+class Trainer:
+    """Trains stages on one dataset, in one process group, writing into one run directory.
+
+    Args:
+        cfg: the recipe config (``optim`` and ``run`` sections are used here).
+        data: training and test sets.
+        dist: this process's rank and device.
+        run_dir: where checkpoints and ``metrics.jsonl`` go.
+        flops_unit: training FLOPs of the target trained from scratch (1X), for ``flops_norm``.
+
+    Raises:
+        ValueError: the batch size does not split over the ranks, or exceeds the training set.
+    """
+
+    def __init__(self, cfg: Config, data: DataSplits, dist: DistInfo, run_dir: Path, flops_unit: float | None = None) -> None:
+        self.cfg, self.data, self.dist, self.run_dir = cfg, data, dist, Path(run_dir)
+        self.flops_unit = flops_unit
+        self.batch_size = cfg.optim.batch_size
+        if self.batch_size % dist.world_size:
+            raise ValueError(f"optim.batch_size={self.batch_size} does not split evenly over {dist.world_size} processes")
+        if self.batch_size > len(data.train):
+            raise ValueError(f"optim.batch_size={self.batch_size} exceeds the {len(data.train)} training images")
+        self.steps_per_epoch = len(data.train) // self.batch_size
+        self.device = dist.device
+        on_gpu = self.device.type == "cuda"
+        self.amp = cfg.run.amp and on_gpu
+        self.channels_last = cfg.run.channels_last and on_gpu
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
+        self.console = Console(stderr=True, quiet=not dist.is_main)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        if on_gpu:
+            torch.backends.cudnn.benchmark = True
+
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self, model: nn.Module, stage: Stage) -> StageResult:
+        """Train ``model`` for ``stage.steps`` steps, resuming from the stage's checkpoint if any.
+
+        Returns:
+            The trained model and its final test metrics.
+        """
+        path = self.run_dir / stage.key / CHECKPOINT_NAME
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, self.cfg.optim)
+        state = _Progress(flops=stage.flops_offset)
+        if path.exists():
+            groups, meta = load_checkpoint(path)
+            if meta["steps"] != stage.steps or meta["stage"] != stage.key:
+                raise ValueError(
+                    f"checkpoint {path} plans {meta['steps']} steps but this run plans {stage.steps}; "
+                    "the config changed: use a new --out-dir"
+                )
+            load_model_tensors(model, groups["model"], str(path))
+            if meta["done"]:
+                self.console.print(f"[dim]{stage.key}: done, loaded {path}[/dim]")
+                return StageResult(model=model, **meta["result"])
+            restore_optimizer(optimizer, groups.get("optim", {}), meta["optim"])
+            self._restore_rng(groups.get("rng", {}), meta, stage)
+            state = _Progress(**meta["progress"])
+            self.metrics.truncate(stage.key, state.step)
+            self.console.print(f"[dim]{stage.key}: resuming at epoch {state.epoch}, step {state.step}[/dim]")
+        else:
+            seed_everything(derive_seed(stage.seed, "rank", self.dist.rank))
+
+        compiled = torch.compile(model) if self.cfg.run.compile else model
+        net: nn.Module = compiled
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        last_eval: dict[str, float] | None = None
+        with self._progress_bar() as bar:
+            task = bar.add_task(stage.key, total=max(stage.steps, 1), completed=state.step, info="")
+            while state.step < stage.steps:
+                t0 = time.perf_counter()
+                n = min(self.steps_per_epoch, stage.steps - state.step)
+                record = self._train_epoch(net, optimizer, stage, state, n, bar, task)
+                state.epoch += 1
+                final = state.step >= stage.steps
+                last_eval = None
+                if final or state.epoch % self.cfg.run.eval_every == 0:
+                    last_eval = self.evaluate(model, compiled)
+                    record.update(test_loss=last_eval["loss"], test_top1=last_eval["top1"])
+                state.wall_time += time.perf_counter() - t0
+                record["wall_time"] = state.wall_time
+                self.metrics.write(record)
+                self._print_epoch(stage, record)
+                if not final:  # the final state is saved once, with the result, below
+                    self._save(path, model, optimizer, stage, state, done=False)
+        if last_eval is None:  # a zero-step stage, or resumed after its last epoch
+            last_eval = self.evaluate(model, compiled)
+        result = StageResult(
+            model=model,
+            top1=last_eval["top1"],
+            test_loss=last_eval["loss"],
+            flops=state.flops,
+            epochs=state.epoch,
+            steps=state.step,
+            wall_time=state.wall_time,
+        )
+        self._save(path, model, optimizer, stage, state, done=True, result=result.summary())
+        return result
+
+    # ------------------------------------------------------------------------------------------
+
+    def _train_epoch(
+        self, net: nn.Module, optimizer: torch.optim.Optimizer, stage: Stage, state: _Progress, n: int, bar: Progress, task: Any
+    ) -> dict[str, Any]:
+        """Run ``n`` steps of epoch ``state.epoch``; return the epoch's metrics record."""
+        net.train()
+        batches = EpochBatches(
+            len(self.data.train), self.batch_size, self.dist.rank, self.dist.world_size,
+            epoch=state.epoch, seed=stage.seed, shuffle=True, drop_last=True, stop=n,
+        )
+        loader = make_loader(self.data.train, batches, self.cfg.data.num_workers, self.device.type == "cuda")
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
+        log_every = self.cfg.run.log_every
+        t0, images0 = time.perf_counter(), state.images
+        lr = stage.lr(state.step)
+        for x, y in loader:
+            lr = stage.lr(state.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, correct = self._step(net, optimizer, x, y)
+            sums[0] += loss.detach().double() * len(y)
+            sums[1] += correct
+            sums[2] += len(y)
+            state.step += 1
+            state.images += self.batch_size
+            if stage.counted:
+                state.flops += 3.0 * stage.flops_per_image * self.batch_size
+            bar.update(task, advance=1)
+            if log_every and state.step % log_every == 0:
+                step_stats = all_reduce_sum(torch.stack([loss.detach().double(), correct.double() / len(y)])) / self.dist.world_size
+                rec = self._record(stage, state, lr, float(step_stats[0]), 100.0 * float(step_stats[1]), t0, images0, kind="step")
+                self.metrics.write(rec)
+                bar.update(task, info=f"loss {rec['loss']:.3f} lr {lr:.4g}")
+        all_reduce_sum(sums)
+        loss_avg = float(sums[0] / sums[2])
+        top1 = 100.0 * float(sums[1] / sums[2])
+        return self._record(stage, state, lr, loss_avg, top1, t0, images0, kind="epoch")
+
+    def _step(self, net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = net(x)
+            loss = self.criterion(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, (out.argmax(1) == y).sum()
+
+    def _record(
+        self, stage: Stage, state: _Progress, lr: float, loss: float, top1: float, t0: float, images0: int, kind: str
+    ) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        return {
+            "kind": kind,
+            **stage.labels,
+            "stage_key": stage.key,
+            "epoch": state.epoch + 1,  # 1-based number of the epoch being trained
+            "step": state.step,
+            "loss": loss,
+            "top1": top1,
+            "lr": lr,
+            "flops": state.flops,
+            "flops_norm": state.flops / self.flops_unit if self.flops_unit else None,
+            "images_per_s": (state.images - images0) / dt,
+            "wall_time": state.wall_time + dt,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, net: nn.Module | None = None) -> dict[str, float]:
+        """Test loss and top-1 (%) of ``model`` over the whole test set, sharded over ranks.
+
+        Args:
+            model: the unwrapped model (its buffers are synchronized from rank 0 first).
+            net: what to run, if not ``model`` itself (its ``torch.compile`` wrapper).
+        """
+        broadcast_buffers(model)
+        net = net if net is not None else model
+        was_training = net.training
+        net.eval()
+        batches = EpochBatches(
+            len(self.data.test), self.batch_size, self.dist.rank, self.dist.world_size, shuffle=False, drop_last=False
+        )
+        loader = make_loader(self.data.test, batches, self.cfg.data.num_workers, self.device.type == "cuda")
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        criterion = nn.CrossEntropyLoss(reduction="sum")
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = net(x)
+            sums[0] += criterion(out.float(), y).double()
+            sums[1] += (out.argmax(1) == y).sum().double()
+            sums[2] += len(y)
+        all_reduce_sum(sums)
+        net.train(was_training)
+        return {"loss": float(sums[0] / sums[2]), "top1": 100.0 * float(sums[1] / sums[2])}
+
+    # ------------------------------------------------------------------------------------------
+
+    def _save(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stage: Stage, state: _Progress,
+        done: bool, result: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the stage checkpoint (rank 0), with every rank's RNG state."""
+        rng = all_gather_objects(get_rng_state(self.device))
+        if self.dist.is_main:
+            opt_tensors, opt_meta = optimizer_state(optimizer)
+            rng_tensors = {f"{r}.{k}": t for r, (tensors, _) in enumerate(rng) for k, t in tensors.items()}
+            meta = {
+                "stage": stage.key,
+                "steps": stage.steps,
+                "done": done,
+                "progress": asdict(state),
+                "world_size": self.dist.world_size,
+                "optim": opt_meta,
+                "rng": [m for _, m in rng],
+                "result": result,
+                "torch": torch.__version__,
+            }
+            save_checkpoint(path, {"model": model_tensors(model), "optim": opt_tensors, "rng": rng_tensors}, meta)
+        barrier()
+
+    def _restore_rng(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], stage: Stage) -> None:
+        rank = self.dist.rank
+        if meta["world_size"] == self.dist.world_size:
+            mine = {k.split(".", 1)[1]: t for k, t in tensors.items() if k.split(".", 1)[0] == str(rank)}
+            set_rng_state(mine, meta["rng"][rank], self.device)
+        else:
+            # Data order and augmentation do not depend on the world size; only RNG draws inside
+            # the model (dropout) do, and those cannot be replayed on another number of ranks.
+            self.console.print(
+                f"[yellow]{stage.key}: checkpoint written by {meta['world_size']} processes, resuming on "
+                f"{self.dist.world_size}: not bit-exact[/yellow]"
+            )
+            seed_everything(derive_seed(stage.seed, "resume", meta["progress"]["epoch"], rank))
+
+    def _progress_bar(self) -> contextlib.AbstractContextManager[Progress]:
+        show = self.dist.is_main and self.cfg.run.progress
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            disable=not show,
+            transient=False,
+        )
+
+    def _print_epoch(self, stage: Stage, r: dict[str, Any]) -> None:
+        test = f" test {r['test_top1']:.2f}%" if "test_top1" in r else ""
+        norm = f" {r['flops_norm']:.3f}X" if r.get("flops_norm") is not None else ""
+        self.console.print(
+            f"{stage.key} epoch {r['epoch']} step {r['step']}/{stage.steps}: loss {r['loss']:.4f} "
+            f"top1 {r['top1']:.2f}%{test} lr {r['lr']:.4g}{norm} {r['images_per_s']:.0f} img/s"
+        )
