@@ -139,9 +139,9 @@ def _build(
         if is_mixed(mod):
             detach(mod)
     plan = analyze(plain, ia.input_size)
-    stock = _stock_groups(ia)
-    full, shapes = apply_width(plain, plan, 2.0, _NO_INIT, groups=stock)
-    _check_stock(ia, full, shapes)
+    stock = _stock(ia)
+    full, _ = apply_width(plain, plan, 2.0, _NO_INIT, groups=_stock_groups(stock))
+    _check_stock(ia, stock, full)
     vectors = _bank_vectors([a] if b is None else [a, b])
     src_b = b if b is not None else a
     for name, p in plan.layers.items():
@@ -165,20 +165,21 @@ def _stock(info: MorphInfo) -> nn.Module | None:
         return None
     from .zoo import build_model
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            return build_model(info.spec.spec, **info.spec.kwargs)
+    except NotImplementedError:  # constructors that compute on tensors (torchvision regnet)
         return build_model(info.spec.spec, **info.spec.kwargs)
 
 
-def _stock_groups(info: MorphInfo) -> dict[str, int]:
-    stock = _stock(info)
+def _stock_groups(stock: nn.Module | None) -> dict[str, int]:
     if stock is None:
         return {}
     return {n: m.groups for n, m in stock.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
 
 
-def _check_stock(info: MorphInfo, full: nn.Module, shapes: dict) -> None:
+def _check_stock(info: MorphInfo, stock: nn.Module | None, full: nn.Module) -> None:
     """The fused model must be the full-width stock model: halves must have been exact."""
-    stock = _stock(info)
     if stock is None:
         return
     want = {k: tuple(v.shape) for k, v in stock.state_dict().items()}

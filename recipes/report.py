@@ -1,0 +1,167 @@
+"""``morph report``: the paper's Table 1 and a top-1 vs training-FLOPs plot from run directories.
+
+Runs are grouped by config name, so seeds trained into separate run directories of the same config
+are pooled. Each table cell is the final test top-1, mean ± sample std over seeds (the number of
+seeds in parentheses), next to the FLOPs spent relative to the target trained from scratch (1X).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checkpoint import atomic_write_text
+from .config import METHODS
+from .metrics import read_metrics
+
+__all__ = ["ReportFiles", "collect", "main", "markdown_table", "plot"]
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """What :func:`main` wrote.
+
+    Attributes:
+        markdown: the table, ``report.md``.
+        plot: the figure, ``top1_vs_flops.png``.
+        text: the markdown text (for printing).
+    """
+
+    markdown: Path
+    plot: Path
+    text: str
+
+
+@dataclass
+class _Run:
+    name: str
+    results: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]
+
+
+def _load_run(run_dir: Path) -> _Run:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml (made by `morph train`)")
+    name = (yaml.safe_load(cfg_path.read_text()) or {}).get("name", run_dir.name)
+    results = [json.loads(p.read_text()) for p in sorted(run_dir.glob("seed*/*/result.json"))]
+    if not results:
+        raise FileNotFoundError(f"no finished method in {run_dir} (no seed*/<method>/result.json yet)")
+    return _Run(name, results, read_metrics(run_dir / "metrics.jsonl"))
+
+
+def collect(run_dirs: Sequence[str | Path]) -> dict[str, _Run]:
+    """Load run directories and pool them by config name."""
+    if not run_dirs:
+        raise ValueError("no run directory given")
+    pooled: dict[str, _Run] = {}
+    for d in run_dirs:
+        run = _load_run(Path(d))
+        if run.name in pooled:
+            pooled[run.name].results += run.results
+            pooled[run.name].metrics += run.metrics
+        else:
+            pooled[run.name] = run
+    return pooled
+
+
+def _cell(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.2f} (1)"
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f} ({len(values)})"
+
+
+def markdown_table(runs: dict[str, _Run]) -> str:
+    """The results as a markdown table: one row per method, two columns per config."""
+    header = ["Method"]
+    for name in runs:
+        header += [f"{name} top-1 (%)", f"{name} FLOPs"]
+    lines = [
+        "Top-1 test accuracy (%), mean ± std over seeds (number of seeds). FLOPs: training FLOPs relative to "
+        "the target trained from scratch (1X); training FLOPs = 3 × forward FLOPs per image (fvcore, "
+        "1 multiply-add = 1 flop) × images seen; small network 1 is not counted.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for method, label in METHODS.items():
+        row, any_result = [label], False
+        for run in runs.values():
+            rs = [r for r in run.results if r["method"] == method]
+            if rs:
+                any_result = True
+                row += [_cell([r["top1"] for r in rs]), f"{statistics.fmean(r['flops_norm'] for r in rs):.2f}X"]
+            else:
+                row += ["–", "–"]
+        if any_result:
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, _Run], path: Path) -> None:
+    """Test top-1 against cumulative training FLOPs, one panel per config, one colour per method;
+    curves are the evaluated epochs of each seed, markers the final mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
+    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    for ax, (name, run) in zip(axes[0], runs.items()):
+        curves: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+        for rec in run.metrics:
+            if rec.get("kind") == "epoch" and rec.get("method") and "test_top1" in rec and rec.get("flops_norm") is not None:
+                curves[(rec["method"], rec["seed"])].append((rec["flops_norm"], rec["test_top1"]))
+        for (method, _), pts in curves.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[method], alpha=0.35, linewidth=1)
+        for method, label in METHODS.items():
+            rs = [r for r in run.results if r["method"] == method]
+            if not rs:
+                continue
+            top1 = [r["top1"] for r in rs]
+            err = statistics.stdev(top1) if len(top1) > 1 else 0.0
+            x = statistics.fmean(r["flops_norm"] for r in rs)
+            ax.errorbar([x], [statistics.fmean(top1)], yerr=[err], fmt="o", color=colors[method], capsize=3, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("training FLOPs (× target from scratch)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(run_dirs: Sequence[str | Path], out: str | Path = "report") -> ReportFiles:
+    """Entry point of ``morph report RUN_DIR... [--out DIR]``.
+
+    Args:
+        run_dirs: run directories written by ``morph train``.
+        out: directory for ``report.md`` and ``top1_vs_flops.png`` (created).
+
+    Raises:
+        FileNotFoundError: a run directory is missing or has no finished method.
+        ValueError: no run directory given.
+    """
+    runs = collect(run_dirs)
+    out = Path(out)
+    text = markdown_table(runs)
+    md, png = out / "report.md", out / "top1_vs_flops.png"
+    plot(runs, png)
+    atomic_write_text(md, text)
+    return ReportFiles(markdown=md, plot=png, text=text)
