@@ -98,13 +98,13 @@ def layer_shapes(
             out[p.name] = LayerShape(p.name, p.kind, cin, cout, 1, (cout, cin))
         elif p.kind == "groupnorm":
             c_old, g = m.num_channels, m.num_groups
-            if (g * cin) % c_old == 0 and cin % ((g * cin) // c_old or 1) == 0 and (g * cin) // c_old > 0:
-                groups, const_w = (g * cin) // c_old, True
+            if (g * cin) % c_old == 0 and (g * cin) // c_old > 0:
+                gn_groups, const_w = (g * cin) // c_old, True
             elif cin % g == 0:
-                groups, const_w = g, False
+                gn_groups, const_w = g, False
             else:
                 raise MorphError(f"GroupNorm {p.name}: {cin} channels do not split into groups of either kind")
-            out[p.name] = LayerShape(p.name, p.kind, cin, cin, groups, (cin,), const_w)
+            out[p.name] = LayerShape(p.name, p.kind, cin, cin, gn_groups, (cin,), const_w)
         elif p.kind == "layernorm":
             shape = tuple(plan.size(d, width) for d in p.ln_dims)
             out[p.name] = LayerShape(p.name, p.kind, cin, cin, 1, shape)

@@ -1,0 +1,179 @@
+"""Tiny models, one per channel motif, for exact CPU tests."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Residual(nn.Module):
+    def __init__(self, c=8, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.down = nn.Conv2d(c, 2 * c, 1, stride=2)
+        self.fc = nn.Linear(2 * c, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.bn2(self.conv2(y)))
+        x = self.down(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Concat(nn.Module):
+    """DenseNet/Inception-style concatenation, then chunk and a channel slice by x.size(1)."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 4, 1)
+        self.b = nn.Conv2d(8, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(24)
+        self.mix = nn.Conv2d(24, 16, 1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.a(x), self.b(x)], dim=1)
+        x = self.mix(F.relu(self.bn(x)))
+        p, q = x.chunk(2, dim=1)
+        x = p * torch.sigmoid(q)
+        return self.fc(x.mean((2, 3)))
+
+
+class DepthwiseSE(nn.Module):
+    """MobileNet/EfficientNet block: expand, depthwise, squeeze-excitation gate, project, residual."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.expand = nn.Conv2d(8, 16, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.se_reduce = nn.Conv2d(16, 4, 1)
+        self.se_expand = nn.Conv2d(4, 16, 1)
+        self.project = nn.Conv2d(16, 8, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=2, bias=False)
+        self.bn4 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.silu(self.bn0(self.stem(x)))
+        y = F.silu(self.bn1(self.expand(x)))
+        y = F.silu(self.bn2(self.dw(y)))
+        s = F.adaptive_avg_pool2d(y, 1)
+        y = y * torch.sigmoid(self.se_expand(F.relu(self.se_reduce(s))))
+        x = x + self.bn3(self.project(y))
+        x = F.relu(self.bn4(self.grouped(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class FlattenSpatial(nn.Module):
+    """VGG/AlexNet head: the flattened C x 2 x 2 map feeds a Linear (its input scales in blocks)."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(8 * 4, 12)
+        self.fc2 = nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn(self.conv(x))))
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class Norms(nn.Module):
+    """GroupNorm (groups scale) and a channels-last LayerNorm over channels, with a layer scale."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.ln = nn.LayerNorm(16)
+        self.gamma = nn.Parameter(torch.full((16,), 0.5))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.gelu(self.gn(self.stem(x)))
+        y = self.ln(self.conv(x).permute(0, 2, 3, 1)) * self.gamma
+        x = x + y.permute(0, 3, 1, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+class HardCodedView(nn.Module):
+    """A forward that hard-codes its channel count in a reshape."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.conv(x).mean((2, 3))
+        return self.fc(x.reshape(-1, 16))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet-v2 style unit: split, branch, concatenate, channel shuffle."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.branch = nn.Conv2d(8, 8, 1)
+        self.branch2 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(16, num_classes)
+
+    @staticmethod
+    def shuffle(x):
+        n, c, h, w = x.size()
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv in (self.branch, self.branch2):
+            a, b = x.chunk(2, dim=1)
+            x = self.shuffle(torch.cat([a, F.relu(conv(b))], 1))
+        return self.fc(x.mean((2, 3)))
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.fft.fft2(self.conv(x)).real
+        return self.fc(x.mean((2, 3)))
+
+
+MOTIFS = {
+    "residual": Residual,
+    "concat": Concat,
+    "depthwise_se": DepthwiseSE,
+    "flatten_spatial": FlattenSpatial,
+    "norms": Norms,
+    "hardcoded_view": HardCodedView,
+    "shuffle": Shuffle,
+}
+# motifs whose channel ops compose block-wise, so a zero-init fusion is exactly the ensemble
+BLOCKWISE = ["residual", "concat", "depthwise_se", "flatten_spatial", "hardcoded_view"]
+
+
+def residual(num_classes=5):
+    return Residual(num_classes=num_classes)
+
+
+def concat(num_classes=5):
+    return Concat(num_classes=num_classes)

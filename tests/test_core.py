@@ -1,0 +1,342 @@
+"""Exact invariants of analysis, scaling, template mixing, checkpoints, fusion and bake on tiny models."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from motifs import BLOCKWISE, MOTIFS, HardCodedView, Residual, Unsupported
+from safetensors import safe_open
+
+import morph
+from morph.graph.analyze import analyze
+from morph.templates import mixed_layers
+
+SIZE = (3, 8, 8)
+
+
+def _relerr(x, y):
+    return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
+
+
+def _pair(model, share="none", **kw):
+    a = morph.convert(model, seed=1, share=share, input_size=SIZE, **kw)
+    b = morph.convert(model, seed=2, share=share, input_size=SIZE, **kw)
+    return a, b
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis and plain scaling
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(MOTIFS))
+def test_scale_half_shapes_and_output(name):
+    m = MOTIFS[name]()
+    h = morph.scale_width(m, 0.5, input_size=SIZE)
+    x = torch.randn(2, *SIZE)
+    assert h(x).shape == m(x).shape
+    # every layer whose channels are free halves; image channels and classes never change
+    for (n, p0), (_, p1) in zip(m.named_parameters(), h.named_parameters()):
+        assert p0.dim() == p1.dim(), n
+    assert h.get_submodule(_first_conv(h)).in_channels == 3
+    assert _last_linear(h).out_features == 5
+
+
+def _first_conv(m):
+    return next(n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d))
+
+
+def _last_linear(m):
+    return [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
+
+
+def test_residual_predicted_shapes():
+    h = morph.scale_width(Residual(c=8), 0.5, input_size=SIZE)
+    assert tuple(h.stem.weight.shape) == (4, 3, 3, 3)
+    assert tuple(h.conv1.weight.shape) == (4, 4, 3, 3)
+    assert tuple(h.down.weight.shape) == (8, 4, 1, 1)
+    assert tuple(h.fc.weight.shape) == (5, 8)
+    assert h.bn.num_features == 4 and h.bn.running_mean.shape == (4,)
+
+
+def test_concat_and_flatten_and_grouped_shapes():
+    h = morph.scale_width(MOTIFS["concat"](), 0.5, input_size=SIZE)
+    assert (h.a.out_channels, h.b.out_channels, h.bn.num_features, h.mix.in_channels) == (2, 6, 12, 12)
+    assert h.fc.in_features == 4  # chunk of 8 -> 4
+    f = morph.scale_width(MOTIFS["flatten_spatial"](), 0.5, input_size=SIZE)
+    assert f.fc1.in_features == 4 * 4  # 4 channels x 2 x 2, in blocks
+    d = morph.scale_width(MOTIFS["depthwise_se"](), 0.5, input_size=SIZE)
+    assert (d.dw.groups, d.dw.in_channels) == (8, 8)  # depthwise stays depthwise
+    assert (d.grouped.groups, d.grouped.in_channels, d.grouped.out_channels) == (1, 4, 8)  # group width kept
+    n = morph.scale_width(MOTIFS["norms"](), 0.5, input_size=SIZE)
+    assert (n.gn.num_groups, n.gn.num_channels) == (2, 8)
+    assert n.ln.normalized_shape == (8,) and n.gamma.shape == (8,)
+
+
+def test_hardcoded_view_is_rewritten():
+    h = morph.scale_width(HardCodedView(), 0.5, input_size=SIZE)
+    assert isinstance(h, torch.fx.GraphModule)
+    assert h(torch.randn(2, *SIZE)).shape == (2, 5)
+    assert h.conv.out_channels == 8
+
+
+def test_unknown_op_names_node_and_module():
+    with pytest.raises(morph.UnsupportedOpError, match=r"fft_fft2.*no channel rule"):
+        analyze(Unsupported(), SIZE)
+
+
+def test_width_validation():
+    with pytest.raises(morph.MorphError, match="width must be a positive number"):
+        morph.scale_width(Residual(), 0.0, input_size=SIZE)
+    with pytest.raises(morph.MorphError, match="share must be one of"):
+        morph.convert(Residual(), share="all", input_size=SIZE)
+
+
+# ---------------------------------------------------------------------------------------------
+# template mixing
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(MOTIFS))
+def test_generated_weight_is_exact_mixture(name):
+    h = morph.convert(MOTIFS[name](), seed=0, input_size=SIZE)
+    layers = mixed_layers(h)
+    assert layers
+    for _, m in layers:
+        t = m.mix.banks[0].templates
+        a = m.mix.coefficients[0]
+        expect = sum(a[k] * t[k] for k in range(t.shape[0]))
+        torch.testing.assert_close(m.weight, expect, rtol=1e-6, atol=1e-7)
+
+
+def test_convert_parameter_count_predicted():
+    m = Residual(c=8)
+    plain = morph.scale_width(m, 0.5, input_size=SIZE)
+    for k, share in [(2, "none"), (3, "none"), (2, "consecutive")]:
+        h = morph.convert(m, templates=k, share=share, input_size=SIZE)
+        weights = {n: tuple(mod.weight.shape) for n, mod in plain.named_modules()
+                   if isinstance(mod, (nn.Conv2d, nn.Linear))}
+        others = sum(p.numel() for n, p in plain.named_parameters() if n.rsplit(".", 1)[0] not in weights
+                     or not n.endswith("weight"))
+        if share == "none":
+            banks = [[n] for n in weights]
+        else:  # stem, conv1+conv2 (same shape), down, fc
+            banks = [["stem"], ["conv1", "conv2"], ["down"], ["fc"]]
+        predicted = others + sum(k * math.prod(weights[b[0]]) for b in banks) + k * len(weights)
+        assert sum(p.numel() for p in h.parameters()) == predicted, share
+
+
+def test_consecutive_sharing_is_one_parameter():
+    h = morph.convert(Residual(c=8), share="consecutive", seed=0, input_size=SIZE)
+    assert h.conv1.mix.banks[0] is h.conv2.mix.banks[0]
+    assert h.conv1.mix.banks[0].templates is h.conv2.mix.banks[0].templates
+    c = torch.cat([h.conv1.mix.coefficients, h.conv2.mix.coefficients]).detach()
+    torch.testing.assert_close(c @ c.T, torch.eye(2), atol=1e-6, rtol=0)  # orthogonal init
+
+
+def test_edge_coefficients_frozen_by_default():
+    h = morph.convert(Residual(), input_size=SIZE)
+    assert not h.stem.mix.coefficients.requires_grad and not h.fc.mix.coefficients.requires_grad
+    assert h.conv1.mix.coefficients.requires_grad
+    h = morph.convert(Residual(), input_size=SIZE, train_edge_coefficients=True)
+    assert h.stem.mix.coefficients.requires_grad
+
+
+def test_template_model_trains():
+    h = morph.convert(Residual(), seed=0, input_size=SIZE)
+    opt = torch.optim.SGD(h.parameters(), lr=0.1)
+    x, y = torch.randn(8, *SIZE), torch.randint(0, 5, (8,))
+    before = h.conv1.mix.banks[0].templates.detach().clone()
+    nn.functional.cross_entropy(h(x), y).backward()
+    assert h.conv1.mix.coefficients.grad is not None and h.conv1.mix.banks[0].templates.grad is not None
+    opt.step()
+    assert not torch.equal(before, h.conv1.mix.banks[0].templates)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def _spec_model():
+    return morph.build_model("motifs:residual", num_classes=5)
+
+
+@pytest.mark.parametrize("share", ["none", "consecutive"])
+def test_save_load_bit_identical(tmp_path, share):
+    h = morph.convert(_spec_model(), share=share, seed=3, input_size=SIZE)
+    path = morph.save(h, tmp_path / "h.safetensors")
+    r = morph.load(path)
+    h.eval(), r.eval()
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(h(x), r(x))
+    assert morph.get_info(r).set_ids == ("seed3",) and morph.get_info(r).share == share
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        meta = json.loads(f.metadata()["morph_info"])
+    assert meta["spec"]["name"] == "motifs:residual" and meta["kind"] == "half" and meta["width"] == 0.5
+    bank_keys = [k for k in keys if k.endswith("templates")]
+    assert len(bank_keys) == (4 if share == "consecutive" else 5)  # a shared bank is stored once
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(morph.CheckpointError, match="no such file"):
+        morph.load(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(morph.CheckpointError, match="not a readable safetensors"):
+        morph.load(bad)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(morph.CheckpointError, match="without morph metadata"):
+        morph.load(tmp_path / "foreign.safetensors")
+    good = morph.save(morph.convert(_spec_model(), input_size=SIZE), tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(morph.CheckpointError):
+        morph.load(trunc)
+
+
+def test_save_is_atomic(tmp_path):
+    h = morph.convert(_spec_model(), input_size=SIZE)
+    h.morph_info.spec = None
+    with pytest.raises(morph.MorphError):
+        morph.save(h, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# fusion, growth, bake
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", BLOCKWISE)
+def test_zero_fusion_is_ensemble(name):
+    torch.set_default_dtype(torch.float64)
+    try:
+        m = MOTIFS[name]()
+        a, b = _pair(m)
+        f = morph.fuse(a, b, init="zero")
+        for z in (a, b, f):
+            z.eval()
+        x = torch.randn(4, *SIZE)
+        assert _relerr(f(x), (a(x) + b(x)) / 2) < 1e-12
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("growth", ["vertical", "horizontal"])
+def test_tiles(growth):
+    a, b = _pair(Residual(c=8))
+    f = morph.fuse(a, b, growth=growth, init="orthogonal", seed=0)
+    w = f.conv1.weight
+    torch.testing.assert_close(w[:4, :4], a.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(w[4:, 4:], b.conv1.weight, rtol=0, atol=0)
+    mix = f.conv1.mix
+    ta, tb = a.conv1.mix.banks[0].templates, b.conv1.mix.banks[0].templates
+    top_right_bank, bottom_left_bank = (ta, tb) if growth == "vertical" else (tb, ta)
+    c = mix.coefficients
+    torch.testing.assert_close(w[:4, 4:], torch.einsum("k,k...->...", c[1], top_right_bank))
+    torch.testing.assert_close(w[4:, :4], torch.einsum("k,k...->...", c[2], bottom_left_bank))
+    # orthogonal init: each new vector is orthogonal to the diagonal vector of the same bank
+    ca, cb = a.conv1.mix.coefficients[0], b.conv1.mix.coefficients[0]
+    same_a, same_b = (c[1], c[2]) if growth == "vertical" else (c[2], c[1])
+    assert abs(float(same_a @ ca)) < 1e-6 and abs(float(same_b @ cb)) < 1e-6
+    assert math.isclose(float(same_a.norm()), float(ca.norm()), rel_tol=1e-5)
+    # stem stacks outputs, classifier averages, nothing new at the edges
+    assert f.stem.mix.grid == (2, 1) and f.fc.mix.grid == (1, 2)
+    torch.testing.assert_close(f.fc.weight[:, :8], a.fc.weight / 2)
+    torch.testing.assert_close(f.fc.bias, (a.fc.bias + b.fc.bias) / 2)
+    assert all(p.requires_grad for p in f.parameters())
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "orthogonal-official", "random", "random-uniform", "copy"])
+def test_init_modes(init):
+    a, b = _pair(Residual(c=8))
+    f = morph.fuse(a, b, init=init, seed=0)
+    c = f.conv1.mix.coefficients.detach()
+    ca = a.conv1.mix.coefficients[0].detach()
+    if init == "copy":
+        assert 0 < float((c[1] - ca).norm()) <= 0.01 * float(ca.norm()) + 1e-7
+    elif init == "random-uniform":
+        assert (c[1] >= 0).all() and (c[1] < 1).all()
+    else:
+        assert float(c[1].norm()) > 0
+    f2 = morph.fuse(a, b, init=init, seed=0)
+    assert torch.equal(c, f2.conv1.mix.coefficients.detach())  # seeded
+
+
+def test_grow_zero_preserves_function():
+    a = morph.convert(Residual(c=8), seed=1, input_size=SIZE)
+    g = morph.grow(a, init="zero")
+    a.eval(), g.eval()
+    x = torch.randn(3, *SIZE)
+    assert _relerr(g(x), a(x)) < 1e-6
+    assert all(set(m.mix.tile_banks) == {0} and len(m.mix.banks) == 1 for _, m in mixed_layers(g))
+    assert morph.get_info(g).kind == "grown"
+
+
+@pytest.mark.parametrize("kind", ["half", "fused", "grown"])
+def test_bake_equals_template_model(kind, tmp_path):
+    m = _spec_model()
+    a, b = _pair(m)
+    model = {"half": a, "fused": morph.fuse(a, b, seed=0), "grown": morph.grow(a, seed=0)}[kind]
+    baked = morph.bake(model)
+    model.eval(), baked.eval()
+    x = torch.randn(2, *SIZE)
+    assert _relerr(baked(x), model(x)) < 1e-5
+    assert not mixed_layers(baked)
+    stock = Residual(num_classes=5) if kind != "half" else morph.scale_width(m, 0.5, input_size=SIZE)
+    stock.load_state_dict(baked.state_dict(), strict=True)
+    # a baked fused model round-trips through morph checkpoints into the stock class
+    path = morph.save(baked, tmp_path / "baked.safetensors")
+    r = morph.load(path)
+    r.eval()
+    assert torch.equal(r(x), baked(x))
+
+
+def test_fused_checkpoint_round_trip(tmp_path):
+    a, b = _pair(_spec_model())
+    f = morph.fuse(a, b, growth="horizontal", seed=0)
+    r = morph.load(morph.save(f, tmp_path / "f.safetensors"))
+    f.eval(), r.eval()
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(f(x), r(x))
+    assert morph.get_info(r).growth == "horizontal" and morph.get_info(r).set_ids == ("seed1", "seed2")
+
+
+def test_fuse_rejects_mismatched_inputs():
+    m = _spec_model()
+    a, b = _pair(m)
+    with pytest.raises(morph.MorphError, match="template set"):
+        morph.fuse(a, a)
+    with pytest.raises(morph.MorphError, match="plain model"):
+        morph.fuse(a, morph.bake(b))
+    with pytest.raises(morph.MorphError, match="different templates"):
+        morph.fuse(a, morph.convert(m, templates=3, seed=5, input_size=SIZE))
+    with pytest.raises(morph.MorphError, match="fused model"):
+        morph.fuse(morph.fuse(a, b), b)
+    with pytest.raises(morph.MorphError, match="init must be one of"):
+        morph.fuse(a, b, init="bogus")
+
+
+# ---------------------------------------------------------------------------------------------
+# model resolution and FLOPs
+# ---------------------------------------------------------------------------------------------
+def test_build_model_specs():
+    assert morph.build_model("resnet18").morph_spec.source == "timm"
+    assert morph.build_model("torchvision/resnet18").morph_spec.source == "torchvision"
+    assert morph.build_model("squeezenet1_1").morph_spec.source == "torchvision"  # not in timm
+    m = morph.build_model("timm/resnet18", num_classes=7)
+    assert m.fc.out_features == 7 and m.morph_spec.kwargs == {"num_classes": 7}
+    with pytest.raises(morph.ModelNotFoundError, match="no timm or torchvision model named 'resnet5O'"):
+        morph.build_model("resnet5O")
+    with pytest.raises(morph.ModelNotFoundError, match="cannot import"):
+        morph.build_model("no_such_pkg.mod:fn")
+
+
+def test_flops_amortize_generation():
+    m = Residual(c=8)
+    h = morph.convert(m, seed=0, input_size=SIZE)
+    r1, r64 = morph.flops(h, SIZE, batch_size=1), morph.flops(h, SIZE, batch_size=64)
+    gen = sum(2 * math.prod(mod.mix.tile_shape) for _, mod in mixed_layers(h))
+    assert r1.generation == gen and r64.forward == r1.forward
+    assert r64.per_image == pytest.approx(r1.forward + gen / 64)
+    plain = morph.flops(morph.scale_width(m, 0.5, input_size=SIZE), SIZE)
+    assert r1.forward == plain.per_image
