@@ -104,9 +104,9 @@ def rebuild(info: MorphInfo) -> nn.Module:
     if info.kind == "half":
         return half(info.set_ids[0])
     if info.kind == "fused":
-        return fuse(half(info.set_ids[0]), half(info.set_ids[1]), growth=info.growth, init="zero")
+        return fuse(half(info.set_ids[0]), half(info.set_ids[1]), growth=info.growth, init="zero", inplace=True)
     if info.kind == "grown":
-        return grow(half(info.set_ids[0]), init="zero")
+        return grow(half(info.set_ids[0]), init="zero", inplace=True)
     raise CheckpointError(f"unknown model kind {info.kind!r} in checkpoint")
 
 

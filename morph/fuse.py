@@ -33,7 +33,7 @@ from .graph.analyze import ChannelPlan, analyze
 from .graph.coupling import Dim
 from .info import MorphInfo, get_info, set_info
 from .scale import _NO_INIT, apply_width
-from .templates import TemplateBank, TemplateMixing, attach, detach, is_mixed
+from .templates import TemplateBank, TemplateMixing, attach, is_mixed, mixed_layers
 
 __all__ = ["fuse", "grow", "GROWTH_MODES", "INIT_MODES", "layout_perm"]
 
@@ -126,18 +126,31 @@ def _bank_vectors(models: list[nn.Module]) -> dict[int, list[torch.Tensor]]:
     return out
 
 
+def _skeleton(a: nn.Module) -> nn.Module:
+    """A plain copy of ``a`` with uninitialized weights, without copying its templates."""
+    mixed = dict(mixed_layers(a))
+    plain = copy.deepcopy(a, memo={id(m.mix): None for m in mixed.values()})
+    for name, src in mixed.items():
+        m = plain.get_submodule(name)
+        m.__class__ = m._morph_base
+        m._modules.pop("mix")
+        m.weight = nn.Parameter(torch.empty(src.mix.tile_shape, dtype=src.mix.coefficients.dtype))
+    return plain
+
+
 def _build(
-    a: nn.Module, b: nn.Module | None, growth: str, init: str, seed: int | None, noise: float | None
+    a: nn.Module, b: nn.Module | None, growth: str, init: str, seed: int | None, noise: float | None,
+    inplace: bool,
 ) -> nn.Module:
     ia = _check_pair(a, b)
     if growth not in GROWTH_MODES:
         raise MorphError(f"growth must be one of {', '.join(GROWTH_MODES)}, got {growth!r}")
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     newc = _NewCoefficients(init, gen, noise)
-    plain = copy.deepcopy(a)
-    for _, mod in list(plain.named_modules()):
-        if is_mixed(mod):
-            detach(mod)
+    if not inplace:
+        a = copy.deepcopy(a)
+        b = copy.deepcopy(b) if b is not None else None
+    plain = _skeleton(a)
     plan = analyze(plain, ia.input_size)
     stock = _stock(ia)
     full, _ = apply_width(plain, plan, 2.0, _NO_INIT, groups=_stock_groups(stock))
@@ -297,7 +310,7 @@ def _fuse_attr(plan, path: str, dims, a: nn.Module, b: nn.Module, full: nn.Modul
 
 def fuse(
     a: nn.Module, b: nn.Module, growth: str = "vertical", init: str = "orthogonal", seed: int | None = None,
-    *, noise: float | None = None,
+    *, noise: float | None = None, inplace: bool = False,
 ) -> nn.Module:
     """Fuse two half-width template models into the full-width template model (MixtureGrowth).
 
@@ -312,16 +325,21 @@ def fuse(
             noise) or ``zero`` (the fused model computes the average of ``a`` and ``b``).
         seed: seed of the new coefficients.
         noise: norm of the ``copy`` noise (default 1% of the copied vector's norm; official: 1).
+        inplace: reuse ``a``'s and ``b``'s template tensors instead of copying them (saves memory;
+            ``a`` and ``b`` must not be trained afterwards).
 
     Returns:
         The full-width template model; every template and coefficient trains.
     """
-    return _build(a, b, growth, init, seed, noise)
+    return _build(a, b, growth, init, seed, noise, inplace)
 
 
-def grow(a: nn.Module, init: str = "orthogonal", seed: int | None = None, *, noise: float | None = None) -> nn.Module:
+def grow(
+    a: nn.Module, init: str = "orthogonal", seed: int | None = None, *, noise: float | None = None,
+    inplace: bool = False,
+) -> nn.Module:
     """MixtureGrowth without fusion: widen one half model, every new tile mixing ``a``'s templates.
 
     With ``init="zero"`` the grown model computes exactly ``a``'s function.
     """
-    return _build(a, None, "vertical", init, seed, noise)
+    return _build(a, None, "vertical", init, seed, noise, inplace)

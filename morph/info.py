@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch.fx as fx
 import torch.nn as nn
 
 from .zoo import ModelSpec
@@ -71,4 +72,11 @@ def set_info(model: nn.Module, info: MorphInfo) -> nn.Module:
     model.morph_info = info  # type: ignore[assignment]
     if info.spec is not None:
         model.morph_spec = info.spec  # type: ignore[assignment]
+    if isinstance(model, fx.GraphModule):  # GraphModule.__deepcopy__ keeps only these extra attributes
+        from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+        kept = model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+        kept["morph_info"] = info
+        if info.spec is not None:
+            kept["morph_spec"] = info.spec
     return model
