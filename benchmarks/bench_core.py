@@ -1,0 +1,162 @@
+"""Benchmarks of the core passes: convert, fuse, bake, and training-step overhead of template mixing.
+
+Run: ``python benchmarks/bench_core.py [--model resnet50] [--large regnet_y_128gf] [--out docs/benchmarks.json]``
+
+- convert / fuse / bake time and peak memory run each in a fresh subprocess; peak memory is the
+  process's peak RSS (VmHWM) and its growth over the RSS right after ``import morph``.
+- training-step ratios run side by side in one process, interleaved (A, B, A, B, ...), and report
+  the ratio of medians, because the machines are noisy: template-mixing half vs plain half
+  (batch 32, 64x64, CPU), fused vs stock full-width (same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _child(task: str, model: str, tmp: str) -> dict:
+    """Runs in a fresh process: one measured operation."""
+    import torch
+
+    import morph
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    size = (3, 64, 64)
+    out: dict = {"task": task, "model": model}
+    if task == "convert":
+        m = morph.build_model(model)
+        base = _rss_kb("VmRSS")
+        t = time.perf_counter()
+        h = morph.convert(m, 0.5, seed=0, input_size=size)
+        out["seconds"] = time.perf_counter() - t
+        morph.save(h, Path(tmp) / "a.safetensors")
+        morph.save(morph.convert(m, 0.5, seed=1, input_size=size), Path(tmp) / "b.safetensors")
+        out["model_mb"] = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
+    elif task == "fuse":
+        base = _rss_kb("VmRSS")
+        t0 = time.perf_counter()
+        a, b = morph.load(Path(tmp) / "a.safetensors"), morph.load(Path(tmp) / "b.safetensors")
+        t = time.perf_counter()
+        f = morph.fuse(a, b, seed=0, inplace=True)
+        out["seconds"] = time.perf_counter() - t
+        path = morph.save(f, Path(tmp) / "fused.safetensors")
+        out["seconds_with_io"] = time.perf_counter() - t0
+        out["checkpoint_mb"] = path.stat().st_size / 2**20
+    elif task == "bake":
+        f = morph.load(Path(tmp) / "fused.safetensors")
+        base = _rss_kb("VmRSS")
+        t = time.perf_counter()
+        morph.bake(f)
+        out["seconds"] = time.perf_counter() - t
+    else:
+        raise SystemExit(f"unknown task {task}")
+    out["peak_rss_mb"] = _rss_kb("VmHWM") / 1024
+    out["rss_growth_mb"] = (_rss_kb("VmHWM") - base) / 1024
+    return out
+
+
+def _run_child(task: str, model: str, tmp: str) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", task, "--model", model, "--tmp", tmp],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def step_time_ratio(make_a, make_b, *, batch: int = 32, size: int = 64, rounds: int = 7, steps: int = 3) -> dict:
+    """Median time of one SGD training step of model A and model B, interleaved in one process."""
+    import torch
+    import torch.nn.functional as F
+
+    models = {"a": make_a(), "b": make_b()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    times: dict[str, list[float]] = {"a": [], "b": []}
+
+    def step(k: str) -> None:
+        m, o = models[k], opts[k]
+        o.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y % m(x[:1]).shape[1]).backward()
+        o.step()
+
+    for k in models:  # warm-up
+        models[k].train()
+        step(k)
+    for _ in range(rounds):
+        for k in ("a", "b"):
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(k)
+            times[k].append((time.perf_counter() - t) / steps)
+    ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
+    return {"a_ms": ma * 1e3, "b_ms": mb * 1e3, "ratio": ma / mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--large", default="", help="also time convert on this (largest) model")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
+    ap.add_argument("--child", default="")
+    ap.add_argument("--tmp", default="")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.model, args.tmp)))
+        return
+
+    import torch
+
+    import morph
+
+    res: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmp:
+        res["convert"] = _run_child("convert", args.model, tmp)
+        print("convert", res["convert"], flush=True)
+        res["fuse"] = _run_child("fuse", args.model, tmp)
+        res["fuse"]["rss_growth_over_checkpoint"] = res["fuse"]["rss_growth_mb"] / res["fuse"]["checkpoint_mb"]
+        print("fuse", res["fuse"], flush=True)
+        res["bake"] = _run_child("bake", args.model, tmp)
+        print("bake", res["bake"], flush=True)
+        if args.large:
+            with tempfile.TemporaryDirectory() as tmp2:
+                res["convert_large"] = _run_child("convert", args.large, tmp2)
+                print("convert_large", res["convert_large"], flush=True)
+
+    torch.manual_seed(0)
+    base = morph.build_model(args.model, num_classes=10)
+    size = (3, 64, 64)
+    res["step_half_template_vs_plain"] = step_time_ratio(
+        lambda: morph.convert(base, 0.5, seed=0, input_size=size),
+        lambda: morph.scale_width(base, 0.5, input_size=size),
+    )
+    print("half template / plain half", res["step_half_template_vs_plain"], flush=True)
+    a = morph.convert(base, 0.5, seed=0, input_size=size)
+    b = morph.convert(base, 0.5, seed=1, input_size=size)
+    res["step_fused_vs_stock"] = step_time_ratio(
+        lambda: morph.fuse(a, b, seed=0), lambda: morph.build_model(args.model, num_classes=10)
+    )
+    print("fused / stock full", res["step_fused_vs_stock"], flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
