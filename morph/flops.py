@@ -5,7 +5,7 @@ arithmetic count). It counts convolutions, matmuls/linears, einsum, batch-norm a
 skips elementwise ops (activations, adds), which :class:`FlopReport` lists in ``unsupported``.
 
 Template mixing generates each weight once per forward pass, whatever the batch: the report counts
-the generation (``generation``, a ``[tiles, K] @ [K, numel]`` matmul per layer) once per batch and
+the generation (``generation``, a ``K x numel`` gemv per tile) once per batch and
 amortizes it over ``batch_size`` images in ``per_image``, as in training (MixtureGrowth §3.1).
 """
 
@@ -49,6 +49,14 @@ class FlopReport:
         return self.per_image
 
 
+def _mv_flop(inputs, outputs) -> int:
+    """fvcore handle for ``aten::mv`` (weight generation): one multiply-add per matrix element."""
+    from fvcore.nn.jit_handles import get_shape
+
+    m, n = get_shape(inputs[0])
+    return m * n
+
+
 def generation_flops(model: nn.Module) -> float:
     """FLOPs of generating every template-mixed weight once: ``tiles * K * tile numel`` per layer."""
     total = 0
@@ -80,7 +88,7 @@ def flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_siz
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     try:
         with torch.no_grad():
-            fca = FlopCountAnalysis(model, x)
+            fca = FlopCountAnalysis(model, x).set_op_handle("aten::mv", _mv_flop)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = float(fca.total())
             by_module = {k: float(v) for k, v in fca.by_module().items() if k and "." not in k}

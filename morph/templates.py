@@ -79,13 +79,13 @@ class TemplateMixing(nn.Module):
     def tile(self, t: int) -> torch.Tensor:
         """Tile ``t`` alone: ``sum_k coefficients[t, k] * templates[k]``."""
         bank = self.banks[self.tile_banks[t]].templates
-        return (self.coefficients[t : t + 1] @ bank.flatten(1)).view(bank.shape[1:])
+        return torch.mv(bank.flatten(1).t(), self.coefficients[t]).view(bank.shape[1:])
 
     def forward(self) -> torch.Tensor:
         r, c = self.grid
-        if r * c == 1:
+        if r * c == 1:  # a gemv over the templates: one read of T, one write of W
             bank = self.banks[0].templates
-            return (self.coefficients @ bank.flatten(1)).view(bank.shape[1:])
+            return torch.mv(bank.flatten(1).t(), self.coefficients[0]).view(bank.shape[1:])
         tiles: list[torch.Tensor | None] = [None] * (r * c)
         for b in sorted(set(self.tile_banks)):  # one matmul per bank
             idx = [t for t, tb in enumerate(self.tile_banks) if tb == b]
