@@ -43,6 +43,33 @@ class TemplateBank(nn.Module):
         return f"K={self.num_templates}, shape={tuple(self.templates.shape[1:])}, set={self.set_id!r}"
 
 
+class _Mix(torch.autograd.Function):
+    """``W = sum_k alpha_k T_k`` with a backward that touches each tensor once: ``dT_k = alpha_k dW``
+    (written contiguously, no transposed copy) and ``dalpha_k = <dW, T_k>``."""
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+        flat = templates.reshape(templates.shape[0], -1)
+        ctx.save_for_backward(alpha, templates)
+        return torch.mv(flat.t(), alpha).view(templates.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        alpha, templates = ctx.saved_tensors
+        g = grad.reshape(-1)
+        flat = templates.reshape(templates.shape[0], -1)
+        d_alpha = torch.mv(flat, g) if ctx.needs_input_grad[0] else None
+        d_t = (alpha[:, None] * g[None, :]).view_as(templates) if ctx.needs_input_grad[1] else None
+        return d_alpha, d_t
+
+
+def mix(alpha: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+    """``sum_k alpha[k] * templates[k]``; under ``torch.jit`` tracing (fvcore) a plain gemv."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return torch.mv(templates.reshape(templates.shape[0], -1).t(), alpha).view(templates.shape[1:])
+    return _Mix.apply(alpha, templates)
+
+
 class TemplateMixing(nn.Module):
     """Generates a weight from a grid of template-mixed tiles.
 
@@ -78,14 +105,12 @@ class TemplateMixing(nn.Module):
 
     def tile(self, t: int) -> torch.Tensor:
         """Tile ``t`` alone: ``sum_k coefficients[t, k] * templates[k]``."""
-        bank = self.banks[self.tile_banks[t]].templates
-        return torch.mv(bank.flatten(1).t(), self.coefficients[t]).view(bank.shape[1:])
+        return mix(self.coefficients[t], self.banks[self.tile_banks[t]].templates)
 
     def forward(self) -> torch.Tensor:
         r, c = self.grid
-        if r * c == 1:  # a gemv over the templates: one read of T, one write of W
-            bank = self.banks[0].templates
-            return torch.mv(bank.flatten(1).t(), self.coefficients[0]).view(bank.shape[1:])
+        if r * c == 1:
+            return mix(self.coefficients[0], self.banks[0].templates)
         tiles: list[torch.Tensor | None] = [None] * (r * c)
         for b in sorted(set(self.tile_banks)):  # one matmul per bank
             idx = [t for t, tb in enumerate(self.tile_banks) if tb == b]
