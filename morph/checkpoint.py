@@ -47,6 +47,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
     from safetensors.torch import save_model
 
     info = get_info(model)
+    if info is None and getattr(model, "morph_spec", None) is not None:  # a model from build_model
+        from .zoo import get_spec
+
+        info = MorphInfo(kind="plain", spec=get_spec(model), width=1.0)
     if info is None:
         raise MorphError(
             f"{type(model).__name__} carries no morph info; save models returned by morph.convert, fuse, grow, "

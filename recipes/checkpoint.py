@@ -82,7 +82,9 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
         what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise ValueError(f"checkpoint {where} does not fit the model ({what}); was the config changed? use a new --out-dir")
+        raise ValueError(
+            f"checkpoint {where} does not fit the model ({what}); was the config changed? use a new --out-dir"
+        )
     with torch.no_grad():
         for name, t in own.items():
             src = tensors[name]
@@ -113,9 +115,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def restore_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Inverse of :func:`optimizer_state`."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):

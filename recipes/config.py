@@ -28,6 +28,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "apply_overrides",
+    "config_from_dict",
     "list_configs",
     "load_config",
     "resolve_config_path",
@@ -144,9 +145,12 @@ class GrowthConfig:
         budget: training-FLOPs budget as a fraction of the target trained from scratch (0.45 = 0.45X).
         width: width of the small networks relative to the target.
         templates: templates per layer of the template-mixing networks.
-        share: template sharing across layers, passed to ``morph.convert``.
-        growth: ``vertical`` or ``horizontal`` tiling at fusion.
-        init: initialization of the new mixing coefficients (``orthogonal``, ``random``, ``copy``, ``zero``).
+        share: template sharing across layers (``morph.convert``: ``none`` or ``consecutive``).
+        train_edge_coefficients: train the mixing coefficients of the first conv and the classifier
+            (the supplementary fixes them; the official CIFAR code trains them).
+        growth: ``vertical`` or ``horizontal`` tiling at fusion (``morph.fuse``).
+        init: initialization of the new mixing coefficients (``morph.fuse``: ``orthogonal``,
+            ``orthogonal-official``, ``random``, ``random-uniform``, ``copy``, ``zero``).
     """
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -157,6 +161,7 @@ class GrowthConfig:
     width: float = 0.5
     templates: int = 2
     share: str = "none"
+    train_edge_coefficients: bool = False
     growth: str = "vertical"
     init: str = "orthogonal"
 
@@ -211,8 +216,12 @@ class Config:
         _choice("data.format", self.data.format, ("auto", "torchvision", "imagefolder"))
         _choice("model.norm", self.model.norm, ("block", "preact"))
         _choice("optim.schedule", self.optim.schedule, ("cosine", "step"))
-        _choice("growth.growth", self.growth.growth, ("vertical", "horizontal"))
-        _choice("growth.init", self.growth.init, ("orthogonal", "random", "copy", "zero"))
+        from morph.convert import SHARE_MODES
+        from morph.fuse import GROWTH_MODES, INIT_MODES
+
+        _choice("growth.growth", self.growth.growth, GROWTH_MODES)
+        _choice("growth.init", self.growth.init, INIT_MODES)
+        _choice("growth.share", self.growth.share, SHARE_MODES)
         _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
         for m in self.growth.methods:
             _choice("growth.methods", m, tuple(METHODS))
@@ -318,7 +327,9 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ValueError(f"unknown config key {prefix}{unknown[0]}; valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}")
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name

@@ -76,20 +76,23 @@ class Cutout:
 
 
 class SyntheticImages(Dataset):
-    """Seeded random ``uint8`` images with learnable labels: each class adds a fixed random pattern
-    to uniform noise, so a model can beat chance. For tests and dry runs.
+    """Seeded random ``uint8`` images with learnable labels: each class blends a fixed coarse (4x4
+    blocks) random pattern with uniform noise, so a model beats chance within a few steps, crops and
+    flips included. For tests and dry runs.
 
     Args:
         n: number of images.
         num_classes: number of classes (labels cycle through them).
         size: image side.
-        seed: data seed; the same seed gives the same images.
+        split: ``train`` or ``test``: the class patterns are shared, the noise is not.
     """
 
-    def __init__(self, n: int, num_classes: int, size: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        protos = torch.rand(num_classes, 3, size, size, generator=g)
+    def __init__(self, n: int, num_classes: int, size: int, split: str) -> None:
+        g = torch.Generator().manual_seed(derive_seed("synthetic", "patterns"))
+        coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+        protos = torch.nn.functional.interpolate(coarse, size=(size, size), mode="nearest")
         self.targets = [i % num_classes for i in range(n)]
+        g = torch.Generator().manual_seed(derive_seed("synthetic", split))
         noise = torch.rand(n, 3, size, size, generator=g)
         labels = torch.tensor(self.targets)
         self.images = ((0.5 * protos[labels] + 0.5 * noise) * 255).round().to(torch.uint8)
@@ -118,7 +121,8 @@ class SeededDataset(Dataset):
         idx, sample_seed = key
         img, label = self.base[idx]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # the CPU generator only: torch.manual_seed would also queue seeds for every accelerator
+            torch.default_generator.manual_seed(sample_seed)
             return self.transform(img), label
 
 
@@ -241,7 +245,9 @@ def _imagefolder_split(root: Path, names: tuple[str, ...]) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise FileNotFoundError(f"no {' or '.join(names)} folder in data root {root} (expected ImageFolder layout ROOT/{names[0]}/<class>/*)")
+    raise FileNotFoundError(
+        f"no {' or '.join(names)} folder in data root {root} (expected ImageFolder layout ROOT/{names[0]}/<class>/*)"
+    )
 
 
 def _cifar_torchvision_dir(cfg: DataConfig) -> str:
@@ -253,13 +259,19 @@ def _load_real(cfg: DataConfig) -> tuple[Any, Any]:
     import torchvision.datasets as D
 
     if cfg.root is None:
-        raise FileNotFoundError(f"no data root for {cfg.dataset}: pass --data-dir DIR or set data.root (or data.synthetic=true)")
+        raise FileNotFoundError(
+            f"no data root for {cfg.dataset}: pass --data-dir DIR or set data.root (or data.synthetic=true)"
+        )
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (from --data-dir or data.root)")
     fmt = cfg.format
     if fmt == "auto":
-        fmt = "torchvision" if cfg.dataset != "imagenet" and (root / _cifar_torchvision_dir(cfg)).is_dir() else "imagefolder"
+        fmt = (
+            "torchvision"
+            if cfg.dataset != "imagenet" and (root / _cifar_torchvision_dir(cfg)).is_dir()
+            else "imagefolder"
+        )
     if fmt == "torchvision":
         if cfg.dataset == "imagenet":
             raise ValueError("data.format=torchvision is for CIFAR; ImageNet uses data.format=imagefolder")
@@ -267,11 +279,15 @@ def _load_real(cfg: DataConfig) -> tuple[Any, Any]:
         try:
             return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
         except RuntimeError as e:
-            raise FileNotFoundError(f"no {cfg.dataset} in torchvision format under {root} (expected {root / _cifar_torchvision_dir(cfg)}): {e}") from e
+            raise FileNotFoundError(
+                f"no {cfg.dataset} in torchvision format under {root} (expected {root / _cifar_torchvision_dir(cfg)}): {e}"
+            ) from e
     train = D.ImageFolder(str(_imagefolder_split(root, ("train",))))
     test = D.ImageFolder(str(_imagefolder_split(root, ("test", "val"))))
     if train.classes != test.classes:
-        raise ValueError(f"train and test folders under {root} have different classes ({len(train.classes)} vs {len(test.classes)})")
+        raise ValueError(
+            f"train and test folders under {root} have different classes ({len(train.classes)} vs {len(test.classes)})"
+        )
     return train, test
 
 
@@ -290,8 +306,8 @@ def build_data(cfg: DataConfig) -> DataSplits:
     if cfg.synthetic:
         num_classes = _NUM_CLASSES[cfg.dataset]
         raw = round(size * 256 / 224) if cfg.dataset == "imagenet" else size
-        train_raw: Any = SyntheticImages(cfg.train_subset or 1024, num_classes, raw, derive_seed("synthetic", "train"))
-        test_raw: Any = SyntheticImages(cfg.test_subset or 256, num_classes, raw, derive_seed("synthetic", "test"))
+        train_raw: Any = SyntheticImages(cfg.train_subset or 1024, num_classes, raw, "train")
+        test_raw: Any = SyntheticImages(cfg.test_subset or 256, num_classes, raw, "test")
         from_pil = False
     else:
         train_raw, test_raw = _load_real(cfg)

@@ -1,7 +1,7 @@
 """Metrics as JSON lines in ``RUN_DIR/metrics.jsonl``.
 
 Each record is one JSON object with ``kind`` (``step`` or ``epoch``), ``seed``, ``method``, ``stage``,
-``epoch``, ``step``, ``loss``, ``top1``, ``lr``, ``flops`` (cumulative training FLOPs of the method),
+``stage_key`` (the stage's directory under the run dir), ``epoch`` (1-based), ``step``, ``loss``, ``top1``, ``lr``, ``flops`` (cumulative training FLOPs of the method),
 ``flops_norm``, ``images_per_s`` and ``wall_time``; epoch records add ``test_loss`` and ``test_top1``
 when the epoch was evaluated. Only rank 0 writes.
 """
@@ -43,20 +43,18 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def truncate(self, stage: str, step: int) -> None:
-        """Drop the records of ``stage`` after ``step``: they came from work lost in a crash and
-        are about to be redone from the checkpoint at ``step``."""
+        """Drop the records of ``stage`` after ``step``, and lines cut short: they come from work
+        lost in a crash, about to be redone from the checkpoint at ``step``."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         keep = []
         for line in lines:
-            if not line.strip():
-                continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the crash
+            except json.JSONDecodeError:
                 continue
-            if rec.get("stage_key") == stage and rec.get("step", 0) > step:
-                continue
-            keep.append(line)
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+            if not (rec.get("stage_key") == stage and rec.get("step", 0) > step):
+                keep.append(line)
+        if len(keep) != len(lines):
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))

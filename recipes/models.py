@@ -85,7 +85,7 @@ class WideResNet(nn.Module):
         self.stem = _conv3x3(3, stem_channels)
         cin = stem_channels
         groups = []
-        for width, stride in zip(widths, (1, 2, 2)):
+        for width, stride in zip(widths, (1, 2, 2), strict=True):
             blocks = []
             for i in range(n):
                 blocks.append(BasicBlock(cin, width, stride if i == 0 else 1, inner_bn=norm == "preact"))
@@ -116,17 +116,27 @@ def wrn(depth: int, widen_factor: float, num_classes: int = 10, norm: str = "blo
     return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes, norm=norm)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
     """The target model of a recipe, freshly initialized from the global torch RNG.
 
-    Args:
-        cfg: ``arch: wrn`` builds :class:`WideResNet`; any other ``arch`` is a ``morph.zoo`` spec
-            (``torchvision/resnet50``, ``timm/NAME``, ``package.module:callable``), built without
-            pretrained weights.
-        num_classes: classifier outputs.
-    """
-    if cfg.arch == "wrn":
-        return wrn(cfg.depth, cfg.widen_factor, num_classes, cfg.norm)
-    from morph.zoo import build_model as zoo_build
+    The model is built through ``morph.build_model`` and carries morph's provenance (spec, width 1,
+    input size), so ``morph.save``/``morph.load`` can rebuild it and everything made from it.
 
-    return zoo_build(cfg.arch, num_classes=num_classes)
+    Args:
+        cfg: ``arch: wrn`` builds :class:`WideResNet` (spec ``recipes.models:wrn``); any other
+            ``arch`` is a ``morph.build_model`` spec (``torchvision/resnet50``, ``timm/NAME``,
+            ``package.module:callable``), built without pretrained weights.
+        num_classes: classifier outputs.
+        input_size: ``(C, H, W)`` the model is traced and counted at.
+    """
+    import morph
+    from morph.info import set_info
+    from morph.zoo import get_spec
+
+    if cfg.arch == "wrn":
+        kwargs = {"depth": cfg.depth, "widen_factor": cfg.widen_factor, "norm": cfg.norm}
+        model = morph.build_model(f"{__name__}:wrn", num_classes=num_classes, **kwargs)
+    else:
+        model = morph.build_model(cfg.arch, num_classes=num_classes)
+    info = morph.MorphInfo(kind="plain", spec=get_spec(model), width=1.0, input_size=tuple(input_size))
+    return set_info(model, info)

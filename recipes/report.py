@@ -117,11 +117,16 @@ def plot(runs: dict[str, _Run], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
-    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
-    for ax, (name, run) in zip(axes[0], runs.items()):
+    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors, strict=False))  # 10 colours, 6 methods
+    for ax, (name, run) in zip(axes[0], runs.items(), strict=True):
         curves: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
         for rec in run.metrics:
-            if rec.get("kind") == "epoch" and rec.get("method") and "test_top1" in rec and rec.get("flops_norm") is not None:
+            if (
+                rec.get("kind") == "epoch"
+                and rec.get("method")
+                and "test_top1" in rec
+                and rec.get("flops_norm") is not None
+            ):
                 curves[(rec["method"], rec["seed"])].append((rec["flops_norm"], rec["test_top1"]))
         for (method, _), pts in curves.items():
             pts.sort()
@@ -133,7 +138,9 @@ def plot(runs: dict[str, _Run], path: Path) -> None:
             top1 = [r["top1"] for r in rs]
             err = statistics.stdev(top1) if len(top1) > 1 else 0.0
             x = statistics.fmean(r["flops_norm"] for r in rs)
-            ax.errorbar([x], [statistics.fmean(top1)], yerr=[err], fmt="o", color=colors[method], capsize=3, label=label)
+            ax.errorbar(
+                [x], [statistics.fmean(top1)], yerr=[err], fmt="o", color=colors[method], capsize=3, label=label
+            )
         ax.set_title(name)
         ax.set_xlabel("training FLOPs (× target from scratch)")
         ax.set_ylabel("test top-1 (%)")

@@ -67,14 +67,20 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
             )
 
 
-def _git_sha() -> str | None:
+def _provenance(cfg: Config) -> dict[str, str | None]:
+    """Config name, git commit (if the code is a checkout) and library versions."""
+    import torch
+
+    import morph
+
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
         )
+        sha = out.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
+        sha = None
+    return {"config": cfg.name, "git": sha, "morph": str(morph.__version__), "torch": str(torch.__version__)}
 
 
 def train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
@@ -83,10 +89,10 @@ def train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
     data = build_data(cfg.data)
     trainer = Trainer(cfg, data, dist, run_dir)
     planner = Planner(cfg, trainer, data.num_classes, data.input_size)
-    if dist.is_main:  # written only once the config and the data are known to be good
+    trainer.flops_unit = planner.unit  # builds and counts the target: a bad model spec fails here
+    if dist.is_main:  # written only once the config, the data and the model are known to be good
         save_config(cfg, run_dir / "config.yaml")
-        atomic_write_text(run_dir / "provenance.yaml", yaml.safe_dump({"git": _git_sha(), "config": cfg.name}))
-    trainer.flops_unit = planner.unit
+        atomic_write_text(run_dir / "provenance.yaml", yaml.safe_dump(_provenance(cfg)))
     results = [run_method(planner, method, seed, run_dir) for seed in cfg.run.seeds for method in cfg.growth.methods]
     if dist.is_main:
         _print_results(results, run_dir)

@@ -106,15 +106,13 @@ class Planner:
         """A freshly initialized target model, the same for the same ``(seed, role)``."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, role, "init"))
-            return build_model(self.cfg.model, self.num_classes)
+            return build_model(self.cfg.model, self.num_classes, self.input_size)
 
     def small(self, seed: int) -> nn.Module:
         """The plain small model (``morph.scale_width`` of the target), freshly initialized."""
         import morph
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, "small", "init"))
-            return morph.scale_width(self.target(seed, "small"), self.cfg.growth.width)
+        return morph.scale_width(self.target(seed, "small"), self.cfg.growth.width, input_size=self.input_size)
 
     def half(self, seed: int, role: str) -> nn.Module:
         """A half-width template-mixing network (``morph.convert``)."""
@@ -122,7 +120,13 @@ class Planner:
 
         g = self.cfg.growth
         return morph.convert(
-            self.target(seed, role), width=g.width, templates=g.templates, share=g.share, seed=derive_seed(seed, role)
+            self.target(seed, role),
+            width=g.width,
+            templates=g.templates,
+            share=g.share,
+            seed=derive_seed(seed, role),
+            train_edge_coefficients=g.train_edge_coefficients,
+            input_size=self.input_size,
         )
 
     def flops(self, kind: str, build: Callable[[], nn.Module]) -> float:
@@ -148,14 +152,29 @@ class Planner:
         return self.cfg.growth.budget * self.unit
 
     def stage(
-        self, key: str, seed: int, labels: dict[str, Any], steps: int, fpi: float, *,
-        offset_flops: float = 0.0, counted: bool = True, schedule_steps: int | None = None, schedule_offset: int = 0,
+        self,
+        key: str,
+        seed: int,
+        labels: dict[str, Any],
+        steps: int,
+        fpi: float,
+        *,
+        offset_flops: float = 0.0,
+        counted: bool = True,
+        schedule_steps: int | None = None,
+        schedule_offset: int = 0,
     ) -> Stage:
         """A :class:`Stage` whose LR schedule spans ``schedule_steps`` (default: the stage itself)."""
         lr = make_schedule(self.cfg.optim, schedule_steps or steps, self.spe, self.cfg.growth.epochs, schedule_offset)
         return Stage(
-            key=key, seed=derive_seed(seed, key), steps=steps, lr=lr, flops_per_image=fpi,
-            flops_offset=offset_flops, counted=counted, labels=labels,
+            key=key,
+            seed=derive_seed(seed, key),
+            steps=steps,
+            lr=lr,
+            flops_per_image=fpi,
+            flops_offset=offset_flops,
+            counted=counted,
+            labels=labels,
         )
 
 
@@ -216,14 +235,21 @@ def _mixturegrowth(p: Planner, seed: int) -> Stages:
     span = None if restart else steps2 + steps3
     labels = {"seed": seed, "method": method}
     r2 = p.trainer.fit(
-        net2, p.stage(f"seed{seed}/{method}/net2", seed, {**labels, "stage": "net2"}, steps2, f_half, schedule_steps=span)
+        net2,
+        p.stage(f"seed{seed}/{method}/net2", seed, {**labels, "stage": "net2"}, steps2, f_half, schedule_steps=span),
     )
     grown = fuse(net1.model, r2.model)
     r3 = p.trainer.fit(
         grown,
         p.stage(
-            f"seed{seed}/{method}/grown", seed, {**labels, "stage": "grown"}, steps3, f_full,
-            offset_flops=r2.flops, schedule_steps=span, schedule_offset=0 if restart else steps2,
+            f"seed{seed}/{method}/grown",
+            seed,
+            {**labels, "stage": "grown"},
+            steps3,
+            f_full,
+            offset_flops=r2.flops,
+            schedule_steps=span,
+            schedule_offset=0 if restart else steps2,
         ),
     )
     return [("net1", net1), ("net2", r2), ("grown", r3)]
@@ -269,5 +295,10 @@ def run_method(p: Planner, method: str, seed: int, run_dir: Path) -> MethodResul
         stages=[{"stage": name, **r.summary()} for name, r in stages],
     )
     if p.trainer.dist.is_main:
-        atomic_write_text(run_dir / f"seed{seed}" / method / "result.json", out.to_json())
+        import morph
+
+        out_dir = run_dir / f"seed{seed}" / method
+        # the method is finished: its model may leave the device for export
+        morph.save(final.model.to(device="cpu", memory_format=torch.contiguous_format), out_dir / "model.safetensors")
+        atomic_write_text(out_dir / "result.json", out.to_json())
     return out

@@ -21,7 +21,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,16 @@ from .data import DataSplits, EpochBatches, derive_seed, make_loader
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
 from .metrics import MetricsLog
 
-__all__ = ["LRSchedule", "Stage", "StageResult", "Trainer", "build_optimizer", "make_schedule", "seed_everything"]
+__all__ = [
+    "LRSchedule",
+    "Stage",
+    "StageResult",
+    "Trainer",
+    "build_optimizer",
+    "make_schedule",
+    "seed_everything",
+    "to_channels_last",
+]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -86,7 +95,9 @@ class LRSchedule:
         return self.base_lr * self.gamma**drops
 
 
-def make_schedule(cfg: OptimConfig, total_steps: int, steps_per_epoch: int, ref_epochs: int, offset: int = 0) -> LRSchedule:
+def make_schedule(
+    cfg: OptimConfig, total_steps: int, steps_per_epoch: int, ref_epochs: int, offset: int = 0
+) -> LRSchedule:
     """The configured schedule over ``total_steps``; step milestones are given in epochs of a
     ``ref_epochs``-long schedule and scale with the schedule's length."""
     return LRSchedule(
@@ -148,7 +159,8 @@ class StageResult:
     wall_time: float
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "model"}
+        """Everything but the model, as JSON-able values (``asdict`` would deep-copy the model)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
 
 @dataclass
@@ -169,6 +181,18 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Store every 4-D parameter channels-last, in place.
+
+    ``model.to(memory_format=torch.channels_last)`` refuses template banks (5-D); generated weights
+    follow the input's format, so only stored 4-D weights need converting.
+    """
+    for p in model.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     """SGD with momentum; weight decay on every trainable parameter except template-mixing
     coefficients (names containing ``coefficients``)."""
@@ -177,9 +201,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
         if p.requires_grad:
             (no_decay if "coefficients" in name else decay).append(p)
     groups = [
-        {"params": params, "weight_decay": wd}
-        for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))
-        if params
+        {"params": params, "weight_decay": wd} for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if params
     ]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
@@ -198,12 +220,16 @@ class Trainer:
         ValueError: the batch size does not split over the ranks, or exceeds the training set.
     """
 
-    def __init__(self, cfg: Config, data: DataSplits, dist: DistInfo, run_dir: Path, flops_unit: float | None = None) -> None:
+    def __init__(
+        self, cfg: Config, data: DataSplits, dist: DistInfo, run_dir: Path, flops_unit: float | None = None
+    ) -> None:
         self.cfg, self.data, self.dist, self.run_dir = cfg, data, dist, Path(run_dir)
         self.flops_unit = flops_unit
         self.batch_size = cfg.optim.batch_size
         if self.batch_size % dist.world_size:
-            raise ValueError(f"optim.batch_size={self.batch_size} does not split evenly over {dist.world_size} processes")
+            raise ValueError(
+                f"optim.batch_size={self.batch_size} does not split evenly over {dist.world_size} processes"
+            )
         if self.batch_size > len(data.train):
             raise ValueError(f"optim.batch_size={self.batch_size} exceeds the {len(data.train)} training images")
         self.steps_per_epoch = len(data.train) // self.batch_size
@@ -212,7 +238,7 @@ class Trainer:
         self.amp = cfg.run.amp and on_gpu
         self.channels_last = cfg.run.channels_last and on_gpu
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
-        self.console = Console(stderr=True, quiet=not dist.is_main)
+        self.console = Console(stderr=True, quiet=not dist.is_main, soft_wrap=True)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         if on_gpu:
             torch.backends.cudnn.benchmark = True
@@ -228,7 +254,7 @@ class Trainer:
         path = self.run_dir / stage.key / CHECKPOINT_NAME
         model = model.to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
         optimizer = build_optimizer(model, self.cfg.optim)
         state = _Progress(flops=stage.flops_offset)
         if path.exists():
@@ -245,10 +271,11 @@ class Trainer:
             restore_optimizer(optimizer, groups.get("optim", {}), meta["optim"])
             self._restore_rng(groups.get("rng", {}), meta, stage)
             state = _Progress(**meta["progress"])
-            self.metrics.truncate(stage.key, state.step)
             self.console.print(f"[dim]{stage.key}: resuming at epoch {state.epoch}, step {state.step}[/dim]")
         else:
             seed_everything(derive_seed(stage.seed, "rank", self.dist.rank))
+        # records of work lost in a crash (after the checkpoint, or before the first one) are redone
+        self.metrics.truncate(stage.key, state.step)
 
         compiled = torch.compile(model) if self.cfg.run.compile else model
         net: nn.Module = compiled
@@ -293,13 +320,27 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _train_epoch(
-        self, net: nn.Module, optimizer: torch.optim.Optimizer, stage: Stage, state: _Progress, n: int, bar: Progress, task: Any
+        self,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        stage: Stage,
+        state: _Progress,
+        n: int,
+        bar: Progress,
+        task: Any,
     ) -> dict[str, Any]:
         """Run ``n`` steps of epoch ``state.epoch``; return the epoch's metrics record."""
         net.train()
         batches = EpochBatches(
-            len(self.data.train), self.batch_size, self.dist.rank, self.dist.world_size,
-            epoch=state.epoch, seed=stage.seed, shuffle=True, drop_last=True, stop=n,
+            len(self.data.train),
+            self.batch_size,
+            self.dist.rank,
+            self.dist.world_size,
+            epoch=state.epoch,
+            seed=stage.seed,
+            shuffle=True,
+            drop_last=True,
+            stop=n,
         )
         loader = make_loader(self.data.train, batches, self.cfg.data.num_workers, self.device.type == "cuda")
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
@@ -320,8 +361,13 @@ class Trainer:
                 state.flops += 3.0 * stage.flops_per_image * self.batch_size
             bar.update(task, advance=1)
             if log_every and state.step % log_every == 0:
-                step_stats = all_reduce_sum(torch.stack([loss.detach().double(), correct.double() / len(y)])) / self.dist.world_size
-                rec = self._record(stage, state, lr, float(step_stats[0]), 100.0 * float(step_stats[1]), t0, images0, kind="step")
+                step_stats = (
+                    all_reduce_sum(torch.stack([loss.detach().double(), correct.double() / len(y)]))
+                    / self.dist.world_size
+                )
+                rec = self._record(
+                    stage, state, lr, float(step_stats[0]), 100.0 * float(step_stats[1]), t0, images0, kind="step"
+                )
                 self.metrics.write(rec)
                 bar.update(task, info=f"loss {rec['loss']:.3f} lr {lr:.4g}")
         all_reduce_sum(sums)
@@ -329,7 +375,9 @@ class Trainer:
         top1 = 100.0 * float(sums[1] / sums[2])
         return self._record(stage, state, lr, loss_avg, top1, t0, images0, kind="epoch")
 
-    def _step(self, net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(
+        self, net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.channels_last:
@@ -398,8 +446,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _save(
-        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stage: Stage, state: _Progress,
-        done: bool, result: dict[str, Any] | None = None,
+        self,
+        path: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        stage: Stage,
+        state: _Progress,
+        done: bool,
+        result: dict[str, Any] | None = None,
     ) -> None:
         """Write the stage checkpoint (rank 0), with every rank's RNG state."""
         rng = all_gather_objects(get_rng_state(self.device))

@@ -1,0 +1,1 @@
+"""The ``morph`` command line, installed as ``morph.cli`` (see pyproject.toml)."""

@@ -1,0 +1,48 @@
+"""``morph train`` and ``morph report``: the recipes (training schedules and their reports)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import out, print_json, user_errors
+
+
+@user_errors
+def train(
+    config: Annotated[str, typer.Argument(help="A config path, or the name of one in recipes/configs (e.g. cifar10-smoke).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. run.seeds=[0,1] optim.lr=0.05.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset root (overrides data.root).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(help="Run directory (default runs/<config name>); rerun to resume.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run directory as JSON when done.")] = False,
+) -> None:
+    """Run a training recipe: MixtureGrowth and its reference rows under one FLOPs budget.
+
+    Works under `python` and `torchrun` (DDP when RANK is set); rerunning the same command resumes.
+    """
+    from morph.recipes.run import main
+
+    run_dir = main(config, data_dir=data_dir, out_dir=out_dir, overrides=list(overrides or []))
+    if json_out:
+        print_json({"run_dir": str(run_dir)})
+    else:
+        out.print(f"[green]done[/]: {run_dir}")
+
+
+@user_errors
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by morph train.")],
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Where report.md and top1_vs_flops.png go.")] = Path("report"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print the written file paths as JSON.")] = False,
+) -> None:
+    """Write a Table-1-style markdown report (top-1 mean ± std, FLOPs norm) and a top-1 vs FLOPs plot."""
+    from morph.recipes.report import main
+
+    files = main(run_dirs, out_dir)
+    if json_out:
+        print_json({"markdown": str(files.markdown), "plot": str(files.plot)})
+    else:
+        out.print(files.text)
+        out.print(f"wrote {files.markdown} and {files.plot}")

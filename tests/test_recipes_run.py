@@ -1,0 +1,113 @@
+"""``morph train`` end to end: the cifar10-smoke schedule with real training, rerun, report, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from recipes import report, run
+from recipes.config import METHODS
+from recipes.metrics import read_metrics
+from recipes.trainer import Trainer
+
+# cifar10-smoke at 16x16 and 128 images (4 steps per epoch) to keep the test short
+SMALL = ["data.image_size=16", "data.train_subset=128", "data.test_subset=64"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    assert run.main("cifar10-smoke", out_dir=out, overrides=SMALL) == out
+    return out
+
+
+def _results(run_dir):
+    return {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("seed0/*/result.json")}
+
+
+def test_smoke_schedule_runs_every_method(smoke_run):
+    results = _results(smoke_run)
+    assert set(results) == set(METHODS)
+    assert results["large"]["flops_norm"] == pytest.approx(1.0)
+    for m in ("large-match", "small-match", "mixturegrowth", "mixturegrowth-nofusion"):
+        assert 0.3 < results[m]["flops_norm"] <= 0.45, m
+    assert 0.2 < results["small"]["flops_norm"] < 0.35
+    mg = results["mixturegrowth"]
+    assert [s["stage"] for s in mg["stages"]] == ["net1", "net2", "grown"]
+    assert mg["stages"][0]["flops"] == 0.0  # net 1 is not counted
+    assert all(0.0 <= r["top1"] <= 100.0 for r in results.values())
+    assert (smoke_run / "config.yaml").is_file() and (smoke_run / "provenance.yaml").is_file()
+
+
+def test_smoke_metrics_and_exported_models(smoke_run):
+    import morph
+
+    records = read_metrics(smoke_run / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    stages = {r["stage_key"] for r in epochs}
+    assert "seed0/net1" in stages and "seed0/mixturegrowth/grown" in stages
+    for r in epochs:
+        for key in (
+            "stage",
+            "epoch",
+            "step",
+            "loss",
+            "top1",
+            "lr",
+            "flops",
+            "flops_norm",
+            "images_per_s",
+            "wall_time",
+            "test_top1",
+        ):
+            assert key in r, key
+    keys = [(r["stage_key"], r["epoch"]) for r in epochs]
+    assert len(keys) == len(set(keys))
+    grown = morph.load(smoke_run / "seed0" / "mixturegrowth" / "model.safetensors")
+    assert morph.get_info(grown).kind == "fused"
+    assert grown(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_rerun_resumes_finished_run_without_training(smoke_run, monkeypatch):
+    before = _results(smoke_run)
+    lines = len(read_metrics(smoke_run / "metrics.jsonl"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage trained again")
+
+    monkeypatch.setattr(Trainer, "_step", no_training)
+    run.main("cifar10-smoke", out_dir=smoke_run, overrides=SMALL)
+    assert _results(smoke_run) == before
+    assert len(read_metrics(smoke_run / "metrics.jsonl")) == lines
+
+
+def test_report_table_and_plot(smoke_run, tmp_path):
+    files = report.main([smoke_run], tmp_path / "report")
+    text = files.markdown.read_text()
+    assert text == files.text
+    for label in METHODS.values():
+        assert f"| {label} |" in text
+    assert "| cifar10-smoke top-1 (%) | cifar10-smoke FLOPs |" in text
+    assert files.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="unknown config 'nope'"):
+        run.main("nope", out_dir=out)
+    with pytest.raises(ValueError, match="bad override 'optim.lr'"):
+        run.main("cifar10-smoke", out_dir=out, overrides=["optim.lr"])
+    with pytest.raises(FileNotFoundError, match=f"data root {tmp_path / 'missing'} does not exist"):
+        run.main("cifar10-smoke", data_dir=tmp_path / "missing", out_dir=out, overrides=["data.synthetic=false"])
+    import morph
+
+    with pytest.raises(morph.MorphError, match="timm has no model 'nope'"):
+        run.main("cifar10-smoke", out_dir=out, overrides=["model.arch=timm/nope"])
+    assert not out.exists()
+
+
+def test_run_dir_of_another_config_is_refused(smoke_run):
+    with pytest.raises(ValueError, match="holds a run with optim.lr=0.05, not 0.2"):
+        run.main("cifar10-smoke", out_dir=smoke_run, overrides=[*SMALL, "optim.lr=0.2"])
