@@ -212,12 +212,27 @@ def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float) -> nn.Mod
     nodes = {n.name: n for n in graph.nodes}
     for c in plan.consts:
         n = nodes[c.node]
-        if c.kind != "shape":
-            raise MorphError(
-                f"{c.node} ({c.qualname or 'top level'}) slices or splits channels with a hard-coded count; "
-                "write it with x.size(1) or chunk() so that it follows the width"
-            )
         args = list(n.args)
+        if c.kind == "groups":  # depthwise F.conv2d: groups follow the channels
+            if len(args) > 6:
+                args[6] = plan.size(c.dims[0], width)
+            else:
+                n.kwargs = {**n.kwargs, "groups": plan.size(c.dims[0], width)}
+            n.args = tuple(args)
+            continue
+        if c.kind == "split":
+            args[1] = [plan.size(p, width) for p in c.dims]
+            n.args = tuple(args)
+            continue
+        if c.kind == "slice":
+            idx = list(c.index_tuple)
+            old = idx[c.index]
+            start = plan.size(c.dims[0], width) if c.dims[0] else old.start
+            stop = (start or 0) + plan.size(c.dims[1], width) if old.stop is not None else None
+            idx[c.index] = slice(start, stop, old.step)
+            args[1] = tuple(idx)
+            n.args = tuple(args)
+            continue
         if len(args) == 2 and isinstance(args[1], (list, tuple)):
             shape = list(args[1])
             shape[c.index] = plan.size(c.dims[0], width)

@@ -64,8 +64,9 @@ class ConstSite:
     node: str
     kind: str  # "shape" | "slice" | "split"
     index: int  # position in the shape / which slice
-    dims: tuple[Dim, ...]  # dims whose new total length is the new constant (slice: prefix dims)
+    dims: tuple[Dim, ...]  # shape: the dim; split: the pieces; slice: (prefix, middle)
     qualname: str = ""
+    index_tuple: tuple = ()  # slice: the full (Ellipsis-expanded) index
 
 
 @dataclass

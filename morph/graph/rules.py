@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .analyze import TD, ConstSite, LayerPlan, _Analyzer
 from .coupling import Dim, Seg
+from .trace import node_qualname
 
 __all__ = ["apply_rule", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
 
@@ -417,7 +418,7 @@ def _split(a: _Analyzer, node: fx.Node) -> list[TD]:
     pieces = _split_dim(a, x, dim, lengths)
     sizes = _arg(node, 1, "split_size_or_sections", None)
     if name == "split" and sizes is not None and not isinstance(sizes, fx.Node):
-        a.consts.append(ConstSite(node.name, "split", dim, tuple(p.dims[dim] for p in pieces)))
+        a.consts.append(ConstSite(node.name, "split", 1, tuple(p.dims[dim] for p in pieces), node_qualname(node)))
     return pieces
 
 
@@ -448,7 +449,7 @@ def _index(a: _Analyzer, node: fx.Node, x: TD, idx: Any) -> TD:
     idx = idx + (slice(None),) * (len(x.shape) - sum(1 for i in idx if i is not None))
     dims: list[Dim] = []
     d = 0
-    for i in idx:
+    for pos, i in enumerate(idx):
         if i is None:
             dims.append(a.structural(1))
             continue
@@ -465,12 +466,13 @@ def _index(a: _Analyzer, node: fx.Node, x: TD, idx: Any) -> TD:
             else:
                 if step != 1:
                     raise a.fail("strided slice of a channel dim")
-                lengths = [n for n in (start, stop - start, size - stop)]
-                keep = [n > 0 for n in lengths]
+                lengths = [start, stop - start, size - stop]
                 pieces = a.g.split(src, [n for n in lengths if n > 0])
-                pos = sum(keep[:1])  # index of the middle piece among the non-empty ones
-                dims.append(pieces[pos] if lengths[0] > 0 else pieces[0])
-                a.consts.append(ConstSite(node.name, "slice", d, (src,)))
+                prefix: Dim = pieces[0] if start > 0 else ()
+                middle = pieces[1] if start > 0 else pieces[0]
+                dims.append(middle)
+                # the rewritten bounds are the new widths of the prefix and of prefix + middle
+                a.consts.append(ConstSite(node.name, "slice", pos, (prefix, middle), node_qualname(node), idx))
         else:
             raise a.fail(f"index {i!r}")
         d += 1
@@ -557,7 +559,7 @@ def _view(a: _Analyzer, node: fx.Node) -> TD:
     if len(shape_args) == len(out_shape):
         for k, s in enumerate(shape_args):
             if isinstance(s, int) and s > 1 and not a.g.is_structural(y.dims[k]):
-                a.consts.append(ConstSite(node.name, "shape", k, (y.dims[k],)))
+                a.consts.append(ConstSite(node.name, "shape", k, (y.dims[k],), node_qualname(node)))
     return y
 
 
@@ -673,3 +675,34 @@ def _shuffle_fn(a: _Analyzer, node: fx.Node) -> TD:
     y = reshape(a, x, (n, g, c // g, *x.shape[2:]))
     y = TD((y.dims[0], y.dims[2], y.dims[1], *y.dims[3:]), (n, c // g, g, *x.shape[2:]))
     return reshape(a, y, x.shape)
+
+
+@_function(torch.stack)
+def _stack(a: _Analyzer, node: fx.Node) -> TD:
+    tensors = list(a.value(_arg(node, 0, "tensors")))
+    out_shape = _out_shape(a)
+    dim = _arg(node, 1, "dim", 0) % len(out_shape)
+    for t in tensors[1:]:
+        for d0, d1, n in zip(tensors[0].dims, t.dims, tensors[0].shape):
+            if n > 1:
+                a.g.unify(d0, d1)
+    dims = list(tensors[0].dims)
+    dims.insert(dim, a.structural(out_shape[dim]))
+    return TD(tuple(dims), out_shape)
+
+
+@_function(F.conv2d, F.conv1d)
+def _functional_conv(a: _Analyzer, node: fx.Node) -> TD:
+    """A fixed depthwise filter applied with F.conv2d to a buffer (timm's anti-aliasing blur pool)."""
+    x = _x(a, node)
+    w = a.value(_arg(node, 1, "weight"))
+    groups = _arg(node, 6, "groups", 1)
+    if not isinstance(w, TD) or groups != x.shape[1] or w.shape[0] != x.shape[1] or w.shape[1] != 1:
+        raise a.fail("functional convolution with a non-depthwise weight", "use an nn.Conv2d module")
+    if isinstance(groups, fx.Node):
+        raise a.fail("functional convolution with traced groups")
+    a.g.unify(w.dims[0], x.dims[1])
+    a.consts.append(ConstSite(node.name, "groups", 6, (x.dims[1],), node_qualname(node)))
+    out_shape = _out_shape(a)
+    rest = _spatial(a, x, out_shape)
+    return TD((x.dims[0], x.dims[1], *rest.dims), out_shape)
