@@ -120,14 +120,34 @@ def _with_info(model: nn.Module, info: MorphInfo) -> nn.Module:
     return set_info(model, info)
 
 
+def load_state(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors file into ``model`` strictly. A tensor the model shares between several keys
+    (a template bank used by two layers) is stored once and fills all of them; the model's own
+    state-dict metadata (module versions, e.g. torchvision's MNASNet) is kept."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    own = model.state_dict(keep_vars=True)
+    by_id: dict[int, str] = {}
+    for k, v in own.items():
+        if k in sd:
+            by_id.setdefault(id(v), k)
+    for k, v in own.items():
+        if k not in sd and id(v) in by_id:
+            sd[k] = sd[by_id[id(v)]]
+    sd_meta = getattr(own, "_metadata", None)
+    if sd_meta is not None:
+        sd = type(own)(sd)
+        sd._metadata = sd_meta  # type: ignore[attr-defined]
+    model.load_state_dict(sd, strict=True)
+
+
 def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild the model a morph checkpoint describes and load its tensors strictly.
 
     Raises:
         CheckpointError: missing, truncated, corrupt or foreign file, or tensors that do not match.
     """
-    from safetensors.torch import load_model
-
     info, _ = read_info(path)
     if info.spec is None:
         raise CheckpointError(f"{path}: the checkpoint records no model spec")
@@ -136,7 +156,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     except MorphError as e:
         raise CheckpointError(f"{path}: cannot rebuild {info.spec.spec}: {e}") from e
     try:
-        load_model(model, str(path), strict=True)
+        load_state(model, path)
     except Exception as e:
         raise CheckpointError(f"{path}: tensors do not match {info.spec.spec} ({info.kind}): "
                               f"{str(e).splitlines()[0][:300]}") from e

@@ -543,8 +543,22 @@ def _reshape_block(
         if all(s.inner % q == 0 for s in atoms):  # (channels, fixed inner)
             out[big[0]] = tuple(Seg(s.group, s.inner // q) for s in atoms)
             return out
-        # (fixed outer, channels), as in channel shuffle: the inner channels scale with the input
-        out[big[1]] = a.g.derive(q, d)
+        # (fixed outer, channels): when the p parts have the same group structure (selective-kernel
+        # attention viewing [path0 | path1]) they couple element by element; otherwise (channel
+        # shuffle) the inner channels form a derived group that scales with the input
+        parts = a.g.split(d, [q] * p)
+        shapes = [[(a.g.size[s.group], s.inner) for s in a.g.atoms(part)] for part in parts]
+        shuffled = a.node is not None and any(
+            u.target in ("transpose", "permute", torch.transpose, torch.permute) for u in a.node.users
+        )
+        if not shuffled and all(sh == shapes[0] for sh in shapes[1:]) and not any(
+            s.group in a.g.derived for s in atoms
+        ):
+            for part in parts[1:]:
+                a.g.unify(parts[0], part)
+            out[big[1]] = parts[0]
+        else:
+            out[big[1]] = a.g.derive(q, d)
         return out
     raise a.fail(f"reshape {in_sizes} -> {out_sizes} regroups channel dims")
 
