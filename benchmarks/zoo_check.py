@@ -26,6 +26,8 @@ class ZooResult:
     flops_half: float = 0.0
     flops_ratio: float = 0.0
     flops_input: tuple[int, ...] = ()
+    linear_share: float = 0.0  # share of the original's FLOPs in ops whose cost scales linearly with width
+    flops_expected: float = 0.0  # 0.25 * (1 - linear_share) + 0.5 * linear_share
     ensemble_relerr: float = float("nan")
     bake_relerr: float = float("nan")
     half_bake_relerr: float = float("nan")
@@ -56,6 +58,28 @@ def predicted_params(plain: nn.Module, templates: int) -> int:
     return n
 
 
+def linear_share(model: nn.Module, plan, input_size: tuple[int, ...]) -> float:
+    """Share of ``model``'s fvcore FLOPs outside dense convs/linears whose input and output both scale:
+    depthwise and group-width-keeping convs, the stem, the classifier, norms and pooling all cost
+    linearly in the width, so halving gives 0.5 there instead of 0.25."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from morph.scale import layer_shapes
+
+    p = next(iter(model.parameters()))
+    fca = FlopCountAnalysis(model.eval(), torch.zeros((1, *input_size), dtype=p.dtype))
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    total = float(fca.total())
+    by_mod = fca.by_module()
+    shapes = layer_shapes(plan, model, 0.5)
+    quadratic = 0.0
+    for lp in plan.conv_layers():
+        s = shapes[lp.name]
+        if plan.scales(lp.in_dim) and plan.scales(lp.out_dim) and (s.groups == 1 or not s.constant_group_width):
+            quadratic += float(by_mod.get(lp.name, 0))
+    return 1.0 - quadratic / total if total else 0.0
+
+
 def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, flops_size=None,
                 tmpdir=None, full: bool = True) -> ZooResult:
     """Convert, scale, fuse (zero init), bake and reload ``spec``; measure everything."""
@@ -83,6 +107,8 @@ def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, 
         r.flops = morph.flops(m, fs).per_image
         r.flops_half = morph.flops(a, fs, batch_size=64).per_image
         r.flops_ratio = r.flops_half / r.flops
+        r.linear_share = linear_share(m, plan, fs)
+        r.flops_expected = 0.25 * (1 - r.linear_share) + 0.5 * r.linear_share
         with torch.no_grad():
             r.half_bake_relerr = _relerr(morph.bake(a).eval()(x), ya)
         if not full:

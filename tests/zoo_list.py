@@ -9,11 +9,11 @@ TORCHVISION_CI = [
 ]
 
 TIMM_FAMILIES = {
-    "resnet": "resnet10t", "regnet": "regnetx_002", "efficientnet": "tinynet_e", "mobilenetv3": "lcnet_050",
-    "ghostnet": "ghostnet_050", "rexnet": "rexnet_100", "densenet": "densenet121", "dpn": "dpn48b",
+    "resnet": "resnet10t", "regnet": "regnetx_002", "efficientnet": "efficientnet_b0", "mobilenetv3": "lcnet_050",
+    "ghostnet": "ghostnet_050", "rexnet": "rexnetr_100", "densenet": "densenet121", "dpn": "dpn48b",
     "dla": "dla34", "cspnet": "cs3darknet_focus_s", "vovnet": "ese_vovnet19b_slim", "hrnet": "hrnet_w18_small",
     "res2net": "res2net50_14w_8s", "sknet": "skresnet18", "selecsls": "selecsls42b", "tresnet": "tresnet_m",
-    "convnext": "convnext_atto", "convmixer": "convmixer_768_32", "byobnet": "gernet_s",
+    "convnext": "convnext_atto", "convmixer": "convmixer_768_32", "byobnet": "repvgg_a0",
     "hardcorenas": "hardcorenas_a", "inception_v3": "inception_v3", "xception_aligned": "xception41",
     "resnest": "resnest14d", "hgnet": "hgnetv2_b0", "repghost": "repghostnet_050", "fasternet": "fasternet_t0",
     "inception_next": "inception_next_tiny", "starnet": "starnet_s050", "senet": "legacy_seresnet18",
