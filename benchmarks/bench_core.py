@@ -61,6 +61,7 @@ def _child(task: str, model: str, tmp: str) -> dict:
         out["model_mb"] = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
     elif task == "fuse":
         # what `morph fuse A B -o OUT` does; memory is counted from the loaded inputs on
+        out["import_rss_mb"] = _rss_kb("VmRSS") / 1024
         t0 = time.perf_counter()
         a, b = morph.load(Path(tmp) / "a.safetensors"), morph.load(Path(tmp) / "b.safetensors")
         out["load_seconds"] = time.perf_counter() - t0
@@ -83,6 +84,8 @@ def _child(task: str, model: str, tmp: str) -> dict:
         raise SystemExit(f"unknown task {task}")
     out["peak_rss_mb"] = _rss_kb("VmHWM") / 1024
     out["rss_growth_mb"] = (_rss_kb("VmHWM") - base) / 1024
+    if task == "fuse":  # loading both inputs + fusing + saving, over the bare runtime
+        out["rss_after_import_to_end_mb"] = _rss_kb("VmRSS") / 1024 - out["import_rss_mb"]
     return out
 
 

@@ -1,39 +1,79 @@
-"""One model through every morph pass, with the measurements the coverage table and the zoo test share."""
+"""One model through every morph pass, with the measurements the coverage table and the zoo test share.
+
+``check_model(spec, input_size)`` builds the stock model and runs, in order (freeing each model as soon
+as it is no longer needed, so that the largest torchvision models fit in memory):
+
+1. ``analyze`` and ``scale_width(0.5)``: output shape;
+2. ``convert(0.5)`` twice (two template sets) and once with ``share="consecutive"``: output shape;
+   parameter counts against a prediction from layer shapes (:func:`predict_half_params`);
+   ``bake(half)(x) == half(x)``; ``save``/``load`` is bit-exact;
+3. FLOPs per image at the model's default input, the half model's weight generation amortized over a
+   batch of 64 (``morph.flops(half, size, batch_size=64).per_image``), in float32 (FLOP counts do not
+   depend on the dtype), with the original's FLOPs split by how they scale (:func:`flops_breakdown`);
+4. ``fuse(a, b, init="zero")``: output shape, parameter count against :func:`predict_fused_params`,
+   relative error against the ensemble ``(a(x) + b(x)) / 2``;
+5. ``bake(fused)``: equals the fused model; its state dict loads with ``strict=True`` into
+   ``morph.build_model(spec)`` and the stock model then computes the same function.
+"""
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 import morph
-from morph.graph.analyze import analyze, default_input_size
+from morph.graph.analyze import ChannelPlan, analyze, default_input_size
+from morph.scale import layer_shapes
+
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+BATCH = 64  # training batch over which weight generation is amortized
 
 
 @dataclass
 class ZooResult:
     spec: str
-    status: str = "ok"
+    status: str = "ok"  # ok | error (a MorphError) | crash (any other exception)
+    stage: str = ""  # the pass that failed
     error: str = ""
-    params: int = 0
-    params_half: int = 0
-    params_predicted: int = 0
-    params_ratio: float = 0.0
-    flops: float = 0.0
-    flops_half: float = 0.0
-    flops_ratio: float = 0.0
+    dtype: str = ""
+    input_size: tuple[int, ...] = ()
+    output_shape_ok: bool = False
+    # parameters
+    params: int = 0  # original
+    params_plain: int = 0  # scale_width(0.5)
+    params_half: int = 0  # convert(0.5): templates + coefficients + the rest
+    params_half_predicted: int = 0
+    params_consecutive: int = 0  # convert(0.5, share="consecutive")
+    params_consecutive_predicted: int = 0
+    params_fused: int = 0
+    params_fused_predicted: int = 0
+    params_ratio: float = float("nan")  # half template model / original
+    # FLOPs
     flops_input: tuple[int, ...] = ()
-    linear_share: float = 0.0  # share of the original's FLOPs in ops whose cost scales linearly with width
-    flops_expected: float = 0.0  # 0.25 * (1 - linear_share) + 0.5 * linear_share
+    flops: float = 0.0  # original, per image
+    flops_half: float = 0.0  # half template model, per image at batch 64
+    flops_ratio: float = float("nan")
+    flops_plain_ratio: float = float("nan")  # scale_width(0.5) / original (no generation)
+    share_dense: float = 0.0  # original FLOPs in convs/linears whose input and output both scale (x0.25)
+    share_edge: float = 0.0  # stem and classifier: one side fixed (x0.5)
+    share_grouped: float = 0.0  # depthwise / group-width-keeping convs (x0.5)
+    share_other: float = 0.0  # norms, pooling, attention matmuls (x0.5 for norms and pooling)
+    share_generation: float = 0.0  # weight generation / 64, relative to the original's FLOPs
+    flops_expected: float = float("nan")  # 0.25 dense + 0.5 (edge + grouped + other) + generation
+    # fusion and bake
     ensemble_relerr: float = float("nan")
-    bake_relerr: float = float("nan")
     half_bake_relerr: float = float("nan")
+    bake_relerr: float = float("nan")
+    stock_relerr: float = float("nan")  # stock model with the baked weights vs the fused model
     strict_load: bool = False
     save_load_exact: bool = False
-    output_shape_ok: bool = False
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -41,98 +81,217 @@ class ZooResult:
         return asdict(self)
 
 
-def _relerr(x: torch.Tensor, y: torch.Tensor) -> float:
+def relerr(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = _first(x).double(), _first(y).double()
     return float((x - y).norm() / y.norm().clamp_min(1e-30))
 
 
-def predicted_params(plain: nn.Module, templates: int) -> int:
-    """Parameters of the template model, predicted from the plain half model's shapes: conv/linear
-    weights become ``templates`` templates of the same shape plus ``templates`` coefficients."""
-    n = 0
-    for mod in plain.modules():
-        for name, p in mod.named_parameters(recurse=False):
-            if name == "weight" and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
-                n += templates * p.numel() + templates
-            else:
-                n += p.numel()
+def _first(y):
+    while isinstance(y, (tuple, list)):
+        y = y[0]
+    return y
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _weighted(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Module path -> weight shape of every conv and linear (template-mixed ones: the tile shape)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _WEIGHTED):
+            out[name] = tuple(m.mix.tile_shape) if hasattr(m, "mix") else tuple(m.weight.shape)
+    return out
+
+
+def execution_order(gm: fx.GraphModule) -> list[str]:
+    """Conv and linear module paths in the order the traced forward first calls them."""
+    mods = dict(gm.named_modules())
+    seen: list[str] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        m = mods[str(n.target)]
+        inner = [(str(n.target), m)] if isinstance(m, _WEIGHTED) else [  # a leaf holding layers (timm's ConvMlp)
+            (f"{n.target}.{k}", c) for k, c in m.named_modules() if k and isinstance(c, _WEIGHTED)]
+        seen += [k for k, _ in inner if k not in seen]
+    return seen
+
+
+def predict_half_params(plain: nn.Module, order: list[str], templates: int = 2, share: str = "none") -> int:
+    """Parameters of ``convert(model, 0.5, templates, share)``, from the plain half model's shapes.
+
+    Every parameter of ``scale_width(model, 0.5)`` stays, except conv/linear weights: each becomes one
+    ``1 x K`` coefficient row, and each bank adds ``K x`` its weight shape. Banks: one per layer
+    (``none``), or consecutive layers (in execution order) with equal weight shapes paired (``consecutive``).
+    """
+    shapes = _weighted(plain)
+    n = _numel(plain) - sum(math.prod(s) for s in shapes.values())
+    banks: list[list[str]] = []
+    i = 0
+    while i < len(order):
+        if share == "consecutive" and i + 1 < len(order) and shapes[order[i]] == shapes[order[i + 1]]:
+            banks.append(order[i : i + 2])
+            i += 2
+        else:
+            banks.append([order[i]])
+            i += 1
+    for members in banks:
+        n += templates * math.prod(shapes[members[0]])  # the bank
+        n += templates * len(members)  # one coefficient vector per layer
     return n
 
 
-def linear_share(model: nn.Module, plan, input_size: tuple[int, ...]) -> float:
-    """Share of ``model``'s fvcore FLOPs outside dense convs/linears whose input and output both scale:
-    depthwise and group-width-keeping convs, the stem, the classifier, norms and pooling all cost
-    linearly in the width, so halving gives 0.5 there instead of 0.25."""
-    from fvcore.nn import FlopCountAnalysis
+def predict_fused_params(stock: nn.Module, half_shapes: dict[str, tuple[int, ...]], templates: int = 2) -> int:
+    """Parameters of ``fuse(a, b)`` (``share="none"``), from the stock full model's and the half model's shapes.
 
-    from morph.scale import layer_shapes
+    Every parameter of the stock model stays, except conv/linear weights: each layer keeps a's and b's
+    banks (``2 K x`` the half weight) and gets ``K`` coefficients per tile of its grid, the grid being
+    ``(full out / half out) x (full in-per-group / half in-per-group)``: 2x2, 2x1 (stem, depthwise and
+    group-width-keeping convs), 1x2 (classifier) or 1x1.
+    """
+    full = _weighted(stock)
+    n = _numel(stock) - sum(math.prod(s) for s in full.values())
+    for name, hs in half_shapes.items():
+        fs = full[name]
+        rows, cols = fs[0] // hs[0], fs[1] // hs[1]
+        n += 2 * templates * math.prod(hs) + rows * cols * templates
+    return n
+
+
+def flops_breakdown(model: nn.Module, plan: ChannelPlan, input_size: tuple[int, ...]) -> tuple[float, dict[str, float]]:
+    """The original's FLOPs per image (fvcore) and their shares by how they scale at half width."""
+    from fvcore.nn import FlopCountAnalysis
 
     p = next(iter(model.parameters()))
     fca = FlopCountAnalysis(model.eval(), torch.zeros((1, *input_size), dtype=p.dtype))
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    total = float(fca.total())
+    with torch.no_grad():
+        total = float(fca.total())
     by_mod = fca.by_module()
     shapes = layer_shapes(plan, model, 0.5)
-    quadratic = 0.0
+    share = {"dense": 0.0, "edge": 0.0, "grouped": 0.0}
     for lp in plan.conv_layers():
-        s = shapes[lp.name]
-        if plan.scales(lp.in_dim) and plan.scales(lp.out_dim) and (s.groups == 1 or not s.constant_group_width):
-            quadratic += float(by_mod.get(lp.name, 0))
-    return 1.0 - quadratic / total if total else 0.0
+        f = float(by_mod.get(lp.name, 0))
+        groups = getattr(model.get_submodule(lp.name), "groups", 1)
+        if not (plan.scales(lp.in_dim) and plan.scales(lp.out_dim)):
+            share["edge"] += f
+        elif groups == 1 or not shapes[lp.name].constant_group_width:  # dense, or grouped keeping its group count
+            share["dense"] += f
+        else:
+            share["grouped"] += f
+    out = {k: v / total for k, v in share.items()} if total else share
+    out["other"] = 1.0 - sum(out.values())
+    return total, out
+
+
+def _float32(model: nn.Module) -> nn.Module:
+    return model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return _first(model.eval()(x))
 
 
 def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, flops_size=None,
-                tmpdir=None, full: bool = True) -> ZooResult:
-    """Convert, scale, fuse (zero init), bake and reload ``spec``; measure everything."""
+                tmpdir=None, templates: int = 2) -> ZooResult:
+    """Run every morph pass on ``spec``; a MorphError is recorded as ``status="error"``, anything else
+    as ``status="crash"`` (a bug: morph must explain every failure with a MorphError)."""
     t0 = time.perf_counter()
-    r = ZooResult(spec)
+    r = ZooResult(spec, dtype=str(dtype).replace("torch.", ""), input_size=tuple(input_size))
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    stage = "build"
     try:
         torch.manual_seed(0)
         m = morph.build_model(spec).eval()
-        plan = analyze(m, input_size)
-        plain = morph.scale_width(m, 0.5, plan=plan)
-        a = morph.convert(m, 0.5, seed=1, plan=plan).eval()
+        r.params = _numel(m)
         x = torch.randn(2, *input_size)
-        with torch.no_grad():
-            y0 = m(x)
-            ya = a(x)
-            r.output_shape_ok = tuple(ya.shape) == tuple(y0.shape) and tuple(plain(x).shape) == tuple(y0.shape)
-        r.params = sum(p.numel() for p in m.parameters())
-        r.params_half = sum(p.numel() for p in a.parameters())
-        r.params_predicted = predicted_params(plain, 2)
+        y0 = _run(m, x)
+
+        stage = "analyze"
+        plan = analyze(m, input_size)
+        order = execution_order(plan.gm)
+
+        stage = "scale_width"
+        plain = morph.scale_width(m, 0.5, plan=plan)
+        shape_ok = _run(plain, x).shape == y0.shape
+        r.params_plain = _numel(plain)
+
+        stage = "convert"
+        a = morph.convert(m, 0.5, templates, seed=1, plan=plan).eval()
+        ya = _run(a, x)
+        shape_ok &= ya.shape == y0.shape
+        r.params_half = _numel(a)
+        r.params_half_predicted = predict_half_params(plain, order, templates)
         r.params_ratio = r.params_half / r.params
+        c = morph.convert(m, 0.5, templates, share="consecutive", seed=3, plan=plan)
+        r.params_consecutive = _numel(c)
+        r.params_consecutive_predicted = predict_half_params(plain, order, templates, "consecutive")
+        del c
+        b = morph.convert(m, 0.5, templates, seed=2, plan=plan).eval()
+        yb = _run(b, x)
+        half_shapes = _weighted(a)
+
+        stage = "flops"
         fs = tuple(flops_size or default_input_size(m))
         r.flops_input = fs
-        r.flops = morph.flops(m, fs).per_image
-        r.flops_half = morph.flops(a, fs, batch_size=64).per_image
+        m32 = _float32(m)
+        r.flops, shares = flops_breakdown(m32, plan, fs)
+        del m32
+        r.share_dense, r.share_edge, r.share_grouped, r.share_other = (shares[k] for k in ("dense", "edge", "grouped", "other"))
+        r.flops_plain_ratio = morph.flops(_float32(plain), fs).per_image / r.flops
+        del plain
+        a32 = _float32(a)
+        rep = morph.flops(a32, fs, batch_size=BATCH)
+        del a32
+        r.flops_half = rep.per_image
         r.flops_ratio = r.flops_half / r.flops
-        r.linear_share = linear_share(m, plan, fs)
-        r.flops_expected = 0.25 * (1 - r.linear_share) + 0.5 * r.linear_share
-        with torch.no_grad():
-            r.half_bake_relerr = _relerr(morph.bake(a).eval()(x), ya)
-        if not full:
-            return r
-        b = morph.convert(m, 0.5, seed=2, plan=plan).eval()
-        f = morph.fuse(a, b, init="zero").eval()
-        with torch.no_grad():
-            yb, yf = b(x), f(x)
-            r.ensemble_relerr = _relerr(yf, (ya + yb) / 2)
-            baked = morph.bake(f).eval()
-            r.bake_relerr = _relerr(baked(x), yf)
-        stock = morph.build_model(spec)
-        stock.load_state_dict(baked.state_dict(), strict=True)
-        r.strict_load = True
+        r.share_generation = rep.generation / BATCH / r.flops
+        r.flops_expected = 0.25 * r.share_dense + 0.5 * (r.share_edge + r.share_grouped + r.share_other) + r.share_generation
+        del m, plan
+        gc.collect()
+
+        stage = "bake(half)"
+        r.half_bake_relerr = relerr(_run(morph.bake(a), x), ya)
         if tmpdir is not None:
+            stage = "save/load"
             path = morph.save(a, f"{tmpdir}/{spec.replace('/', '_')}.safetensors")
-            re = morph.load(path).eval()
-            with torch.no_grad():
-                r.save_load_exact = bool(torch.equal(re(x), ya))
+            re = morph.load(path)
+            r.save_load_exact = bool(torch.equal(_run(re, x), ya))
+            del re
+            path.unlink()
+
+        stage = "fuse"
+        f = morph.fuse(a, b, init="zero", seed=0, inplace=True).eval()
+        yf = _run(f, x)
+        shape_ok &= yf.shape == y0.shape
+        r.ensemble_relerr = relerr(yf, (ya + yb) / 2)
+        r.params_fused = _numel(f)
+
+        stage = "bake(fused)"
+        baked = morph.bake(f)
+        r.bake_relerr = relerr(_run(baked, x), yf)
+        del f, a, b
+        sd = baked.state_dict()
+        del baked
+        gc.collect()
+
+        stage = "strict load"
+        stock = morph.build_model(spec)
+        r.params_fused_predicted = predict_fused_params(stock, half_shapes, templates)
+        stock.load_state_dict(sd, strict=True)
+        r.strict_load = True
+        del sd
+        r.stock_relerr = relerr(_run(stock, x), yf)
+        r.output_shape_ok = bool(shape_ok)
     except morph.MorphError as e:
-        r.status, r.error = "error", str(e).splitlines()[0]
+        r.status, r.stage, r.error = "error", stage, str(e).splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - recorded, reported as a crash
+        r.status, r.stage, r.error = "crash", stage, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
         torch.set_default_dtype(old)
         r.seconds = time.perf_counter() - t0
-    if r.status == "ok" and not math.isfinite(r.flops_ratio):
-        r.notes.append("no FLOPs")
     return r

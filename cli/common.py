@@ -1,76 +1,137 @@
-"""Shared CLI plumbing: consoles, errors, JSON output, option parsing."""
+"""Shared CLI plumbing: consoles, the one error wrapper, JSON output, option checks."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import wraps
+from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+import torch.nn as nn
 import typer
 from rich.console import Console
+from rich.status import Status
+from rich.text import Text
+from typer.core import TyperGroup
 
 import morph
+from morph.fuse import INIT_MODES
+
+__all__ = [
+    "Init", "MorphGroup", "check_output", "count_params", "err", "fail", "grown_summary", "out", "parse_size",
+    "print_json", "status",
+]
 
 out = Console()
 err = Console(stderr=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
+# Recent typer releases vendor click as typer._click, older ones use click: reach click's UsageError through
+# typer.BadParameter, which is public in both.
+_click_exceptions = importlib.import_module(typer.BadParameter.__module__)
+UsageError: type[Exception] = _click_exceptions.UsageError
+
+# fvcore (imported by morph.flops) calls torch.jit.script at import time; torch >= 2.10 warns about it.
+_FVCORE_WARNING = r"`torch\.jit\.script` is deprecated"
 
 
-def fail(message: str) -> typer.Exit:
-    """Print one line to stderr and return the exit (code 2) to raise."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
+# Choices of --init, in the library's order (orthogonal, orthogonal-official, random, random-uniform, copy, zero).
+Init = Enum("Init", {m.replace("-", "_"): m for m in INIT_MODES}, type=str)  # type: ignore[misc]
+
+INIT_HELP = ("Coefficients of the new tiles: orthogonal (paper; orthogonal to the vectors mixing the same bank), "
+             "orthogonal-official (official code), random (N(0,1)), random-uniform (U[0,1)), copy (the diagonal "
+             "tile's plus noise) or zero ({zero}).")
 
 
-def user_errors(fn: F) -> F:
-    """Turn morph's user errors (and bad paths) into one stderr line and exit code 2."""
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` as one line on stderr and return the exit to raise."""
+    message = " ".join(message.split())  # one line, whatever the message holds
+    err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
+    return typer.Exit(code=code)
 
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+
+class MorphGroup(TyperGroup):
+    """The ``morph`` group: the one place where user errors become ``error: ...`` and exit code 2.
+
+    Catches :class:`morph.MorphError` (bad model names, checkpoints, fusion pairs), click usage errors
+    raised while parsing a command's arguments or by its option checks (``typer.BadParameter``), and
+    file-system errors on a named path. Anything else is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
-        except (morph.MorphError, FileNotFoundError, ValueError) as e:
-            raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_FVCORE_WARNING, category=FutureWarning)
+                return super().invoke(ctx)
+        except morph.MorphError as e:
+            raise fail(str(e) or type(e).__name__) from None
+        except UsageError as e:
+            sub = getattr(e, "ctx", None)
+            if sub is not None:
+                path = sub.command_path
+            else:  # raised by a command's own option checks
+                path = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+            raise fail(f"{e.format_message().rstrip('.')}; see '{path} --help'") from None
+        except OSError as e:
+            if e.filename is None:  # not about a path the user gave (e.g. a closed pipe): not ours to word
+                raise
+            raise fail(f"{e.filename}: {e.strerror or e}") from None
 
-    return wrapper  # type: ignore[return-value]
 
-
-def parse_size(text: str | None) -> tuple[int, ...] | None:
-    """``3,224,224`` or ``224`` -> ``(3, 224, 224)``."""
+def parse_size(text: str | None) -> tuple[int, int, int] | None:
+    """``3,224,224`` (or ``3x224x224``, or ``224`` for 3x224x224) -> ``(3, 224, 224)``."""
     if text is None:
         return None
+    bad = typer.BadParameter(f"expected C,H,W such as 3,224,224 (or one size such as 224), got {text!r}",
+                             param_hint="'--input-size'")
     try:
-        parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
     except ValueError:
-        raise ValueError(f"--input-size must be C,H,W or H (e.g. 3,224,224), got {text!r}") from None
+        raise bad from None
     if len(parts) == 1:
         parts = [3, parts[0], parts[0]]
     if len(parts) != 3 or min(parts) < 1:
-        raise ValueError(f"--input-size must be C,H,W or H (e.g. 3,224,224), got {text!r}")
-    return tuple(parts)
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-@contextmanager
-def status(message: str, enabled: bool = True):
-    """A rich spinner on stderr for long work."""
-    if not enabled:
-        yield
-        return
-    with err.status(message):
-        yield
+        raise bad
+    return parts[0], parts[1], parts[2]
 
 
 def check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise ValueError(f"{path} exists; pass --force to overwrite it")
+    """Refuse an output that is not ``.safetensors``, is a folder, or exists (unless ``--force``)."""
+    hint = "'-o' / '--output'"
     if path.suffix != ".safetensors":
-        raise ValueError(f"output {path} must end in .safetensors")
+        raise typer.BadParameter(f"{path} must end in .safetensors", param_hint=hint)
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder; name a .safetensors file", param_hint=hint)
+    if path.exists() and not force:
+        raise typer.BadParameter(f"{path} exists; pass --force to overwrite it", param_hint=hint)
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model``, a bank shared by two layers counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def grown_summary(model: nn.Module, path: Path) -> dict[str, Any]:
+    """JSON summary of a fused or grown model written to ``path``."""
+    info = morph.get_info(model)
+    return {
+        "output": str(path), "model": info.spec.spec, "kind": info.kind, "width": info.width * info.factor,
+        "set_ids": list(info.set_ids), "growth": info.growth, "init": info.init, "params": count_params(model),
+    }
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout (nothing else goes to stdout under ``--json``)."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def status(message: str) -> Iterator[Status]:
+    """A rich spinner on stderr while long work runs (silent when stderr is not a terminal)."""
+    with err.status(message) as s:
+        yield s

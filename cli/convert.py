@@ -1,4 +1,4 @@
-"""``morph convert``: a model name -> half-width template-mixing checkpoint."""
+"""``morph convert``: a model name -> a reduced-width template-mixing checkpoint, saved and verified."""
 
 from __future__ import annotations
 
@@ -6,63 +6,120 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import torch
+import torch.nn as nn
 import typer
+from rich.markup import escape
 
 import morph
+from morph.convert import SHARE_MODES
+from morph.templates import mixed_layers
 
-from .common import check_output, out, parse_size, print_json, status, user_errors
+from .common import check_output, count_params, fail, out, parse_size, print_json, status
 
+__all__ = ["convert", "default_output"]
 
-class Share(str, Enum):
-    none = "none"
-    consecutive = "consecutive"
+Share = Enum("Share", {m: m for m in SHARE_MODES}, type=str)  # type: ignore[misc]
 
 
 def default_output(name: str, width: float, seed: int | None) -> Path:
-    stem = name.split(":")[-1].split("/")[-1].replace(".", "_")
+    """``resnet50`` -> ``resnet50-half.safetensors``; ``timm/resnet18``, width 0.25, seed 1 ->
+    ``resnet18-w0.25-seed1.safetensors``."""
+    stem = name.strip().split(":")[-1].split("/")[-1]
     tag = "half" if width == 0.5 else f"w{width:g}"
-    return Path(f"{stem}-{tag}" + (f"-s{seed}" if seed is not None else "") + ".safetensors")
+    return Path(f"{stem}-{tag}" + (f"-seed{seed}" if seed is not None else "") + ".safetensors")
 
 
-@user_errors
+def verify(model: nn.Module, reloaded: nn.Module, input_size: tuple[int, ...]) -> dict:
+    """Compare the reloaded model with the one that was saved: every tensor, and one forward pass."""
+    a, b = model.state_dict(), reloaded.state_dict()
+    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        y = model(x)
+        diff = float((y - reloaded(x)).abs().max())
+    # identical tensors give identical outputs on CPU; the tolerance only absorbs nondeterministic kernels
+    ok = same and diff <= 1e-5 * max(1.0, float(y.abs().max()))
+    return {"tensors": len(a), "tensors_equal": same, "output_max_abs_diff": diff, "ok": ok}
+
+
 def convert(
-    name: Annotated[str, typer.Argument(help="Model: timm/NAME, torchvision/NAME, NAME (timm first) or pkg.module:fn.")],
-    half: Annotated[bool, typer.Option("--half", help="Half width (same as --width 0.5; the default).")] = False,
-    width: Annotated[float, typer.Option(help="Width multiplier of the template model.")] = 0.5,
-    templates: Annotated[int, typer.Option(help="Templates per bank (paper: 2).")] = 2,
-    share: Annotated[Share, typer.Option(help="none: a bank per layer; consecutive: same-shape neighbours share one.")] = Share.none,
-    num_classes: Annotated[int | None, typer.Option(help="Number of classes (model default if omitted).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of templates and coefficients; also names the template set.")] = None,
-    set_id: Annotated[str | None, typer.Option(help="Template-set id (default: from --seed, else random).")] = None,
-    train_edge_coefficients: Annotated[bool, typer.Option(help="Train the stem's and classifier's coefficients (official CIFAR code).")] = False,
-    input_size: Annotated[str | None, typer.Option(help="Input C,H,W used for tracing (default: the model's).")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors (default: NAME-half[-sSEED].safetensors).")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of text.")] = False,
+    name: Annotated[str, typer.Argument(
+        help="Model: NAME (timm first, then torchvision), timm/NAME, torchvision/NAME or package.module:callable.",
+        metavar="NAME", show_default=False)],
+    half: Annotated[bool, typer.Option("--half", help="Half width, the paper's setting (same as --width 0.5, "
+                                       "the default).")] = False,
+    width: Annotated[float, typer.Option(help="Width multiplier of the template model (> 0).")] = 0.5,
+    templates: Annotated[int, typer.Option(help="Templates per bank (paper: 2).", min=1)] = 2,
+    share: Annotated[Share, typer.Option(help="none: every layer has its own bank; consecutive: consecutive "
+                                         "same-shape layers share one bank (at most two per bank).")] = Share["none"],
+    num_classes: Annotated[int | None, typer.Option(help="Classes of the classifier (default: the model's).",
+                                                    min=1, show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the templates and coefficients; also names the "
+                                             "template set (seedN) and the default output.",
+                                             show_default=False)] = None,
+    set_id: Annotated[str | None, typer.Option(help="Template-set id (default: seedN with --seed, else random). "
+                                               "Two halves fused later need different ids.",
+                                               show_default=False)] = None,
+    train_edge_coefficients: Annotated[bool, typer.Option(
+        "--train-edge-coefficients", help="Let the stem's and classifier's coefficients train (official CIFAR "
+        "code; the paper fixes them).")] = False,
+    input_size: Annotated[str | None, typer.Option(help="Input C,H,W used to trace the model, e.g. 3,64,64 "
+                                                   "(default: the model's, else 3,224,224).",
+                                                   show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors (default: "
+                                                "NAME-half.safetensors, NAME-half-seedN.safetensors with --seed, "
+                                                "NAME-wW.safetensors at other widths).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")] = False,
 ) -> None:
-    """Convert a CNN to a reduced-width template-mixing model (W = sum_k a_k T_k) and save it."""
-    if half:
-        width = 0.5
-    path = output or default_output(name, width, seed)
-    check_output(path, force)
+    """Convert a CNN to a reduced-width template-mixing model (W = sum_k a_k T_k), save it, reload and verify it.
+
+    Example: morph convert resnet50 --half --seed 1  (writes resnet50-half-seed1.safetensors)
+    """
+    if half and width != 0.5:
+        raise typer.BadParameter(f"--half means --width 0.5; drop one of them (got --width {width:g})",
+                                 param_hint="'--half'")
     size = parse_size(input_size)
-    with status(f"converting {name}", not json_out):
+    path = output if output is not None else default_output(name, width, seed)
+    check_output(path, force)
+    with status(f"building {name}") as s:
         base = morph.build_model(name, num_classes=num_classes)
+        s.update(f"converting {name} to width {width:g}")
         model = morph.convert(base, width=width, templates=templates, share=share.value, seed=seed, set_id=set_id,
                               train_edge_coefficients=train_edge_coefficients, input_size=size)
+        s.update(f"saving {path}")
         morph.save(model, path)
-        reloaded = morph.load(path)
+        s.update(f"reloading {path}")
+        try:
+            reloaded = morph.load(path)
+            check = verify(model, reloaded, morph.get_info(reloaded).input_size)
+        except BaseException:
+            path.unlink(missing_ok=True)  # a checkpoint that does not load back is no output
+            raise
+    if not check["ok"]:
+        path.unlink(missing_ok=True)
+        raise fail(f"{path} reloads differently from the converted model ({check}); removed it. This is a morph "
+                   "bug: please report it with this command line", code=1)
     info = morph.get_info(reloaded)
-    n_base = sum(p.numel() for p in base.parameters())
-    n_new = sum(p.numel() for p in reloaded.parameters())
+    n_new, n_base = count_params(reloaded), count_params(base)
     summary = {
-        "output": str(path), "model": info.spec.spec, "resolved_from": base.morph_spec.source, "width": width,
-        "templates": templates, "share": share.value, "set_id": info.set_ids[0], "params": n_new,
-        "params_original": n_base, "params_ratio": n_new / n_base, "reloaded": True,
+        "output": str(path), "model": info.spec.spec, "kwargs": info.spec.kwargs, "kind": info.kind,
+        "width": info.width, "templates": info.templates, "share": info.share, "set_id": info.set_ids[0],
+        "input_size": list(info.input_size), "template_layers": len(mixed_layers(reloaded)),
+        "params": n_new, "params_original": n_base, "params_ratio": n_new / n_base, "verified": check,
     }
     if json_out:
         print_json(summary)
         return
-    out.print(f"[green]converted[/] {info.spec.spec} ({base.morph_spec.source}) -> {path}")
-    out.print(f"  width {width:g}, {templates} templates/bank, share={share.value}, template set {info.set_ids[0]!r}")
-    out.print(f"  parameters {n_new:,} vs {n_base:,} original ({n_new / n_base:.3f}x); reloaded and checked")
+    out.print(f"[green]converted[/] {escape(name)} ({info.spec.spec}) -> [bold]{escape(str(path))}[/]",
+              highlight=False)
+    out.print(f"  width {info.width:g}, input {'x'.join(map(str, info.input_size))}, template set "
+              f"{info.set_ids[0]!r}", highlight=False, markup=False)
+    out.print(f"  {summary['template_layers']} template-mixed layers, {info.templates} templates per bank, share "
+              f"{info.share}", highlight=False)
+    out.print(f"  parameters {n_new:,} = {n_new / n_base:.3f}x the original's {n_base:,}", highlight=False)
+    out.print(f"  verified: reloaded it; {check['tensors']} tensors identical, same outputs (max |diff| "
+              f"{check['output_max_abs_diff']:g})", highlight=False)

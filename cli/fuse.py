@@ -1,4 +1,4 @@
-"""``morph fuse`` and ``morph grow``: MixtureGrowth growth of half-width checkpoints."""
+"""``morph fuse``: two half-width checkpoints -> the full-width model (MixtureGrowth fusion by tiling)."""
 
 from __future__ import annotations
 
@@ -7,69 +7,57 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 import morph
-from morph.fuse import INIT_MODES
+from morph.fuse import GROWTH_MODES
 
-from .common import check_output, out, print_json, status, user_errors
+from .common import INIT_HELP, Init, check_output, grown_summary, out, print_json, status
 
-Init = Enum("Init", {m.replace("-", "_"): m for m in INIT_MODES}, type=str)  # type: ignore[misc]
+__all__ = ["fuse"]
 
+Growth = Enum("Growth", {m: m for m in GROWTH_MODES}, type=str)  # type: ignore[misc]
 
-class Growth(str, Enum):
-    vertical = "vertical"
-    horizontal = "horizontal"
-
-
-def _summary(model, path: Path) -> dict:
-    info = morph.get_info(model)
-    return {"output": str(path), "model": info.spec.spec, "kind": info.kind, "width": info.width * info.factor,
-            "set_ids": list(info.set_ids), "growth": info.growth, "init": info.init,
-            "params": sum(p.numel() for p in model.parameters())}
+_HALF = dict(exists=True, dir_okay=False, show_default=False)  # typer checks these before the command runs
 
 
-@user_errors
 def fuse(
-    a: Annotated[Path, typer.Argument(help="First half-width checkpoint (from morph convert).")],
-    b: Annotated[Path, typer.Argument(help="Second half-width checkpoint, another template set.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors.")],
-    growth: Annotated[Growth, typer.Option(help="vertical: a row's tiles share a template set; horizontal: a column's.")] = Growth.vertical,
-    init: Annotated[Init, typer.Option(help="New tiles' coefficients (paper default: orthogonal; zero = ensemble).")] = Init.orthogonal,
-    seed: Annotated[int | None, typer.Option(help="Seed of the new coefficients.")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    a: Annotated[Path, typer.Argument(help="First half-width checkpoint (from morph convert).", metavar="A", **_HALF)],
+    b: Annotated[Path, typer.Argument(help="Second half-width checkpoint: same model and options, another "
+                                      "template set (convert it with another --seed).", metavar="B", **_HALF)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors of the fused model.",
+                                         show_default=False)],
+    growth: Annotated[Growth, typer.Option(help="vertical: the tiles of one output row mix one template set; "
+                                           "horizontal: the tiles of one input column do.")] = Growth["vertical"],
+    init: Annotated[Init, typer.Option(help=INIT_HELP.format(zero="the fused model averages A and B"))] = Init[
+        "orthogonal"],
+    seed: Annotated[int | None, typer.Option(help="Seed of the new coefficients (default: random).",
+                                             show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")] = False,
 ) -> None:
-    """Fuse two half-width template models into the full-width model by tiling (MixtureGrowth)."""
+    """Fuse two half-width template models into the full-width model by tiling (MixtureGrowth).
+
+    Every weight becomes a 2x2 grid of tiles: A's and B's layers on the diagonal, new tiles mixing A's or B's
+    templates off it. Example: morph fuse resnet50-half-seed1.safetensors resnet50-half-seed2.safetensors
+    -o resnet50-fused.safetensors
+    """
     check_output(output, force)
-    with status("fusing", not json_out):
-        ma, mb = morph.load(a), morph.load(b)
+    with status(f"loading {a}") as s:
+        ma = morph.load(a)
+        s.update(f"loading {b}")
+        mb = morph.load(b)
+        s.update("fusing")
+        # inplace: the fused model takes over the loaded templates instead of copying them.
         model = morph.fuse(ma, mb, growth=growth.value, init=init.value, seed=seed, inplace=True)
+        s.update(f"saving {output}")
         morph.save(model, output)
-    s = _summary(model, output)
+    summary = grown_summary(model, output)
     if json_out:
-        print_json(s)
-    else:
-        out.print(f"[green]fused[/] {a} + {b} -> {output}: {s['model']} width {s['width']:g}, "
-                  f"growth {s['growth']}, init {s['init']}, {s['params']:,} parameters")
-
-
-@user_errors
-def grow(
-    a: Annotated[Path, typer.Argument(help="A half-width checkpoint (from morph convert).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors.")],
-    init: Annotated[Init, typer.Option(help="New tiles' coefficients (zero keeps the function).")] = Init.orthogonal,
-    seed: Annotated[int | None, typer.Option(help="Seed of the new coefficients.")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
-) -> None:
-    """Widen one half-width model, every new tile mixing its own templates (MixtureGrowth w/o fusion)."""
-    check_output(output, force)
-    with status("growing", not json_out):
-        model = morph.grow(morph.load(a), init=init.value, seed=seed, inplace=True)
-        morph.save(model, output)
-    s = _summary(model, output)
-    if json_out:
-        print_json(s)
-    else:
-        out.print(f"[green]grown[/] {a} -> {output}: {s['model']} width {s['width']:g}, init {s['init']}, "
-                  f"{s['params']:,} parameters")
+        print_json(summary)
+        return
+    out.print(f"[green]fused[/] {escape(str(a))} + {escape(str(b))} -> [bold]{escape(str(output))}[/]",
+              highlight=False)
+    out.print(f"  {summary['model']} at width {summary['width']:g}, template sets {' + '.join(summary['set_ids'])}, "
+              f"growth {summary['growth']}, init {summary['init']}, {summary['params']:,} parameters",
+              highlight=False, markup=False)

@@ -1,97 +1,167 @@
-"""``morph inspect``: layers, template banks, tiles, parameters and FLOPs of a checkpoint."""
+"""``morph inspect``: layers, template banks, tiles, coefficients, parameters and FLOPs of a checkpoint."""
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch.nn as nn
 import typer
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 import morph
 from morph.templates import mixed_layers
 
-from .common import out, print_json, status, user_errors
+from .common import count_params, out, print_json, status
+
+__all__ = ["inspect", "layer_rows", "si"]
+
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def _layer_rows(model: nn.Module) -> list[dict]:
+def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per conv/linear layer. ``params`` counts each parameter once, at its first layer, so that a
+    bank shared by two layers (``--share consecutive``) is not counted twice and the rows add up."""
     mixed = dict(mixed_layers(model))
+    seen: set[int] = set()
     rows = []
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        if not isinstance(m, _LAYERS):
             continue
-        w = m.weight
-        row = {"layer": name, "weight_shape": list(w.shape), "params": int(w.numel())}
+        own = [p for p in m.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        row: dict[str, Any] = {"layer": name, "type": type(m).__name__.removeprefix("Mixed"),
+                               "weight_shape": list(m.weight.shape), "mixed": name in mixed,
+                               "params": sum(p.numel() for p in own)}
         if name in mixed:
             mix = m.mix
-            banks = [f"{b.set_id}:{b.name}" for b in mix.banks]
             row.update({
                 "grid": list(mix.grid),
-                "tiles": [banks[b] for b in mix.tile_banks],
-                "banks": banks,
-                "templates": int(mix.banks[0].templates.shape[0]),
-                "coefficients": [[round(float(v), 4) for v in r] for r in mix.coefficients.detach()],
-                "params": int(sum(p.numel() for p in mix.parameters())),
+                "banks": [{"set_id": b.set_id, "name": b.name, "templates": b.num_templates,
+                           "template_shape": list(b.templates.shape[1:])} for b in mix.banks],
+                "tiles": list(mix.tile_banks),
+                "coefficients": mix.coefficients.detach().float().tolist(),
+                "coefficients_train": bool(mix.coefficients.requires_grad),
             })
-        if getattr(m, "bias", None) is not None:
-            row["params"] += int(m.bias.numel())
         rows.append(row)
     return rows
 
 
-@user_errors
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    # Fits 80 columns: only the short columns refuse to wrap, the long ones fold.
+    t = Table(title=title, title_justify="left", show_footer=True, highlight=False, box=box.SIMPLE_HEAD,
+              show_edge=False, pad_edge=False, collapse_padding=True)
+    t.add_column("layer", footer=f"{len(rows)} layers", overflow="fold",
+                 min_width=min(max((len(r["layer"]) for r in rows), default=5), 16))
+    t.add_column("weight", no_wrap=True)
+    t.add_column("bank", overflow="fold")
+    t.add_column("tiles", no_wrap=True)
+    # a coefficient line is "A " (several banks) + K numbers of 6 chars
+    longest = max((2 * (len(r["banks"]) > 1) + 7 * len(r["coefficients"][0]) - 1 for r in rows if r["mixed"]),
+                  default=1)
+    t.add_column("coefficients", min_width=min(longest, 24))
+    t.add_column("params", justify="right", footer=f"{sum(r['params'] for r in rows):,}", no_wrap=True)
+    for r in rows:
+        shape = "x".join(map(str, r["weight_shape"]))
+        if not r["mixed"]:
+            t.add_row(escape(r["layer"]), shape, "-", "-", "-", f"{r['params']:,}")
+            continue
+        many = len(r["banks"]) > 1  # then banks are keyed A, B, ... and tiles/coefficients name their bank
+
+        def key(i: int, many: bool = many) -> str:
+            return f"{string.ascii_uppercase[i]} " if many else ""
+
+        banks = "\n".join(key(i) + b["set_id"] + ("" if b["name"] == r["layer"] else f"/{b['name']}")
+                          for i, b in enumerate(r["banks"]))
+        rr, cc = r["grid"]
+        tiles = f"{rr}x{cc}"
+        if many:  # the grid, row by row: which bank each tile mixes
+            grid = [" ".join(key(b).strip() for b in r["tiles"][i * cc:(i + 1) * cc]) for i in range(rr)]
+            tiles = "\n".join([f"{tiles} {grid[0]}"] + [" " * (len(tiles) + 1) + x for x in grid[1:]])
+        coefs = "\n".join(key(b) + " ".join(f"{v:+.3f}" for v in c)
+                          for b, c in zip(r["tiles"], r["coefficients"], strict=True))
+        fixed = "" if r["coefficients_train"] else "\n(fixed)"
+        t.add_row(escape(r["layer"]), shape, escape(banks), tiles, coefs + fixed, f"{r['params']:,}")
+    return t
+
+
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A morph .safetensors checkpoint.")],
-    flops: Annotated[bool, typer.Option(help="Count FLOPs (fvcore) against the full-width original.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Batch over which weight generation is amortized in FLOPs.")] = 64,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    file: Annotated[Path, typer.Argument(help="A morph .safetensors checkpoint (convert, fuse, grow or bake).",
+                                         metavar="FILE", exists=True, dir_okay=False, show_default=False)],
+    flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs (fvcore) at the checkpoint's "
+                                        "input size, against the full-width original model.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Batch over which template weight generation (once per forward "
+                                            "pass) is amortized in FLOPs per image.", min=1)] = 64,
+    json_out: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout instead of "
+                                           "tables.")] = False,
 ) -> None:
-    """Show a checkpoint's layers (shape, template bank, tiles, coefficients, parameters), totals and FLOPs."""
-    with status(f"loading {file}", not json_out):
+    """Show a checkpoint's layers (weight shape, template bank, tiles, coefficients, parameters), totals and FLOPs.
+
+    Example: morph inspect resnet50-half.safetensors
+    """
+    with status(f"loading {file}") as s:
+        info, _ = morph.read_info(file)  # the recorded provenance (init, growth, ...) as written
         model = morph.load(file)
-    info = morph.get_info(model)
-    rows = _layer_rows(model)
-    total = sum(p.numel() for p in model.parameters())
+        rows = layer_rows(model)
+        if flops:
+            s.update("counting FLOPs")
+            report = morph.flops(model, info.input_size, batch_size=batch_size)
+            s.update(f"counting FLOPs of the full-width {info.spec.spec}")
+            original = morph.build_model(info.spec.spec, **info.spec.kwargs)
+            report_original = morph.flops(original, info.input_size)
+    mixed = [r for r in rows if r["mixed"]]
     banks = {id(b) for _, m in mixed_layers(model) for b in m.mix.banks}
-    result = {
-        "file": str(file), "model": info.spec.spec, "kind": info.kind, "width": info.width * info.factor,
-        "templates": info.templates, "share": info.share, "set_ids": list(info.set_ids), "growth": info.growth,
-        "init": info.init, "input_size": list(info.input_size), "params": total, "banks": len(banks),
-        "mixed_layers": len(mixed_layers(model)), "layers": rows,
+    total = count_params(model)
+    in_layers = sum(r["params"] for r in rows)
+    result: dict[str, Any] = {
+        "file": str(file), "model": info.spec.spec, "kwargs": info.spec.kwargs, "kind": info.kind,
+        "width": info.width * info.factor, "templates": info.templates, "share": info.share,
+        "set_ids": list(info.set_ids), "growth": info.growth, "init": info.init, "input_size": list(info.input_size),
+        "params": total, "params_layers": in_layers, "params_other": total - in_layers,
+        "template_banks": len(banks), "template_layers": len(mixed), "layers": rows,
     }
     if flops:
-        with status("counting FLOPs", not json_out):
-            r = morph.flops(model, info.input_size, batch_size=batch_size)
-            orig = morph.build_model(info.spec.spec, **info.spec.kwargs)
-            ro = morph.flops(orig, info.input_size)
+        n_orig = count_params(original)
         result["flops"] = {
-            "per_image": r.per_image, "forward": r.forward, "generation": r.generation, "batch_size": batch_size,
-            "original": ro.per_image, "ratio": r.per_image / ro.per_image,
-            "params_original": sum(p.numel() for p in orig.parameters()),
-            "note": "fvcore: one multiply-add = one flop; generation amortized over batch_size",
+            "per_image": report.per_image, "forward": report.forward, "generation": report.generation,
+            "batch_size": batch_size, "original": report_original.per_image,
+            "ratio": report.per_image / report_original.per_image, "params_original": n_orig,
+            "params_ratio": total / n_orig,
+            "convention": "fvcore: one multiply-add = one flop; weights are generated once per batch, amortized "
+                          "over batch_size in per_image",
         }
     if json_out:
         print_json(result)
         return
-    t = Table(title=f"{file} — {info.spec.spec}, {info.kind}, width {info.width * info.factor:g}")
-    for col in ("layer", "weight shape", "bank", "tiles", "coefficients", "params"):
-        t.add_column(col, justify="right" if col == "params" else "left")
-    for r in rows:
-        if "grid" in r:
-            bank = ", ".join(r["banks"])
-            tiles = f"{r['grid'][0]}x{r['grid'][1]}: " + " ".join(
-                str(r["banks"].index(x)) for x in r["tiles"]) if r["grid"] != [1, 1] else "1x1"
-            coefs = "; ".join(" ".join(f"{v:+.3f}" for v in c) for c in r["coefficients"])
-        else:
-            bank, tiles, coefs = "—", "—", "—"
-        t.add_row(r["layer"], "x".join(map(str, r["weight_shape"])), bank, tiles, coefs, f"{r['params']:,}")
-    out.print(t)
-    out.print(f"parameters: {total:,}   template banks: {len(banks)}   template-mixed layers: {result['mixed_layers']}")
+
+    what = f"{info.spec.spec}, {info.kind}, width {result['width']:g}"
+    if info.kind != "plain":
+        what += f", {info.templates} templates per bank, share {info.share}, template sets {', '.join(info.set_ids)}"
+    if info.kind in ("fused", "grown"):
+        what += f", growth {info.growth}, init {info.init}" if info.kind == "fused" else f", init {info.init}"
+    out.print(_table(f"{escape(str(file))}: {escape(what)}", rows))
+    if mixed:
+        out.print("bank: template set (/bank name, when the bank is another layer's); tiles: grid out x in (and each "
+                  "tile's bank); coefficients: one vector per tile, (fixed) = not trained", highlight=False)
+    out.print(f"parameters: {total:,} = {in_layers:,} in {len(rows)} conv/linear layers + {total - in_layers:,} in "
+              f"other modules; {len(banks)} template banks in {len(mixed)} template-mixed layers", highlight=False)
     if flops:
         f = result["flops"]
-        out.print(
-            f"FLOPs/image: {f['per_image'] / 1e9:.4g} G (generation {f['generation'] / 1e6:.3g} M per batch of "
-            f"{batch_size}) vs full-width original {f['original'] / 1e9:.4g} G = {f['ratio']:.3f}x; "
-            f"parameters {total / f['params_original']:.3f}x. fvcore counts one multiply-add as one flop."
-        )
+        size = "x".join(map(str, info.input_size))
+        gen = f" = forward {si(f['forward'])} + weight generation {si(f['generation'])} / batch {batch_size}"
+        out.print(f"FLOPs per {size} image (fvcore: 1 multiply-add = 1 flop):\n"
+                  f"  this model  {si(f['per_image'])}{gen if f['generation'] else ''}\n"
+                  f"  original    {si(f['original'])} ({info.spec.spec} at full width, "
+                  f"{f['params_original']:,} parameters)\n"
+                  f"  ratio       {f['ratio']:.3f}x FLOPs, {f['params_ratio']:.3f}x parameters", highlight=False)
+
+
+def si(x: float) -> str:
+    """``37120000`` -> ``37.12 M``."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g} {unit}"
+    return f"{x:.4g}"

@@ -1,29 +1,40 @@
-"""The ``morph`` command: one module per command, each a thin layer over a library call."""
+"""The ``morph`` command: one module per command, each a thin layer over the library.
+
+User errors (:class:`morph.MorphError`, bad options, unreadable paths) are turned into one ``error: ...``
+line on stderr and exit code 2 in one place, :class:`~.common.MorphGroup`.
+"""
 
 from __future__ import annotations
 
 import typer
 
 from .bake import bake
+from .common import MorphGroup
 from .convert import convert
-from .fuse import fuse, grow
+from .fuse import fuse
+from .grow import grow
 from .inspect import inspect
 from .train import report, train
 
+__all__ = ["app"]
+
 app = typer.Typer(
+    cls=MorphGroup,
     name="morph",
-    help="Grow CNNs the MixtureGrowth way: convert to template mixing, fuse, grow, bake, inspect.",
+    help="Grow CNNs the MixtureGrowth way: convert a model to half-width template mixing, fuse two halves (or "
+    "grow one) to full width, bake to a plain timm/torchvision model, inspect any checkpoint. Every command "
+    "takes --json.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command()(convert)
-app.command()(inspect)
-app.command()(fuse)
-app.command()(grow)
-app.command()(bake)
-app.command()(train)
-app.command()(report)
+app.command("convert")(convert)
+app.command("inspect")(inspect)
+app.command("fuse")(fuse)
+app.command("grow")(grow)
+app.command("bake")(bake)
+app.command("train")(train)
+app.command("report")(report)
 
 if __name__ == "__main__":
     app()

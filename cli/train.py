@@ -7,10 +7,26 @@ from typing import Annotated
 
 import typer
 
-from .common import out, print_json, user_errors
+from .common import out, print_json
 
 
-@user_errors
+def _recipe_errors(fn):
+    """Recipes report bad configs, overrides and data paths as ValueError/FileNotFoundError: user errors."""
+    from functools import wraps
+
+    import morph
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            raise morph.MorphError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    return wrapper
+
+
+@_recipe_errors
 def train(
     config: Annotated[str, typer.Argument(help="A config path, or the name of one in recipes/configs (e.g. cifar10-smoke).")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. run.seeds=[0,1] optim.lr=0.05.")] = None,
@@ -31,7 +47,7 @@ def train(
         out.print(f"[green]done[/]: {run_dir}")
 
 
-@user_errors
+@_recipe_errors
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by morph train.")],
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Where report.md and top1_vs_flops.png go.")] = Path("report"),

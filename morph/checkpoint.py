@@ -77,6 +77,8 @@ def read_info(path: str | os.PathLike) -> tuple[MorphInfo, dict[str, str]]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
     if meta.get("format") != "morph" or "morph_info" not in meta:
         raise CheckpointError(f"{path}: a safetensors file without morph metadata; it was not written by morph.save")
+    if not str(meta.get("format_version", "0")).isdigit():
+        raise CheckpointError(f"{path}: corrupt format_version {meta.get('format_version')!r} in morph metadata")
     if int(meta.get("format_version", "0")) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than this morph's")
     try:
@@ -160,4 +162,6 @@ def load(path: str | os.PathLike) -> nn.Module:
     except Exception as e:
         raise CheckpointError(f"{path}: tensors do not match {info.spec.spec} ({info.kind}): "
                               f"{str(e).splitlines()[0][:300]}") from e
-    return model
+    from .info import set_info
+
+    return set_info(model, info)  # the recorded provenance (fusion init, ...), not the rebuild's

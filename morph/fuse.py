@@ -161,6 +161,8 @@ def _build(
         ma, mb, mf = a.get_submodule(name), src_b.get_submodule(name), full.get_submodule(name)
         if p.kind in ("conv", "linear"):
             _fuse_weight(plan, p, ma, mb, mf, growth, newc, vectors, grow_only=b is None)
+            # other per-output-channel tensors of conv subclasses (timm ScaledStdConv2d's gain)
+            _fuse_tensors(plan, p.out_dim, ma, mb, mf, b is None, exclude=("weight", "bias"))
         else:
             _fuse_tensors(plan, p.in_dim if p.kind != "layernorm" else p.ln_dims[0], ma, mb, mf, b is None)
     for path, dims in plan.params.items():
@@ -188,7 +190,9 @@ def _stock(info: MorphInfo) -> nn.Module | None:
 def _stock_groups(stock: nn.Module | None) -> dict[str, int]:
     if stock is None:
         return {}
-    return {n: m.groups for n, m in stock.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    out = {n: m.groups for n, m in stock.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    out.update({n: m.num_groups for n, m in stock.named_modules() if isinstance(m, nn.GroupNorm)})
+    return out
 
 
 def _check_stock(info: MorphInfo, stock: nn.Module | None, full: nn.Module) -> None:
@@ -199,8 +203,9 @@ def _check_stock(info: MorphInfo, stock: nn.Module | None, full: nn.Module) -> N
     for k, v in full.state_dict().items():
         if k in want and tuple(v.shape) != want[k]:
             raise MorphError(
-                f"{k}: the fused tensor {tuple(v.shape)} differs from {info.spec.spec}'s {want[k]} "
-                "(odd channel counts were rounded at half width); this model cannot be fused"
+                f"{k}: the fused tensor {tuple(v.shape)} differs from {info.spec.spec}'s {want[k]}: two halves "
+                "cannot tile it (odd channel counts were rounded at half width, or a 2-channel group halved to "
+                "1 channel, which morph cannot tell from a broadcast dim); this model cannot be fused"
             )
 
 
@@ -268,9 +273,10 @@ def _cat_perm(plan: ChannelPlan, dim: Dim, ta: torch.Tensor, tb: torch.Tensor, a
     return t.index_select(axis, perm) if perm is not None else t
 
 
-def _fuse_tensors(plan: ChannelPlan, dim: Dim, ma: nn.Module, mb: nn.Module, mf: nn.Module, grow_only: bool) -> None:
+def _fuse_tensors(plan: ChannelPlan, dim: Dim, ma: nn.Module, mb: nn.Module, mf: nn.Module, grow_only: bool,
+                  exclude: tuple[str, ...] = ()) -> None:
     for name, tf in list(mf.named_parameters(recurse=False)) + list(mf.named_buffers(recurse=False)):
-        if tf is None:
+        if tf is None or name in exclude:
             continue
         ta, tb = getattr(ma, name).detach(), getattr(mb, name).detach()
         if tf.dim() == 0:

@@ -98,7 +98,9 @@ def layer_shapes(
             out[p.name] = LayerShape(p.name, p.kind, cin, cout, 1, (cout, cin))
         elif p.kind == "groupnorm":
             c_old, g = m.num_channels, m.num_groups
-            if (g * cin) % c_old == 0 and (g * cin) // c_old > 0:
+            if groups and p.name in groups:  # the stock model's group count
+                gn_groups, const_w = groups[p.name], groups[p.name] * c_old == g * cin
+            elif (g * cin) % c_old == 0 and (g * cin) // c_old > 0:
                 gn_groups, const_w = (g * cin) // c_old, True
             elif cin % g == 0:
                 gn_groups, const_w = g, False
@@ -162,6 +164,15 @@ def _resize_layer(
                                 requires_grad=w.requires_grad)
         if m.bias is not None:
             m.bias = nn.Parameter(m.bias.detach().index_select(0, i_out).clone(), requires_grad=m.bias.requires_grad)
+        if not m.transposed:  # other per-output-channel tensors of conv subclasses (timm ScaledStdConv2d's gain)
+            for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if name in ("weight", "bias") or t is None or t.dim() == 0 or t.shape[0] != m.out_channels:
+                    continue
+                new = t.detach().index_select(0, i_out).clone()
+                if isinstance(t, nn.Parameter):
+                    setattr(m, name, nn.Parameter(new, requires_grad=t.requires_grad))
+                else:
+                    setattr(m, name, new)
         m.in_channels, m.out_channels, m.groups = s.in_ch, s.out_ch, s.groups
     elif p.kind == "linear":
         w = m.weight

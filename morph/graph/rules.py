@@ -21,11 +21,12 @@ from .analyze import TD, ConstSite, LayerPlan, _Analyzer
 from .coupling import Dim, Seg
 from .trace import node_qualname
 
-__all__ = ["apply_rule", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+__all__ = ["apply_rule", "MODULE_RULES", "MODULE_NAME_RULES", "FUNCTION_RULES", "METHOD_RULES"]
 
 Rule = Callable[[_Analyzer, fx.Node], Any]
 
 MODULE_RULES: list[tuple[type, Rule]] = []
+MODULE_NAME_RULES: dict[str, Rule] = {}  # "package.module.Class": leaf modules of optional libraries (timm)
 FUNCTION_RULES: dict[Any, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
 
@@ -34,6 +35,17 @@ def _module(*types: type) -> Callable[[Rule], Rule]:
     def deco(fn: Rule) -> Rule:
         for t in types:
             MODULE_RULES.append((t, fn))
+        return fn
+
+    return deco
+
+
+def _module_named(*names: str) -> Callable[[Rule], Rule]:
+    """Register a rule by the qualified class name (no import of the library that defines it)."""
+
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            MODULE_NAME_RULES[n] = fn
         return fn
 
     return deco
@@ -60,6 +72,9 @@ def _method(*names: str) -> Callable[[Rule], Rule]:
 def apply_rule(a: _Analyzer, node: fx.Node) -> Any:
     if node.op == "call_module":
         mod = a.modules[str(node.target)]
+        named = MODULE_NAME_RULES.get(f"{type(mod).__module__}.{type(mod).__qualname__}")
+        if named is not None:
+            return named(a, node)
         for t, rule in MODULE_RULES:
             if isinstance(mod, t):
                 return rule(a, node)
@@ -202,8 +217,10 @@ def _layernorm(a: _Analyzer, node: fx.Node) -> TD:
 
 
 def _is_channels_first_ln(m: nn.LayerNorm, x: TD) -> bool:
-    # timm's LayerNorm2d and relatives subclass nn.LayerNorm and normalize dim 1 of NCHW
-    return type(m) is not nn.LayerNorm and type(m).__name__.endswith("2d") and len(x.shape) == 4
+    # timm's LayerNorm2d and relatives (LayerNorm2dFp32, metaformer's LayerNorm2dNoBias) subclass
+    # nn.LayerNorm and normalize dim 1 of NCHW
+    below = type(m).__mro__[: type(m).__mro__.index(nn.LayerNorm)]
+    return len(x.shape) == 4 and any(c.__name__.endswith("2d") or c.__name__.endswith("2dFp32") for c in below)
 
 
 @_module(nn.PReLU)
@@ -215,6 +232,23 @@ def _prelu(a: _Analyzer, node: fx.Node) -> TD:
     else:
         a.add_layer(LayerPlan(str(node.target), "scalar", x.dims[1], x.dims[1]))
     return TD(x.dims, _out_shape(a))
+
+
+@_module_named("timm.models.vgg.ConvMlp")
+def _timm_conv_mlp(a: _Analyzer, node: fx.Node) -> TD:
+    """timm's VGG head, a leaf for fx (its forward pools inputs under the kernel size up to it):
+    ``fc1`` (k x k conv) -> act -> dropout -> ``fc2`` (1x1 conv) -> act."""
+    m = a.modules[str(node.target)]
+    x = _x(a, node)
+    out_shape = _out_shape(a)
+    name = str(node.target)
+    mid = a.fresh(m.fc1.out_channels, source=True)
+    a.add_layer(LayerPlan(f"{name}.fc1", "conv", x.dims[1], mid, groups=m.fc1.groups))
+    out = a.fresh(m.fc2.out_channels, source=True)
+    a.add_layer(LayerPlan(f"{name}.fc2", "conv", mid, out, groups=m.fc2.groups))
+    if m.fc1.groups != 1 or m.fc2.groups != 1:
+        raise a.fail("grouped convolutions in timm's ConvMlp")
+    return TD((x.dims[0], out, *(a.structural(s) for s in out_shape[2:])), out_shape)
 
 
 # ------------------------------------------------------------------------------------------------

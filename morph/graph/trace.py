@@ -22,11 +22,17 @@ _LEAF_TYPES: tuple[type, ...] = (
 )
 
 
+# timm modules registered as not traceable for reasons that do not apply to morph's tracer: NormFreeBlock's
+# in-place ``mul_`` (skipinit) has no users and is lost to dead-code elimination, which morph never runs.
+_TRACE_THROUGH = ("timm.models.nfnet.NormFreeBlock",)
+
+
 def _timm_notrace() -> tuple[set, set]:
     try:
         from timm.layers import _fx as tfx
 
-        return set(tfx._leaf_modules), set(tfx._autowrap_functions)
+        leaves = {c for c in tfx._leaf_modules if f"{c.__module__}.{c.__qualname__}" not in _TRACE_THROUGH}
+        return leaves, set(tfx._autowrap_functions)
     except Exception:  # timm absent or its private registry moved: trace everything
         return set(), set()
 
