@@ -50,10 +50,10 @@ def test_zoo(spec, tmp_path):
     assert r.params_consecutive == r.params_consecutive_predicted
     assert r.params_fused == r.params_fused_predicted
     # FLOPs per image at batch 64
-    if spec in FLOPS_DEVIATIONS:
-        assert abs(r.flops_ratio - 0.25) > 0.03, f"{r.flops_ratio:.3f}: now within 0.25 +- 0.03, drop the deviation"
-        assert abs(r.flops_ratio - r.flops_expected) <= 0.03, (r.flops_ratio, r.flops_expected)
-    else:
+    # measured against the prediction from the model's FLOPs breakdown (depthwise convs, stem and classifier
+    # cost linearly in the width); where that prediction is 0.25 +- 0.03, the measured ratio must be too
+    assert abs(r.flops_ratio - r.flops_expected) <= 0.03, (r.flops_ratio, r.flops_expected)
+    if spec not in FLOPS_DEVIATIONS and abs(r.flops_expected - 0.25) <= 0.03:
         assert abs(r.flops_ratio - 0.25) <= 0.03, r.flops_ratio
     # bake and checkpoints
     assert r.half_bake_relerr <= TOL and r.bake_relerr <= TOL
