@@ -42,7 +42,7 @@ LAST = ("torchvision/regnet_y_128gf",)
 TOL = 1e-5
 
 
-def _child(spec: str, mem_gb: float) -> None:
+def _child(spec: str, mem_gb: float, threads: int = 1) -> None:
     if mem_gb > 0:  # fail with an allocation error instead of waking the OOM killer
         lim = int(mem_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
@@ -53,6 +53,7 @@ def _child(spec: str, mem_gb: float) -> None:
 
     import morph
 
+    torch.set_num_threads(threads)
     try:
         with torch.device("meta"):
             n = sum(p.numel() for p in morph.build_model(spec).parameters())
@@ -210,12 +211,13 @@ def main() -> None:
     ap.add_argument("--ci", action="store_true", help="run the CI subset only")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
     ap.add_argument("--mem-gb", type=float, default=14.0, help="address-space limit per model (0: none)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per model (1 is fastest on a shared CPU)")
     ap.add_argument("--resume", action="store_true", help="keep rows of <out>.json, run the missing models")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
     ap.add_argument("--child", default="")
     args = ap.parse_args()
     if args.child:
-        _child(args.child, args.mem_gb)
+        _child(args.child, args.mem_gb, args.threads)
         return
     out = Path(args.out)
     if args.only:
@@ -241,7 +243,8 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         try:
-            p = subprocess.run([sys.executable, __file__, "--child", spec, "--mem-gb", str(args.mem_gb)],
+            p = subprocess.run([sys.executable, __file__, "--child", spec, "--mem-gb", str(args.mem_gb),
+                                "--threads", str(args.threads)],
                                capture_output=True, text=True, timeout=args.timeout)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if line:

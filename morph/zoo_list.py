@@ -116,23 +116,81 @@ FLOPS_INPUT_SIZE = {
 }
 
 # zero-initialized fusion is not the ensemble (a(x) + b(x)) / 2: channel ops that do not compose block-wise
+_LN = "LayerNorm over channels: the fused statistics mix a's and b's channels"
+_SHUFFLE = "channel shuffle interleaves a's and b's channels differently at full width"
+_SQUEEZE = "ReLU after the conv classifier: the average is taken before it"
+
+
+def _regnet(w: int) -> str:
+    return f"grouped convs keep their group count ({w}-wide groups do not divide the half widths): a fused group mixes a's and b's channels"
+
+
 NOT_BLOCKWISE: dict[str, str] = {
-    "torchvision/shufflenet_v2_x0_5": "channel shuffle interleaves a's and b's channels",
-    "torchvision/squeezenet1_1": "ReLU after the conv classifier: the average is taken before it",
-    "torchvision/regnet_x_400mf": "grouped convs keep their group count (half widths not multiples of 16)",
-    "torchvision/regnet_y_400mf": "grouped convs keep their group count (half widths not multiples of 8)",
-    "torchvision/convnext_tiny": "LayerNorm over channels",
-    "timm/convnext_zepto_rms": "RMSNorm over channels",
-    "timm/convnext_atto": "LayerNorm over channels",
-    "timm/inception_next_atto": "its token mixer splits channels with sizes rounded per width",
+    **{f"torchvision/convnext_{s}": _LN for s in ("tiny", "small", "base", "large")},
+    **{f"torchvision/shufflenet_v2_x{s}": _SHUFFLE for s in ("0_5", "1_0", "1_5", "2_0")},
+    "torchvision/squeezenet1_0": _SQUEEZE,
+    "torchvision/squeezenet1_1": _SQUEEZE,
+    "torchvision/regnet_x_400mf": _regnet(16),
+    "torchvision/regnet_x_1_6gf": _regnet(24),
+    "torchvision/regnet_x_3_2gf": _regnet(48),
+    "torchvision/regnet_x_16gf": _regnet(128),
+    "torchvision/regnet_x_32gf": _regnet(168),
+    "torchvision/regnet_y_400mf": _regnet(8),
+    "torchvision/regnet_y_800mf": _regnet(16),
+    "torchvision/regnet_y_1_6gf": _regnet(24),
+    "torchvision/regnet_y_3_2gf": _regnet(24),
+    "torchvision/regnet_y_16gf": _regnet(112),
+    "torchvision/regnet_y_32gf": _regnet(232),
+    "torchvision/regnet_y_128gf": _regnet(264),
+    "timm/convnext_zepto_rms": "RMSNorm over channels: the fused statistics mix a's and b's channels",
+    "timm/convnext_atto": _LN,
+    "timm/mambaout_femto": _LN,
+    "timm/rdnet_tiny": _LN,
+    "timm/inception_next_atto": "its token mixer splits channels into branches whose sizes are rounded per width",
     "timm/poolformerv2_s12": "GroupNorm with one group and LayerNorm over channels",
-    "timm/poolformer_s12": "GroupNorm with one group (normalizes over all channels)",
-    "timm/rdnet_tiny": "LayerNorm over channels",
-    "timm/mambaout_femto": "LayerNorm over channels",
+    "timm/poolformer_s12": "GroupNorm with one group normalizes over all channels",
+    "timm/nf_regnet_b0": "scaled weight standardization normalizes each fused filter over the whole fan-in, zero tiles included",
 }
 
-# FLOPs ratio (half / original, per image at batch 64) outside 0.25 +- 0.03, and why
-FLOPS_DEVIATIONS: dict[str, str] = {}
+# FLOPs ratio (half / original, per image at batch 64) outside 0.25 +- 0.03, and why: ops whose cost is
+# linear in the width halve instead of quartering (the breakdown columns of docs/coverage.md)
+_DW = "depthwise convs, the stem and the classifier halve instead of quartering (dw, edge columns)"
+_GW = "grouped convs keep their group width, so their cost halves instead of quartering (dw column)"
+_EDGE = "a small model: stem and head convs (fixed input or output width) halve instead of quartering (edge column)"
+FLOPS_DEVIATIONS: dict[str, str] = {
+    **{f"torchvision/efficientnet_b{i}": _DW for i in (0, 1, 2)},
+    **{f"torchvision/mnasnet{s}": _DW for s in ("0_5", "0_75", "1_0", "1_3")},
+    "torchvision/mobilenet_v2": _DW,
+    "torchvision/mobilenet_v3_large": _DW,
+    "torchvision/mobilenet_v3_small": _DW,
+    "torchvision/shufflenet_v2_x0_5": _DW,
+    **{f"torchvision/regnet_{s}": _GW for s in ("x_400mf", "x_800mf", "x_3_2gf", "x_8gf", "x_16gf", "x_32gf",
+                                                 "y_800mf", "y_1_6gf", "y_8gf", "y_16gf", "y_32gf", "y_128gf")},
+    "torchvision/resnext101_32x8d": _GW,
+    "torchvision/squeezenet1_0": "the conv classifier (1000 fixed output channels at 13x13) is 31% of the FLOPs and halves",
+    "torchvision/squeezenet1_1": "the conv classifier (1000 fixed output channels at 13x13) is 31% of the FLOPs and halves",
+    "timm/resnest14d": "split-attention convs (radix 2) keep their group width: 54% of the FLOPs halve (dw column)",
+    "timm/regnetx_002": _GW,
+    "timm/regnetz_005": _GW,
+    "timm/dpn48b": _GW,
+    "timm/efficientnet_lite0": _DW,
+    "timm/efficientnet_b0": _DW,
+    "timm/mobilenetv2_035": _DW,
+    "timm/mnasnet_small": _DW,
+    "timm/fbnetc_100": _DW,
+    "timm/tinynet_b": _DW,
+    "timm/mobilenetv3_small_050": _DW,
+    "timm/mobilenetv4_conv_small_035": _DW,
+    "timm/lcnet_035": _DW,
+    "timm/lcnetv2_small": _DW,
+    "timm/hardcorenas_b": _DW,
+    "timm/ghostnet_050": _DW,
+    "timm/ghostnetv2_100": _DW,
+    "timm/repghostnet_050": _DW,
+    "timm/fastvit_t8": _DW,
+    "timm/starnet_s050": _DW,
+    "timm/dla46x_c": _EDGE,
+}
 
 
 def spec_input_size(spec: str) -> tuple[int, int, int]:
