@@ -101,7 +101,8 @@ def step_time_ratio(make_a, make_b, *, batch: int = 32, size: int = 64, rounds: 
     import torch.nn.functional as F
 
     models = {"a": make_a(), "b": make_b()}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=True) for k, m in models.items()}
+    # the optimizer the recipes use (recipes/trainer.py): fused SGD with momentum, the same for both models
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, fused=True) for k, m in models.items()}
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     times: dict[str, list[float]] = {"a": [], "b": []}

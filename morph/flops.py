@@ -12,6 +12,7 @@ amortizes it over ``batch_size`` images in ``per_image``, as in training (Mixtur
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -76,7 +77,9 @@ def flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_siz
         input_size: ``(C, H, W)``; defaults to the size recorded by morph, else 3x224x224.
         batch_size: training batch over which weight generation is amortized.
     """
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore scripts helpers with torch.jit.script at import (deprecated)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     info = get_info(model)
     if input_size is None:
@@ -87,7 +90,9 @@ def flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_siz
     model.eval()
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     try:
-        with torch.no_grad():
+        # fvcore scripts its handles with torch.jit.script, which newer torch deprecates: not the user's concern
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
             fca = FlopCountAnalysis(model, x).set_op_handle("aten::mv", _mv_flop)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = float(fca.total())

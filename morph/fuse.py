@@ -71,6 +71,10 @@ def _check_pair(a: nn.Module, b: nn.Module | None) -> MorphInfo:
     for field in ("spec", "width", "templates", "share", "input_size"):
         va, vb = getattr(ia, field), getattr(ib, field)
         if va != vb:
+            if field == "spec" and va.spec != vb.spec:
+                field, va, vb = "architectures", va.spec, vb.spec
+            elif field == "spec":
+                field, va, vb = "constructor arguments", va.kwargs, vb.kwargs
             raise MorphError(f"cannot fuse models with different {field}: {va} vs {vb}")
     if ia.set_ids[0] == ib.set_ids[0]:
         raise MorphError(

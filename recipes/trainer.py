@@ -203,7 +203,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     groups = [
         {"params": params, "weight_decay": wd} for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if params
     ]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    try:  # one fused kernel per step (CPU and CUDA): about half the memory passes of the foreach update
+        return torch.optim.SGD(groups, fused=True, **kw)
+    except (RuntimeError, TypeError):  # a device or torch build without the fused SGD kernel
+        return torch.optim.SGD(groups, **kw)
 
 
 class Trainer:

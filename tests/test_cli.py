@@ -311,7 +311,8 @@ def test_fusion_errors_leave_no_file(here, tmp_path):
         "error: fusion needs half-width template models from morph.convert; got a plain model")
     assert error(run("bake", baked, "-o", out)) == (
         "error: bake needs a template model (from morph.convert, fuse or grow); this one is plain")
-    assert error(run("fuse", M1, R1, "-o", out)).startswith("error: cannot fuse models with different spec: ")
+    assert error(run("fuse", M1, R1, "-o", out)) == (
+        "error: cannot fuse models with different architectures: motifs:residual vs timm/resnet18")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baked.safetensors"]  # no output, no temporary file
 
 
