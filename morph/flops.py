@@ -63,7 +63,7 @@ def generation_flops(model: nn.Module) -> float:
     total = 0
     for _, m in mixed_layers(model):
         mix = m.mix
-        for t, b in enumerate(mix.tile_banks):
+        for b in mix.tile_banks:
             bank = mix.banks[b].templates
             total += bank.shape[0] * bank[0].numel()
     return float(total)

@@ -43,12 +43,21 @@ class TemplateBank(nn.Module):
         return f"K={self.num_templates}, shape={tuple(self.templates.shape[1:])}, set={self.set_id!r}"
 
 
-def _mix_into(out: torch.Tensor, templates: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def _scalars(coefficients: torch.Tensor) -> torch.Tensor | list[list[float]]:
+    """Coefficients as Python floats on CPU (no per-element tensor ops: the loops below are dispatch-bound
+    on small layers); on accelerators the tensor itself (no host sync)."""
+    return coefficients.detach().tolist() if coefficients.device.type == "cpu" else coefficients
+
+
+def _mix_into(out: torch.Tensor, templates: torch.Tensor, alpha) -> torch.Tensor:
     """``out = sum_k alpha[k] * templates[k]`` in place (``out`` may be a strided view), as elementwise
     multiply-adds in a fixed order, so that a tile generated alone or inside a grid is bit-identical."""
     torch.mul(templates[0], alpha[0], out=out)
-    for k in range(1, templates.shape[0]):
-        out.addcmul_(templates[k], alpha[k])
+    for k in range(1, len(templates)):
+        if isinstance(alpha[k], float):
+            out.add_(templates[k], alpha=alpha[k])
+        else:
+            out.addcmul_(templates[k], alpha[k])
     return out
 
 
@@ -94,8 +103,9 @@ class _Grid(torch.autograd.Function):
         r, c = grid
         shape = banks[0].shape[1:]
         w = banks[0].new_empty((r * shape[0], c * shape[1], *shape[2:]))
+        cs = _scalars(coefficients)
         for t, view in enumerate(_tile_views(w, grid, shape)):
-            _mix_into(view, banks[tile_banks[t]].reshape(-1, *view.shape), coefficients[t])
+            _mix_into(view, banks[tile_banks[t]].reshape(-1, *view.shape), cs[t])
         ctx.grid, ctx.tile_banks = grid, tile_banks
         ctx.save_for_backward(coefficients, *banks)
         return w
@@ -104,28 +114,27 @@ class _Grid(torch.autograd.Function):
     def backward(ctx, grad):
         coefficients, *banks = ctx.saved_tensors
         views = _tile_views(grad, ctx.grid, banks[0].shape[1:])
-        d_coef = coefficients.new_empty(coefficients.shape) if ctx.needs_input_grad[0] else None
+        cs = _scalars(coefficients)
+        d_coef: list[torch.Tensor | None] = [None] * len(views)
         d_banks: list[torch.Tensor | None] = []
         for b, bank in enumerate(banks):
             idx = [t for t, tb in enumerate(ctx.tile_banks) if tb == b]
             flat = bank.reshape(bank.shape[0], *views[0].shape)
-            if d_coef is not None:  # one batched gemv over the tile's rows: reads dW_t in place
+            if ctx.needs_input_grad[0]:  # one batched gemv over the tile's rows: reads dW_t in place
                 lhs = flat.permute(1, 2, 0)  # [out, in * k..., K]
                 for t in idx:
                     d_coef[t] = torch.bmm(views[t].unsqueeze(1), lhs).sum((0, 1))
             if not ctx.needs_input_grad[3 + b]:
                 d_banks.append(None)
-                continue
-            if not idx:
+            elif not idx:
                 d_banks.append(torch.zeros_like(bank))
-                continue
-            d_bank = torch.empty_like(flat)
-            for k in range(flat.shape[0]):
-                torch.mul(views[idx[0]], coefficients[idx[0], k], out=d_bank[k])
-                for t in idx[1:]:
-                    d_bank[k].addcmul_(views[t], coefficients[t, k])
-            d_banks.append(d_bank.view_as(bank))
-        return (d_coef, None, None, *d_banks)
+            else:
+                d_bank = torch.empty_like(flat)
+                for k in range(flat.shape[0]):
+                    _mix_into(d_bank[k], [views[t] for t in idx], [cs[t][k] for t in idx])
+                d_banks.append(d_bank.view_as(bank))
+        d_alpha = torch.stack(d_coef) if ctx.needs_input_grad[0] else None
+        return (d_alpha, None, None, *d_banks)
 
 
 class TemplateMixing(nn.Module):

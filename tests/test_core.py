@@ -36,7 +36,7 @@ def test_scale_half_shapes_and_output(name):
     x = torch.randn(2, *SIZE)
     assert h(x).shape == m(x).shape
     # every layer whose channels are free halves; image channels and classes never change
-    for (n, p0), (_, p1) in zip(m.named_parameters(), h.named_parameters()):
+    for (n, p0), (_, p1) in zip(m.named_parameters(), h.named_parameters(), strict=True):
         assert p0.dim() == p1.dim(), n
     assert h.get_submodule(_first_conv(h)).in_channels == 3
     assert _last_linear(h).out_features == 5
@@ -226,10 +226,16 @@ def test_zero_fusion_is_ensemble(name):
     [((1, 1), (0,)), ((2, 2), (0, 0, 1, 1)), ((2, 2), (0, 1, 0, 1)), ((2, 1), (0, 1)), ((1, 2), (0, 1))],
 )
 @pytest.mark.parametrize("tile_shape", [(3, 4, 3, 3), (6, 5)])
-def test_grid_generation_matches_autograd_reference(grid, tile_banks, tile_shape):
+@pytest.mark.parametrize("scalars", ["python", "tensor"])
+def test_grid_generation_matches_autograd_reference(grid, tile_banks, tile_shape, scalars, monkeypatch):
     """The hand-written tiled generation (in-place multiply-adds, strided backward) against the same
-    weight built from matmul + cat through plain autograd, and its gradients against finite differences."""
+    weight built from matmul + cat through plain autograd, and its gradients against finite differences;
+    coefficients as Python floats (the CPU path) and as tensors (the accelerator path, no host sync)."""
+    from morph import templates
     from morph.templates import _Grid, _grid_reference, _tile_views, mix
+
+    if scalars == "tensor":
+        monkeypatch.setattr(templates, "_scalars", lambda c: c)
 
     torch.manual_seed(0)
     banks = [torch.randn(3, *tile_shape, dtype=torch.float64, requires_grad=True) for _ in set(tile_banks)]
@@ -241,7 +247,7 @@ def test_grid_generation_matches_autograd_reference(grid, tile_banks, tile_shape
     for t, view in enumerate(_tile_views(w, grid, tile_shape)):  # a tile alone is the same bits
         assert torch.equal(view.reshape(tile_shape), mix(coef[t], banks[tile_banks[t]]))
     g = torch.randn_like(w)
-    for x, y in zip(torch.autograd.grad(w, [coef, *banks], g), torch.autograd.grad(ref, [coef, *banks], g)):
+    for x, y in zip(torch.autograd.grad(w, [coef, *banks], g), torch.autograd.grad(ref, [coef, *banks], g), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda c, *bs: _Grid.apply(c, grid, tile_banks, *bs), (coef, *banks))
 

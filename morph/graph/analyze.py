@@ -110,15 +110,15 @@ class ChannelPlan:
                 return
             kids = [g.find(c) for c in g.children[r]]
             fixed = [not g.scales(k) or g.size[k] <= 1 for k in kids]
-            free_old = sum(g.size[k] for k, f in zip(kids, fixed) if not f)
-            budget = n_new - sum(g.size[k] for k, f in zip(kids, fixed) if f)
-            exact = [g.size[k] * budget / free_old if not f and free_old else g.size[k] for k, f in zip(kids, fixed)]
+            free_old = sum(g.size[k] for k, f in zip(kids, fixed, strict=True) if not f)
+            budget = n_new - sum(g.size[k] for k, f in zip(kids, fixed, strict=True) if f)
+            exact = [g.size[k] * budget / free_old if not f and free_old else g.size[k] for k, f in zip(kids, fixed, strict=True)]
             alloc = [int(e) for e in exact]
-            rest = (budget - sum(a for a, f in zip(alloc, fixed) if not f)) if free_old else 0
+            rest = (budget - sum(a for a, f in zip(alloc, fixed, strict=True) if not f)) if free_old else 0
             order = sorted((i for i, f in enumerate(fixed) if not f), key=lambda i: -(exact[i] - alloc[i]))
             for i in order[: max(rest, 0)]:
                 alloc[i] += 1
-            for k, n in zip(kids, alloc):
+            for k, n in zip(kids, alloc, strict=True):
                 assign(k, max(n, 1))
 
         child_roots = {g.find(c) for kids in g.children.values() for c in kids}
@@ -244,7 +244,7 @@ class _Analyzer:
             return None
         dims = tuple(self.structural(s) if s == 1 else self.fresh(s) for s in obj.shape)
         if target in self.params:
-            for d0, d1 in zip(self.params[target], dims):
+            for d0, d1 in zip(self.params[target], dims, strict=True):
                 self.g.unify(d0, d1)
             dims = self.params[target]
         else:

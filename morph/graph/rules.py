@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -417,7 +418,7 @@ def _cat(a: _Analyzer, node: fx.Node) -> TD:
 def _split_dim(a: _Analyzer, x: TD, dim: int, lengths: list[int]) -> list[TD]:
     pieces = a.g.split(x.dims[dim], lengths)
     out = []
-    for p, n in zip(pieces, lengths):
+    for p, n in zip(pieces, lengths, strict=True):
         dims = list(x.dims)
         dims[dim] = p
         shape = list(x.shape)
@@ -731,7 +732,7 @@ def _stack(a: _Analyzer, node: fx.Node) -> TD:
     out_shape = _out_shape(a)
     dim = _arg(node, 1, "dim", 0) % len(out_shape)
     for t in tensors[1:]:
-        for d0, d1, n in zip(tensors[0].dims, t.dims, tensors[0].shape):
+        for d0, d1, n in zip(tensors[0].dims, t.dims, tensors[0].shape, strict=True):
             if n > 1:
                 a.g.unify(d0, d1)
     dims = list(tensors[0].dims)
