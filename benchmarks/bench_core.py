@@ -6,7 +6,10 @@ Run: ``python benchmarks/bench_core.py [--model resnet50] [--large regnet_y_128g
   process's peak RSS (VmHWM) and its growth over the RSS right after ``import morph``.
 - training-step ratios run side by side in one process, interleaved (A, B, A, B, ...), and report
   the ratio of medians, because the machines are noisy: template-mixing half vs plain half
-  (batch 32, 64x64, CPU), fused vs stock full-width (same).
+  (batch 32, 64x64, CPU), fused vs stock full-width (same); one step = zero_grad, forward,
+  cross-entropy, backward, fused SGD step (momentum 0.9), as in ``recipes/trainer.py``;
+- the breakdown times the template model's weight generation (forward + backward of every layer's
+  ``mix()``, no convolution) and each model's optimizer step the same way.
 """
 
 from __future__ import annotations
@@ -126,6 +129,37 @@ def step_time_ratio(make_a, make_b, *, batch: int = 32, size: int = 64, rounds: 
     return {"a_ms": ma * 1e3, "b_ms": mb * 1e3, "ratio": ma / mb}
 
 
+def overhead_breakdown(make_a, make_b, *, rounds: int = 7) -> dict:
+    """Where model A's extra step time goes, timed the same way (interleaved medians): weight generation
+    forward + backward of every template-mixed layer alone, and the optimizer step of each model."""
+    import torch
+
+    from morph.templates import mixed_layers
+
+    models = {"a": make_a(), "b": make_b()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, fused=True) for k, m in models.items()}
+    for m in models.values():
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+    layers = [m for _, m in mixed_layers(models["a"])]
+    grads = [torch.randn_like(m.weight) for m in layers]
+
+    def generation() -> None:
+        ws = [m.mix() for m in layers]
+        torch.autograd.backward(ws, grads)
+
+    times: dict[str, list[float]] = {"gen": [], "opt_a": [], "opt_b": []}
+    work = {"gen": generation, "opt_a": opts["a"].step, "opt_b": opts["b"].step}
+    for f in work.values():
+        f()
+    for _ in range(rounds):
+        for k, f in work.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet50")
@@ -164,12 +198,21 @@ def main() -> None:
         lambda: morph.scale_width(base, 0.5, input_size=size),
     )
     print("half template / plain half", res["step_half_template_vs_plain"], flush=True)
+    res["breakdown_half"] = overhead_breakdown(
+        lambda: morph.convert(base, 0.5, seed=0, input_size=size),
+        lambda: morph.scale_width(base, 0.5, input_size=size),
+    )
+    print("  breakdown", res["breakdown_half"], flush=True)
     a = morph.convert(base, 0.5, seed=0, input_size=size)
     b = morph.convert(base, 0.5, seed=1, input_size=size)
     res["step_fused_vs_stock"] = step_time_ratio(
         lambda: morph.fuse(a, b, seed=0), lambda: morph.build_model(args.model, num_classes=10)
     )
     print("fused / stock full", res["step_fused_vs_stock"], flush=True)
+    res["breakdown_fused"] = overhead_breakdown(
+        lambda: morph.fuse(a, b, seed=0), lambda: morph.build_model(args.model, num_classes=10)
+    )
+    print("  breakdown", res["breakdown_fused"], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
