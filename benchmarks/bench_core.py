@@ -98,8 +98,10 @@ def _run_child(task: str, model: str, tmp: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def step_time_ratio(make_a, make_b, *, batch: int = 32, size: int = 64, rounds: int = 7, steps: int = 3) -> dict:
-    """Median time of one SGD training step of model A and model B, interleaved in one process."""
+def step_time_ratio(make_a, make_b, *, batch: int = 32, size: int = 64, rounds: int = 15, steps: int = 3) -> dict:
+    """Time of one SGD training step of model A over model B, interleaved in one process: the median of
+    the per-round ratios (A and B timed back to back, so slow drifts of the machine cancel), with the
+    interquartile range of those ratios as the noise figure."""
     import torch
     import torch.nn.functional as F
 
@@ -126,7 +128,9 @@ def step_time_ratio(make_a, make_b, *, batch: int = 32, size: int = 64, rounds: 
                 step(k)
             times[k].append((time.perf_counter() - t) / steps)
     ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
-    return {"a_ms": ma * 1e3, "b_ms": mb * 1e3, "ratio": ma / mb}
+    ratios = sorted(a / b for a, b in zip(times["a"], times["b"], strict=True))
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return {"a_ms": ma * 1e3, "b_ms": mb * 1e3, "ratio": statistics.median(ratios), "ratio_iqr": [q1, q3]}
 
 
 def overhead_breakdown(make_a, make_b, *, rounds: int = 7) -> dict:

@@ -43,21 +43,12 @@ class TemplateBank(nn.Module):
         return f"K={self.num_templates}, shape={tuple(self.templates.shape[1:])}, set={self.set_id!r}"
 
 
-def _scalars(coefficients: torch.Tensor) -> torch.Tensor | list[list[float]]:
-    """Coefficients as Python floats on CPU (no per-element tensor ops: the loops below are dispatch-bound
-    on small layers); on accelerators the tensor itself (no host sync)."""
-    return coefficients.detach().tolist() if coefficients.device.type == "cpu" else coefficients
-
-
 def _mix_into(out: torch.Tensor, templates: torch.Tensor, alpha) -> torch.Tensor:
     """``out = sum_k alpha[k] * templates[k]`` in place (``out`` may be a strided view), as elementwise
     multiply-adds in a fixed order, so that a tile generated alone or inside a grid is bit-identical."""
     torch.mul(templates[0], alpha[0], out=out)
     for k in range(1, len(templates)):
-        if isinstance(alpha[k], float):
-            out.add_(templates[k], alpha=alpha[k])
-        else:
-            out.addcmul_(templates[k], alpha[k])
+        out.addcmul_(templates[k], alpha[k])
     return out
 
 
@@ -103,7 +94,7 @@ class _Grid(torch.autograd.Function):
         r, c = grid
         shape = banks[0].shape[1:]
         w = banks[0].new_empty((r * shape[0], c * shape[1], *shape[2:]))
-        cs = _scalars(coefficients)
+        cs = coefficients.unbind(0)
         for t, view in enumerate(_tile_views(w, grid, shape)):
             _mix_into(view, banks[tile_banks[t]].reshape(-1, *view.shape), cs[t])
         ctx.grid, ctx.tile_banks = grid, tile_banks
@@ -114,7 +105,7 @@ class _Grid(torch.autograd.Function):
     def backward(ctx, grad):
         coefficients, *banks = ctx.saved_tensors
         views = _tile_views(grad, ctx.grid, banks[0].shape[1:])
-        cs = _scalars(coefficients)
+        cs = coefficients.unbind(0)
         d_coef: list[torch.Tensor | None] = [None] * len(views)
         d_banks: list[torch.Tensor | None] = []
         for b, bank in enumerate(banks):
