@@ -104,6 +104,7 @@ class _Grid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         coefficients, *banks = ctx.saved_tensors
+        grad = grad.contiguous()  # a no-op unless a conv backward returned another memory format
         views = _tile_views(grad, ctx.grid, banks[0].shape[1:])
         cs = coefficients.unbind(0)
         d_coef: list[torch.Tensor | None] = [None] * len(views)

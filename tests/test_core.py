@@ -244,6 +244,12 @@ def test_grid_generation_matches_autograd_reference(grid, tile_banks, tile_shape
     for x, y in zip(torch.autograd.grad(w, [coef, *banks], g), torch.autograd.grad(ref, [coef, *banks], g), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda c, *bs: _Grid.apply(c, grid, tile_banks, *bs), (coef, *banks))
+    if len(tile_shape) == 4:  # a weight gradient in channels_last (as a conv backward may return it)
+        g_cl = g.contiguous(memory_format=torch.channels_last)
+        for x, y in zip(torch.autograd.grad(_Grid.apply(coef, grid, tile_banks, *banks), [coef, *banks], g_cl),
+                        torch.autograd.grad(_grid_reference(coef, banks, list(tile_banks), grid), [coef, *banks], g),
+                        strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("growth", ["vertical", "horizontal"])
