@@ -210,7 +210,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="specs to run instead of the whole list")
     ap.add_argument("--ci", action="store_true", help="run the CI subset only")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
-    ap.add_argument("--mem-gb", type=float, default=14.0, help="address-space limit per model (0: none)")
+    ap.add_argument("--mem-gb", type=float, default=20.0, help="address-space limit per model (0: none)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model (1 is fastest on a shared CPU)")
     ap.add_argument("--resume", action="store_true", help="keep rows of <out>.json, run the missing models")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
