@@ -11,7 +11,7 @@ from rich.markup import escape
 import morph
 from morph.info import MorphInfo
 
-from .common import check_output, count_params, out, print_json, status
+from .common import Force, JsonSummary, check_output, count_params, out, print_json, status
 
 __all__ = ["bake", "load_hint"]
 
@@ -37,8 +37,8 @@ def bake(
                                          exists=True, dir_okay=False, show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors of the plain model.",
                                          show_default=False)],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")] = False,
+    force: Force = False,
+    json_out: JsonSummary = False,
 ) -> None:
     """Materialize the generated weights: a plain model with the stock model's state_dict keys.
 

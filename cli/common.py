@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch.nn as nn
 import typer
@@ -23,7 +23,7 @@ import morph
 from morph.fuse import INIT_MODES
 
 __all__ = [
-    "Init", "MorphGroup", "check_output", "count_params", "err", "fail", "grown_summary", "out", "parse_size",
+    "CoefficientSeed", "Force", "Init", "JsonSummary", "MorphGroup", "check_output", "count_params", "err", "fail", "grown_summary", "out", "parse_size",
     "print_json", "status",
 ]
 
@@ -41,6 +41,12 @@ _FVCORE_WARNING = r"`torch\.jit\.script` is deprecated"
 
 # Choices of --init, in the library's order (orthogonal, orthogonal-official, random, random-uniform, copy, zero).
 Init = Enum("Init", {m.replace("-", "_"): m for m in INIT_MODES}, type=str)  # type: ignore[misc]
+
+# options shared by the commands that write a checkpoint
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+JsonSummary = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")]
+CoefficientSeed = Annotated[int | None, typer.Option(help="Seed of the new coefficients (default: random).",
+                                                     show_default=False)]
 
 INIT_HELP = ("Coefficients of the new tiles: orthogonal (paper; orthogonal to the vectors mixing the same bank), "
              "orthogonal-official (official code), random (N(0,1)), random-uniform (U[0,1)), copy (the diagonal "

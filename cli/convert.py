@@ -15,7 +15,7 @@ import morph
 from morph.convert import SHARE_MODES
 from morph.templates import mixed_layers
 
-from .common import check_output, count_params, fail, out, parse_size, print_json, status
+from .common import Force, JsonSummary, check_output, count_params, fail, out, parse_size, print_json, status
 
 __all__ = ["convert", "default_output"]
 
@@ -72,8 +72,8 @@ def convert(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors (default: "
                                                 "NAME-half.safetensors, NAME-half-seedN.safetensors with --seed, "
                                                 "NAME-wW.safetensors at other widths).", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")] = False,
+    force: Force = False,
+    json_out: JsonSummary = False,
 ) -> None:
     """Convert a CNN to a reduced-width template-mixing model (W = sum_k a_k T_k), save it, reload and verify it.
 

@@ -12,7 +12,18 @@ from rich.markup import escape
 import morph
 from morph.fuse import GROWTH_MODES
 
-from .common import INIT_HELP, Init, check_output, grown_summary, out, print_json, status
+from .common import (
+    INIT_HELP,
+    CoefficientSeed,
+    Force,
+    Init,
+    JsonSummary,
+    check_output,
+    grown_summary,
+    out,
+    print_json,
+    status,
+)
 
 __all__ = ["fuse"]
 
@@ -31,10 +42,9 @@ def fuse(
                                            "horizontal: the tiles of one input column do.")] = Growth["vertical"],
     init: Annotated[Init, typer.Option(help=INIT_HELP.format(zero="the fused model averages A and B"))] = Init[
         "orthogonal"],
-    seed: Annotated[int | None, typer.Option(help="Seed of the new coefficients (default: random).",
-                                             show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")] = False,
+    seed: CoefficientSeed = None,
+    force: Force = False,
+    json_out: JsonSummary = False,
 ) -> None:
     """Fuse two half-width template models into the full-width model by tiling (MixtureGrowth).
 

@@ -10,7 +10,18 @@ from rich.markup import escape
 
 import morph
 
-from .common import INIT_HELP, Init, check_output, grown_summary, out, print_json, status
+from .common import (
+    INIT_HELP,
+    CoefficientSeed,
+    Force,
+    Init,
+    JsonSummary,
+    check_output,
+    grown_summary,
+    out,
+    print_json,
+    status,
+)
 
 __all__ = ["grow"]
 
@@ -22,10 +33,9 @@ def grow(
                                          show_default=False)],
     init: Annotated[Init, typer.Option(help=INIT_HELP.format(zero="the grown model computes A's function"))] = Init[
         "orthogonal"],
-    seed: Annotated[int | None, typer.Option(help="Seed of the new coefficients (default: random).",
-                                             show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")] = False,
+    seed: CoefficientSeed = None,
+    force: Force = False,
+    json_out: JsonSummary = False,
 ) -> None:
     """Widen one half-width template model to full width, every new tile mixing A's own templates.
 
