@@ -4,10 +4,12 @@ Run: ``python benchmarks/bench_core.py [--model resnet50] [--large regnet_y_128g
 
 - convert / fuse / bake time and peak memory run each in a fresh subprocess; peak memory is the
   process's peak RSS (VmHWM) and its growth over the RSS right after ``import morph``.
-- training-step ratios run side by side in one process, interleaved (A, B, A, B, ...), and report
-  the ratio of medians, because the machines are noisy: template-mixing half vs plain half
-  (batch 32, 64x64, CPU), fused vs stock full-width (same); one step = zero_grad, forward,
-  cross-entropy, backward, fused SGD step (momentum 0.9), as in ``recipes/trainer.py``;
+- training-step ratios run side by side in one process, interleaved (A, B, C, A, B, C, ...), and
+  report the median of the per-round ratios, because the machines are noisy: template-mixing half vs
+  plain half (batch 32, 64x64, CPU), fused vs stock full-width (same), each template model both with
+  the native kernels (morph/native.py) and with the PyTorch implementation; one step = zero_grad,
+  forward, cross-entropy, backward, fused SGD step (momentum 0.9), as in ``recipes/trainer.py``,
+  under ``morph.allocator.keep_freed_memory()`` as the trainer sets on CPU (``--default-malloc``: not);
 - the breakdown times the template model's weight generation (forward + backward of every layer's
   ``mix()``, no convolution) and each model's optimizer step the same way.
 """
@@ -15,6 +17,7 @@ Run: ``python benchmarks/bench_core.py [--model resnet50] [--large regnet_y_128g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -98,46 +101,62 @@ def _run_child(task: str, model: str, tmp: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def step_time_ratio(make_a, make_b, *, batch: int = 32, size: int = 64, rounds: int = 15, steps: int = 3) -> dict:
-    """Time of one SGD training step of model A over model B, interleaved in one process: the median of
-    the per-round ratios (A and B timed back to back, so slow drifts of the machine cancel), with the
-    interquartile range of those ratios as the noise figure."""
+def step_time_ratios(arms: dict, baseline: str, *, batch: int = 32, size: int = 64, rounds: int = 21,
+                     steps: int = 2) -> dict:
+    """Time of one SGD training step of each arm over the baseline arm, interleaved in one process.
+
+    ``arms`` maps a name to ``(make_model, context)``; each step of that arm runs inside ``context()``
+    (e.g. :func:`morph.native.disabled`). Every round times each arm back to back, so slow drifts of the
+    machine cancel in the per-round ratios; the figure is their median, with the interquartile range as
+    the noise figure."""
     import torch
     import torch.nn.functional as F
 
-    models = {"a": make_a(), "b": make_b()}
-    # the optimizer the recipes use (recipes/trainer.py): fused SGD with momentum, the same for both models
+    models = {k: make() for k, (make, _) in arms.items()}
+    # the optimizer the recipes use (recipes/trainer.py): fused SGD with momentum, the same for every model
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, fused=True) for k, m in models.items()}
     x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 10, (batch,))
-    times: dict[str, list[float]] = {"a": [], "b": []}
+    with torch.no_grad():
+        classes = {k: m.eval()(x[:1]).shape[1] for k, m in models.items()}
+    ys = {k: torch.randint(0, n, (batch,)) for k, n in classes.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
 
     def step(k: str) -> None:
         m, o = models[k], opts[k]
-        o.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x), y % m(x[:1]).shape[1]).backward()
-        o.step()
+        with arms[k][1]():
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), ys[k]).backward()
+            o.step()
 
     for k in models:  # warm-up
         models[k].train()
         step(k)
+        step(k)
     for _ in range(rounds):
-        for k in ("a", "b"):
+        for k in models:
             t = time.perf_counter()
             for _ in range(steps):
                 step(k)
             times[k].append((time.perf_counter() - t) / steps)
-    ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
-    ratios = sorted(a / b for a, b in zip(times["a"], times["b"], strict=True))
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return {"a_ms": ma * 1e3, "b_ms": mb * 1e3, "ratio": statistics.median(ratios), "ratio_iqr": [q1, q3]}
+    out: dict = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
+    for k in models:
+        if k == baseline:
+            continue
+        ratios = sorted(a / b for a, b in zip(times[k], times[baseline], strict=True))
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        out[f"{k}_over_{baseline}"] = statistics.median(ratios)
+        out[f"{k}_over_{baseline}_iqr"] = [q1, q3]
+    return out
 
 
-def overhead_breakdown(make_a, make_b, *, rounds: int = 7) -> dict:
-    """Where model A's extra step time goes, timed the same way (interleaved medians): weight generation
-    forward + backward of every template-mixed layer alone, and the optimizer step of each model."""
+def overhead_breakdown(make_a, make_b, *, rounds: int = 9) -> dict:
+    """Where model A's extra step time goes, timed the same way (interleaved medians): the weight
+    generation of every template-mixed layer alone (forward + backward, gradients set to None first as
+    in training), with the native kernels and with the PyTorch implementation, and each model's optimizer
+    step."""
     import torch
 
+    from morph import native
     from morph.templates import mixed_layers
 
     models = {"a": make_a(), "b": make_b()}
@@ -147,13 +166,22 @@ def overhead_breakdown(make_a, make_b, *, rounds: int = 7) -> dict:
             p.grad = torch.randn_like(p)
     layers = [m for _, m in mixed_layers(models["a"])]
     grads = [torch.randn_like(m.weight) for m in layers]
+    params = [p for m in layers for p in m.mix.parameters()]
 
     def generation() -> None:
-        ws = [m.mix() for m in layers]
-        torch.autograd.backward(ws, grads)
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        torch.autograd.backward([m.weight for m in layers], grads)
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
 
-    times: dict[str, list[float]] = {"gen": [], "opt_a": [], "opt_b": []}
-    work = {"gen": generation, "opt_a": opts["a"].step, "opt_b": opts["b"].step}
+    def generation_torch() -> None:
+        with native.disabled():
+            generation()
+
+    times: dict[str, list[float]] = {"gen_native": [], "gen_torch": [], "opt_a": [], "opt_b": []}
+    work = {"gen_native": generation, "gen_torch": generation_torch, "opt_a": opts["a"].step, "opt_b": opts["b"].step}
     for f in work.values():
         f()
     for _ in range(rounds):
@@ -169,6 +197,10 @@ def main() -> None:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--large", default="", help="also time convert on this (largest) model")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
+    ap.add_argument("--rounds", type=int, default=21, help="interleaved rounds of the half-model step timing")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="time the steps with glibc's default allocator settings (see morph/allocator.py)")
+    ap.add_argument("--skip-passes", action="store_true", help="only the training-step figures")
     ap.add_argument("--child", default="")
     ap.add_argument("--tmp", default="")
     args = ap.parse_args()
@@ -179,29 +211,38 @@ def main() -> None:
     import torch
 
     import morph
+    from morph import native
+    from morph.allocator import keep_freed_memory
 
+    if not args.default_malloc:
+        keep_freed_memory()
     res: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    with tempfile.TemporaryDirectory() as tmp:
-        res["convert"] = _run_child("convert", args.model, tmp)
-        print("convert", res["convert"], flush=True)
-        res["fuse"] = _run_child("fuse", args.model, tmp)
-        res["fuse"]["rss_growth_over_checkpoint"] = res["fuse"]["rss_growth_mb"] / res["fuse"]["checkpoint_mb"]
-        print("fuse", res["fuse"], flush=True)
-        res["bake"] = _run_child("bake", args.model, tmp)
-        print("bake", res["bake"], flush=True)
-        if args.large:
-            with tempfile.TemporaryDirectory() as tmp2:
-                res["convert_large"] = _run_child("convert", args.large, tmp2)
-                print("convert_large", res["convert_large"], flush=True)
+    if not args.skip_passes:
+        with tempfile.TemporaryDirectory() as tmp:
+            res["convert"] = _run_child("convert", args.model, tmp)
+            print("convert", res["convert"], flush=True)
+            res["fuse"] = _run_child("fuse", args.model, tmp)
+            res["fuse"]["rss_growth_over_checkpoint"] = res["fuse"]["rss_growth_mb"] / res["fuse"]["checkpoint_mb"]
+            print("fuse", res["fuse"], flush=True)
+            res["bake"] = _run_child("bake", args.model, tmp)
+            print("bake", res["bake"], flush=True)
+            if args.large:
+                with tempfile.TemporaryDirectory() as tmp2:
+                    res["convert_large"] = _run_child("convert", args.large, tmp2)
+                    print("convert_large", res["convert_large"], flush=True)
 
     torch.manual_seed(0)
     base = morph.build_model(args.model, num_classes=10)
     size = (3, 64, 64)
-    res["step_half_template_vs_plain"] = step_time_ratio(
-        lambda: morph.convert(base, 0.5, seed=0, input_size=size),
-        lambda: morph.scale_width(base, 0.5, input_size=size),
-    )
-    print("half template / plain half", res["step_half_template_vs_plain"], flush=True)
+    res["native_kernels"] = native.available()
+    res["allocator"] = "glibc defaults" if args.default_malloc else "morph.allocator.keep_freed_memory()"
+    nullctx = contextlib.nullcontext
+    res["step_half"] = step_time_ratios({
+        "template": (lambda: morph.convert(base, 0.5, seed=0, input_size=size), nullctx),
+        "template_torch": (lambda: morph.convert(base, 0.5, seed=0, input_size=size), native.disabled),
+        "plain": (lambda: morph.scale_width(base, 0.5, input_size=size), nullctx),
+    }, "plain", rounds=args.rounds)
+    print("half: template / plain half", res["step_half"], flush=True)
     res["breakdown_half"] = overhead_breakdown(
         lambda: morph.convert(base, 0.5, seed=0, input_size=size),
         lambda: morph.scale_width(base, 0.5, input_size=size),
@@ -209,10 +250,12 @@ def main() -> None:
     print("  breakdown", res["breakdown_half"], flush=True)
     a = morph.convert(base, 0.5, seed=0, input_size=size)
     b = morph.convert(base, 0.5, seed=1, input_size=size)
-    res["step_fused_vs_stock"] = step_time_ratio(
-        lambda: morph.fuse(a, b, seed=0), lambda: morph.build_model(args.model, num_classes=10)
-    )
-    print("fused / stock full", res["step_fused_vs_stock"], flush=True)
+    res["step_fused"] = step_time_ratios({
+        "fused": (lambda: morph.fuse(a, b, seed=0), nullctx),
+        "fused_torch": (lambda: morph.fuse(a, b, seed=0), native.disabled),
+        "stock": (lambda: morph.build_model(args.model, num_classes=10), nullctx),
+    }, "stock", rounds=max(5, args.rounds // 2))
+    print("fused / stock full", res["step_fused"], flush=True)
     res["breakdown_fused"] = overhead_breakdown(
         lambda: morph.fuse(a, b, seed=0), lambda: morph.build_model(args.model, num_classes=10)
     )

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from morph import native
+
 __all__ = ["TemplateBank", "TemplateMixing", "attach", "detach", "is_mixed", "mixed_layers"]
 
 
@@ -56,7 +58,7 @@ def mix(alpha: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
     """``sum_k alpha[k] * templates[k]`` with autograd; under ``torch.jit`` tracing (fvcore) a plain gemv."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return torch.mv(templates.reshape(templates.shape[0], -1).t(), alpha).view(templates.shape[1:])
-    return _Grid.apply(alpha[None], (1, 1), (0,), templates)
+    return generate(alpha[None], [templates], (1, 1), (0,))
 
 
 def _grid_reference(coefficients: torch.Tensor, banks: list[torch.Tensor], tile_banks, grid) -> torch.Tensor:
@@ -129,6 +131,19 @@ class _Grid(torch.autograd.Function):
         return (d_alpha, None, None, *d_banks)
 
 
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def generate(coefficients: torch.Tensor, banks: list[torch.Tensor], grid: tuple[int, int], tile_banks) -> torch.Tensor:
+    """The tiled weight with autograd: the native kernels (:mod:`morph.native`) for float32/float64 CPU
+    tensors where they are built, else :class:`_Grid`; the same values either way (to rounding)."""
+    if coefficients.dtype in _NATIVE_DTYPES and coefficients.device.type == "cpu":
+        k = native.kernels()
+        if k is not None:
+            return k.grid(coefficients, banks, grid[0], grid[1], tile_banks)
+    return _Grid.apply(coefficients, tuple(grid), tuple(tile_banks), *banks)
+
+
 class TemplateMixing(nn.Module):
     """Generates a weight from a grid of template-mixed tiles.
 
@@ -167,12 +182,11 @@ class TemplateMixing(nn.Module):
         return mix(self.coefficients[t], self.banks[self.tile_banks[t]].templates)
 
     def forward(self) -> torch.Tensor:
-        r, c = self.grid
-        banks = [b.templates for b in self.banks]
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
+        banks = [b._parameters["templates"] for b in self.banks._modules.values()]
+        if torch.jit.is_tracing():
             w = _grid_reference(self.coefficients, banks, self.tile_banks, self.grid)
         else:
-            w = _Grid.apply(self.coefficients, self.grid, tuple(self.tile_banks), *banks)
+            w = generate(self.coefficients, banks, self.grid, self.tile_banks)
         if self.out_perm is not None:
             w = w.index_select(0, self.out_perm)
         if self.in_perm is not None:

@@ -31,6 +31,8 @@ import torch.nn as nn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from morph.allocator import keep_freed_memory
+
 from .checkpoint import (
     get_rng_state,
     load_checkpoint,
@@ -246,6 +248,8 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         if on_gpu:
             torch.backends.cudnn.benchmark = True
+        else:  # no page faults on every step's tensors (morph/allocator.py); both arms of a comparison alike
+            keep_freed_memory()
 
     # ------------------------------------------------------------------------------------------
 

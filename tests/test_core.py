@@ -2,6 +2,8 @@
 
 import json
 import math
+import platform
+import sys
 
 import pytest
 import torch
@@ -221,35 +223,113 @@ def test_zero_fusion_is_ensemble(name):
         torch.set_default_dtype(torch.float32)
 
 
-@pytest.mark.parametrize(
-    "grid,tile_banks",
-    [((1, 1), (0,)), ((2, 2), (0, 0, 1, 1)), ((2, 2), (0, 1, 0, 1)), ((2, 1), (0, 1)), ((1, 2), (0, 1))],
-)
-@pytest.mark.parametrize("tile_shape", [(3, 4, 3, 3), (6, 5)])
-def test_grid_generation_matches_autograd_reference(grid, tile_banks, tile_shape):
-    """The hand-written tiled generation (in-place multiply-adds, strided backward) against the same
-    weight built from matmul + cat through plain autograd, and its gradients against finite differences."""
-    from morph.templates import _Grid, _grid_reference, _tile_views, mix
+def _grid_impls():
+    """The two implementations of the tiled generation: the native kernels and the PyTorch ``_Grid``."""
+    from morph import native
+    from morph.templates import _Grid
 
+    k = native.kernels()
+    assert k is not None, "the native kernels did not build (a C++ compiler and ninja are needed)"
+    return {
+        "native": lambda c, grid, tb, *bs: k.grid(c, list(bs), grid[0], grid[1], list(tb)),
+        "torch": lambda c, grid, tb, *bs: _Grid.apply(c, grid, tuple(tb), *bs),
+    }
+
+
+GRIDS = [((1, 1), (0,)), ((2, 2), (0, 0, 1, 1)), ((2, 2), (0, 1, 0, 1)), ((2, 1), (0, 1)), ((1, 2), (0, 1)),
+         ((3, 3), (0, 0, 0, 1, 1, 1, 2, 2, 2)), ((2, 2), (0, 0, 0, 0)), ((1, 2), (1, 1))]
+
+
+@pytest.mark.parametrize("impl", ["native", "torch"])
+@pytest.mark.parametrize("num_templates", [2, 5])
+@pytest.mark.parametrize("grid,tile_banks", GRIDS)
+@pytest.mark.parametrize("tile_shape", [(3, 4, 3, 3), (6, 5)])
+def test_grid_generation_matches_autograd_reference(impl, num_templates, grid, tile_banks, tile_shape):
+    """Both hand-written tiled generations (native kernels; in-place multiply-adds with a strided backward)
+    against the same weight built from matmul + cat through plain autograd, and their gradients against
+    finite differences. Covers the native kernels' specialized paths (K <= 4 templates, <= 2 tiles per
+    bank) and their generic path (K = 5, 3 or 4 tiles per bank), and a bank no tile uses."""
+    from morph.templates import _grid_reference, _tile_views, generate, mix
+
+    gen = _grid_impls()[impl]
     torch.manual_seed(0)
-    banks = [torch.randn(3, *tile_shape, dtype=torch.float64, requires_grad=True) for _ in set(tile_banks)]
-    coef = torch.randn(len(tile_banks), 3, dtype=torch.float64, requires_grad=True)
-    w = _Grid.apply(coef, grid, tile_banks, *banks)
+    banks = [torch.randn(num_templates, *tile_shape, dtype=torch.float64, requires_grad=True)
+             for _ in range(max(tile_banks) + 1)]
+    coef = torch.randn(len(tile_banks), num_templates, dtype=torch.float64, requires_grad=True)
+    w = gen(coef, grid, tile_banks, *banks)
     ref = _grid_reference(coef, banks, list(tile_banks), grid)
     assert w.shape == ref.shape == (grid[0] * tile_shape[0], grid[1] * tile_shape[1], *tile_shape[2:])
     torch.testing.assert_close(w, ref, rtol=1e-13, atol=1e-13)
-    for t, view in enumerate(_tile_views(w, grid, tile_shape)):  # a tile alone is the same bits
-        assert torch.equal(view.reshape(tile_shape), mix(coef[t], banks[tile_banks[t]]))
+    if impl == "native":  # a tile alone (mix, which takes the native path on CPU) is the same bits
+        assert torch.equal(w, generate(coef, banks, grid, tile_banks))
+        for t, view in enumerate(_tile_views(w, grid, tile_shape)):
+            assert torch.equal(view.reshape(tile_shape), mix(coef[t], banks[tile_banks[t]]))
     g = torch.randn_like(w)
-    for x, y in zip(torch.autograd.grad(w, [coef, *banks], g), torch.autograd.grad(ref, [coef, *banks], g), strict=True):
+    ref_grad = torch.autograd.grad(ref, [coef, *banks], g, allow_unused=True, materialize_grads=True)
+    for x, y in zip(torch.autograd.grad(w, [coef, *banks], g), ref_grad, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda c, *bs: _Grid.apply(c, grid, tile_banks, *bs), (coef, *banks))
+    assert torch.autograd.gradcheck(lambda c, *bs: gen(c, grid, tile_banks, *bs), (coef, *banks))
     if len(tile_shape) == 4:  # a weight gradient in channels_last (as a conv backward may return it)
         g_cl = g.contiguous(memory_format=torch.channels_last)
-        for x, y in zip(torch.autograd.grad(_Grid.apply(coef, grid, tile_banks, *banks), [coef, *banks], g_cl),
-                        torch.autograd.grad(_grid_reference(coef, banks, list(tile_banks), grid), [coef, *banks], g),
+        for x, y in zip(torch.autograd.grad(gen(coef, grid, tile_banks, *banks), [coef, *banks], g_cl), ref_grad,
                         strict=True):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_native_kernels_float32_deterministic_and_partial_grads():
+    """float32 on the native path: close to the reference, bit-identical whatever the number of threads
+    (row partial sums are added in a fixed order), and only the gradients that are asked for."""
+    from morph.templates import _grid_reference
+
+    gen = _grid_impls()["native"]
+    torch.manual_seed(0)
+    banks = [torch.randn(2, 64, 48, 3, 3, requires_grad=True) for _ in range(2)]
+    coef = torch.randn(4, 2, requires_grad=True)
+    g = torch.randn(128, 96, 3, 3)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            w = gen(coef, (2, 2), (0, 0, 1, 1), *banks)
+            runs.append((w, *torch.autograd.grad(w, [coef, *banks], g)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(runs[0], other, strict=True))
+    wide = [coef.double(), *(b.double() for b in banks)]  # the reference in float64
+    ref = _grid_reference(wide[0], wide[1:], [0, 0, 1, 1], (2, 2))
+    torch.testing.assert_close(runs[0][0], ref.float(), rtol=1e-6, atol=1e-6)
+    for x, y in zip(runs[0][1:], torch.autograd.grad(ref, wide, g.double()), strict=True):
+        torch.testing.assert_close(x, y.float(), rtol=2e-5, atol=1e-4)  # float32 sums of 27k products
+    frozen = [b.detach() for b in banks]  # only the coefficients train
+    (d_coef,) = torch.autograd.grad(gen(coef, (2, 2), (0, 0, 1, 1), *frozen), [coef], g)
+    torch.testing.assert_close(d_coef, runs[0][1], rtol=0, atol=0)
+
+
+def test_generate_dispatch():
+    """CPU float32/float64 take the native kernels unless disabled; other dtypes take ``_Grid``."""
+    from morph import native
+    from morph.templates import generate
+
+    bank = torch.randn(2, 4, 3, requires_grad=True)
+    coef = torch.randn(1, 2, requires_grad=True)
+    assert "GridFunction" in generate(coef, [bank], (1, 1), (0,)).grad_fn.name()
+    with native.disabled():
+        assert type(generate(coef, [bank], (1, 1), (0,)).grad_fn).__name__ == "_GridBackward"
+    assert native.enabled()
+    half = generate(coef.bfloat16(), [bank.bfloat16()], (1, 1), (0,))
+    assert type(half.grad_fn).__name__ == "_GridBackward" and half.dtype == torch.bfloat16
+
+
+def test_keep_freed_memory():
+    from morph.allocator import keep_freed_memory
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
+    x = torch.randn(3_000_000)  # allocations still work, above and below the new mmap threshold
+    del x
+    assert torch.ones(10_000_000).sum().item() == 10_000_000
 
 
 @pytest.mark.parametrize("growth", ["vertical", "horizontal"])

@@ -1,0 +1,407 @@
+// morph native kernels: a tiled template-mixed weight and its gradients in one pass each.
+//
+// The weight W is viewed as [R, o, C, n]: R x C tiles, each [o, n] with n = in_channels * kernel
+// elements. Tile t = (i, j), row-major, is W[i, :, j, :] and mixes the K templates of bank
+// tile_banks[t] (each bank is [K, o, n], contiguous) with its coefficient row alpha[t, :]:
+//
+//     W_t = sum_k alpha[t, k] * T_k                                   (forward)
+//     dT_k = sum_{t in tiles of the bank} alpha[t, k] * dW_t           (backward, per bank)
+//     dalpha[t, k] = <dW_t, T_k>                                       (backward)
+//
+// On CPU this is memory-bound, so each kernel makes one pass over its operands: the forward reads
+// every template once and writes W once; the backward reads dW and the templates once and writes
+// each template gradient once. Rows are split over threads with at::parallel_for; the dot products
+// are accumulated in blocks (16 lanes in the input dtype, then acc_type: double for float) and per tile
+// row, then summed over rows in a fixed order,
+// so results do not depend on the number of threads. Elementwise sums follow the order of
+// morph.templates._mix_into (first term a product, then one multiply-add per term; built with
+// -ffp-contract=off), so a tile is bit-identical whether generated alone or inside a grid.
+//
+// The Python implementation in morph/templates.py (_Grid) is the reference and the fallback.
+
+#include <torch/extension.h>
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kBlock = 2048;  // elements per inner block: a few blocks of each operand stay in L1
+
+struct Layout {
+  int64_t R, C, o, n, K;
+};
+
+Layout check_inputs(const at::Tensor& coef, at::TensorList banks, int64_t R, int64_t C,
+                    const std::vector<int64_t>& tile_banks) {
+  TORCH_CHECK(!banks.empty(), "morph grid: no template banks");
+  TORCH_CHECK(R > 0 && C > 0, "morph grid: bad grid ", R, "x", C);
+  const auto& b0 = banks[0];
+  TORCH_CHECK(b0.dim() >= 3, "morph grid: a bank must be [K, out, in, ...], got ", b0.sizes());
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == R * C && coef.size(1) == b0.size(0),
+              "morph grid: coefficients ", coef.sizes(), " do not match ", R, "x", C, " tiles of K=", b0.size(0));
+  TORCH_CHECK(static_cast<int64_t>(tile_banks.size()) == R * C, "morph grid: tile_banks has ",
+              tile_banks.size(), " entries for ", R * C, " tiles");
+  for (const auto& b : banks) {
+    TORCH_CHECK(b.sizes() == b0.sizes() && b.scalar_type() == b0.scalar_type() && b.device().is_cpu(),
+                "morph grid: banks must be CPU tensors of one shape and dtype");
+  }
+  TORCH_CHECK(coef.scalar_type() == b0.scalar_type() && coef.device().is_cpu(),
+              "morph grid: coefficients must be a CPU tensor of the banks' dtype");
+  for (auto tb : tile_banks) {
+    TORCH_CHECK(tb >= 0 && tb < static_cast<int64_t>(banks.size()), "morph grid: bad bank index ", tb);
+  }
+  int64_t n = 1;  // elements of one tile row: in_channels * kernel elements
+  for (int64_t d = 2; d < b0.dim(); ++d) n *= b0.size(d);
+  return {R, C, b0.size(1), n, b0.size(0)};
+}
+
+int64_t grain_rows(int64_t row_elems) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_elems));
+}
+
+// ---- one row of one bank, for the common small K (templates) and M (tiles that mix the bank) -----
+// Every element is loaded once: the M tile rows and K template rows are read, and the M generated
+// rows (forward) or the K template-gradient rows (backward) written, in the same loop. Dot products
+// go to kVec lanes per (tile, template) so that the compiler vectorizes the loop with M*K
+// independent accumulators; they are summed in acc_type per block.
+constexpr int kVec = 8;
+constexpr int kMaxK = 4, kMaxM = 2;
+
+template <typename scalar_t, int K, int M>
+void mix_row(scalar_t* const* dst, const scalar_t* tpl, int64_t plane, const scalar_t* alpha, int64_t n) {
+  scalar_t a[M][K];
+  for (int m = 0; m < M; ++m)
+    for (int k = 0; k < K; ++k) a[m][k] = alpha[m * K + k];
+  for (int64_t e = 0; e < n; ++e) {
+    scalar_t t[K];
+    for (int k = 0; k < K; ++k) t[k] = tpl[k * plane + e];
+    for (int m = 0; m < M; ++m) {
+      scalar_t s = t[0] * a[m][0];
+      for (int k = 1; k < K; ++k) s = s + t[k] * a[m][k];
+      dst[m][e] = s;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int K, int M>
+void grad_row(const scalar_t* const* g, const scalar_t* tpl, int64_t plane, const scalar_t* alpha, scalar_t* db,
+              int64_t n, acc_t* dots /* [M][K], accumulated into; nullptr: not needed */) {
+  scalar_t a[M][K];
+  for (int m = 0; m < M; ++m)
+    for (int k = 0; k < K; ++k) a[m][k] = alpha[m * K + k];
+  for (int64_t e0 = 0; e0 < n; e0 += kBlock) {
+    const int64_t e1 = std::min(n, e0 + kBlock);
+    scalar_t lanes[M][K][kVec] = {};
+    acc_t tail[M][K] = {};
+    int64_t e = e0;
+    for (; e + kVec <= e1; e += kVec) {
+      for (int l = 0; l < kVec; ++l) {
+        scalar_t gv[M], tv[K];
+        for (int m = 0; m < M; ++m) gv[m] = g[m][e + l];
+        for (int k = 0; k < K; ++k) tv[k] = tpl[k * plane + e + l];
+        if (dots) {
+          for (int m = 0; m < M; ++m)
+            for (int k = 0; k < K; ++k) lanes[m][k][l] += gv[m] * tv[k];
+        }
+        if (db) {
+          for (int k = 0; k < K; ++k) {
+            scalar_t s = gv[0] * a[0][k];
+            for (int m = 1; m < M; ++m) s = s + gv[m] * a[m][k];
+            db[k * plane + e + l] = s;
+          }
+        }
+      }
+    }
+    for (; e < e1; ++e) {
+      scalar_t gv[M], tv[K];
+      for (int m = 0; m < M; ++m) gv[m] = g[m][e];
+      for (int k = 0; k < K; ++k) tv[k] = tpl[k * plane + e];
+      if (dots) {
+        for (int m = 0; m < M; ++m)
+          for (int k = 0; k < K; ++k) tail[m][k] += static_cast<acc_t>(gv[m]) * static_cast<acc_t>(tv[k]);
+      }
+      if (db) {
+        for (int k = 0; k < K; ++k) {
+          scalar_t s = gv[0] * a[0][k];
+          for (int m = 1; m < M; ++m) s = s + gv[m] * a[m][k];
+          db[k * plane + e] = s;
+        }
+      }
+    }
+    if (dots) {
+      for (int m = 0; m < M; ++m)
+        for (int k = 0; k < K; ++k) {
+          acc_t s = tail[m][k];
+          for (int l = 0; l < kVec; ++l) s += static_cast<acc_t>(lanes[m][k][l]);
+          dots[m * K + k] += s;
+        }
+    }
+  }
+}
+
+// ---- any K and M: the same arithmetic, one (tile, template) pair at a time ------------------------
+template <typename scalar_t>
+void mix_row_any(scalar_t* const* dst, const scalar_t* tpl, int64_t plane, const scalar_t* alpha, int64_t n, int K,
+                 int M) {
+  for (int m = 0; m < M; ++m) {
+    const scalar_t* a = alpha + m * K;
+    for (int64_t e = 0; e < n; ++e) dst[m][e] = tpl[e] * a[0];
+    for (int k = 1; k < K; ++k)
+      for (int64_t e = 0; e < n; ++e) dst[m][e] = dst[m][e] + tpl[k * plane + e] * a[k];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void grad_row_any(const scalar_t* const* g, const scalar_t* tpl, int64_t plane, const scalar_t* alpha, scalar_t* db,
+                  int64_t n, acc_t* dots, int K, int M) {
+  for (int k = 0; k < K; ++k) {
+    const scalar_t* tk = tpl + k * plane;
+    for (int m = 0; m < M; ++m) {
+      const scalar_t a = alpha[m * K + k];
+      if (dots) {
+        acc_t s = 0;
+        for (int64_t e = 0; e < n; ++e) s += static_cast<acc_t>(g[m][e]) * static_cast<acc_t>(tk[e]);
+        dots[m * K + k] += s;
+      }
+      if (db) {
+        scalar_t* dk = db + k * plane;
+        if (m == 0) {
+          for (int64_t e = 0; e < n; ++e) dk[e] = g[0][e] * a;
+        } else {
+          for (int64_t e = 0; e < n; ++e) dk[e] = dk[e] + g[m][e] * a;
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int K = 1, int M = 1>
+void mix_row_dispatch(scalar_t* const* dst, const scalar_t* tpl, int64_t plane, const scalar_t* alpha, int64_t n,
+                      int k, int m) {
+  if constexpr (K <= kMaxK && M <= kMaxM) {
+    if (k == K && m == M) return mix_row<scalar_t, K, M>(dst, tpl, plane, alpha, n);
+    if (M < kMaxM && k == K) return mix_row_dispatch<scalar_t, K, M + 1>(dst, tpl, plane, alpha, n, k, m);
+    if (M == 1) return mix_row_dispatch<scalar_t, K + 1, 1>(dst, tpl, plane, alpha, n, k, m);
+  }
+  mix_row_any<scalar_t>(dst, tpl, plane, alpha, n, k, m);
+}
+
+template <typename scalar_t, typename acc_t, int K = 1, int M = 1>
+void grad_row_dispatch(const scalar_t* const* g, const scalar_t* tpl, int64_t plane, const scalar_t* alpha,
+                       scalar_t* db, int64_t n, acc_t* dots, int k, int m) {
+  if constexpr (K <= kMaxK && M <= kMaxM) {
+    if (k == K && m == M) return grad_row<scalar_t, acc_t, K, M>(g, tpl, plane, alpha, db, n, dots);
+    if (M < kMaxM && k == K) return grad_row_dispatch<scalar_t, acc_t, K, M + 1>(g, tpl, plane, alpha, db, n, dots, k, m);
+    if (M == 1) return grad_row_dispatch<scalar_t, acc_t, K + 1, 1>(g, tpl, plane, alpha, db, n, dots, k, m);
+  }
+  grad_row_any<scalar_t, acc_t>(g, tpl, plane, alpha, db, n, dots, k, m);
+}
+
+// The tiles that mix each bank, and their coefficient rows gathered bank by bank.
+struct BankTiles {
+  std::vector<std::vector<int64_t>> tiles;  // tiles[b]: tile indices, in tile order
+  template <typename scalar_t>
+  std::vector<std::vector<scalar_t>> alphas(const scalar_t* alpha, int64_t K) const {
+    std::vector<std::vector<scalar_t>> out;
+    for (const auto& ts : tiles) {
+      std::vector<scalar_t> a;
+      for (auto t : ts) a.insert(a.end(), alpha + t * K, alpha + (t + 1) * K);
+      out.push_back(std::move(a));
+    }
+    return out;
+  }
+};
+
+BankTiles bank_tiles(size_t num_banks, const std::vector<int64_t>& tile_banks) {
+  BankTiles bt{std::vector<std::vector<int64_t>>(num_banks)};
+  for (size_t t = 0; t < tile_banks.size(); ++t) bt.tiles[tile_banks[t]].push_back(static_cast<int64_t>(t));
+  return bt;
+}
+
+template <typename scalar_t>
+void forward_kernel(scalar_t* w, const std::vector<const scalar_t*>& banks, const scalar_t* alpha,
+                    const std::vector<int64_t>& tile_banks, const Layout& L) {
+  const int64_t plane = L.o * L.n;  // one template
+  const BankTiles bt = bank_tiles(banks.size(), tile_banks);
+  const auto alphas = bt.alphas(alpha, L.K);
+  at::parallel_for(0, L.o, grain_rows(L.R * L.C * L.n), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t*> dst;
+    for (int64_t r = begin; r < end; ++r) {
+      for (size_t b = 0; b < banks.size(); ++b) {
+        const auto& ts = bt.tiles[b];
+        if (ts.empty()) continue;
+        dst.clear();
+        for (auto t : ts) dst.push_back(w + (((t / L.C) * L.o + r) * L.C + t % L.C) * L.n);
+        mix_row_dispatch<scalar_t>(dst.data(), banks[b] + r * L.n, plane, alphas[b].data(), L.n, L.K, ts.size());
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* g, const std::vector<const scalar_t*>& banks, const scalar_t* alpha,
+                     const std::vector<int64_t>& tile_banks, const Layout& L,
+                     const std::vector<scalar_t*>& d_banks,  // nullptr: not needed
+                     scalar_t* d_alpha) {                    // nullptr: not needed
+  using acc_t = at::acc_type<scalar_t, false>;
+  const int64_t T = L.R * L.C, plane = L.o * L.n;
+  const BankTiles bt = bank_tiles(banks.size(), tile_banks);
+  const auto alphas = bt.alphas(alpha, L.K);
+  // partial[r][b][u][k]: <row r of dW_t, row r of T_k> for the u-th tile t of bank b (laid out per bank)
+  std::vector<int64_t> offset(banks.size() + 1, 0);
+  for (size_t b = 0; b < banks.size(); ++b) offset[b + 1] = offset[b] + bt.tiles[b].size() * L.K;
+  const int64_t per_row = offset.back();
+  std::vector<acc_t> partial(d_alpha ? L.o * per_row : 0, acc_t(0));
+
+  at::parallel_for(0, L.o, grain_rows(T * L.n), [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> src;
+    for (int64_t r = begin; r < end; ++r) {
+      for (size_t b = 0; b < banks.size(); ++b) {
+        const auto& ts = bt.tiles[b];
+        scalar_t* db = d_banks[b] ? d_banks[b] + r * L.n : nullptr;
+        if (ts.empty()) {
+          if (db) {
+            for (int64_t k = 0; k < L.K; ++k) std::fill_n(db + k * plane, L.n, scalar_t(0));
+          }
+          continue;
+        }
+        if (!db && !d_alpha) continue;
+        src.clear();
+        for (auto t : ts) src.push_back(g + (((t / L.C) * L.o + r) * L.C + t % L.C) * L.n);
+        acc_t* dots = d_alpha ? partial.data() + r * per_row + offset[b] : nullptr;
+        grad_row_dispatch<scalar_t, acc_t>(src.data(), banks[b] + r * L.n, plane, alphas[b].data(), db, L.n, dots,
+                                           L.K, ts.size());
+      }
+    }
+  });
+  if (d_alpha) {  // sum the rows in a fixed order
+    for (size_t b = 0; b < banks.size(); ++b) {
+      for (size_t u = 0; u < bt.tiles[b].size(); ++u) {
+        for (int64_t k = 0; k < L.K; ++k) {
+          acc_t s = 0;
+          for (int64_t r = 0; r < L.o; ++r) s += partial[r * per_row + offset[b] + u * L.K + k];
+          d_alpha[bt.tiles[b][u] * L.K + k] = static_cast<scalar_t>(s);
+        }
+      }
+    }
+  }
+}
+
+at::Tensor grid_forward(const at::Tensor& coef_in, at::TensorList banks_in, int64_t R, int64_t C,
+                        const std::vector<int64_t>& tile_banks) {
+  const Layout L = check_inputs(coef_in, banks_in, R, C, tile_banks);
+  auto coef = coef_in.contiguous();
+  std::vector<at::Tensor> banks;
+  for (const auto& b : banks_in) banks.push_back(b.contiguous());
+  auto shape = banks[0].sizes().vec();
+  shape.erase(shape.begin());
+  shape[0] *= R;
+  shape[1] *= C;
+  at::Tensor w = at::empty(shape, banks[0].options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "morph_grid_forward", [&] {
+    std::vector<const scalar_t*> ptrs;
+    for (const auto& b : banks) ptrs.push_back(b.data_ptr<scalar_t>());
+    forward_kernel<scalar_t>(w.data_ptr<scalar_t>(), ptrs, coef.data_ptr<scalar_t>(), tile_banks, L);
+  });
+  return w;
+}
+
+std::vector<at::Tensor> grid_backward(const at::Tensor& grad_in, const at::Tensor& coef_in, at::TensorList banks_in,
+                                      int64_t R, int64_t C, const std::vector<int64_t>& tile_banks,
+                                      bool need_alpha, const std::vector<bool>& need_banks) {
+  const Layout L = check_inputs(coef_in, banks_in, R, C, tile_banks);
+  auto grad = grad_in.contiguous();  // a conv backward may return channels_last
+  auto coef = coef_in.contiguous();
+  std::vector<at::Tensor> banks;
+  for (const auto& b : banks_in) banks.push_back(b.contiguous());
+  TORCH_CHECK(grad.numel() == R * C * L.o * L.n && grad.scalar_type() == coef.scalar_type(),
+              "morph grid: gradient ", grad.sizes(), " does not match the weight");
+  std::vector<at::Tensor> out;  // [d_alpha, d_bank_0, ...]; undefined where not needed
+  out.push_back(need_alpha ? at::empty({R * C, L.K}, coef.options()) : at::Tensor());
+  for (size_t b = 0; b < banks.size(); ++b) {
+    out.push_back(need_banks[b] ? at::empty_like(banks[b]) : at::Tensor());
+  }
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "morph_grid_backward", [&] {
+    std::vector<const scalar_t*> ptrs;
+    std::vector<scalar_t*> d_ptrs;
+    for (size_t b = 0; b < banks.size(); ++b) {
+      ptrs.push_back(banks[b].data_ptr<scalar_t>());
+      d_ptrs.push_back(out[b + 1].defined() ? out[b + 1].data_ptr<scalar_t>() : nullptr);
+    }
+    backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), ptrs, coef.data_ptr<scalar_t>(), tile_banks, L, d_ptrs,
+                              need_alpha ? out[0].data_ptr<scalar_t>() : nullptr);
+  });
+  return out;
+}
+
+struct GridFunction : public torch::autograd::Function<GridFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& coef, at::TensorList banks, int64_t R, int64_t C,
+                            const std::vector<int64_t>& tile_banks) {
+    at::Tensor w;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      w = grid_forward(coef, banks, R, C, tile_banks);
+    }
+    std::vector<at::Tensor> saved{coef};
+    c10::List<bool> need_banks;
+    for (const auto& b : banks) {
+      saved.push_back(b);
+      need_banks.push_back(b.requires_grad());
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["R"] = R;
+    ctx->saved_data["C"] = C;
+    ctx->saved_data["tile_banks"] = c10::IValue(tile_banks);
+    ctx->saved_data["need_alpha"] = coef.requires_grad();
+    ctx->saved_data["need_banks"] = need_banks;
+    return w;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    at::Tensor coef = saved[0];
+    std::vector<at::Tensor> banks(saved.begin() + 1, saved.end());
+    const auto tile_banks = ctx->saved_data["tile_banks"].toIntVector();
+    const std::vector<bool> need_banks = ctx->saved_data["need_banks"].toBoolList().vec();
+    auto out = grid_backward(grads[0], coef, banks, ctx->saved_data["R"].toInt(), ctx->saved_data["C"].toInt(),
+                             tile_banks, ctx->saved_data["need_alpha"].toBool(), need_banks);
+    // one gradient per forward argument: coef, each bank, then R, C, tile_banks (not differentiable)
+    out.emplace_back();
+    out.emplace_back();
+    out.emplace_back();
+    return out;
+  }
+};
+
+at::Tensor grid(const at::Tensor& coef, std::vector<at::Tensor> banks, int64_t R, int64_t C,
+                std::vector<int64_t> tile_banks) {
+  return GridFunction::apply(coef, at::TensorList(banks), R, C, tile_banks);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "morph native kernels: tiled template mixing (forward and backward in one pass each)";
+  m.def("grid", &grid, "tiled template-mixed weight with autograd", py::arg("coefficients"), py::arg("banks"),
+        py::arg("rows"), py::arg("cols"), py::arg("tile_banks"));
+  m.def(
+      "grid_forward",
+      [](const at::Tensor& coef, std::vector<at::Tensor> banks, int64_t R, int64_t C, std::vector<int64_t> tile_banks) {
+        return grid_forward(coef, banks, R, C, tile_banks);
+      },
+      "forward only (no autograd)");
+  m.def(
+      "grid_backward",
+      [](const at::Tensor& grad, const at::Tensor& coef, std::vector<at::Tensor> banks, int64_t R, int64_t C,
+         std::vector<int64_t> tile_banks, bool need_alpha, std::vector<bool> need_banks) {
+        return grid_backward(grad, coef, banks, R, C, tile_banks, need_alpha, need_banks);
+      },
+      "gradients of grid_forward: [d_coefficients, d_bank...] (no autograd)");
+}
