@@ -307,6 +307,22 @@ def test_native_kernels_float32_deterministic_and_partial_grads():
     torch.testing.assert_close(d_coef, runs[0][1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("row", [24, 21, 4096 + 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_template_gradient_stores(row, dtype):
+    """The backward writes each template gradient with streaming stores where its rows are aligned for
+    them (rows of 24 elements; x86 with AVX) and plainly elsewhere (21; a row longer than one 2048-element
+    block with a tail): either way dT_k = a_k * dW exactly (one tile: a single product per element)."""
+    gen = _grid_impls()["native"]
+    torch.manual_seed(0)
+    bank = torch.randn(3, 7, row, dtype=dtype, requires_grad=True)
+    coef = torch.randn(1, 3, dtype=dtype, requires_grad=True)
+    g = torch.randn(7, row, dtype=dtype)
+    (d_bank,) = torch.autograd.grad(gen(coef, (1, 1), (0,), bank), [bank], g)
+    for k in range(3):
+        assert torch.equal(d_bank[k], g * coef[0, k].detach())
+
+
 def test_generate_dispatch():
     """CPU float32/float64 take the native kernels unless disabled; other dtypes take ``_Grid``."""
     from morph import native
