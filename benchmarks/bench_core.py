@@ -4,8 +4,9 @@ Run: ``python benchmarks/bench_core.py [--model resnet50] [--large regnet_y_128g
 
 - convert / fuse / bake time and peak memory run each in a fresh subprocess; peak memory is the
   process's peak RSS (VmHWM) and its growth over the RSS right after ``import morph``.
-- training-step ratios run side by side in one process, interleaved (A, B, C, A, B, C, ...), and
-  report the median of the per-round ratios, because the machines are noisy: template-mixing half vs
+- training-step ratios run side by side in one process, interleaved (A, B, C, then C, B, A, ...; each
+  turn one untimed step, then one timed step), and report the median of the per-round ratios with their interquartile range and a bootstrap
+  95% confidence interval of the median, because the machines are noisy: template-mixing half vs
   plain half (batch 32, 64x64, CPU), fused vs stock full-width (same), each template model both with
   the native kernels (morph/native.py) and with the PyTorch implementation; one step = zero_grad,
   forward, cross-entropy, backward, fused SGD step (momentum 0.9), as in ``recipes/trainer.py``,
@@ -20,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -101,14 +103,24 @@ def _run_child(task: str, model: str, tmp: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def step_time_ratios(arms: dict, baseline: str, *, batch: int = 32, size: int = 64, rounds: int = 21,
-                     steps: int = 2) -> dict:
+def median_ci(values: list[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap confidence interval of the median (percentile method, fixed seed)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+
+
+def step_time_ratios(arms: dict, baseline: str, *, batch: int = 32, size: int = 64, rounds: int = 201) -> dict:
     """Time of one SGD training step of each arm over the baseline arm, interleaved in one process.
 
     ``arms`` maps a name to ``(make_model, context)``; each step of that arm runs inside ``context()``
-    (e.g. :func:`morph.native.disabled`). Every round times each arm back to back, so slow drifts of the
-    machine cancel in the per-round ratios; the figure is their median, with the interquartile range as
-    the noise figure."""
+    (e.g. :func:`morph.native.disabled`). Every round runs each arm in turn, in an order that reverses
+    from round to round: one untimed step, then one timed step, so that every timed step follows a step
+    of its own model, as in training (the first step after another model's would start with this
+    model's weights and optimizer state out of cache); each arm's ratio is taken to the baseline step of the same round. Step times here vary by +-20% from step to step (other tenants share the memory
+    bandwidth), independently between neighbouring steps, so the figure is the median of many per-round
+    ratios, with their interquartile range as the spread and a bootstrap 95% confidence interval of the
+    median as its precision."""
     import torch
     import torch.nn.functional as F
 
@@ -132,13 +144,15 @@ def step_time_ratios(arms: dict, baseline: str, *, batch: int = 32, size: int = 
         models[k].train()
         step(k)
         step(k)
-    for _ in range(rounds):
-        for k in models:
+    order = list(models)
+    for r in range(rounds):
+        for k in order if r % 2 == 0 else order[::-1]:
+            step(k)
             t = time.perf_counter()
-            for _ in range(steps):
-                step(k)
-            times[k].append((time.perf_counter() - t) / steps)
-    out: dict = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
+            step(k)
+            times[k].append(time.perf_counter() - t)
+    out: dict = {"rounds": rounds}
+    out.update({f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()})
     for k in models:
         if k == baseline:
             continue
@@ -146,6 +160,7 @@ def step_time_ratios(arms: dict, baseline: str, *, batch: int = 32, size: int = 
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         out[f"{k}_over_{baseline}"] = statistics.median(ratios)
         out[f"{k}_over_{baseline}_iqr"] = [q1, q3]
+        out[f"{k}_over_{baseline}_ci95"] = list(median_ci(ratios))
     return out
 
 
@@ -197,7 +212,9 @@ def main() -> None:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--large", default="", help="also time convert on this (largest) model")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
-    ap.add_argument("--rounds", type=int, default=21, help="interleaved rounds of the half-model step timing")
+    ap.add_argument("--rounds", type=int, default=201,
+                    help="interleaved rounds (one timed step of each model) of the half-model step timing; the "
+                         "fused models get a third as many")
     ap.add_argument("--default-malloc", action="store_true",
                     help="time the steps with glibc's default allocator settings (see morph/allocator.py)")
     ap.add_argument("--skip-passes", action="store_true", help="only the training-step figures")
@@ -216,6 +233,7 @@ def main() -> None:
 
     if not args.default_malloc:
         keep_freed_memory()
+    native.available()  # build the kernels now (once per source and CPU) if needed, not inside a timed child
     res: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     if not args.skip_passes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -254,7 +272,7 @@ def main() -> None:
         "fused": (lambda: morph.fuse(a, b, seed=0), nullctx),
         "fused_torch": (lambda: morph.fuse(a, b, seed=0), native.disabled),
         "stock": (lambda: morph.build_model(args.model, num_classes=10), nullctx),
-    }, "stock", rounds=max(5, args.rounds // 2))
+    }, "stock", rounds=max(5, args.rounds // 3))
     print("fused / stock full", res["step_fused"], flush=True)
     res["breakdown_fused"] = overhead_breakdown(
         lambda: morph.fuse(a, b, seed=0), lambda: morph.build_model(args.model, num_classes=10)
