@@ -24,7 +24,10 @@ def bake(model: nn.Module) -> nn.Module:
     info = get_info(model)
     if info is None or info.kind == "plain":
         raise MorphError("bake needs a template model (from morph.convert, fuse or grow); this one is plain")
-    new = copy.deepcopy(model)
+    # copy everything but the template banks, which the copy only reads (each weight is generated
+    # from them once) and then drops: they share the original's tensors instead of being copied
+    memo = {id(m.mix): m.mix for _, m in mixed_layers(model)}
+    new = copy.deepcopy(model, memo)
     for _, m in mixed_layers(new):
         detach(m)
     for p in new.parameters():

@@ -225,7 +225,7 @@ def detach(module: nn.Module) -> nn.Module:
     if not is_mixed(module):
         return module
     with torch.no_grad():
-        w = module.mix().detach().clone()
+        w = module.mix()  # a new tensor, not a view of the templates: no copy needed
     module.__class__ = module._morph_base
     del module.mix
     module.weight = nn.Parameter(w)

@@ -404,11 +404,18 @@ def test_bake_equals_template_model(kind, tmp_path):
     m = _spec_model()
     a, b = _pair(m)
     model = {"half": a, "fused": morph.fuse(a, b, seed=0), "grown": morph.grow(a, seed=0)}[kind]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     baked = morph.bake(model)
     model.eval(), baked.eval()
     x = torch.randn(2, *SIZE)
     assert _relerr(baked(x), model(x)) < 1e-5
     assert not mixed_layers(baked)
+    # the original is untouched (bake shares its banks while generating, it does not copy them), and
+    # no baked parameter shares memory with it
+    assert len(mixed_layers(model)) > 0 and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in ptrs for p in baked.parameters())
     stock = Residual(num_classes=5) if kind != "half" else morph.scale_width(m, 0.5, input_size=SIZE)
     stock.load_state_dict(baked.state_dict(), strict=True)
     # a baked fused model round-trips through morph checkpoints into the stock class
