@@ -53,7 +53,6 @@ def _child(task: str, model: str, tmp: str) -> dict:
     import torch
 
     import morph
-
     from morph import native
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

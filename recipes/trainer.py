@@ -383,13 +383,17 @@ class Trainer:
         top1 = 100.0 * float(sums[1] / sums[2])
         return self._record(stage, state, lr, loss_avg, top1, t0, images0, kind="epoch")
 
-    def _step(
-        self, net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def _step(
+        self, net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._batch_to_device(x, y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = net(x)
             loss = self.criterion(out, y)
@@ -438,10 +442,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         criterion = nn.CrossEntropyLoss(reduction="sum")
         for x, y in loader:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = self._batch_to_device(x, y)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = net(x)
             sums[0] += criterion(out.float(), y).double()
