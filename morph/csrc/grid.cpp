@@ -144,6 +144,15 @@ inline void store_fence() {
 #endif
 }
 
+// One element of dT_k = sum_m a[m][k] * dW_m, in the order of morph.templates._mix_into (a product,
+// then one add per further tile), shared by the vector loop and its tail so both give the same bits.
+template <typename scalar_t, int K, int M>
+inline scalar_t template_grad(const scalar_t (&gv)[M], const scalar_t (&a)[M][K], int k) {
+  scalar_t s = gv[0] * a[0][k];
+  for (int m = 1; m < M; ++m) s = s + gv[m] * a[m][k];
+  return s;
+}
+
 template <typename scalar_t, typename acc_t, int K, int M, bool kDots, bool kGrad>
 void grad_row_impl(const scalar_t* const* g, const scalar_t* tpl, int64_t plane, const scalar_t* alpha, scalar_t* db,
                    int64_t n, acc_t* dots) {
@@ -180,11 +189,7 @@ void grad_row_impl(const scalar_t* const* g, const scalar_t* tpl, int64_t plane,
             for (int k = 0; k < K; ++k) lanes[m][k][l] += gv[m] * tv[k];
         }
         if constexpr (kGrad) {
-          for (int k = 0; k < K; ++k) {
-            scalar_t s = gv[0] * a[0][k];
-            for (int m = 1; m < M; ++m) s = s + gv[m] * a[m][k];
-            out[k][l] = s;
-          }
+          for (int k = 0; k < K; ++k) out[k][l] = template_grad<scalar_t, K, M>(gv, a, k);
         }
       }
       if constexpr (kGrad) {
@@ -199,11 +204,7 @@ void grad_row_impl(const scalar_t* const* g, const scalar_t* tpl, int64_t plane,
           for (int k = 0; k < K; ++k) tail[m][k] += static_cast<acc_t>(gv[m]) * static_cast<acc_t>(tp[k][e]);
       }
       if constexpr (kGrad) {
-        for (int k = 0; k < K; ++k) {
-          scalar_t s = gv[0] * a[0][k];
-          for (int m = 1; m < M; ++m) s = s + gv[m] * a[m][k];
-          dp[k][e] = s;
-        }
+        for (int k = 0; k < K; ++k) dp[k][e] = template_grad<scalar_t, K, M>(gv, a, k);
       }
     }
     if constexpr (kDots) {
