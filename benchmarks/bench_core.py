@@ -8,7 +8,8 @@ Run: ``python benchmarks/bench_core.py [--model resnet50] [--large regnet_y_128g
   turn one untimed step, then one timed step), and report the median of the per-round ratios with their interquartile range and a bootstrap
   95% confidence interval of the median, because the machines are noisy: template-mixing half vs
   plain half (batch 32, 64x64, CPU), fused vs stock full-width (same), each template model both with
-  the native kernels (morph/native.py) and with the PyTorch implementation; one step = zero_grad,
+  the native kernels (morph/native.py) and with the PyTorch implementation, and fused vs stock at the
+  model's training resolution (``--full-size``, default 224; native kernels only); one step = zero_grad,
   forward, cross-entropy, backward, fused SGD step (momentum 0.9), as in ``recipes/trainer.py``,
   under ``morph.allocator.keep_freed_memory()`` as the trainer sets on CPU (``--default-malloc``: not);
 - the breakdown times the template model's weight generation (forward + backward of every layer's
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("passes", "half", "fused", "full-size")
 sys.path.insert(0, str(ROOT))
 
 
@@ -105,6 +107,15 @@ def _run_child(task: str, model: str, tmp: str) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child", task, "--model", model, "--tmp", tmp],
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def timed_child(task: str, model: str, tmp: str, repeats: int) -> dict:
+    """``task`` in ``repeats`` fresh processes: the run with the median time, and every run's time
+    (``seconds_runs``), because one run on a noisy machine can take several times the usual."""
+    runs = sorted((_run_child(task, model, tmp) for _ in range(repeats)), key=lambda r: r["seconds"])
+    out = dict(runs[len(runs) // 2])
+    out["seconds_runs"] = [r["seconds"] for r in runs]
+    return out
 
 
 def median_ci(values: list[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -221,10 +232,20 @@ def main() -> None:
                          "fused models get a third as many")
     ap.add_argument("--default-malloc", action="store_true",
                     help="time the steps with glibc's default allocator settings (see morph/allocator.py)")
-    ap.add_argument("--skip-passes", action="store_true", help="only the training-step figures")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated parts to run, of: " + ", ".join(PARTS) + " (default: all). The figures of "
+                         "the parts not run stay as they are in --out")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="fresh processes per convert / fuse / bake measurement (the median is reported)")
+    ap.add_argument("--full-size", type=int, default=224,
+                    help="input size of the full-size part: fused vs stock at the model's training resolution "
+                         "(a tenth as many rounds)")
     ap.add_argument("--child", default="")
     ap.add_argument("--tmp", default="")
     args = ap.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if unknown := sorted(set(parts) - set(PARTS)):
+        ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     if args.child:
         print(json.dumps(_child(args.child, args.model, args.tmp)))
         return
@@ -238,19 +259,22 @@ def main() -> None:
     if not args.default_malloc:
         keep_freed_memory()
     native.available()  # build the kernels now (once per source and CPU) if needed, not inside a timed child
-    res: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    if not args.skip_passes:
+    out = Path(args.out)
+    res: dict = json.loads(out.read_text()) if out.exists() and set(parts) != set(PARTS) else {}
+    res.update({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
+    res.setdefault("parts_run", {}).update({p: time.strftime("%Y-%m-%d %H:%M") for p in parts})
+    if "passes" in parts:
         with tempfile.TemporaryDirectory() as tmp:
-            res["convert"] = _run_child("convert", args.model, tmp)
+            res["convert"] = timed_child("convert", args.model, tmp, args.repeats)
             print("convert", res["convert"], flush=True)
-            res["fuse"] = _run_child("fuse", args.model, tmp)
+            res["fuse"] = timed_child("fuse", args.model, tmp, args.repeats)
             res["fuse"]["rss_growth_over_checkpoint"] = res["fuse"]["rss_growth_mb"] / res["fuse"]["checkpoint_mb"]
             print("fuse", res["fuse"], flush=True)
-            res["bake"] = _run_child("bake", args.model, tmp)
+            res["bake"] = timed_child("bake", args.model, tmp, args.repeats)
             print("bake", res["bake"], flush=True)
             if args.large:
                 with tempfile.TemporaryDirectory() as tmp2:
-                    res["convert_large"] = _run_child("convert", args.large, tmp2)
+                    res["convert_large"] = timed_child("convert", args.large, tmp2, args.repeats)
                     print("convert_large", res["convert_large"], flush=True)
 
     torch.manual_seed(0)
@@ -259,29 +283,40 @@ def main() -> None:
     res["native_kernels"] = native.available()
     res["allocator"] = "glibc defaults" if args.default_malloc else "morph.allocator.keep_freed_memory()"
     nullctx = contextlib.nullcontext
-    res["step_half"] = step_time_ratios({
-        "template": (lambda: morph.convert(base, 0.5, seed=0, input_size=size), nullctx),
-        "template_torch": (lambda: morph.convert(base, 0.5, seed=0, input_size=size), native.disabled),
-        "plain": (lambda: morph.scale_width(base, 0.5, input_size=size), nullctx),
-    }, "plain", rounds=args.rounds)
-    print("half: template / plain half", res["step_half"], flush=True)
-    res["breakdown_half"] = overhead_breakdown(
-        lambda: morph.convert(base, 0.5, seed=0, input_size=size),
-        lambda: morph.scale_width(base, 0.5, input_size=size),
-    )
-    print("  breakdown", res["breakdown_half"], flush=True)
+    if "half" in parts:
+        res["step_half"] = step_time_ratios({
+            "template": (lambda: morph.convert(base, 0.5, seed=0, input_size=size), nullctx),
+            "template_torch": (lambda: morph.convert(base, 0.5, seed=0, input_size=size), native.disabled),
+            "plain": (lambda: morph.scale_width(base, 0.5, input_size=size), nullctx),
+        }, "plain", rounds=args.rounds)
+        print("half: template / plain half", res["step_half"], flush=True)
+        res["breakdown_half"] = overhead_breakdown(
+            lambda: morph.convert(base, 0.5, seed=0, input_size=size),
+            lambda: morph.scale_width(base, 0.5, input_size=size),
+        )
+        print("  breakdown", res["breakdown_half"], flush=True)
     a = morph.convert(base, 0.5, seed=0, input_size=size)
     b = morph.convert(base, 0.5, seed=1, input_size=size)
-    res["step_fused"] = step_time_ratios({
-        "fused": (lambda: morph.fuse(a, b, seed=0), nullctx),
-        "fused_torch": (lambda: morph.fuse(a, b, seed=0), native.disabled),
-        "stock": (lambda: morph.build_model(args.model, num_classes=10), nullctx),
-    }, "stock", rounds=max(5, args.rounds // 3))
-    print("fused / stock full", res["step_fused"], flush=True)
-    res["breakdown_fused"] = overhead_breakdown(
-        lambda: morph.fuse(a, b, seed=0), lambda: morph.build_model(args.model, num_classes=10)
-    )
-    print("  breakdown", res["breakdown_fused"], flush=True)
+    if "fused" in parts:
+        res["step_fused"] = step_time_ratios({
+            "fused": (lambda: morph.fuse(a, b, seed=0), nullctx),
+            "fused_torch": (lambda: morph.fuse(a, b, seed=0), native.disabled),
+            "stock": (lambda: morph.build_model(args.model, num_classes=10), nullctx),
+        }, "stock", rounds=max(5, args.rounds // 3))
+        print("fused / stock full", res["step_fused"], flush=True)
+        res["breakdown_fused"] = overhead_breakdown(
+            lambda: morph.fuse(a, b, seed=0), lambda: morph.build_model(args.model, num_classes=10)
+        )
+        print("  breakdown", res["breakdown_fused"], flush=True)
+    if "full-size" in parts:
+        # the same pair at the model's own training resolution: the generation costs the same per step,
+        # the convolutions grow with the pixels, so this is the ratio that training at that size sees
+        res["step_fused_full_size"] = step_time_ratios({
+            "fused": (lambda: morph.fuse(a, b, seed=0), nullctx),
+            "stock": (lambda: morph.build_model(args.model, num_classes=10), nullctx),
+        }, "stock", size=args.full_size, rounds=max(5, args.rounds // 10))
+        res["step_fused_full_size"]["size"] = args.full_size
+        print(f"fused / stock full, {args.full_size}x{args.full_size}", res["step_fused_full_size"], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
