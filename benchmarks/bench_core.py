@@ -222,6 +222,51 @@ def overhead_breakdown(make_a, make_b, *, rounds: int = 9) -> dict:
     return {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+# (label, result key, ratio key) of every step-time ratio the plot shows, top to bottom
+RATIOS = (
+    ("half, native kernels\ntemplate / plain half, 64x64", "step_half", "template_over_plain"),
+    ("half, PyTorch _Grid\ntemplate / plain half, 64x64", "step_half", "template_torch_over_plain"),
+    ("fused, native kernels\nfused / stock, 64x64", "step_fused", "fused_over_stock"),
+    ("fused, PyTorch _Grid\nfused / stock, 64x64", "step_fused", "fused_torch_over_stock"),
+    ("fused, native kernels\nfused / stock, {size}x{size}", "step_fused_full_size", "fused_over_stock"),
+)
+
+
+def plot_ratios(res: dict, path: Path, target: float = 1.05) -> None:
+    """The step-time ratios as a chart: per ratio the median (dot), its bootstrap 95% CI (thick bar)
+    and the interquartile range of the per-round ratios (thin bar), against the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(label.format(size=res[key].get("size", "")), res[key], r) for label, key, r in RATIOS
+            if key in res and r in res[key]]
+    fig, ax = plt.subplots(figsize=(7.5, 0.75 * len(rows) + 1.2))
+    for y, (label, part, r) in enumerate(reversed(rows)):
+        (q1, q3), (lo, hi), med = part[f"{r}_iqr"], part[f"{r}_ci95"], part[r]
+        color = "tab:blue" if "native" in label else "tab:gray"
+        ax.hlines(y, q1, q3, color=color, linewidth=1.5, alpha=0.5)
+        ax.hlines(y, lo, hi, color=color, linewidth=6)
+        ax.plot(med, y, "o", color="white", markeredgecolor=color, markersize=7, zorder=3)
+        ax.annotate(f"{med:.3f}  ({part['rounds']} rounds)", (q3, y), xytext=(6, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.axvline(target, color="tab:red", linestyle="--", linewidth=1, label=f"target {target}")
+    ax.set_yticks(range(len(rows)), [label for label, _, _ in reversed(rows)], fontsize=8)
+    ax.set_xlabel("training-step time / baseline step time (median of per-round ratios)")
+    ax.set_title(f"template-mixing step overhead, {res.get('model', 'resnet50')}, batch 32, "
+                 f"{res.get('threads')}-thread CPU\nthick bar: 95% CI of the median; thin bar: IQR of the rounds",
+                 fontsize=9)
+    ax.set_xlim(right=ax.get_xlim()[1] + 0.06)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet50")
@@ -240,6 +285,8 @@ def main() -> None:
     ap.add_argument("--full-size", type=int, default=224,
                     help="input size of the full-size part: fused vs stock at the model's training resolution "
                          "(a tenth as many rounds)")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="only redraw the chart (--out with .png) from the figures in --out")
     ap.add_argument("--child", default="")
     ap.add_argument("--tmp", default="")
     args = ap.parse_args()
@@ -248,6 +295,12 @@ def main() -> None:
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     if args.child:
         print(json.dumps(_child(args.child, args.model, args.tmp)))
+        return
+
+    out = Path(args.out)
+    if args.plot_only:
+        plot_ratios(json.loads(out.read_text()), out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
         return
 
     import torch
@@ -259,9 +312,8 @@ def main() -> None:
     if not args.default_malloc:
         keep_freed_memory()
     native.available()  # build the kernels now (once per source and CPU) if needed, not inside a timed child
-    out = Path(args.out)
     res: dict = json.loads(out.read_text()) if out.exists() and set(parts) != set(PARTS) else {}
-    res.update({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
+    res.update({"model": args.model, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
     res.setdefault("parts_run", {}).update({p: time.strftime("%Y-%m-%d %H:%M") for p in parts})
     if "passes" in parts:
         with tempfile.TemporaryDirectory() as tmp:
@@ -317,9 +369,10 @@ def main() -> None:
         }, "stock", size=args.full_size, rounds=max(5, args.rounds // 10))
         res["step_fused_full_size"]["size"] = args.full_size
         print(f"fused / stock full, {args.full_size}x{args.full_size}", res["step_fused_full_size"], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    plot_ratios(res, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
