@@ -347,8 +347,9 @@ def main() -> None:
             lambda: morph.scale_width(base, 0.5, input_size=size),
         )
         print("  breakdown", res["breakdown_half"], flush=True)
-    a = morph.convert(base, 0.5, seed=0, input_size=size)
-    b = morph.convert(base, 0.5, seed=1, input_size=size)
+    if {"fused", "full-size"} & set(parts):  # the two halves that both fused parts fuse
+        a = morph.convert(base, 0.5, seed=0, input_size=size)
+        b = morph.convert(base, 0.5, seed=1, input_size=size)
     if "fused" in parts:
         res["step_fused"] = step_time_ratios({
             "fused": (lambda: morph.fuse(a, b, seed=0), nullctx),
@@ -370,7 +371,9 @@ def main() -> None:
         res["step_fused_full_size"]["size"] = args.full_size
         print(f"fused / stock full, {args.full_size}x{args.full_size}", res["step_fused_full_size"], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    tmp = out.with_suffix(".tmp.json")  # no half-written figures if interrupted
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.replace(out)
     plot_ratios(res, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
