@@ -11,7 +11,7 @@ from rich.markup import escape
 import morph
 from morph.info import MorphInfo
 
-from .common import Force, JsonSummary, check_output, count_params, out, print_json, status
+from .common import Force, JsonSummary, TrustCode, check_output, count_params, out, print_json, status
 
 __all__ = ["bake", "load_hint"]
 
@@ -39,6 +39,7 @@ def bake(
                                          show_default=False)],
     force: Force = False,
     json_out: JsonSummary = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Materialize the generated weights: a plain model with the stock model's state_dict keys.
 
@@ -52,7 +53,7 @@ def bake(
     """
     check_output(output, force)
     with status(f"loading {file}") as s:
-        model = morph.load(file)
+        model = morph.load(file, trust_code=trust_code)
         s.update("baking")
         baked = morph.bake(model)
         s.update(f"saving {output}")

@@ -23,7 +23,7 @@ import morph
 from morph.fuse import INIT_MODES
 
 __all__ = [
-    "CoefficientSeed", "Force", "Init", "JsonSummary", "MorphGroup", "check_output", "count_params", "err", "fail", "grown_summary", "out", "parse_size",
+    "CoefficientSeed", "Force", "TrustCode", "Init", "JsonSummary", "MorphGroup", "check_output", "count_params", "err", "fail", "grown_summary", "out", "parse_size",
     "print_json", "status",
 ]
 
@@ -45,6 +45,9 @@ Init = Enum("Init", {m.replace("-", "_"): m for m in INIT_MODES}, type=str)  # t
 # options shared by the commands that write a checkpoint
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 JsonSummary = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")]
+TrustCode = Annotated[bool, typer.Option(
+    "--trust-code", help="Let a checkpoint of a model built by a package.module:callable import and call that "
+    "callable. Off by default: reading a checkpoint runs no code the file names. Only for files you trust.")]
 CoefficientSeed = Annotated[int | None, typer.Option(help="Seed of the new coefficients (default: random).",
                                                      show_default=False)]
 

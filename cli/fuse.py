@@ -18,6 +18,7 @@ from .common import (
     Force,
     Init,
     JsonSummary,
+    TrustCode,
     check_output,
     grown_summary,
     out,
@@ -45,6 +46,7 @@ def fuse(
     seed: CoefficientSeed = None,
     force: Force = False,
     json_out: JsonSummary = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Fuse two half-width template models into the full-width model by tiling (MixtureGrowth).
 
@@ -54,9 +56,9 @@ def fuse(
     """
     check_output(output, force)
     with status(f"loading {a}") as s:
-        ma = morph.load(a)
+        ma = morph.load(a, trust_code=trust_code)
         s.update(f"loading {b}")
-        mb = morph.load(b)
+        mb = morph.load(b, trust_code=trust_code)
         s.update("fusing")
         # inplace: the fused model takes over the loaded templates instead of copying them.
         model = morph.fuse(ma, mb, growth=growth.value, init=init.value, seed=seed, inplace=True)

@@ -13,9 +13,11 @@ from rich.markup import escape
 from rich.table import Table
 
 import morph
+from morph.safety import AllocationBudget
 from morph.templates import mixed_layers
+from morph.zoo import build_recorded
 
-from .common import count_params, out, print_json, status
+from .common import TrustCode, count_params, out, print_json, status
 
 __all__ = ["inspect", "layer_rows", "si"]
 
@@ -97,6 +99,7 @@ def inspect(
                                             "pass) is amortized in FLOPs per image.", min=1)] = 64,
     json_out: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout instead of "
                                            "tables.")] = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Show a checkpoint's layers (weight shape, template bank, tiles, coefficients, parameters), totals and FLOPs.
 
@@ -104,13 +107,14 @@ def inspect(
     """
     with status(f"loading {file}") as s:
         info, _ = morph.read_info(file)  # the recorded provenance (init, growth, ...) as written
-        model = morph.load(file)
+        model = morph.load(file, trust_code=trust_code)
         rows = layer_rows(model)
         if flops:
             s.update("counting FLOPs")
             report = morph.flops(model, info.input_size, batch_size=batch_size)
             s.update(f"counting FLOPs of the full-width {info.spec.spec}")
-            original = morph.build_model(info.spec.spec, **info.spec.kwargs)
+            with AllocationBudget(4 * count_params(model) + (1 << 26), str(file)):
+                original = build_recorded(info.spec, trust_code=trust_code, where=str(file))
             report_original = morph.flops(original, info.input_size)
     mixed = [r for r in rows if r["mixed"]]
     banks = {id(b) for _, m in mixed_layers(model) for b in m.mix.banks}

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.nn as nn
 
 from .errors import CheckpointError, MorphError
 from .info import FORMAT_VERSION, MorphInfo, get_info
+from .safety import check_info
 
 __all__ = ["save", "load", "read_info", "atomic_save_file"]
 
@@ -63,39 +65,57 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
     return atomic_save_file(lambda tmp: save_model(model, tmp, metadata=meta), path)
 
 
-def read_info(path: str | os.PathLike) -> tuple[MorphInfo, dict[str, str]]:
-    """Read a checkpoint's :class:`MorphInfo` and raw metadata without loading tensors."""
+def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The safetensors header of ``path``: metadata and tensor shapes. No tensor is read."""
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
+    return meta, shapes
+
+
+def _parse_info(path: Path, meta: dict[str, str]) -> MorphInfo:
     if meta.get("format") != "morph" or "morph_info" not in meta:
         raise CheckpointError(f"{path}: a safetensors file without morph metadata; it was not written by morph.save")
-    if not str(meta.get("format_version", "0")).isdigit():
-        raise CheckpointError(f"{path}: corrupt format_version {meta.get('format_version')!r} in morph metadata")
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than this morph's")
-    try:
-        return MorphInfo.from_json(meta["morph_info"]), meta
-    except Exception as e:
-        raise CheckpointError(f"{path}: corrupt morph metadata ({e})") from e
+    version = str(meta.get("format_version", "0"))
+    if not version.isdigit() or len(version) > 6:
+        raise CheckpointError(f"{path}: corrupt format_version {version[:20]!r} in morph metadata")
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version} is newer than this morph's; upgrade morph")
+    return MorphInfo.from_json(meta["morph_info"], where=str(path))
 
 
-def rebuild(info: MorphInfo) -> nn.Module:
-    """Build the (untrained) model a :class:`MorphInfo` describes."""
+def read_info(path: str | os.PathLike) -> tuple[MorphInfo, dict[str, str]]:
+    """Read and check a checkpoint's :class:`MorphInfo` and raw metadata without loading tensors.
+
+    Raises:
+        CheckpointError: missing, unreadable or foreign file, or metadata that fails
+            :func:`morph.safety.check_info_json` or does not fit the tensors in the file.
+    """
+    path = Path(path)
+    meta, shapes = _header(path)
+    info = _parse_info(path, meta)
+    check_info(info, shapes, str(path))
+    return info, meta
+
+
+def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None, trust_code: bool = False,
+            where: str = "") -> nn.Module:
+    """Build the (untrained) model a :class:`MorphInfo` describes (its base model through
+    :func:`morph.zoo.build_recorded`: see there what a record may name)."""
     from .convert import convert
     from .fuse import fuse, grow
     from .scale import scale_width
-    from .zoo import build_model
+    from .zoo import build_recorded
 
     assert info.spec is not None
-    base = build_model(info.spec.spec, **info.spec.kwargs)
+    base = build_recorded(info.spec, model_fn=model_fn, trust_code=trust_code, where=where)
 
     def half(set_id: str) -> nn.Module:
         return convert(base, info.width, info.templates, info.share, seed=0, set_id=set_id,
@@ -144,19 +164,42 @@ def load_state(model: nn.Module, path: str | os.PathLike) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def load(path: str | os.PathLike) -> nn.Module:
+def load(path: str | os.PathLike, *, model_fn: Callable[..., nn.Module] | None = None,
+         trust_code: bool = False) -> nn.Module:
     """Rebuild the model a morph checkpoint describes and load its tensors strictly.
 
+    Reading a checkpoint runs no code that the file names (see :mod:`morph.safety`): the model is
+    rebuilt from timm or torchvision by name, with checked constructor arguments, under an allocation
+    budget set by the file's own size. A model of your own is rebuilt only if you say how.
+
+    Args:
+        path: a file written by :func:`save`.
+        model_fn: your model factory, called with the constructor kwargs recorded in the file, for a
+            checkpoint of a model built from a ``package.module:callable``.
+        trust_code: import and call the ``package.module:callable`` the file names. Only for files you trust.
+
     Raises:
-        CheckpointError: missing, truncated, corrupt or foreign file, or tensors that do not match.
+        CheckpointError: missing, truncated, corrupt, foreign or hostile file, a callable you did not
+            allow, or tensors that do not match.
     """
-    info, _ = read_info(path)
+    from .safety import AllocationBudget, rebuild_budget
+
+    path = Path(path)
+    meta, shapes = _header(path)
+    info = _parse_info(path, meta)
+    check_info(info, shapes, str(path))
     if info.spec is None:
         raise CheckpointError(f"{path}: the checkpoint records no model spec")
     try:
-        model = rebuild(info)
+        with AllocationBudget(rebuild_budget(shapes), str(path)):
+            model = rebuild(info, model_fn=model_fn, trust_code=trust_code, where=str(path))
+    except CheckpointError:
+        raise
     except MorphError as e:
         raise CheckpointError(f"{path}: cannot rebuild {info.spec.spec}: {e}") from e
+    except Exception as e:  # the file's record does not describe a model that can be built
+        raise CheckpointError(f"{path}: cannot rebuild {info.spec.spec} ({info.kind}) from its metadata: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
     try:
         load_state(model, path)
     except Exception as e:

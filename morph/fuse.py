@@ -180,10 +180,12 @@ def _build(
 
 def _stock(info: MorphInfo) -> nn.Module | None:
     """The stock full-width model, on the meta device (no memory, no init), when fusing halves of it."""
+    from .zoo import TRUSTED_FACTORIES, build_model
+
     if info.width * 2 != 1.0 or info.spec is None:
         return None
-    from .zoo import build_model
-
+    if info.spec.source == "callable" and info.spec.name not in TRUSTED_FACTORIES:
+        return None  # a recorded spec may come from a file: never import a user's callable by its name here
     try:
         with torch.device("meta"):
             return build_model(info.spec.spec, **info.spec.kwargs)

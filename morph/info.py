@@ -53,8 +53,22 @@ class MorphInfo:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> MorphInfo:
-        d = json.loads(text)
+    def from_json(cls, text: str, where: str = "checkpoint") -> MorphInfo:
+        """Parse and check (types, bounds: :func:`morph.safety.check_info_json`) a ``morph_info`` record.
+
+        Raises:
+            CheckpointError: the record is not valid JSON or a field is missing, mistyped or out of bounds.
+        """
+        from .errors import CheckpointError
+        from .safety import MAX_INFO_CHARS, check_info_json
+
+        if len(text) > MAX_INFO_CHARS:
+            raise CheckpointError(f"{where}: morph metadata of {len(text):,} characters is too large")
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: morph metadata is not valid JSON ({e})") from None
+        check_info_json(d, where)
         spec = d.pop("spec")
         d["spec"] = None if spec is None else ModelSpec(spec["source"], spec["name"], dict(spec["kwargs"]))
         d["set_ids"] = tuple(d.get("set_ids", ()))

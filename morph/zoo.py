@@ -13,14 +13,18 @@ Weights are never downloaded.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
 
-from .errors import ModelNotFoundError
+from .errors import CheckpointError, ModelNotFoundError
 
-__all__ = ["build_model", "resolve_spec", "ModelSpec", "get_spec"]
+__all__ = ["build_model", "build_recorded", "resolve_spec", "ModelSpec", "get_spec", "TRUSTED_FACTORIES"]
+
+# morph's own model factories: a file may name these, as it may name a timm or torchvision model.
+TRUSTED_FACTORIES = frozenset({"morph.recipes.models:wrn"})
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,46 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
         raise ModelNotFoundError(f"cannot build {source}/{name} with {kwargs}: {e}") from e
     model.morph_spec = ModelSpec(source, name, dict(kwargs))  # type: ignore[assignment]
     return model
+
+
+def build_recorded(
+    spec: ModelSpec, *, model_fn: Callable[..., nn.Module] | None = None, trust_code: bool = False, where: str = "",
+) -> nn.Module:
+    """Build the model a checkpoint's record names, running no code that the file chooses.
+
+    timm and torchvision models are built by name (the name must be one the library knows) with
+    :func:`morph.safety.check_kwargs`-checked arguments, as are morph's own factories
+    (:data:`TRUSTED_FACTORIES`). A ``package.module:callable`` is called only through the caller's
+    ``model_fn`` (called with the recorded kwargs) or, with ``trust_code=True``, imported by name.
+
+    Raises:
+        CheckpointError: a refused kwarg, an unknown model, or a callable the caller did not allow.
+        ModelNotFoundError: the trusted callable cannot be imported or built.
+    """
+    from .safety import check_kwargs
+
+    where = where or "checkpoint"
+    kwargs = check_kwargs(spec.kwargs, where)
+    if model_fn is not None:
+        model = model_fn(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"{where}: model_fn returned {type(model).__name__}, not an nn.Module")
+        model.morph_spec = ModelSpec(spec.source, spec.name, dict(kwargs))  # type: ignore[assignment]
+        return model
+    if spec.source in ("timm", "torchvision"):
+        has = _timm_has if spec.source == "timm" else _tv_has
+        if not has(spec.name):
+            raise CheckpointError(f"{where}: {spec.source} has no model {spec.name!r}; was it written with another "
+                                  f"{spec.source} version?")
+    elif spec.source != "callable":
+        raise CheckpointError(f"{where}: unknown model source {spec.source!r}")
+    elif spec.name not in TRUSTED_FACTORIES and not trust_code:
+        raise CheckpointError(
+            f"{where}: the model is built by the Python callable {spec.name!r}, and reading a checkpoint runs no "
+            f"code that the file names; if you trust this file, pass model_fn=<your factory> or trust_code=True "
+            f"to morph.load (--trust-code on the command line), which will call {spec.name}(**{kwargs})"
+        )
+    return build_model(spec.spec, **kwargs)
 
 
 def get_spec(model: nn.Module) -> ModelSpec | None:

@@ -1,0 +1,208 @@
+"""What a checkpoint may ask for: the rules that make reading a morph file safe.
+
+A morph checkpoint is untrusted data. It records how to rebuild its model, and this module decides how
+much of that record is obeyed:
+
+- **Models.** Only timm and torchvision models (by a name the library knows) and morph's own factories
+  are built from a file's record. A user's ``package.module:callable`` is imported and called only
+  when the caller supplies the factory (``model_fn=``) or opts in for that call (``trust_code=True``,
+  ``--trust-code``); the error that asks for it names the callable.
+- **Constructor arguments.** JSON scalars and lists of scalars only; no argument that loads weights,
+  reads a file, downloads or names a cache (:data:`REFUSED_KWARGS` and any name containing one of
+  :data:`REFUSED_KWARG_WORDS`).
+- **Sizes.** Every field of the metadata is type-checked and bounded (:func:`check_info`), checked
+  against the tensors actually in the file (their shapes come from the header, nothing is read), and
+  the rebuild runs under an allocation budget derived from the file's own size
+  (:class:`AllocationBudget`), so a small file cannot ask for a large allocation.
+
+Every refusal is a one-line :class:`~morph.errors.CheckpointError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import CheckpointError
+
+__all__ = [
+    "AllocationBudget", "MAX_INPUT_SIDE", "MAX_TEMPLATES", "MAX_WIDTH", "REFUSED_KWARGS", "REFUSED_KWARG_WORDS",
+    "check_info", "check_kwargs", "rebuild_budget",
+]
+
+KINDS = {"plain": 0, "half": 1, "fused": 2, "grown": 1}  # kind -> number of template sets
+MAX_TEMPLATES = 64
+MAX_WIDTH = 8.0
+MAX_FACTOR = 8
+MAX_INPUT_CHANNELS = 64
+MAX_INPUT_SIDE = 2048
+MAX_INPUT_PIXELS = 3 * 1024 * 1024  # C*H*W of one traced input
+MAX_INFO_CHARS = 1 << 20
+MAX_NAME_CHARS = 200
+MAX_LIST_ITEMS = 64
+
+# Constructor arguments that load weights, read files, download, or steer a cache.
+REFUSED_KWARGS = frozenset({
+    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path",
+    "weights", "weights_backbone", "pretrained_backbone", "cache_dir", "model_dir", "file", "url", "hf_hub_id",
+    "hf_hub_filename", "state_dict", "progress", "features_only", "out_indices",
+})
+REFUSED_KWARG_WORDS = ("pretrained", "checkpoint", "weights", "path", "file", "url", "dir", "hub", "cache",
+                       "download")
+
+_SET_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SPEC_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def check_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
+    """Constructor arguments from a file: a dict of JSON scalars or short lists of them, none refused.
+
+    Raises:
+        CheckpointError: naming the first argument that is refused and why.
+    """
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where}: model kwargs must be a JSON object, got {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise CheckpointError(f"{where}: model kwarg name {key!r} is not an identifier")
+        low = key.lower()
+        if key in REFUSED_KWARGS or any(w in low for w in REFUSED_KWARG_WORDS):
+            raise CheckpointError(
+                f"{where}: refuses model kwarg {key!r}: a checkpoint may not ask to load weights, read files or "
+                "download; remove it from the file's morph_info"
+            )
+        ok = _is_scalar(value) or (
+            isinstance(value, list) and len(value) <= MAX_LIST_ITEMS and all(_is_scalar(v) for v in value)
+        )
+        if not ok or (isinstance(value, str) and len(value) > MAX_NAME_CHARS):
+            raise CheckpointError(
+                f"{where}: model kwarg {key!r} must be a JSON scalar or a short list of scalars, got "
+                f"{type(value).__name__}"
+            )
+    return dict(kwargs)
+
+
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise CheckpointError(f"{where}: corrupt morph metadata: {what}")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def check_info_json(d: Any, where: str) -> None:
+    """Types and bounds of a ``morph_info`` JSON object, before any field is used."""
+    _need(isinstance(d, dict), where, "morph_info is not a JSON object")
+    kind = d.get("kind")
+    _need(kind in KINDS, where, f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    width = d.get("width")
+    _need(_num(width) and 0 < width <= MAX_WIDTH, where, f"width {width!r} is not a number in (0, {MAX_WIDTH:g}]")
+    if kind != "plain":
+        _need(width <= 1, where, f"width {width!r} of a {kind} model is above 1")
+    templates = d.get("templates", 0)
+    lo = 0 if kind == "plain" else 1
+    _need(_int(templates) and lo <= templates <= MAX_TEMPLATES, where,
+          f"templates {templates!r} is not an integer in [{lo}, {MAX_TEMPLATES}]")
+    factor = d.get("factor", 1)
+    _need(_int(factor) and 1 <= factor <= MAX_FACTOR, where, f"factor {factor!r} is not an integer in [1, {MAX_FACTOR}]")
+    _need(d.get("share", "none") in ("none", "consecutive"), where, f"share {d.get('share')!r} is not none or consecutive")
+    set_ids = d.get("set_ids", [])
+    _need(isinstance(set_ids, list) and all(isinstance(s, str) and _SET_ID.match(s) for s in set_ids), where,
+          "set_ids must be a list of short ids")
+    _need(len(set_ids) == KINDS[kind] or (kind == "plain" and len(set_ids) <= 2), where,
+          f"a {kind} model has {KINDS[kind]} template set(s), the file lists {len(set_ids)}")
+    size = d.get("input_size", [3, 224, 224])
+    _need(isinstance(size, list) and len(size) == 3 and all(_int(s) and s >= 1 for s in size), where,
+          f"input_size {size!r} is not three positive integers C, H, W")
+    c, h, w = size
+    _need(c <= MAX_INPUT_CHANNELS and h <= MAX_INPUT_SIDE and w <= MAX_INPUT_SIDE and c * h * w <= MAX_INPUT_PIXELS,
+          where, f"input_size {c}x{h}x{w} is beyond morph's bounds (C <= {MAX_INPUT_CHANNELS}, H, W <= "
+          f"{MAX_INPUT_SIDE}, C*H*W <= {MAX_INPUT_PIXELS})")
+    for key in ("growth", "init"):
+        v = d.get(key, "")
+        _need(isinstance(v, str) and len(v) <= 64, where, f"{key} must be a short string")
+    _need(isinstance(d.get("train_edge_coefficients", False), bool), where, "train_edge_coefficients must be true/false")
+    _need(isinstance(d.get("extra", {}), dict), where, "extra must be a JSON object")
+    spec = d.get("spec")
+    if spec is not None:
+        _need(isinstance(spec, dict), where, "spec must be a JSON object")
+        _need(spec.get("source") in ("timm", "torchvision", "callable"), where,
+              f"spec source {spec.get('source')!r} is not timm, torchvision or callable")
+        name = spec.get("name")
+        _need(isinstance(name, str) and len(name) <= MAX_NAME_CHARS and bool(_SPEC_NAME.match(name)), where,
+              f"spec name {name!r} is not a model name")
+        _need((":" in name) == (spec["source"] == "callable"), where, f"spec name {name!r} does not fit its source")
+        check_kwargs(spec.get("kwargs", {}), where)
+
+
+def check_info(info: Any, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Check a parsed :class:`~morph.info.MorphInfo` against the tensors in the file (names -> shapes).
+
+    Template banks (``*.templates``) hold ``info.templates`` templates each, coefficients
+    (``*.coefficients``) mix that many, a plain model has neither, and a template model has some.
+    """
+    banks = {k: s for k, s in shapes.items() if k.endswith(".templates")}
+    coefs = {k: s for k, s in shapes.items() if k.endswith(".mix.coefficients")}
+    if info.kind == "plain":
+        _need(not banks and not coefs, where, "a plain model's file holds template banks")
+        return
+    _need(bool(banks) and bool(coefs), where, f"a {info.kind} model's file holds no template banks")
+    for k, s in banks.items():
+        _need(len(s) >= 2 and s[0] == info.templates, where,
+              f"{k} holds {s[0] if s else 0} templates, the metadata says {info.templates}")
+    grid = 1 if info.kind == "half" else 4
+    for k, s in coefs.items():
+        _need(len(s) == 2 and s[1] == info.templates and 1 <= s[0] <= grid * info.factor ** 2, where,
+              f"{k} has shape {list(s)}, not [tiles <= {grid * info.factor ** 2}, {info.templates}]")
+
+
+def rebuild_budget(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Elements a rebuild may allocate: a generous multiple of what the file holds, plus room for the
+    traced forward pass. Building a model, converting two halves and fusing them stays well inside."""
+    held = sum(math.prod(s) for s in shapes.values())
+    return 48 * held + (1 << 27)
+
+
+class AllocationBudget(TorchDispatchMode):
+    """Refuse tensor allocations past ``limit`` elements in total, *before* they happen.
+
+    Counts the ``size`` argument of every factory op (``empty``, ``zeros``, ``randn``, ``new_empty``...) run
+    while the mode is active, so a rebuild that a file's metadata inflates fails fast with a
+    :class:`CheckpointError` instead of exhausting memory.
+    """
+
+    def __init__(self, limit: int, where: str) -> None:
+        super().__init__()
+        self.limit, self.where, self.used = int(limit), where, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.name != "size":
+                continue
+            size = args[i] if i < len(args) else kwargs.get("size")
+            if size is not None:
+                n = 1
+                for d in size:
+                    n *= max(int(d), 0)
+                self.used += n
+                if self.used > self.limit:
+                    raise CheckpointError(
+                        f"{self.where}: rebuilding the model it describes would allocate more than "
+                        f"{self.limit:,} elements, far more than the file holds; its metadata is inconsistent"
+                    )
+            break
+        return func(*args, **kwargs)
