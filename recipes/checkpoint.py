@@ -23,10 +23,13 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from morph.errors import CheckpointError
+
 __all__ = [
     "FORMAT",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_meta",
     "get_rng_state",
     "load_checkpoint",
     "load_model_tensors",
@@ -75,21 +78,21 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where
     """Copy ``tensors`` into ``model`` in place; names and shapes must match exactly.
 
     Raises:
-        ValueError: a missing, unexpected or mis-shaped tensor, naming the checkpoint ``where``.
+        CheckpointError: a missing, unexpected or mis-shaped tensor, naming the checkpoint ``where``.
     """
     own = model_tensors(model)
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
         what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {where} does not fit the model ({what}); was the config changed? use a new --out-dir"
         )
     with torch.no_grad():
         for name, t in own.items():
             src = tensors[name]
             if src.shape != t.shape:
-                raise ValueError(f"checkpoint {where}: {name} has shape {tuple(src.shape)}, the model {tuple(t.shape)}")
+                raise CheckpointError(f"checkpoint {where}: {name} has shape {tuple(src.shape)}, the model {tuple(t.shape)}")
             t.copy_(src)
 
 
@@ -116,12 +119,20 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_state`."""
+    """Inverse of :func:`optimizer_state`.
+
+    Raises:
+        CheckpointError: the saved state does not fit ``optimizer`` (other parameters or groups).
+    """
     state: dict[int, dict[str, Any]] = {}
-    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    try:
+        for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+            idx, key = name.split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); was the "
+                              "config changed? use a new --out-dir") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,14 +155,21 @@ def get_rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device) -> None:
-    """Inverse of :func:`get_rng_state`."""
-    torch.set_rng_state(tensors["torch"])
-    if device.type == "cuda" and "cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["cuda"], device)
-    version, words, gauss = meta["python"]
-    random.setstate((version, tuple(words), gauss))
-    np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
-    np.random.set_state((np_name, tensors["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    """Inverse of :func:`get_rng_state`.
+
+    Raises:
+        CheckpointError: a saved state that the RNGs refuse.
+    """
+    try:
+        torch.set_rng_state(tensors["torch"])
+        if device.type == "cuda" and "cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["cuda"], device)
+        version, words, gauss = meta["python"]
+        random.setstate((version, tuple(words), gauss))
+        np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
+        np.random.set_state((np_name, tensors["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"the checkpoint's RNG state is corrupt ({str(e).splitlines()[0]})") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,24 +187,86 @@ def save_checkpoint(path: Path, groups: dict[str, dict[str, torch.Tensor]], meta
     atomic_write_bytes(path, st_save(flat, metadata=header))
 
 
+MAX_META_CHARS = 64 << 20
+
+_PROGRESS_KEYS = {"epoch", "step", "images", "flops", "wall_time"}
+_RESULT_KEYS = {"top1", "test_loss", "flops", "epochs", "steps", "wall_time"}
+
+
+def check_meta(meta: Any, where: str) -> dict[str, Any]:
+    """The JSON of a recipes checkpoint, checked field by field before the trainer uses any of it.
+
+    Raises:
+        CheckpointError: naming the first field that is missing, mistyped or out of range.
+    """
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise CheckpointError(f"{where}: corrupt recipes checkpoint: {what}; delete it to restart that stage")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    need(isinstance(meta, dict), "its metadata is not a JSON object")
+    need(isinstance(meta.get("stage"), str), "stage is not a string")
+    need(is_int(meta.get("steps")) and meta["steps"] >= 0, "steps is not a non-negative integer")
+    need(isinstance(meta.get("done"), bool), "done is not true/false")
+    prog = meta.get("progress")
+    need(isinstance(prog, dict) and set(prog) <= _PROGRESS_KEYS and all(is_num(v) for v in prog.values()),
+         f"progress must map {sorted(_PROGRESS_KEYS)} to numbers")
+    need(is_int(meta.get("world_size")) and 1 <= meta["world_size"] <= 1 << 16, "world_size is not a process count")
+    optim = meta.get("optim")
+    need(isinstance(optim, dict) and isinstance(optim.get("param_groups"), list)
+         and all(isinstance(g, dict) for g in optim["param_groups"]) and isinstance(optim.get("scalars"), dict),
+         "optim must hold param_groups (a list of objects) and scalars (an object)")
+    rng = meta.get("rng")
+    need(isinstance(rng, list) and all(isinstance(r, dict) and isinstance(r.get("python"), list)
+                                       and isinstance(r.get("numpy"), list) for r in rng),
+         "rng must be a list of per-rank states")
+    result = meta.get("result")
+    need(result is None or (isinstance(result, dict) and set(result) <= _RESULT_KEYS
+                            and all(is_num(v) for v in result.values())),
+         f"result must be null or map {sorted(_RESULT_KEYS)} to numbers")
+    need(not meta["done"] or (isinstance(result, dict) and set(result) == _RESULT_KEYS), "a done stage has no result")
+    return meta
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read a checkpoint written by :func:`save_checkpoint`. Like :func:`morph.load`, it runs no code and
+    follows nothing the file names: it reads the tensors the file holds and JSON checked by :func:`check_meta`.
 
     Returns:
         ``(groups, meta)`` with tensors on the CPU, grouped by their first name component.
 
     Raises:
-        ValueError: the file is not a readable recipes checkpoint.
+        CheckpointError: the file is not a readable recipes checkpoint.
     """
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             if header.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a morph recipes checkpoint (format {header.get('format')!r})")
+                raise CheckpointError(f"{path} is not a morph recipes checkpoint (format {header.get('format')!r}); "
+                                      "delete it to restart that stage")
+            text = header.get("meta", "")
+            if len(text) > MAX_META_CHARS:
+                raise CheckpointError(f"{path}: recipes checkpoint metadata of {len(text):,} characters is too large")
+            try:
+                meta = json.loads(text)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: recipes checkpoint metadata is not JSON ({e})") from None
+            check_meta(meta, str(path))
             groups: dict[str, dict[str, torch.Tensor]] = {}
             for key in f.keys():
+                if "." not in key:
+                    raise CheckpointError(f"{path}: tensor name {key!r} has no group prefix; not a recipes checkpoint")
                 prefix, name = key.split(".", 1)
                 groups.setdefault(prefix, {})[name] = f.get_tensor(key)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}; delete it to restart that stage") from e
-    return groups, json.loads(header["meta"])
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}; delete it to restart that "
+                              "stage") from e
+    if "model" not in groups:
+        raise CheckpointError(f"{path}: the recipes checkpoint holds no model tensors; delete it to restart that stage")
+    return groups, meta

@@ -18,10 +18,17 @@ __all__ = ["MetricsLog", "read_metrics"]
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics file (an empty list if it does not exist)."""
+    """All records of a metrics file (an empty list if it does not exist). A line that is not JSON (cut
+    short by a crash) is skipped, as :meth:`MetricsLog.truncate` drops it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 class MetricsLog:

@@ -8,6 +8,7 @@ seeds in parentheses), next to the FLOPs spent relative to the target trained fr
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from morph.errors import MorphError
 
 from .checkpoint import atomic_write_text
 from .config import METHODS
@@ -52,11 +55,35 @@ def _load_run(run_dir: Path) -> _Run:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml (made by `morph train`)")
-    name = (yaml.safe_load(cfg_path.read_text()) or {}).get("name", run_dir.name)
-    results = [json.loads(p.read_text()) for p in sorted(run_dir.glob("seed*/*/result.json"))]
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MorphError(f"{cfg_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    name = cfg.get("name", run_dir.name) if isinstance(cfg, dict) else None
+    if not isinstance(name, str) or not name:
+        raise MorphError(f"{cfg_path}: 'name' must be a non-empty string")
+    results = [_result(p) for p in sorted(run_dir.glob("seed*/*/result.json"))]
     if not results:
         raise FileNotFoundError(f"no finished method in {run_dir} (no seed*/<method>/result.json yet)")
-    return _Run(name, results, read_metrics(run_dir / "metrics.jsonl"))
+    metrics = [rec for rec in read_metrics(run_dir / "metrics.jsonl") if isinstance(rec, dict)]
+    return _Run(name, results, metrics)
+
+
+def _result(path: Path) -> dict[str, Any]:
+    """A ``result.json``, checked: report inputs are data, and a bad one is a one-line error naming it."""
+    try:
+        r = json.loads(path.read_text())
+    except ValueError as e:
+        raise MorphError(f"{path}: not valid JSON ({e}); delete it or rerun that method") from None
+
+    def num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (isinstance(r, dict) and isinstance(r.get("method"), str) and num(r.get("top1"))
+            and num(r.get("flops_norm"))):
+        raise MorphError(f"{path}: a result needs 'method' (a string), 'top1' and 'flops_norm' (numbers); "
+                         "delete it or rerun that method")
+    return r
 
 
 def collect(run_dirs: Sequence[str | Path]) -> dict[str, _Run]:
@@ -123,9 +150,9 @@ def plot(runs: dict[str, _Run], path: Path) -> None:
         for rec in run.metrics:
             if (
                 rec.get("kind") == "epoch"
-                and rec.get("method")
-                and "test_top1" in rec
-                and rec.get("flops_norm") is not None
+                and rec.get("method") in colors
+                and isinstance(rec.get("test_top1"), (int, float))
+                and isinstance(rec.get("flops_norm"), (int, float))
             ):
                 curves[(rec["method"], rec["seed"])].append((rec["flops_norm"], rec["test_top1"]))
         for (method, _), pts in curves.items():

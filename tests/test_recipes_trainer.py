@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from morph.errors import CheckpointError
 from recipes.checkpoint import load_checkpoint, model_tensors
 from recipes.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
 from recipes.data import build_data
@@ -222,7 +223,7 @@ def test_changed_plan_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
         trainer.fit(make_model(), make_stage(trainer, 8))
     path = tmp_path / "s/train" / "checkpoint.safetensors"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         trainer.fit(make_model(), make_stage(trainer, 4))
 
 
