@@ -179,6 +179,9 @@ class RunConfig:
         eval_every: evaluate every N epochs (the last epoch of a stage always is).
         log_every: write a step record to ``metrics.jsonl`` every N steps (0: epochs only).
         progress: show a rich progress bar (rank 0).
+        keep_every: also keep the model of every N-th epoch of each stage, and the model it starts
+            from (epoch 0), as ``RUN_DIR/<stage key>/epochs/epoch-NNN.safetensors`` (``morph.load``
+            reads them; ``morph cka --run`` compares them); 0 keeps none.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -189,6 +192,7 @@ class RunConfig:
     eval_every: int = 1
     log_every: int = 50
     progress: bool = True
+    keep_every: int = 0
 
 
 @dataclass
@@ -251,6 +255,7 @@ class Config:
             "data.cutout": self.data.cutout,
             "data.num_workers": self.data.num_workers,
             "run.log_every": self.run.log_every,
+            "run.keep_every": self.run.keep_every,
         }
         for key, value in non_negative.items():
             if value < 0:

@@ -9,7 +9,9 @@ After every epoch it writes ``RUN_DIR/<stage key>/checkpoint.safetensors`` (mode
 states, counters; see :mod:`recipes.checkpoint`). Calling :meth:`Trainer.fit` again for the same stage
 resumes from it, and reproduces the uninterrupted run bit for bit on CPU: the data order and the
 augmentation depend only on the seed and the epoch (:mod:`recipes.data`), and the LR only on the step.
-A finished stage returns its saved model at once.
+A finished stage returns its saved model at once. With ``run.keep_every = N`` it also keeps the model
+it starts from and that of every N-th epoch (and the last) as ``<stage key>/epochs/epoch-NNN.safetensors``,
+plain ``morph.save`` files, for ``morph cka --run``.
 
 Training FLOPs are ``3 x forward FLOPs per image x images seen`` (the backward pass costs about twice
 the forward), with forward FLOPs from fvcore (one multiply-add = one flop) via ``morph.flops``.
@@ -54,12 +56,19 @@ __all__ = [
     "StageResult",
     "Trainer",
     "build_optimizer",
+    "epoch_path",
     "make_schedule",
     "seed_everything",
     "to_channels_last",
 ]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+EPOCHS_DIR = "epochs"  # under a stage's directory: the models kept by ``run.keep_every``
+
+
+def epoch_path(stage_dir: Path, epoch: int) -> Path:
+    """Where ``run.keep_every`` keeps the model after ``epoch`` epochs of a stage (0: its start)."""
+    return Path(stage_dir) / EPOCHS_DIR / f"epoch-{epoch:03d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -282,6 +291,7 @@ class Trainer:
             self.console.print(f"[dim]{stage.key}: resuming at epoch {state.epoch}, step {state.step}[/dim]")
         else:
             seed_everything(derive_seed(stage.seed, "rank", self.dist.rank))
+            self._keep_epoch(model, stage, state)
         # records of work lost in a crash (after the checkpoint, or before the first one) are redone
         self.metrics.truncate(stage.key, state.step)
 
@@ -309,6 +319,9 @@ class Trainer:
                 record["wall_time"] = state.wall_time
                 self.metrics.write(record)
                 self._print_epoch(stage, record)
+                keep = self.cfg.run.keep_every
+                if keep and (final or state.epoch % keep == 0):
+                    self._keep_epoch(model, stage, state)
                 if not final:  # the final state is saved once, with the result, below
                     self._save(path, model, optimizer, stage, state, done=False)
         if last_eval is None:  # a zero-step stage, or resumed after its last epoch
@@ -482,6 +495,23 @@ class Trainer:
             }
             save_checkpoint(path, {"model": model_tensors(model), "optim": opt_tensors, "rng": rng_tensors}, meta)
         barrier()
+
+    def _keep_epoch(self, model: nn.Module, stage: Stage, state: _Progress) -> None:
+        """Keep the model as it is after ``state.epoch`` epochs (``run.keep_every``; rank 0)."""
+        if not self.cfg.run.keep_every or not self.dist.is_main:
+            return
+        import copy
+
+        import morph
+
+        path = epoch_path(self.run_dir / stage.key, state.epoch)
+        if state.epoch == 0 and path.exists():  # a rerun of a stage that had not saved its first epoch
+            return
+        plain = self.device.type == "cpu" and not self.channels_last
+        # safetensors wants contiguous CPU tensors: copy a model trained on GPU or channels-last
+        keep = model if plain else copy.deepcopy(model).to(device="cpu", memory_format=torch.contiguous_format)
+        meta = {"stage": stage.key, "epoch": str(state.epoch), "step": str(state.step)}
+        morph.save(keep, path, metadata=meta)
 
     def _restore_rng(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], stage: Stage) -> None:
         rank = self.dist.rank
