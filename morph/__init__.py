@@ -11,9 +11,11 @@ The public surface::
     bake(model)                          plain model with generated weights materialized
     save(model, path) / load(path)       safetensors checkpoints
     flops(model, input_size)             fvcore FLOPs (1 multiply-add = 1 flop)
+    cka(model_a, model_b, data)          linear CKA between layers of two models (morph.cka module: more)
 """
 
 from .bake import bake
+from .cka import CKAResult, cka
 from .checkpoint import load, read_info, save
 from .convert import convert
 from .errors import CheckpointError, ModelNotFoundError, MorphError, UnsupportedOpError
@@ -27,7 +29,7 @@ from .zoo import build_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelPlan", "CheckpointError", "FlopReport", "ModelNotFoundError", "MorphError", "MorphInfo",
-    "UnsupportedOpError", "analyze", "bake", "build_model", "convert", "flops", "fuse", "get_info", "grow",
+    "CKAResult", "ChannelPlan", "CheckpointError", "FlopReport", "ModelNotFoundError", "MorphError", "MorphInfo",
+    "UnsupportedOpError", "analyze", "bake", "build_model", "cka", "convert", "flops", "fuse", "get_info", "grow",
     "load", "read_info", "save", "scale_width", "__version__",
 ]
