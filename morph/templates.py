@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from morph import native
 
-__all__ = ["TemplateBank", "TemplateMixing", "attach", "detach", "is_mixed", "mixed_layers"]
+__all__ = ["TemplateBank", "TemplateMixing", "attach", "detach", "generate", "grid_reference", "is_mixed", "mixed_layers"]
 
 
 class TemplateBank(nn.Module):
@@ -45,34 +45,42 @@ class TemplateBank(nn.Module):
         return f"K={self.num_templates}, shape={tuple(self.templates.shape[1:])}, set={self.set_id!r}"
 
 
-def _mix_into(out: torch.Tensor, templates: torch.Tensor, alpha) -> torch.Tensor:
+def grid_reference(
+    coefficients: torch.Tensor, banks: list[torch.Tensor], grid: tuple[int, int], tile_banks
+) -> torch.Tensor:
+    """The template formula, once: tile ``t`` of an ``R x C`` grid is
+    ``sum_k coefficients[t, k] * banks[tile_banks[t]][k]``, at row ``t // C``, column ``t % C`` of the weight.
+
+    Plain autograd ops: one matmul per bank (all the tiles that mix it at once), then one copy into the
+    grid layout (none for a 1x1 or Rx1 grid). This is the reference the fast paths are tested against,
+    what fvcore traces (one multiply-add per template element and tile), and the path on CUDA, where a
+    weight's generation is these few large kernels rather than one launch per tile and template.
+    """
+    r, c = grid
+    shape = banks[0].shape[1:]
+    used = sorted(set(tile_banks))
+    per_bank = [[t for t, tb in enumerate(tile_banks) if tb == b] for b in used]
+    order = [t for idx in per_bank for t in idx]  # tile indices, in the order the matmuls produce them
+    in_order = order == list(range(len(order)))
+    coef = coefficients if in_order else coefficients[order]  # a gather only where a bank's tiles are apart
+    rows = coef.split([len(idx) for idx in per_bank]) if len(used) > 1 else (coef,)
+    parts = [a @ banks[b].flatten(1) for a, b in zip(rows, used, strict=True)]  # [tiles of the bank, out * in * k...]
+    tiles = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if not in_order:
+        tiles = tiles[[order.index(t) for t in range(len(order))]]
+    o = shape[0]
+    w = tiles.view(r, c, o, -1)
+    w = w.transpose(1, 2) if c > 1 else w  # [R, out, C, in * k...]: a copy only when tiles sit side by side
+    return w.reshape(r * o, c * shape[1], *shape[2:])
+
+
+def _mix_into(out: torch.Tensor, templates, alpha) -> torch.Tensor:
     """``out = sum_k alpha[k] * templates[k]`` in place (``out`` may be a strided view), as elementwise
-    multiply-adds in a fixed order, so that a tile generated alone or inside a grid is bit-identical."""
+    multiply-adds in a fixed order (the native kernels use the same order)."""
     torch.mul(templates[0], alpha[0], out=out)
     for k in range(1, len(templates)):
         out.addcmul_(templates[k], alpha[k])
     return out
-
-
-def mix(alpha: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
-    """``sum_k alpha[k] * templates[k]`` with autograd; under ``torch.jit`` tracing (fvcore) a plain gemv."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return torch.mv(templates.reshape(templates.shape[0], -1).t(), alpha).view(templates.shape[1:])
-    return generate(alpha[None], [templates], (1, 1), (0,))
-
-
-def _grid_reference(coefficients: torch.Tensor, banks: list[torch.Tensor], tile_banks, grid) -> torch.Tensor:
-    """The tiled weight with plain autograd ops (one matmul per bank, then ``cat``): what fvcore traces
-    (one multiply-add per template element and tile) and what tests check :class:`_Grid` against."""
-    r, c = grid
-    tiles: list[torch.Tensor | None] = [None] * (r * c)
-    for b in sorted(set(tile_banks)):
-        idx = [t for t, tb in enumerate(tile_banks) if tb == b]
-        mixed = coefficients[idx] @ banks[b].flatten(1)
-        for row, t in enumerate(idx):
-            tiles[t] = mixed[row].view(banks[b].shape[1:])
-    rows = [torch.cat(tiles[i * c : (i + 1) * c], dim=1) if c > 1 else tiles[i * c] for i in range(r)]
-    return torch.cat(rows, dim=0) if r > 1 else rows[0]
 
 
 def _tile_views(w: torch.Tensor, grid: tuple[int, int], tile_shape: torch.Size) -> list[torch.Tensor]:
@@ -84,12 +92,13 @@ def _tile_views(w: torch.Tensor, grid: tuple[int, int], tile_shape: torch.Size) 
 
 
 class _Grid(torch.autograd.Function):
-    """A tiled weight, tile ``t`` = ``sum_k coefficients[t, k] * banks[tile_banks[t]][k]``.
+    """The CPU fast path of :func:`grid_reference` in PyTorch (and the fallback of the native kernels).
 
     Every tile is written straight into its (strided) place in the weight by elementwise multiply-adds,
     and the backward reads each tile's gradient in place: ``dT_k = sum_t alpha_tk dW_t`` per bank and
     ``dalpha_tk = <dW_t, T_k>``. No ``cat``, no gathered copies, no zero-filled buffers: on CPU, where this
-    is memory-bound, that is about half the traffic of matmul + ``cat`` through plain autograd."""
+    is memory-bound, that is less traffic than the reference's matmuls and copy (docs/benchmarks.md).
+    It launches one op per tile and template, which is why CUDA takes the reference instead."""
 
     @staticmethod
     def forward(ctx, coefficients, grid, tile_banks, *banks):
@@ -135,13 +144,17 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 def generate(coefficients: torch.Tensor, banks: list[torch.Tensor], grid: tuple[int, int], tile_banks) -> torch.Tensor:
-    """The tiled weight with autograd: the native kernels (:mod:`morph.native`) for float32/float64 CPU
-    tensors where they are built, else :class:`_Grid`; the same values either way (to rounding)."""
-    if coefficients.dtype in _NATIVE_DTYPES and coefficients.device.type == "cpu":
-        k = native.kernels()
-        if k is not None:
-            return k.grid(coefficients, banks, grid[0], grid[1], tile_banks)
-    return _Grid.apply(coefficients, tuple(grid), tuple(tile_banks), *banks)
+    """The tiled weight with autograd, the same values (to rounding) whichever path computes it:
+
+    - CPU, float32/float64, native kernels built (:mod:`morph.native`): ``torch.ops.morph.grid``;
+    - CPU otherwise: :class:`_Grid`;
+    - CUDA and other devices, and under ``torch.jit`` tracing (fvcore): :func:`grid_reference`.
+    """
+    if coefficients.device.type == "cpu" and not torch.jit.is_tracing():
+        if coefficients.dtype in _NATIVE_DTYPES and native.enabled() and native.loaded():
+            return torch.ops.morph.grid(coefficients, banks, grid[0], grid[1], list(tile_banks))
+        return _Grid.apply(coefficients, tuple(grid), tuple(tile_banks), *banks)
+    return grid_reference(coefficients, banks, grid, tile_banks)
 
 
 class TemplateMixing(nn.Module):
@@ -177,16 +190,9 @@ class TemplateMixing(nn.Module):
     def tile_shape(self) -> tuple[int, ...]:
         return tuple(self.banks[0].templates.shape[1:])
 
-    def tile(self, t: int) -> torch.Tensor:
-        """Tile ``t`` alone: ``sum_k coefficients[t, k] * templates[k]``."""
-        return mix(self.coefficients[t], self.banks[self.tile_banks[t]].templates)
-
     def forward(self) -> torch.Tensor:
         banks = [b._parameters["templates"] for b in self.banks._modules.values()]
-        if torch.jit.is_tracing():
-            w = _grid_reference(self.coefficients, banks, self.tile_banks, self.grid)
-        else:
-            w = generate(self.coefficients, banks, self.grid, self.tile_banks)
+        w = generate(self.coefficients, banks, self.grid, self.tile_banks)
         if self.out_perm is not None:
             w = w.index_select(0, self.out_perm)
         if self.in_perm is not None:

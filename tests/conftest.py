@@ -13,10 +13,15 @@ def _seed():
     yield
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _native_kernels():
-    """Build morph's native kernels once, before any test: a first build prints one line on stderr,
-    which would otherwise land in the first CLI test's output (the tests check that stderr is empty)."""
+@pytest.fixture(scope="session")
+def native_kernels():
+    """morph's native kernels, built here if they are not built yet (a C++ compiler and ninja are
+    needed: CI has them); the tests that use this fixture skip, with the reason, where they cannot be
+    built (e.g. ``CXX=/bin/false``). Nothing else in the suite builds them: morph never compiles on its own."""
     from morph import native
 
-    native.available()
+    try:
+        native.build(announce=None)
+    except native.NativeBuildError as e:
+        pytest.skip(f"native kernels not available: {e}")
+    return torch.ops.morph

@@ -1,14 +1,13 @@
 """Exact invariants of analysis, scaling, template mixing, checkpoints, fusion and bake on tiny models."""
 
+import contextlib
 import json
 import math
-import platform
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
-from motifs import BLOCKWISE, MOTIFS, HardCodedView, Residual, Unsupported
+from motifs import BLOCKWISE, MOTIFS, HardCodedView, Residual, Unsupported, residual
 from safetensors import safe_open
 
 import morph
@@ -164,7 +163,7 @@ def _spec_model():
 def test_save_load_bit_identical(tmp_path, share):
     h = morph.convert(_spec_model(), share=share, seed=3, input_size=SIZE)
     path = morph.save(h, tmp_path / "h.safetensors")
-    r = morph.load(path)
+    r = morph.load(path, model_fn=residual)
     h.eval(), r.eval()
     x = torch.randn(2, *SIZE)
     assert torch.equal(h(x), r(x))
@@ -223,65 +222,69 @@ def test_zero_fusion_is_ensemble(name):
         torch.set_default_dtype(torch.float32)
 
 
-def _grid_impls():
-    """The two implementations of the tiled generation: the native kernels and the PyTorch ``_Grid``."""
-    from morph import native
-    from morph.templates import _Grid
-
-    k = native.kernels()
-    assert k is not None, "the native kernels did not build (a C++ compiler and ninja are needed)"
-    return {
-        "native": lambda c, grid, tb, *bs: k.grid(c, list(bs), grid[0], grid[1], list(tb)),
-        "torch": lambda c, grid, tb, *bs: _Grid.apply(c, grid, tuple(tb), *bs),
-    }
-
-
 GRIDS = [((1, 1), (0,)), ((2, 2), (0, 0, 1, 1)), ((2, 2), (0, 1, 0, 1)), ((2, 1), (0, 1)), ((1, 2), (0, 1)),
          ((3, 3), (0, 0, 0, 1, 1, 1, 2, 2, 2)), ((2, 2), (0, 0, 0, 0)), ((1, 2), (1, 1))]
 
 
-@pytest.mark.parametrize("impl", ["native", "torch"])
+def _loop_reference(coef, banks, grid, tile_banks):
+    """The template formula as written in the paper, one tile at a time: the check on the reference."""
+    r, c = grid
+    tiles = [sum(coef[t, k] * banks[b][k] for k in range(coef.shape[1])) for t, b in enumerate(tile_banks)]
+    return torch.cat([torch.cat(tiles[i * c : (i + 1) * c], dim=1) for i in range(r)], dim=0)
+
+
+def _impl(name, request):
+    from morph.templates import _Grid, grid_reference
+
+    if name == "native":
+        ops = request.getfixturevalue("native_kernels")
+        return lambda c, grid, tb, *bs: ops.grid(c, list(bs), grid[0], grid[1], list(tb))
+    if name == "torch":
+        return lambda c, grid, tb, *bs: _Grid.apply(c, grid, tuple(tb), *bs)
+    return lambda c, grid, tb, *bs: grid_reference(c, list(bs), grid, tb)
+
+
+@pytest.mark.parametrize("impl", ["native", "torch", "reference"])
 @pytest.mark.parametrize("num_templates", [2, 5])
 @pytest.mark.parametrize("grid,tile_banks", GRIDS)
 @pytest.mark.parametrize("tile_shape", [(3, 4, 3, 3), (6, 5)])
-def test_grid_generation_matches_autograd_reference(impl, num_templates, grid, tile_banks, tile_shape):
-    """Both hand-written tiled generations (native kernels; in-place multiply-adds with a strided backward)
-    against the same weight built from matmul + cat through plain autograd, and their gradients against
-    finite differences. Covers the native kernels' specialized paths (K <= 4 templates, <= 2 tiles per
-    bank) and their generic path (K = 5, 3 or 4 tiles per bank), and a bank no tile uses."""
-    from morph.templates import _grid_reference, _tile_views, generate, mix
-
-    gen = _grid_impls()[impl]
+def test_grid_generation_matches_formula(impl, num_templates, grid, tile_banks, tile_shape, request):
+    """Every implementation of the tiled generation (the reference of matmuls per bank, the CPU fast path
+    ``_Grid``, the native kernels) against the formula tile by tile, and their gradients against the
+    formula's autograd and finite differences. Covers the native kernels' specialized paths (K <= 4
+    templates, <= 2 tiles per bank) and their generic path (K = 5, 3 or 4 tiles per bank), and a bank no
+    tile uses."""
+    gen = _impl(impl, request)
     torch.manual_seed(0)
     banks = [torch.randn(num_templates, *tile_shape, dtype=torch.float64, requires_grad=True)
              for _ in range(max(tile_banks) + 1)]
     coef = torch.randn(len(tile_banks), num_templates, dtype=torch.float64, requires_grad=True)
     w = gen(coef, grid, tile_banks, *banks)
-    ref = _grid_reference(coef, banks, list(tile_banks), grid)
+    ref = _loop_reference(coef, banks, grid, tile_banks)
     assert w.shape == ref.shape == (grid[0] * tile_shape[0], grid[1] * tile_shape[1], *tile_shape[2:])
     torch.testing.assert_close(w, ref, rtol=1e-13, atol=1e-13)
-    if impl == "native":  # a tile alone (mix, which takes the native path on CPU) is the same bits
-        assert torch.equal(w, generate(coef, banks, grid, tile_banks))
-        for t, view in enumerate(_tile_views(w, grid, tile_shape)):
-            assert torch.equal(view.reshape(tile_shape), mix(coef[t], banks[tile_banks[t]]))
     g = torch.randn_like(w)
     ref_grad = torch.autograd.grad(ref, [coef, *banks], g, allow_unused=True, materialize_grads=True)
-    for x, y in zip(torch.autograd.grad(w, [coef, *banks], g), ref_grad, strict=True):
+    got = torch.autograd.grad(w, [coef, *banks], g, allow_unused=True, materialize_grads=True)
+    for x, y in zip(got, ref_grad, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda c, *bs: gen(c, grid, tile_banks, *bs), (coef, *banks))
     if len(tile_shape) == 4:  # a weight gradient in channels_last (as a conv backward may return it)
         g_cl = g.contiguous(memory_format=torch.channels_last)
-        for x, y in zip(torch.autograd.grad(gen(coef, grid, tile_banks, *banks), [coef, *banks], g_cl), ref_grad,
-                        strict=True):
+        again = gen(coef, grid, tile_banks, *banks)
+        for x, y in zip(torch.autograd.grad(again, [coef, *banks], g_cl, allow_unused=True, materialize_grads=True),
+                        ref_grad, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
-def test_native_kernels_float32_deterministic_and_partial_grads():
+def test_native_kernels_float32_deterministic_and_partial_grads(native_kernels):
     """float32 on the native path: close to the reference, bit-identical whatever the number of threads
     (row partial sums are added in a fixed order), and only the gradients that are asked for."""
-    from morph.templates import _grid_reference
+    from morph.templates import grid_reference
 
-    gen = _grid_impls()["native"]
+    def gen(c, grid, tb, *bs):
+        return native_kernels.grid(c, list(bs), grid[0], grid[1], list(tb))
+
     torch.manual_seed(0)
     banks = [torch.randn(2, 64, 48, 3, 3, requires_grad=True) for _ in range(2)]
     coef = torch.randn(4, 2, requires_grad=True)
@@ -298,7 +301,7 @@ def test_native_kernels_float32_deterministic_and_partial_grads():
     for other in runs[1:]:
         assert all(torch.equal(x, y) for x, y in zip(runs[0], other, strict=True))
     wide = [coef.double(), *(b.double() for b in banks)]  # the reference in float64
-    ref = _grid_reference(wide[0], wide[1:], [0, 0, 1, 1], (2, 2))
+    ref = grid_reference(wide[0], wide[1:], (2, 2), [0, 0, 1, 1])
     torch.testing.assert_close(runs[0][0], ref.float(), rtol=1e-6, atol=1e-6)
     for x, y in zip(runs[0][1:], torch.autograd.grad(ref, wide, g.double()), strict=True):
         torch.testing.assert_close(x, y.float(), rtol=2e-5, atol=1e-4)  # float32 sums of 27k products
@@ -309,43 +312,149 @@ def test_native_kernels_float32_deterministic_and_partial_grads():
 
 @pytest.mark.parametrize("row", [24, 21, 4096 + 13])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_template_gradient_stores(row, dtype):
+def test_native_template_gradient_stores(row, dtype, native_kernels):
     """The backward writes each template gradient with streaming stores where its rows are aligned for
     them (rows of 24 elements; x86 with AVX) and plainly elsewhere (21; a row longer than one 2048-element
     block with a tail): either way dT_k = a_k * dW exactly (one tile: a single product per element)."""
-    gen = _grid_impls()["native"]
     torch.manual_seed(0)
     bank = torch.randn(3, 7, row, dtype=dtype, requires_grad=True)
     coef = torch.randn(1, 3, dtype=dtype, requires_grad=True)
     g = torch.randn(7, row, dtype=dtype)
-    (d_bank,) = torch.autograd.grad(gen(coef, (1, 1), (0,), bank), [bank], g)
+    (d_bank,) = torch.autograd.grad(native_kernels.grid(coef, [bank], 1, 1, [0]), [bank], g)
     for k in range(3):
         assert torch.equal(d_bank[k], g * coef[0, k].detach())
 
 
-def test_generate_dispatch():
-    """CPU float32/float64 take the native kernels unless disabled; other dtypes take ``_Grid``."""
+def test_native_op_is_one_op_for_profiler_and_compile(native_kernels):
+    """``morph::grid`` is one registered op: the profiler shows it (and its backward) once per weight,
+    and torch.compile traces it whole (fake implementations registered by morph.native)."""
+    from torch.profiler import profile
+
+    bank = torch.randn(2, 8, 4, 3, 3, requires_grad=True)
+    coef = torch.randn(2, 2, requires_grad=True)
+
+    def gen(c, b):
+        return native_kernels.grid(c, [b], 2, 1, [0, 0])
+
+    with profile() as prof:
+        gen(coef, bank).sum().backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("morph::grid") == 1 and names.count("morph::grid_backward") == 1
+    compiled = torch.compile(gen, backend="aot_eager", fullgraph=True)
+    w = compiled(coef, bank)
+    torch.testing.assert_close(w, gen(coef, bank), rtol=0, atol=0)
+    (d,) = torch.autograd.grad(w.sum(), [coef])
+    torch.testing.assert_close(d, torch.autograd.grad(gen(coef, bank).sum(), [coef])[0], rtol=0, atol=0)
+
+
+def test_generate_dispatch(request):
+    """CPU: the native op where it is built (and not disabled), else ``_Grid``, also for low-precision
+    dtypes; under tracing (fvcore) and on other devices: the reference (matmul per bank)."""
     from morph import native
     from morph.templates import generate
 
     bank = torch.randn(2, 4, 3, requires_grad=True)
     coef = torch.randn(1, 2, requires_grad=True)
-    assert "GridFunction" in generate(coef, [bank], (1, 1), (0,)).grad_fn.name()
     with native.disabled():
         assert type(generate(coef, [bank], (1, 1), (0,)).grad_fn).__name__ == "_GridBackward"
-    assert native.enabled()
+    if native.loaded():
+        assert "GridFunction" in generate(coef, [bank], (1, 1), (0,)).grad_fn.name()
+    else:  # nothing built: the PyTorch implementation, silently
+        assert type(generate(coef, [bank], (1, 1), (0,)).grad_fn).__name__ == "_GridBackward"
     half = generate(coef.bfloat16(), [bank.bfloat16()], (1, 1), (0,))
     assert type(half.grad_fn).__name__ == "_GridBackward" and half.dtype == torch.bfloat16
+    traced = torch.jit.trace(lambda c, b: generate(c, [b], (1, 1), (0,)), (coef, bank), check_trace=False)
+    assert "aten::matmul" in str(traced.graph)
 
 
-def test_keep_freed_memory():
-    from morph.allocator import keep_freed_memory
+# views and allocations: no kernel runs for them (a reshape that copies has a copy_ child, which counts)
+_METADATA_OPS = {f"aten::{n}" for n in (
+    "as_strided", "view", "_unsafe_view", "_reshape_alias", "reshape", "flatten", "transpose", "t", "permute",
+    "slice", "select", "narrow", "split", "split_with_sizes", "unbind", "expand", "squeeze", "unsqueeze", "detach",
+    "alias", "resolve_conj", "resolve_neg", "empty", "empty_like", "empty_strided", "lift_fresh")}
 
-    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory() is glibc
-    x = torch.randn(3_000_000)  # allocations still work, above and below the new mmap threshold
-    del x
-    assert torch.ones(10_000_000).sum().item() == 10_000_000
+
+def _generation_ops(model, device):
+    """Ops of one training step of ``model`` that belong to weight generation: the profiler's op counts
+    of the step minus those of the same step of the baked (stock) model."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(m):
+        m = m.to(device)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        x = torch.randn(4, *SIZE, device=device)
+        y = torch.randint(0, 5, (4,), device=device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+        step()  # warm up (lazy inits) outside the profile
+        cuda = device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.events()
+        if cuda:  # kernel launches on the GPU
+            return Counter("kernel" for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        # ops that do work (no aten children: what runs a kernel), not views or allocations
+        parents = {id(e.cpu_parent) for e in events
+                   if e.cpu_parent is not None and e.name.startswith("aten::") and e.name not in _METADATA_OPS}
+        return Counter(e.name for e in events
+                       if e.name.startswith("aten::") and id(e) not in parents and e.name not in _METADATA_OPS)
+
+    return count(model), count(morph.bake(model))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_generation_is_a_few_ops_per_layer(device):
+    """The device path of weight generation (CUDA, and the reference everywhere): a fused model's
+    training step costs a few ops per template-mixed layer more than the stock model's, and that number
+    does not grow with the number of templates or tiles (one matmul per bank, not one op per tile and
+    template). On CPU the reference is forced (``_Grid`` is the CPU fast path); on CUDA it is the default."""
+    from unittest import mock
+
+    from morph import templates
+
+    dev = torch.device(device)
+    per_layer = {}
+    for k in (2, 4):
+        m = _spec_model()
+        a = morph.convert(m, seed=1, templates=k, input_size=SIZE)
+        b = morph.convert(m, seed=2, templates=k, input_size=SIZE)
+        f = morph.fuse(a, b, seed=0)
+        layers = len(mixed_layers(f))
+        forced = mock.patch.object(templates, "generate", templates.grid_reference)
+        with forced if device == "cpu" else contextlib.nullcontext():
+            fused, stock = _generation_ops(f, dev)
+        extra = sum(fused.values()) - sum(stock.values())
+        per_layer[k] = extra / layers
+    # the same count for K = 2 and K = 4 templates, and a handful of ops per layer (2x2 grids of 2 banks:
+    # forward 2 matmuls, 1 cat, 1 copy into the grid; backward 4 matmuls and the copies of the views)
+    assert per_layer[2] == per_layer[4], per_layer
+    assert per_layer[2] <= (14 if device == "cpu" else 24), per_layer
+
+
+def test_cpu_fast_path_counts_ops_per_tile():
+    """The counterpart of the test above on CPU's default path (``_Grid``, no native kernels): it does
+    launch ops per tile and template (cheap on CPU, where it saves memory passes), which is why CUDA
+    does not take it."""
+    from morph import native
+
+    m = _spec_model()
+    counts = {}
+    for k in (2, 4):
+        f = morph.fuse(morph.convert(m, seed=1, templates=k, input_size=SIZE),
+                       morph.convert(m, seed=2, templates=k, input_size=SIZE), seed=0)
+        with native.disabled():
+            fused, stock = _generation_ops(f, torch.device("cpu"))
+        counts[k] = sum(fused.values()) - sum(stock.values())
+    assert counts[4] > counts[2]
 
 
 @pytest.mark.parametrize("growth", ["vertical", "horizontal"])
@@ -420,7 +529,7 @@ def test_bake_equals_template_model(kind, tmp_path):
     stock.load_state_dict(baked.state_dict(), strict=True)
     # a baked fused model round-trips through morph checkpoints into the stock class
     path = morph.save(baked, tmp_path / "baked.safetensors")
-    r = morph.load(path)
+    r = morph.load(path, trust_code=True)
     r.eval()
     assert torch.equal(r(x), baked(x))
 
@@ -428,7 +537,7 @@ def test_bake_equals_template_model(kind, tmp_path):
 def test_fused_checkpoint_round_trip(tmp_path):
     a, b = _pair(_spec_model())
     f = morph.fuse(a, b, growth="horizontal", seed=0)
-    r = morph.load(morph.save(f, tmp_path / "f.safetensors"))
+    r = morph.load(morph.save(f, tmp_path / "f.safetensors"), model_fn=residual)
     f.eval(), r.eval()
     x = torch.randn(2, *SIZE)
     assert torch.equal(f(x), r(x))

@@ -1,6 +1,18 @@
-"""torch.fx tracing and channel analysis."""
+"""torch.fx tracing and channel analysis.
 
-from .analyze import ChannelPlan, LayerPlan, analyze
-from .trace import MorphTracer, trace
+``analyze(model)`` returns a :class:`ChannelPlan`. Teach the analysis an op it does not know with
+:func:`register_module_rule`, :func:`register_function_rule` or :func:`register_method_rule`
+(docs/design.md, "Adding a rule"); a rule receives the :class:`Analyzer` and the fx node and returns the
+:class:`TD` of the node's output.
+"""
 
-__all__ = ["ChannelPlan", "LayerPlan", "MorphTracer", "analyze", "trace"]
+from .analyze import analyze, default_input_size
+from .analyzer import Analyzer
+from .plan import TD, ChannelPlan, ConstSite, LayerPlan
+from .registry import register_function_rule, register_method_rule, register_module_rule
+from .trace import MorphTracer, node_qualname, trace
+
+__all__ = [
+    "Analyzer", "ChannelPlan", "ConstSite", "LayerPlan", "MorphTracer", "TD", "analyze", "default_input_size",
+    "node_qualname", "register_function_rule", "register_method_rule", "register_module_rule", "trace",
+]

@@ -1,16 +1,13 @@
-"""Per-op channel rules.
+"""The built-in channel rules: one per op (module class, function, tensor method).
 
-A rule takes the analyzer and an fx node, and returns the :class:`~.analyze.TD` of the node's output
-(or a list of them, or ``None`` for non-tensor values). Rules are looked up by module type
-(``isinstance``, most specific first), by function and by method name. An op with no rule is an
-error that names the node, never a guess.
+Each rule registers itself through :mod:`morph.graph.registry` (the same public decorators users call)
+when this module is imported, which :mod:`morph.graph` does. See the registry for what a rule is.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,110 +15,15 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .analyze import TD, ConstSite, LayerPlan, _Analyzer
+from .analyzer import Analyzer
 from .coupling import Dim, Seg
+from .plan import TD, ConstSite, LayerPlan
+from .registry import register_function_rule as _function
+from .registry import register_method_rule as _method
+from .registry import register_module_rule as _module
 from .trace import node_qualname
 
-__all__ = ["apply_rule", "MODULE_RULES", "MODULE_NAME_RULES", "FUNCTION_RULES", "METHOD_RULES"]
-
-Rule = Callable[[_Analyzer, fx.Node], Any]
-
-MODULE_RULES: list[tuple[type, Rule]] = []
-MODULE_NAME_RULES: dict[str, Rule] = {}  # "package.module.Class": leaf modules of optional libraries (timm)
-FUNCTION_RULES: dict[Any, Rule] = {}
-METHOD_RULES: dict[str, Rule] = {}
-
-
-def _module(*types: type) -> Callable[[Rule], Rule]:
-    def deco(fn: Rule) -> Rule:
-        for t in types:
-            MODULE_RULES.append((t, fn))
-        return fn
-
-    return deco
-
-
-def _module_named(*names: str) -> Callable[[Rule], Rule]:
-    """Register a rule by the qualified class name (no import of the library that defines it)."""
-
-    def deco(fn: Rule) -> Rule:
-        for n in names:
-            MODULE_NAME_RULES[n] = fn
-        return fn
-
-    return deco
-
-
-def _function(*fns: Any) -> Callable[[Rule], Rule]:
-    def deco(fn: Rule) -> Rule:
-        for f in fns:
-            FUNCTION_RULES[f] = fn
-        return fn
-
-    return deco
-
-
-def _method(*names: str) -> Callable[[Rule], Rule]:
-    def deco(fn: Rule) -> Rule:
-        for n in names:
-            METHOD_RULES[n] = fn
-        return fn
-
-    return deco
-
-
-def apply_rule(a: _Analyzer, node: fx.Node) -> Any:
-    if node.op == "call_module":
-        mod = a.modules[str(node.target)]
-        named = MODULE_NAME_RULES.get(f"{type(mod).__module__}.{type(mod).__qualname__}")
-        if named is not None:
-            return named(a, node)
-        for t, rule in MODULE_RULES:
-            if isinstance(mod, t):
-                return rule(a, node)
-        if _is_torch_nn(mod) and not any(True for _ in mod.parameters(recurse=False)):
-            return _same_shape_module(a, node)
-        raise a.fail(
-            f"no channel rule for module {type(mod).__module__}.{type(mod).__name__}",
-            "register a rule in morph.graph.rules or make it traceable",
-        )
-    if node.op == "call_function":
-        rule = FUNCTION_RULES.get(node.target)
-        if rule is None and isinstance(node.target, type) and issubclass(node.target, tuple):
-            return list(a.value(list(node.args)))  # namedtuple outputs (GoogLeNetOutputs)
-        if rule is None:
-            if not _any_tensor(a, node):
-                return None
-            name = getattr(node.target, "__qualname__", str(node.target))
-            raise a.fail(f"no channel rule for function {name}", "register one in morph.graph.rules")
-        return rule(a, node)
-    if node.op == "call_method":
-        rule = METHOD_RULES.get(str(node.target))
-        if rule is None:
-            if not isinstance(a.value(node.args[0]), TD):
-                return None
-            raise a.fail(f"no channel rule for Tensor.{node.target}", "register one in morph.graph.rules")
-        return rule(a, node)
-    raise a.fail(f"unexpected node op {node.op}")
-
-
-def _is_torch_nn(mod: nn.Module) -> bool:
-    return type(mod).__module__.startswith("torch.nn")
-
-
-def _any_tensor(a: _Analyzer, node: fx.Node) -> bool:
-    found = False
-
-    def visit(v: Any) -> None:
-        nonlocal found
-        if isinstance(v, TD):
-            found = True
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-
-    visit(a.value(list(node.args) + list(node.kwargs.values())))
-    return found
+__all__ = ["broadcast", "reshape"]
 
 
 def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
@@ -130,21 +32,21 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _x(a: _Analyzer, node: fx.Node) -> TD:
+def _x(a: Analyzer, node: fx.Node) -> TD:
     v = a.value(node.args[0] if node.args else next(iter(node.kwargs.values())))
     if not isinstance(v, TD):
         raise a.fail("expected a tensor input")
     return v
 
 
-def _out_shape(a: _Analyzer) -> tuple[int, ...]:
+def _out_shape(a: Analyzer) -> tuple[int, ...]:
     s = a.shape()
     if s is None or isinstance(s, list):
         raise a.fail("expected a single tensor output")
     return s
 
 
-def _spatial(a: _Analyzer, x: TD, out_shape: tuple[int, ...], keep: int = 2) -> TD:
+def _spatial(a: Analyzer, x: TD, out_shape: tuple[int, ...], keep: int = 2) -> TD:
     """First ``keep`` dims as given by caller; trailing dims reuse the input's when sizes match."""
     dims: list[Dim] = []
     for i in range(keep, len(out_shape)):
@@ -159,7 +61,7 @@ def _spatial(a: _Analyzer, x: TD, out_shape: tuple[int, ...], keep: int = 2) -> 
 # modules with parameters
 # ------------------------------------------------------------------------------------------------
 @_module(nn.modules.conv._ConvNd)
-def _conv(a: _Analyzer, node: fx.Node) -> TD:
+def _conv(a: Analyzer, node: fx.Node) -> TD:
     m = a.modules[str(node.target)]
     x = _x(a, node)
     out_shape = _out_shape(a)
@@ -179,7 +81,7 @@ def _conv(a: _Analyzer, node: fx.Node) -> TD:
 
 
 @_module(nn.Linear)
-def _linear(a: _Analyzer, node: fx.Node) -> TD:
+def _linear(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     out_shape = _out_shape(a)
     out = a.fresh(out_shape[-1], source=True)
@@ -188,14 +90,14 @@ def _linear(a: _Analyzer, node: fx.Node) -> TD:
 
 
 @_module(nn.modules.batchnorm._NormBase)
-def _batchnorm(a: _Analyzer, node: fx.Node) -> TD:
+def _batchnorm(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     a.add_layer(LayerPlan(str(node.target), "norm", x.dims[1], x.dims[1]))
     return TD(x.dims, _out_shape(a))
 
 
 @_module(nn.GroupNorm)
-def _groupnorm(a: _Analyzer, node: fx.Node) -> TD:
+def _groupnorm(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     m = a.modules[str(node.target)]
     a.add_layer(LayerPlan(str(node.target), "groupnorm", x.dims[1], x.dims[1], groups=m.num_groups))
@@ -203,7 +105,7 @@ def _groupnorm(a: _Analyzer, node: fx.Node) -> TD:
 
 
 @_module(nn.LayerNorm)
-def _layernorm(a: _Analyzer, node: fx.Node) -> TD:
+def _layernorm(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     m = a.modules[str(node.target)]
     k = len(m.normalized_shape)
@@ -225,7 +127,7 @@ def _is_channels_first_ln(m: nn.LayerNorm, x: TD) -> bool:
 
 
 @_module(nn.PReLU)
-def _prelu(a: _Analyzer, node: fx.Node) -> TD:
+def _prelu(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     m = a.modules[str(node.target)]
     if m.num_parameters != 1:
@@ -235,8 +137,8 @@ def _prelu(a: _Analyzer, node: fx.Node) -> TD:
     return TD(x.dims, _out_shape(a))
 
 
-@_module_named("timm.models.vgg.ConvMlp")
-def _timm_conv_mlp(a: _Analyzer, node: fx.Node) -> TD:
+@_module("timm.models.vgg.ConvMlp")
+def _timm_conv_mlp(a: Analyzer, node: fx.Node) -> TD:
     """timm's VGG head, a leaf for fx (its forward pools inputs under the kernel size up to it):
     ``fc1`` (k x k conv) -> act -> dropout -> ``fc2`` (1x1 conv) -> act."""
     m = a.modules[str(node.target)]
@@ -255,14 +157,6 @@ def _timm_conv_mlp(a: _Analyzer, node: fx.Node) -> TD:
 # ------------------------------------------------------------------------------------------------
 # parameter-free modules
 # ------------------------------------------------------------------------------------------------
-def _same_shape_module(a: _Analyzer, node: fx.Node) -> TD:
-    x = _x(a, node)
-    out_shape = _out_shape(a)
-    if tuple(out_shape) != x.shape:
-        raise a.fail(f"module {type(a.modules[str(node.target)]).__name__} changes the shape {x.shape} -> {out_shape}")
-    return TD(x.dims, out_shape)
-
-
 _POOLS = (
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
@@ -274,11 +168,11 @@ _POOLS = (
 
 
 @_module(*_POOLS)
-def _pool_module(a: _Analyzer, node: fx.Node) -> TD:
+def _pool_module(a: Analyzer, node: fx.Node) -> TD:
     return _pool(a, node)
 
 
-def _pool(a: _Analyzer, node: fx.Node) -> TD:
+def _pool(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     out_shape = _out_shape(a)
     if len(out_shape) != len(x.shape) or out_shape[:2] != x.shape[:2]:
@@ -288,13 +182,13 @@ def _pool(a: _Analyzer, node: fx.Node) -> TD:
 
 
 @_module(nn.Flatten, nn.Unflatten)
-def _flatten_module(a: _Analyzer, node: fx.Node) -> TD:
+def _flatten_module(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     return reshape(a, x, _out_shape(a))
 
 
 @_module(nn.ChannelShuffle)
-def _shuffle_module(a: _Analyzer, node: fx.Node) -> TD:
+def _shuffle_module(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     g = a.modules[str(node.target)].groups
     n, c = x.shape[0], x.shape[1]
@@ -306,7 +200,7 @@ def _shuffle_module(a: _Analyzer, node: fx.Node) -> TD:
 # ------------------------------------------------------------------------------------------------
 # elementwise
 # ------------------------------------------------------------------------------------------------
-def broadcast(a: _Analyzer, inputs: list[Any], out_shape: tuple[int, ...]) -> TD:
+def broadcast(a: Analyzer, inputs: list[Any], out_shape: tuple[int, ...]) -> TD:
     tds = [v for v in inputs if isinstance(v, TD)]
     dims: list[Dim] = []
     n = len(out_shape)
@@ -325,7 +219,7 @@ def broadcast(a: _Analyzer, inputs: list[Any], out_shape: tuple[int, ...]) -> TD
     return TD(tuple(dims), out_shape)
 
 
-def _elementwise(a: _Analyzer, node: fx.Node) -> TD | None:
+def _elementwise(a: Analyzer, node: fx.Node) -> TD | None:
     vals = a.value(list(node.args) + list(node.kwargs.values()))
     flat = [v for v in vals if isinstance(v, TD)]
     if not flat:
@@ -364,7 +258,7 @@ _method(
 
 
 @_function(torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full)
-def _factory(a: _Analyzer, node: fx.Node) -> TD | None:
+def _factory(a: Analyzer, node: fx.Node) -> TD | None:
     shape = a.shape()
     if shape is None or isinstance(shape, list):
         return None
@@ -372,17 +266,17 @@ def _factory(a: _Analyzer, node: fx.Node) -> TD | None:
 
 
 @_method("new_empty", "new_zeros", "new_ones", "new_full")
-def _new_factory(a: _Analyzer, node: fx.Node) -> TD | None:
+def _new_factory(a: Analyzer, node: fx.Node) -> TD | None:
     return _factory(a, node)
 
 
 @_method("expand_as")
-def _expand_as(a: _Analyzer, node: fx.Node) -> TD:
+def _expand_as(a: Analyzer, node: fx.Node) -> TD:
     return broadcast(a, [a.value(node.args[0]), a.value(node.args[1])], _out_shape(a))
 
 
 @_method("expand")
-def _expand(a: _Analyzer, node: fx.Node) -> TD:
+def _expand(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     out = _out_shape(a)
     n = len(out)
@@ -397,7 +291,7 @@ def _expand(a: _Analyzer, node: fx.Node) -> TD:
 # concatenation and splitting
 # ------------------------------------------------------------------------------------------------
 @_function(torch.cat, torch.concat)
-def _cat(a: _Analyzer, node: fx.Node) -> TD:
+def _cat(a: Analyzer, node: fx.Node) -> TD:
     tensors = [v for v in a.value(_arg(node, 0, "tensors"))]
     dim = _arg(node, 1, "dim", 0)
     out_shape = _out_shape(a)
@@ -415,7 +309,7 @@ def _cat(a: _Analyzer, node: fx.Node) -> TD:
     return TD(tuple(dims), out_shape)
 
 
-def _split_dim(a: _Analyzer, x: TD, dim: int, lengths: list[int]) -> list[TD]:
+def _split_dim(a: Analyzer, x: TD, dim: int, lengths: list[int]) -> list[TD]:
     pieces = a.g.split(x.dims[dim], lengths)
     out = []
     for p, n in zip(pieces, lengths, strict=True):
@@ -428,16 +322,16 @@ def _split_dim(a: _Analyzer, x: TD, dim: int, lengths: list[int]) -> list[TD]:
 
 
 @_function(torch.chunk, torch.split, torch.tensor_split, torch.unbind)
-def _split_fn(a: _Analyzer, node: fx.Node) -> list[TD]:
+def _split_fn(a: Analyzer, node: fx.Node) -> list[TD]:
     return _split(a, node)
 
 
 @_method("chunk", "split", "tensor_split", "unbind")
-def _split_method(a: _Analyzer, node: fx.Node) -> list[TD]:
+def _split_method(a: Analyzer, node: fx.Node) -> list[TD]:
     return _split(a, node)
 
 
-def _split(a: _Analyzer, node: fx.Node) -> list[TD]:
+def _split(a: Analyzer, node: fx.Node) -> list[TD]:
     x = _x(a, node)
     shapes = a.shape()
     name = getattr(node.target, "__name__", str(node.target))
@@ -458,7 +352,7 @@ def _split(a: _Analyzer, node: fx.Node) -> list[TD]:
 
 
 @_function(operator.getitem)
-def _getitem(a: _Analyzer, node: fx.Node) -> Any:
+def _getitem(a: Analyzer, node: fx.Node) -> Any:
     base = a.value(node.args[0])
     idx = node.args[1]
     if isinstance(base, (list, tuple)):
@@ -470,7 +364,7 @@ def _getitem(a: _Analyzer, node: fx.Node) -> Any:
     return _index(a, node, base, idx)
 
 
-def _index(a: _Analyzer, node: fx.Node, x: TD, idx: Any) -> TD:
+def _index(a: Analyzer, node: fx.Node, x: TD, idx: Any) -> TD:
     out_shape = _out_shape(a)
     if not isinstance(idx, tuple):
         idx = (idx,)
@@ -519,7 +413,7 @@ def _index(a: _Analyzer, node: fx.Node, x: TD, idx: Any) -> TD:
 # ------------------------------------------------------------------------------------------------
 # shape ops
 # ------------------------------------------------------------------------------------------------
-def reshape(a: _Analyzer, x: TD, out_shape: tuple[int, ...], site: tuple[str, list[int]] | None = None) -> TD:
+def reshape(a: Analyzer, x: TD, out_shape: tuple[int, ...], site: tuple[str, list[int]] | None = None) -> TD:
     """Map dims through a reshape by matching blocks of equal product."""
     in_shape = x.shape
     out_dims: list[Dim] = []
@@ -549,7 +443,7 @@ def reshape(a: _Analyzer, x: TD, out_shape: tuple[int, ...], site: tuple[str, li
 
 
 def _reshape_block(
-    a: _Analyzer, dims: tuple[Dim, ...], in_sizes: tuple[int, ...], out_sizes: tuple[int, ...]
+    a: Analyzer, dims: tuple[Dim, ...], in_sizes: tuple[int, ...], out_sizes: tuple[int, ...]
 ) -> list[Dim]:
     chan = [k for k, d in enumerate(dims) if in_sizes[k] > 1 and not a.g.is_structural(d)]
     if not chan:
@@ -598,7 +492,7 @@ def _reshape_block(
     raise a.fail(f"reshape {in_sizes} -> {out_sizes} regroups channel dims")
 
 
-def _view(a: _Analyzer, node: fx.Node) -> TD:
+def _view(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     out_shape = _out_shape(a)
     y = reshape(a, x, out_shape)
@@ -617,7 +511,7 @@ _function(torch.reshape)(_view)
 
 
 @_method("flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
-def _reshape_method(a: _Analyzer, node: fx.Node) -> TD:
+def _reshape_method(a: Analyzer, node: fx.Node) -> TD:
     return reshape(a, _x(a, node), _out_shape(a))
 
 
@@ -625,7 +519,7 @@ _function(torch.flatten, torch.squeeze, torch.unsqueeze)(_reshape_method)
 
 
 @_method("permute")
-def _permute(a: _Analyzer, node: fx.Node) -> TD:
+def _permute(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     order = node.args[1:] if len(node.args) > 2 else node.args[1]
     return TD(tuple(x.dims[i] for i in order), _out_shape(a))
@@ -635,7 +529,7 @@ _function(torch.permute)(_permute)
 
 
 @_method("transpose", "swapaxes")
-def _transpose(a: _Analyzer, node: fx.Node) -> TD:
+def _transpose(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     d0, d1 = (node.args[1] % len(x.shape), node.args[2] % len(x.shape))
     dims = list(x.dims)
@@ -647,16 +541,16 @@ _function(torch.transpose)(_transpose)
 
 
 @_function(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var)
-def _reduce_fn(a: _Analyzer, node: fx.Node) -> TD:
+def _reduce_fn(a: Analyzer, node: fx.Node) -> TD:
     return _reduce(a, node)
 
 
 @_method("mean", "sum", "amax", "amin", "std", "var")
-def _reduce_method(a: _Analyzer, node: fx.Node) -> TD:
+def _reduce_method(a: Analyzer, node: fx.Node) -> TD:
     return _reduce(a, node)
 
 
-def _reduce(a: _Analyzer, node: fx.Node) -> TD | None:
+def _reduce(a: Analyzer, node: fx.Node) -> TD | None:
     x = _x(a, node)
     out_shape = a.shape()
     if out_shape is None or isinstance(out_shape, list):
@@ -682,12 +576,12 @@ def _reduce(a: _Analyzer, node: fx.Node) -> TD | None:
     F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
     F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d, F.lp_pool2d,
 )
-def _pool_fn(a: _Analyzer, node: fx.Node) -> TD:
+def _pool_fn(a: Analyzer, node: fx.Node) -> TD:
     return _pool(a, node)
 
 
 @_function(F.pad)
-def _pad(a: _Analyzer, node: fx.Node) -> TD:
+def _pad(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     pad = _arg(node, 1, "pad")
     if len(pad) // 2 > len(x.shape) - 2:
@@ -696,7 +590,7 @@ def _pad(a: _Analyzer, node: fx.Node) -> TD:
 
 
 @_function(torch.matmul, operator.matmul, torch.bmm)
-def _matmul(a: _Analyzer, node: fx.Node) -> TD:
+def _matmul(a: Analyzer, node: fx.Node) -> TD:
     x, y = a.value(node.args[0]), a.value(node.args[1])
     if len(x.shape) < 2 or len(y.shape) < 2:
         raise a.fail("matmul of vectors")
@@ -707,17 +601,17 @@ def _matmul(a: _Analyzer, node: fx.Node) -> TD:
 
 
 @_function(getattr)
-def _getattr(a: _Analyzer, node: fx.Node) -> Any:
+def _getattr(a: Analyzer, node: fx.Node) -> Any:
     return None
 
 
 @_method("size", "dim", "numel", "nelement")
-def _size(a: _Analyzer, node: fx.Node) -> None:
+def _size(a: Analyzer, node: fx.Node) -> None:
     return None
 
 
 @_function(F.channel_shuffle, torch.channel_shuffle)
-def _shuffle_fn(a: _Analyzer, node: fx.Node) -> TD:
+def _shuffle_fn(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     g = _arg(node, 1, "groups")
     n, c = x.shape[0], x.shape[1]
@@ -727,7 +621,7 @@ def _shuffle_fn(a: _Analyzer, node: fx.Node) -> TD:
 
 
 @_function(torch.stack)
-def _stack(a: _Analyzer, node: fx.Node) -> TD:
+def _stack(a: Analyzer, node: fx.Node) -> TD:
     tensors = list(a.value(_arg(node, 0, "tensors")))
     out_shape = _out_shape(a)
     dim = _arg(node, 1, "dim", 0) % len(out_shape)
@@ -741,7 +635,7 @@ def _stack(a: _Analyzer, node: fx.Node) -> TD:
 
 
 @_function(F.conv2d, F.conv1d)
-def _functional_conv(a: _Analyzer, node: fx.Node) -> TD:
+def _functional_conv(a: Analyzer, node: fx.Node) -> TD:
     """A fixed depthwise filter applied with F.conv2d to a buffer (timm's anti-aliasing blur pool)."""
     x = _x(a, node)
     w = a.value(_arg(node, 1, "weight"))

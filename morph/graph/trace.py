@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import MorphError
+from .registry import autowrap_functions, has_module_rule
 
 __all__ = ["MorphTracer", "trace", "node_qualname"]
 
@@ -38,16 +39,18 @@ def _timm_notrace() -> tuple[set, set]:
 
 
 class MorphTracer(fx.Tracer):
-    """fx tracer that treats as leaves: morph's rule types, torch.nn modules, and the modules timm
-    marks as not traceable (``timm.layers.register_notrace_module``), as timm's own fx helpers do."""
+    """fx tracer that treats as leaves: morph's rule types, modules with a registered rule
+    (:func:`morph.graph.register_module_rule`), torch.nn modules, and the modules timm marks as not
+    traceable (``timm.layers.register_notrace_module``), as timm's own fx helpers do. Functions with a
+    registered rule are recorded as one call (:func:`morph.graph.register_function_rule`)."""
 
     def __init__(self) -> None:
         leaf_mods, autowrap = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(autowrap))
+        super().__init__(autowrap_functions=tuple(autowrap) + autowrap_functions())
         self._timm_leaves = tuple(leaf_mods)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _LEAF_TYPES):
+        if isinstance(m, _LEAF_TYPES) or has_module_rule(m):
             return True
         if self._timm_leaves and isinstance(m, self._timm_leaves):
             return True
