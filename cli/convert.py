@@ -94,7 +94,8 @@ def convert(
         morph.save(model, path)
         s.update(f"reloading {path}")
         try:
-            reloaded = morph.load(path)
+            # the file was just written from the spec typed on this command line: rebuild it with that spec
+            reloaded = morph.load(path, model_fn=lambda **kw: morph.build_model(name, **kw))
             check = verify(model, reloaded, morph.get_info(reloaded).input_size)
         except BaseException:
             path.unlink(missing_ok=True)  # a checkpoint that does not load back is no output
