@@ -32,7 +32,7 @@ from .errors import MorphError
 from .graph.analyze import ChannelPlan, analyze
 from .graph.coupling import Dim
 from .info import MorphInfo, get_info, set_info
-from .scale import _NO_INIT, apply_width
+from .scale import apply_width
 from .templates import TemplateBank, TemplateMixing, attach, is_mixed, mixed_layers
 
 __all__ = ["fuse", "grow", "GROWTH_MODES", "INIT_MODES", "layout_perm"]
@@ -157,7 +157,7 @@ def _build(
     plain = _skeleton(a)
     plan = analyze(plain, ia.input_size)
     stock = _stock(ia)
-    full, _ = apply_width(plain, plan, 2.0, _NO_INIT, groups=_stock_groups(stock))
+    full, _ = apply_width(plain, plan, 2.0, groups=_stock_groups(stock))
     _check_stock(ia, stock, full)
     vectors = _bank_vectors([a] if b is None else [a, b])
     src_b = b if b is not None else a

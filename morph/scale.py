@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from .graph.analyze import ChannelPlan, LayerPlan, analyze
 from .graph.coupling import Dim
 from .zoo import get_spec
 
-__all__ = ["scale_width", "LayerShape", "layer_shapes", "dim_index", "check_width"]
+__all__ = ["scale_width", "LayerShape", "WeightInit", "apply_width", "check_width", "dim_index", "layer_shapes", "stock_init"]
 
 
 @dataclass(frozen=True)
@@ -124,29 +125,35 @@ def _take(t: torch.Tensor, dims: list[torch.Tensor | None]) -> torch.Tensor:
     return t
 
 
-def _new_weight(
-    w: torch.Tensor, idx: list[torch.Tensor | None], shape: tuple[int, ...], fan_old: int, fan_new: int,
-    width: float, gen: torch.Generator | None,
-) -> torch.Tensor:
-    if gen is _NO_INIT:  # the caller overwrites every weight (fuse): skip the initialization
-        return torch.empty(shape, dtype=w.dtype, device=w.device)
-    if width <= 1:
-        new = _take(w.detach(), idx)
-    else:
-        std = float(w.detach().float().std()) if w.numel() > 1 else 0.0
-        new = torch.randn(shape, generator=gen, dtype=torch.float32).to(w) * std
-    assert tuple(new.shape) == tuple(shape), (new.shape, shape)
-    if fan_new > 0 and fan_old != fan_new:
-        new = new * math.sqrt(fan_old / fan_new)
-    return new.clone()
+WeightInit = Callable[[torch.Tensor, list, tuple, int, int, float], torch.Tensor]
+"""``init(w, idx, shape, fan_old, fan_new, width)``: the values of a conv/linear weight resized from ``w``
+(``idx``: per-dim indices into ``w`` that give the new shape, cycling where a dim grows)."""
 
 
-_NO_INIT = torch.Generator()
+def stock_init(gen: torch.Generator | None = None) -> WeightInit:
+    """:func:`scale_width`'s weights: at ``width <= 1`` the first channels of every group, rescaled by
+    ``sqrt(fan_in_old / fan_in_new)``; above 1 a normal draw with that variance."""
+
+    def init(w, idx, shape, fan_old, fan_new, width):
+        if width <= 1:
+            new = _take(w.detach(), idx)
+        else:
+            std = float(w.detach().float().std()) if w.numel() > 1 else 0.0
+            new = torch.randn(shape, generator=gen, dtype=torch.float32).to(w) * std
+        assert tuple(new.shape) == tuple(shape), (new.shape, shape)
+        if fan_new > 0 and fan_old != fan_new:
+            new = new * math.sqrt(fan_old / fan_new)
+        return new.clone()
+
+    return init
 
 
-def _resize_layer(
-    plan: ChannelPlan, p: LayerPlan, m: nn.Module, s: LayerShape, width: float, gen: torch.Generator | None
-) -> None:
+def _empty_init(w, idx, shape, fan_old, fan_new, width):
+    """Shape only: the caller (fusion, a growth method) writes every value."""
+    return torch.empty(shape, dtype=w.dtype, device=w.device)
+
+
+def _resize_layer(plan: ChannelPlan, p: LayerPlan, m: nn.Module, s: LayerShape, width: float, init: WeightInit) -> None:
     i_in, i_out = dim_index(plan, p.in_dim, width), dim_index(plan, p.out_dim, width)
     if p.kind == "conv":
         w = m.weight
@@ -160,7 +167,7 @@ def _resize_layer(
             pg = None if per_group_new == per_group_old else torch.arange(per_group_new) % per_group_old
             idx = [i_out, pg]
             fan_old, fan_new = per_group_old * k, per_group_new * k
-        m.weight = nn.Parameter(_new_weight(w, idx, s.weight_shape, fan_old, fan_new, width, gen),
+        m.weight = nn.Parameter(init(w, idx, s.weight_shape, fan_old, fan_new, width),
                                 requires_grad=w.requires_grad)
         if m.bias is not None:
             m.bias = nn.Parameter(m.bias.detach().index_select(0, i_out).clone(), requires_grad=m.bias.requires_grad)
@@ -177,7 +184,7 @@ def _resize_layer(
     elif p.kind == "linear":
         w = m.weight
         m.weight = nn.Parameter(
-            _new_weight(w, [i_out, i_in], s.weight_shape, w.shape[1], s.weight_shape[1], width, gen),
+            init(w, [i_out, i_in], s.weight_shape, w.shape[1], s.weight_shape[1], width),
             requires_grad=w.requires_grad,
         )
         if m.bias is not None:
@@ -259,14 +266,21 @@ def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float) -> nn.Mod
 
 
 def apply_width(
-    model: nn.Module, plan: ChannelPlan, width: float, gen: torch.Generator | None = None,
+    model: nn.Module, plan: ChannelPlan, width: float, init: WeightInit | None = None,
     groups: dict[str, int] | None = None,
 ) -> tuple[nn.Module, dict[str, LayerShape]]:
-    """Resize a deep copy of ``model`` (analyzed as ``plan``) to ``width``; returns it and its shapes."""
+    """Resize a deep copy of ``model`` (analyzed as ``plan``) to ``width``; returns it and its shapes.
+
+    This is the *shape* half of every width change: which channels exist and where they sit. The values
+    of conv/linear weights come from ``init`` (:func:`stock_init` for :func:`scale_width`); without one
+    they are left uninitialized for the caller (fusion, :mod:`morph.growth`) to write. Other tensors
+    (biases, norm parameters and statistics) are indexed with :func:`dim_index`.
+    """
+    init = init or _empty_init
     shapes = layer_shapes(plan, model, width, groups)
     new = copy.deepcopy(model)
     for name, p in plan.layers.items():
-        _resize_layer(plan, p, new.get_submodule(name), shapes[name], width, gen)
+        _resize_layer(plan, p, new.get_submodule(name), shapes[name], width, init)
     for path, dims in plan.params.items():
         _resize_attr(plan, new, path, dims, width)
     if plan.consts:
@@ -323,7 +337,7 @@ def scale_width(
     width = check_width(width)
     plan = plan or analyze(model, input_size)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    new, _ = apply_width(model, plan, width, gen)
+    new, _ = apply_width(model, plan, width, stock_init(gen))
     verify_forward(output_shape(plan), new, plan.input_size)
     from .info import MorphInfo, set_info
 

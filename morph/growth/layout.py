@@ -1,0 +1,254 @@
+"""The *shape* of a growth step: which channels are new and where they go.
+
+A :class:`Layout` is computed once from the channel plan and knows nothing about values. For every
+atom channel group of the plan it holds the old and new width, a **rule** and a **mapping**:
+
+- ``keep``: the group does not grow;
+- ``replicate``: new channels are copies of old ones (``mapping[j]`` names the source channel);
+- ``fresh``: new channels are new neurons whose values a growth method decides.
+
+Old channels keep their index inside their group and new ones follow them, which is the layout
+:func:`morph.scale.dim_index` gives; a dim made of several groups (a concatenation) lists each group's
+old and new channels together. :meth:`Layout.dim` turns a plan dim into a :class:`DimMap`, the
+per-position view every growth method works with.
+
+The target shapes are those of :func:`morph.scale_width` of the *reference* model at the new width:
+for a plain model that morph scaled from a recorded spec (``morph convert --plain``), the reference is
+the stock model and the target the stock architecture at ``width x`` the model's width, so that
+``morph.load`` rebuilds a grown checkpoint like any other plain one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..errors import MorphError
+from ..graph.analyze import ChannelPlan, analyze
+from ..graph.coupling import Dim
+from ..info import get_info
+from ..scale import apply_width, check_width, layer_shapes
+
+__all__ = ["DimMap", "GroupGrowth", "Layout", "build_layout", "OLD", "REPLICA", "FRESH"]
+
+OLD, REPLICA, FRESH = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class DimMap:
+    """One channel dim of the grown model, position by position.
+
+    Attributes:
+        src: index into the old dim: the channel itself (old), its source (replica), or a cycling
+            stand-in (fresh; methods overwrite those).
+        kind: ``OLD``, ``REPLICA`` or ``FRESH``.
+        count: how many old-or-replica positions share ``src`` (net2net divides fan-out weights by it).
+        group: the atom group (plan root) of each position.
+        n_old: length of the old dim.
+    """
+
+    src: torch.Tensor
+    kind: torch.Tensor
+    count: torch.Tensor
+    group: torch.Tensor
+    n_old: int
+
+    @property
+    def fresh(self) -> torch.Tensor:
+        return self.kind == FRESH
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return self.kind != FRESH
+
+    def __len__(self) -> int:
+        return int(self.src.numel())
+
+
+@dataclass
+class GroupGrowth:
+    """How one atom group grows."""
+
+    root: int
+    old: int
+    new: int
+    rule: str  # keep | replicate | fresh
+    mapping: torch.Tensor  # [new]: source channel of each position (old: itself)
+    note: str = ""  # why a non-default rule ran (reported per group)
+
+
+@dataclass
+class Layout:
+    """The shape of one growth step (see the module docstring)."""
+
+    plan: ChannelPlan
+    reference: nn.Module
+    w_from: float
+    w_to: float
+    groups: dict[int, GroupGrowth]
+    _dims: dict[tuple, DimMap] = field(default_factory=dict)
+
+    # -- per-position maps ------------------------------------------------------------------------
+    def dim(self, dim: Dim) -> DimMap:
+        key = tuple(dim)
+        if key not in self._dims:
+            src, kind, count, group = [], [], [], []
+            base = 0
+            for s in self.plan.atoms(dim):
+                g = self.groups[self.plan.groups.find(s.group)]
+                ch = g.mapping
+                k = torch.full((g.new,), OLD, dtype=torch.int8)
+                k[g.old:] = FRESH if g.rule == "fresh" else REPLICA
+                kept = k != FRESH
+                cnt = torch.bincount(ch[kept], minlength=g.old).to(torch.float64)[ch].clamp_min(1)
+                cnt[~kept] = 1
+                r = torch.arange(s.inner)
+                src.append((base + ch[:, None] * s.inner + r[None, :]).reshape(-1))
+                kind.append(k.repeat_interleave(s.inner))
+                count.append(cnt.repeat_interleave(s.inner))
+                group.append(torch.full((g.new * s.inner,), g.root, dtype=torch.long))
+                base += g.old * s.inner
+            cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt)  # noqa: E731
+            self._dims[key] = DimMap(cat(src, torch.long), cat(kind, torch.int8), cat(count, torch.float64),
+                                     cat(group, torch.long), base)
+        return self._dims[key]
+
+    # -- graph queries ----------------------------------------------------------------------------
+    def roots(self, dim: Dim) -> list[int]:
+        return [self.plan.groups.find(s.group) for s in self.plan.atoms(dim)]
+
+    def producers(self, root: int) -> list[str]:
+        """Conv/linear layers whose output holds the group."""
+        return [p.name for p in self.plan.conv_layers() if root in self.roots(p.out_dim)]
+
+    def consumers(self, root: int) -> list[str]:
+        """Conv/linear layers whose input holds the group."""
+        return [p.name for p in self.plan.conv_layers() if root in self.roots(p.in_dim)]
+
+    def growing(self) -> list[GroupGrowth]:
+        return [g for g in self.groups.values() if g.new > g.old]
+
+    def skeleton(self) -> nn.Module:
+        """The grown model's modules at their new shapes, values not yet decided."""
+        new, _ = apply_width(self.reference, self.plan, self.w_to)
+        return new
+
+
+def _reference(model: nn.Module, input_size: tuple[int, ...] | None) -> tuple[nn.Module, ChannelPlan, float]:
+    """The model whose ``scale_width`` gives both the given model's shapes and the target's."""
+    info = get_info(model)
+    if info is not None and info.kind == "plain" and info.spec is not None and info.width != 1:
+        from ..zoo import build_model
+
+        base = build_model(info.spec.spec, **info.spec.kwargs)
+        plan = analyze(base, info.input_size)
+        shapes = layer_shapes(plan, base, info.width)
+        if all(tuple(model.get_submodule(n).weight.shape) == s.weight_shape
+               for n, s in shapes.items() if s.kind in ("conv", "linear")):
+            return base, plan, info.width
+    size = input_size or (info.input_size if info is not None else None)
+    return model, analyze(model, size), 1.0
+
+
+def _constrained(plan: ChannelPlan) -> dict[int, str]:
+    """Groups whose replicas must be whole blocks in order (cycling): a per-channel random map would
+    break GroupNorm groups, LayerNorm statistics, or the groups of a grouped convolution."""
+    out: dict[int, str] = {}
+    find = plan.groups.find
+    for p in plan.layers.values():
+        if p.kind == "layernorm":
+            for d in p.ln_dims:
+                for s in plan.atoms(d):
+                    out.setdefault(find(s.group), f"LayerNorm {p.name}")
+        elif p.kind == "groupnorm":
+            for s in plan.atoms(p.in_dim):
+                out.setdefault(find(s.group), f"GroupNorm {p.name}")
+        elif p.kind == "conv" and p.groups > 1:
+            m = plan.gm.get_submodule(p.name)
+            if m.groups != m.in_channels:
+                for s in plan.atoms(p.in_dim) + plan.atoms(p.out_dim):
+                    out.setdefault(find(s.group), f"grouped conv {p.name}")
+    for r in plan.groups.derived:
+        out.setdefault(find(r), "channel shuffle")
+    return out
+
+
+def layernorm_groups(plan: ChannelPlan) -> dict[int, str]:
+    """Groups normalized across channels (LayerNorm): adding zero channels would change their
+    statistics, so every method grows them by uniform replication."""
+    out: dict[int, str] = {}
+    for p in plan.layers.values():
+        if p.kind == "layernorm":
+            for d in p.ln_dims:
+                for s in plan.atoms(d):
+                    out.setdefault(plan.groups.find(s.group), p.name)
+    return out
+
+
+def _internal(plan: ChannelPlan, root: int) -> bool:
+    """A block-internal group: one producing and one consuming conv/linear layer (growneuron's placement)."""
+    find = plan.groups.find
+    prod = [p for p in plan.conv_layers() if root in [find(s.group) for s in plan.atoms(p.out_dim)]]
+    cons = [p for p in plan.conv_layers() if root in [find(s.group) for s in plan.atoms(p.in_dim)]]
+    return len(prod) == 1 and len(cons) == 1 and prod[0].name != cons[0].name
+
+
+def build_layout(
+    model: nn.Module, width: float, *, rule: str = "fresh", mapping: str = "cycle", which: str = "all",
+    gen: torch.Generator | None = None, input_size: tuple[int, ...] | None = None,
+) -> Layout:
+    """The layout of growing ``model`` by ``width`` (a ratio, e.g. 2.0).
+
+    Args:
+        rule: what new channels of a growing group are: ``fresh`` (new neurons) or ``replicate``.
+            LayerNorm-normalized groups always replicate (uniformly, so that their statistics hold).
+        mapping: source channels of replicas: ``cycle`` (channel ``j`` copies ``j mod old``) or
+            ``random`` (uniform, Net2Net's g(j)); groups tied to GroupNorm, LayerNorm, grouped convs or
+            a channel shuffle always cycle.
+        which: ``all`` (every group that can grow: the stock architecture at the new width) or
+            ``internal`` (only groups between one producing and one consuming layer).
+    """
+    ratio = check_width(width)
+    if ratio < 1:
+        raise MorphError(f"growth needs a width ratio >= 1, got {ratio:g}; use morph.scale_width to narrow a model")
+    if which not in ("all", "internal"):
+        raise MorphError(f"which groups grow must be 'all' or 'internal', got {which!r}")
+    if mapping not in ("cycle", "random"):
+        raise MorphError(f"mapping must be 'cycle' or 'random', got {mapping!r}")
+    ref, plan, w0 = _reference(model, input_size)
+    w1 = w0 * ratio
+    plan = dataclasses.replace(plan, _sizes={})
+    old_sizes, new_sizes = plan._allocate(w0), plan._allocate(w1)
+    constrained = _constrained(plan)
+    ln = layernorm_groups(plan)
+    roots = {plan.groups.find(s.group) for p in plan.layers.values()
+             for d in (p.in_dim, p.out_dim, *p.ln_dims) for s in plan.atoms(d)}
+    roots |= {plan.groups.find(s.group) for dims in plan.params.values() for d in dims for s in plan.atoms(d)}
+    groups: dict[int, GroupGrowth] = {}
+    for r in sorted(roots):
+        m = old_sizes.get(r, plan._own(r, w0))
+        n = new_sizes.get(r, plan._own(r, w1))
+        if which == "internal" and n > m and not _internal(plan, r):
+            n = new_sizes[r] = m
+        if n < m:
+            raise MorphError(f"channel group {r} would shrink from {m} to {n} channels; growth only adds channels")
+        note = ""
+        g_rule = "keep" if n == m else rule
+        if g_rule == "fresh" and r in ln:
+            g_rule, note = "replicate", f"normalized across channels by {ln[r]}: replicated uniformly"
+        ch = torch.arange(n)
+        src = ch % max(m, 1)
+        if g_rule == "replicate" and mapping == "random" and n > m:
+            if r in constrained:
+                note = note or f"tied to {constrained[r]}: replicas cycle"
+            else:
+                src = torch.cat([torch.arange(m), torch.randint(0, m, (n - m,), generator=gen)])
+        if g_rule == "replicate" and r in ln and n % m:
+            note += f" (inexact: {n} is not a multiple of {m})"
+        groups[r] = GroupGrowth(r, m, n, g_rule, src, note)
+    # the plan answers sizes at both widths from the (possibly edited) allocation
+    plan._sizes[w0], plan._sizes[w1] = old_sizes, new_sizes
+    return Layout(plan, ref, w0, w1, groups)

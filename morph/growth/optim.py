@@ -1,0 +1,1 @@
+def carry_optimizer_state(*a, **k): raise NotImplementedError

@@ -1,0 +1,258 @@
+"""Growth of plain models: the assembly every plain method shares, and its value hooks.
+
+:class:`PlainGrowth` builds the grown model from a :class:`~.layout.Layout` (shape) and asks the method
+(values) for the parts that are new:
+
+- a conv/linear weight is indexed by its output :class:`~.layout.DimMap` (rows) and, when it is not
+  grouped, its input map (columns). Old and replica entries are gathered from the old weight, divided
+  by the replica count along the input (Net2Net's fan-out rule; a count of 1 everywhere else).
+  **Fresh rows** are the incoming weights of new neurons (:meth:`PlainGrowth.incoming`); **fresh
+  columns** of kept rows are the outgoing weights of new neurons (:meth:`PlainGrowth.outgoing`); fresh
+  rows of a grouped or depthwise conv read only new channels and are free (:meth:`PlainGrowth.free`).
+- biases of new neurons are 0; norm layers get identity channels (weight and running variance 1, bias
+  and running mean 0); every other per-channel tensor (layer scales, timm's conv gains) is gathered.
+
+``model.growth_report`` lists, per growing channel group, the rule that ran and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..errors import MorphError
+from ..info import MorphInfo, get_info, set_info
+from ..zoo import get_spec
+from .layout import FRESH, OLD, DimMap, Layout, build_layout
+from .registry import GrowthMethod
+
+__all__ = ["PlainGrowth", "random_directions", "mean_norm", "GrowthRecord"]
+
+
+def random_directions(n: int, shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """``n`` vectors of ``shape`` drawn from U[0, 1) and set to unit norm each (growneuron ``AddRandom``)."""
+    v = torch.rand((n, *shape), generator=gen, dtype=torch.float64)
+    v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(n, *([1] * len(shape)))
+    return v.to(like)
+
+
+def mean_norm(w: torch.Tensor, axis: int) -> float:
+    """Mean L2 norm of the neurons of ``w`` along ``axis`` (rows: incoming, columns: outgoing)."""
+    if w.numel() == 0 or w.shape[axis] == 0:
+        return 0.0
+    return float(w.detach().transpose(0, axis).flatten(1).double().norm(dim=1).mean())
+
+
+@dataclasses.dataclass
+class GrowthRecord:
+    """For the optimizer-state carry: per grown parameter name, the old parameter's name and, per axis,
+    the old index of every position (``-1``: not an old entry)."""
+
+    params: dict[str, tuple[str, list[torch.Tensor | None]]]
+
+
+_IDENTITY_ONE = ("weight", "running_var")
+
+
+class PlainGrowth(GrowthMethod):
+    """Base of the methods on plain models (see the module docstring). Subclasses set the class attributes
+    and override the hooks."""
+
+    rule: ClassVar[str] = "fresh"
+    mapping: ClassVar[str] = "cycle"
+    options: ClassVar[dict[str, Any]] = {"which": "all"}
+
+    # -- value hooks ------------------------------------------------------------------------------
+    def incoming(self, name: str, w: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> None:
+        """Incoming weights of new neurons ``w[rows]`` (default: zero)."""
+        w[rows] = 0
+
+    def outgoing(self, name: str, w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, group: torch.Tensor,
+                 old: torch.Tensor) -> None:
+        """Outgoing weights of new neurons ``w[rows][:, cols]`` (``group``: each column's channel group)."""
+        raise NotImplementedError
+
+    def free(self, name: str, w: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> None:
+        """New filters of a grouped/depthwise conv, which read only new channels: random directions at the
+        existing filters' mean norm (new channels are zero at growth, so the function is kept)."""
+        w[rows] = random_directions(len(rows), tuple(w.shape[1:]), self.gen, w) * mean_norm(old, 0)
+
+    def prepare(self, model: nn.Module, layout: Layout, data) -> None:
+        """Called before assembly (GradMax reads its gradients here)."""
+
+    def finish(self, new: nn.Module, model: nn.Module, layout: Layout, data) -> None:
+        """Called after assembly (Firefly optimizes the new weights here)."""
+
+    def rule_of(self, layout: Layout, root: int) -> str:
+        """The rule reported for one growing group."""
+        g = layout.groups[root]
+        return g.rule
+
+    # -- driver -----------------------------------------------------------------------------------
+    def grow(self, model: nn.Module, width: float, data, gen: torch.Generator) -> nn.Module:
+        info = get_info(model)
+        if info is not None and info.kind != "plain":
+            raise MorphError(
+                f"method {self.name!r} grows plain models; this is a {info.kind} template model: bake it first "
+                "(morph.bake), or grow it with mixturegrowth"
+            )
+        self.gen = gen
+        layout = build_layout(model, width, rule=self.rule, mapping=self.mapping, which=self.opts["which"], gen=gen)
+        self.layout = layout
+        p0 = next(iter(model.parameters()))
+        new = layout.skeleton().to(dtype=p0.dtype, device=p0.device)
+        _copy_same_shape(model, new)
+        self.prepare(model, layout, data)
+        record: dict[str, tuple[str, list[torch.Tensor | None]]] = {}
+        with torch.no_grad():
+            for name, p in layout.plan.layers.items():
+                self._fill_layer(layout, p, model.get_submodule(name), new.get_submodule(name), record)
+            for path, dims in layout.plan.params.items():
+                self._fill_attr(layout, path, dims, model, new, record)
+        for prm in new.parameters():
+            prm.requires_grad_(True)
+        new.train(model.training)
+        self.finish(new, model, layout, data)
+        new.growth_report = self.report(layout)
+        new.growth_record = GrowthRecord(record)
+        spec = info.spec if info is not None else get_spec(model)
+        size = tuple(layout.plan.input_size)
+        base = info or MorphInfo(kind="plain", spec=spec, width=1.0, input_size=size)
+        extra = {**base.extra, "growth": {**self.record(), "from_width": layout.w_from,
+                                          "rules": _count_rules(new.growth_report)}}
+        return set_info(new, dataclasses.replace(base, kind="plain", spec=spec, width=layout.w_to, input_size=size,
+                                                 extra=extra))
+
+    def report(self, layout: Layout) -> list[dict[str, Any]]:
+        out = []
+        for g in layout.growing():
+            out.append({"group": g.root, "channels": [g.old, g.new], "rule": self.rule_of(layout, g.root),
+                        "note": g.note, "producers": layout.producers(g.root), "consumers": layout.consumers(g.root)})
+        return out
+
+    # -- assembly ---------------------------------------------------------------------------------
+    def _fill_layer(self, layout: Layout, p, old: nn.Module, mod: nn.Module, record) -> None:
+        if p.kind in ("conv", "linear"):
+            self._fill_weight(layout, p, old, mod, record)
+            return
+        if p.kind == "scalar":
+            return
+        maps = [layout.dim(d) for d in p.ln_dims] if p.kind == "layernorm" else [layout.dim(p.in_dim)]
+        for tname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is None or t.dim() == 0:
+                continue
+            src = getattr(old, tname).detach()
+            axes = maps[-t.dim():] if p.kind == "layernorm" else [maps[0]] + [None] * (t.dim() - 1)
+            new = _gather(src, axes)
+            if p.kind != "layernorm":
+                fresh = maps[0].fresh
+                if fresh.any():
+                    new[fresh] = 1.0 if tname in _IDENTITY_ONE else 0.0
+            t.data = new.to(t.dtype)
+            record[_pname(p.name, tname)] = (_pname(p.name, tname), [_old_index(a) for a in axes])
+
+    def _fill_weight(self, layout: Layout, p, old: nn.Module, mod: nn.Module, record) -> None:
+        out_map, in_map = layout.dim(p.out_dim), layout.dim(p.in_dim)
+        transposed = p.kind == "conv" and mod.transposed
+        grouped = p.kind == "conv" and mod.groups > 1
+        w_old = old.weight.detach()
+        w_old = w_old.transpose(0, 1) if transposed else w_old
+        w = w_old.index_select(0, out_map.src)
+        if not grouped:
+            w = w.index_select(1, in_map.src)
+            w = w / in_map.count.to(w).view(1, -1, *([1] * (w.dim() - 2)))
+        want = tuple(mod.weight.shape)
+        want = (want[1], want[0], *want[2:]) if transposed else want
+        if tuple(w.shape) != want:
+            raise MorphError(
+                f"{p.name}: a grouped conv whose groups widen ({tuple(w_old.shape)} -> {want}) cannot keep its "
+                "function; growth needs group widths that stay constant (choose another width)"
+            )
+        rows_f = out_map.fresh.nonzero().flatten()
+        if len(rows_f):
+            (self.free if grouped else self.incoming)(p.name, w, rows_f, w_old)
+        if not grouped:
+            cols_f = in_map.fresh.nonzero().flatten()
+            if len(cols_f):
+                rows_k = out_map.kept.nonzero().flatten()
+                self.outgoing(p.name, w, rows_k, cols_f, in_map.group[cols_f], w_old)
+        w = w.transpose(0, 1) if transposed else w
+        mod.weight.data = w.contiguous().to(mod.weight.dtype)
+        axes = [out_map, None if grouped else in_map]
+        record[_pname(p.name, "weight")] = (_pname(p.name, "weight"),
+                                            [_old_index(a) for a in (axes[::-1] if transposed else axes)])
+        for tname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if tname == "weight" or t is None or t.dim() == 0:
+                continue
+            src = getattr(old, tname).detach()
+            if transposed or src.shape[0] != out_map.n_old:
+                continue
+            new = src.index_select(0, out_map.src)
+            if tname == "bias":
+                new[out_map.fresh] = 0
+            t.data = new.to(t.dtype)
+            record[_pname(p.name, tname)] = (_pname(p.name, tname), [_old_index(out_map)] + [None] * (t.dim() - 1))
+
+    def _fill_attr(self, layout: Layout, path: str, dims, model: nn.Module, new: nn.Module, record) -> None:
+        mod_path, _, name = path.rpartition(".")
+        src = getattr(model.get_submodule(mod_path) if mod_path else model, name).detach()
+        owner = new.get_submodule(mod_path) if mod_path else new
+        t = getattr(owner, name)
+        axes = [layout.dim(d) for d in dims]
+        t.data = _gather(src, axes).to(t.dtype)
+        record[path] = (path, [_old_index(a) for a in axes])
+
+
+def _pname(mod: str, t: str) -> str:
+    return f"{mod}.{t}" if mod else t
+
+
+def _gather(t: torch.Tensor, axes: list[DimMap | None]) -> torch.Tensor:
+    for d, a in enumerate(axes):
+        if a is not None and t.dim() > d:
+            t = t.index_select(d, a.src.to(t.device))
+    return t.clone()
+
+
+def _old_index(a: DimMap | None) -> torch.Tensor | None:
+    if a is None:
+        return None
+    return torch.where(a.kind == OLD, a.src, torch.full_like(a.src, -1))
+
+
+def _copy_same_shape(model: nn.Module, new: nn.Module) -> None:
+    """Tensors outside the analyzed layers (constant filters, unused buffers) come from the model."""
+    sd = model.state_dict()
+    with torch.no_grad():
+        for k, v in new.state_dict(keep_vars=True).items():
+            if k in sd and tuple(sd[k].shape) == tuple(v.shape):
+                v.data = sd[k].detach().clone().to(v.dtype)
+
+
+def _count_rules(report: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for r in report:
+        counts[r["rule"]] = counts.get(r["rule"], 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def fresh_mask(w_shape: tuple[int, ...], out_map: DimMap, in_map: DimMap | None) -> torch.Tensor:
+    """Boolean mask of the new entries of a conv/linear weight (fresh rows, and fresh columns)."""
+    rows = out_map.kind == FRESH
+    m = rows.view(-1, *([1] * (len(w_shape) - 1))).expand(w_shape).clone()
+    if in_map is not None:
+        m |= (in_map.kind == FRESH).view(1, -1, *([1] * (len(w_shape) - 2))).expand(w_shape)
+    return m
+
+
+def iterate_batches(data) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """``data``: one ``(inputs, targets)`` batch or an iterable of them."""
+    if data is None:
+        return []
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return [tuple(data)]
+    return data
