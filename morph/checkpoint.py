@@ -42,24 +42,18 @@ def atomic_save_file(write, path: str | os.PathLike) -> Path:
 def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` to a safetensors file at ``path`` (atomically).
 
-    Raises:
-        MorphError: the model carries no morph info (build it with :func:`morph.build_model` and
-            transform it with a morph function), or its spec is unknown.
+    Any model can be saved. The file records how to rebuild it: the spec of a model from
+    :func:`morph.build_model` or morph's transforms, of a timm or torchvision model built directly when
+    :func:`morph.zoo.infer_spec` can establish it, and otherwise none, in which case :func:`load` needs
+    the caller's ``model_fn``.
     """
     from safetensors.torch import save_model
 
     info = get_info(model)
-    if info is None and getattr(model, "morph_spec", None) is not None:  # a model from build_model
+    if info is None:  # a plain model: from build_model, or built directly (then its spec is inferred if certain)
         from .zoo import get_spec
 
         info = MorphInfo(kind="plain", spec=get_spec(model), width=1.0)
-    if info is None:
-        raise MorphError(
-            f"{type(model).__name__} carries no morph info; save models returned by morph.convert, fuse, grow, "
-            "bake or scale_width"
-        )
-    if info.spec is None:
-        raise MorphError("the model has no spec to rebuild it from; build it with morph.build_model(spec)")
     meta = {"format": "morph", "format_version": str(FORMAT_VERSION), "morph_info": info.to_json()}
     meta.update(metadata or {})
     return atomic_save_file(lambda tmp: save_model(model, tmp, metadata=meta), path)
@@ -114,8 +108,15 @@ def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None
     from .scale import scale_width
     from .zoo import build_recorded
 
-    assert info.spec is not None
-    base = build_recorded(info.spec, model_fn=model_fn, trust_code=trust_code, where=where)
+    if info.spec is None:
+        if model_fn is None:
+            raise CheckpointError(f"{where}: the model records no spec (it was not built by morph.build_model, nor "
+                                  "is it a timm or torchvision model): pass model_fn=<a function that builds it>")
+        base = model_fn()
+        if not isinstance(base, nn.Module):
+            raise CheckpointError(f"{where}: model_fn returned {type(base).__name__}, not an nn.Module")
+    else:
+        base = build_recorded(info.spec, model_fn=model_fn, trust_code=trust_code, where=where)
 
     def half(set_id: str) -> nn.Module:
         return convert(base, info.width, info.templates, info.share, seed=0, set_id=set_id,
@@ -174,8 +175,9 @@ def load(path: str | os.PathLike, *, model_fn: Callable[..., nn.Module] | None =
 
     Args:
         path: a file written by :func:`save`.
-        model_fn: your model factory, called with the constructor kwargs recorded in the file, for a
-            checkpoint of a model built from a ``package.module:callable``.
+        model_fn: your model factory: called with the constructor kwargs recorded in the file for a
+            model built from a ``package.module:callable``, with none for a model that records no spec
+            (one you built yourself and saved with :func:`save`).
         trust_code: import and call the ``package.module:callable`` the file names. Only for files you trust.
 
     Raises:
@@ -188,22 +190,21 @@ def load(path: str | os.PathLike, *, model_fn: Callable[..., nn.Module] | None =
     meta, shapes = _header(path)
     info = _parse_info(path, meta)
     check_info(info, shapes, str(path))
-    if info.spec is None:
-        raise CheckpointError(f"{path}: the checkpoint records no model spec")
+    name = info.spec.spec if info.spec is not None else "the model"
     try:
         with AllocationBudget(rebuild_budget(shapes), str(path)):
             model = rebuild(info, model_fn=model_fn, trust_code=trust_code, where=str(path))
     except CheckpointError:
         raise
     except MorphError as e:
-        raise CheckpointError(f"{path}: cannot rebuild {info.spec.spec}: {e}") from e
+        raise CheckpointError(f"{path}: cannot rebuild {name}: {e}") from e
     except Exception as e:  # the file's record does not describe a model that can be built
-        raise CheckpointError(f"{path}: cannot rebuild {info.spec.spec} ({info.kind}) from its metadata: "
+        raise CheckpointError(f"{path}: cannot rebuild {name} ({info.kind}) from its metadata: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
     try:
         load_state(model, path)
     except Exception as e:
-        raise CheckpointError(f"{path}: tensors do not match {info.spec.spec} ({info.kind}): "
+        raise CheckpointError(f"{path}: tensors do not match {name} ({info.kind}): "
                               f"{str(e).splitlines()[0][:300]}") from e
     from .info import set_info
 

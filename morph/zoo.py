@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .errors import CheckpointError, ModelNotFoundError
 
-__all__ = ["build_model", "build_recorded", "resolve_spec", "ModelSpec", "get_spec", "TRUSTED_FACTORIES"]
+__all__ = ["build_model", "build_recorded", "resolve_spec", "ModelSpec", "get_spec", "infer_spec", "TRUSTED_FACTORIES"]
 
 # morph's own model factories: a file may name these, as it may name a timm or torchvision model.
 TRUSTED_FACTORIES = frozenset({"morph.recipes.models:wrn"})
@@ -169,6 +169,65 @@ def build_recorded(
 
 
 def get_spec(model: nn.Module) -> ModelSpec | None:
-    """The :class:`ModelSpec` a model was built from, if morph built it."""
+    """The :class:`ModelSpec` a model was built from: the one :func:`build_model` recorded, or, for a
+    timm or torchvision model built directly, the one :func:`infer_spec` can establish for certain."""
     spec = getattr(model, "morph_spec", None)
-    return spec if isinstance(spec, ModelSpec) else None
+    if isinstance(spec, ModelSpec):
+        return spec
+    return infer_spec(model)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _same_on_meta(model: nn.Module, build: Callable[[], nn.Module]) -> bool:
+    import torch
+
+    try:
+        with torch.device("meta"):
+            ref = build()
+    except Exception:  # a constructor that computes on tensors, or other arguments: not certain
+        return False
+    return type(ref) is type(model) and _shapes(ref) == _shapes(model)
+
+
+def _classifier_outputs(model: nn.Module) -> int | None:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    last = None
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            last = m
+    return None if last is None else (last.out_features if isinstance(last, nn.Linear) else last.out_channels)
+
+
+def infer_spec(model: nn.Module) -> ModelSpec | None:
+    """The spec of a timm or torchvision model built directly (``timm.create_model``, a torchvision
+    constructor), when it is certain: the named model built with the found ``num_classes`` (on the meta
+    device: no memory) has the same class and the same tensor names and shapes. ``None`` otherwise (a
+    user's own model, other constructor arguments that change tensors). Arguments that hold no tensors,
+    such as dropout rates, cannot be recovered and take their defaults when the model is rebuilt."""
+    cls = type(model)
+    n = _classifier_outputs(model)
+    candidates: list[tuple[str, str, Callable[..., nn.Module]]] = []
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cls.__module__.startswith("timm.") and isinstance(cfg, dict) and isinstance(cfg.get("architecture"), str):
+        import timm
+
+        name = cfg["architecture"]
+        if timm.is_model(name):
+            candidates.append(("timm", name, lambda **kw: timm.create_model(name, pretrained=False, **kw)))
+    elif cls.__module__.startswith("torchvision.models"):
+        import torchvision.models as tvm
+
+        for name in tvm.list_models():
+            builder = tvm.get_model_builder(name)
+            if getattr(builder, "__module__", "") == cls.__module__:
+                candidates.append(("torchvision", name, lambda b=builder, **kw: b(weights=None, **kw)))
+    for source, name, build in candidates:
+        for kwargs in ({}, {"num_classes": n}) if n is not None else ({},):
+            if _same_on_meta(model, lambda build=build, kwargs=kwargs: build(**kwargs)):
+                return ModelSpec(source, name, dict(kwargs))
+    return None

@@ -1,0 +1,62 @@
+"""Models users build themselves (not through ``morph.build_model``): save, load and the recorded spec."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from motifs import Residual
+
+import morph
+from morph.zoo import infer_spec
+
+SIZE = (3, 16, 16)
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("build, spec", [
+    (lambda: timm.create_model("test_resnet", num_classes=7), ("timm", "test_resnet", {"num_classes": 7})),
+    (lambda: torchvision.models.resnet18(num_classes=5), ("torchvision", "resnet18", {"num_classes": 5})),
+    (lambda: torchvision.models.mobilenet_v3_small(), ("torchvision", "mobilenet_v3_small", {})),
+])
+def test_library_models_built_directly_record_their_spec(tmp_path, build, spec):
+    model = build()
+    s = infer_spec(model)
+    assert (s.source, s.name, s.kwargs) == spec
+    half = morph.convert(model, 0.5, seed=1, input_size=(3, 32, 32))
+    r = morph.load(morph.save(half, tmp_path / "h.safetensors"))  # no factory needed: a library model by name
+    assert _same(r, half)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(r.eval()(x), half.eval()(x))
+
+
+def test_spec_is_not_guessed_when_uncertain():
+    # googlenet without its auxiliary heads is not what get_model("googlenet") builds: no spec rather than a wrong one
+    assert infer_spec(torchvision.models.googlenet(aux_logits=False, init_weights=False)) is None
+    assert infer_spec(Residual(num_classes=3)) is None
+    tweaked = timm.create_model("test_resnet", num_classes=7)
+    tweaked.fc = torch.nn.Linear(tweaked.fc.in_features, 9)
+    assert infer_spec(tweaked) is None
+
+
+@pytest.mark.parametrize("kind", ["plain", "half", "fused"])
+def test_own_model_without_spec_round_trips_with_model_fn(tmp_path, kind):
+    torch.manual_seed(0)
+    base = Residual(num_classes=3)
+    model = base
+    if kind != "plain":
+        a = morph.convert(base, 0.5, seed=1, input_size=SIZE)
+        model = a if kind == "half" else morph.fuse(a, morph.convert(base, 0.5, seed=2, input_size=SIZE), seed=0)
+    path = morph.save(model, tmp_path / "own.safetensors")
+    assert morph.read_info(path)[0].spec is None
+    with pytest.raises(morph.CheckpointError, match="records no spec .* pass model_fn="):
+        morph.load(path)
+    r = morph.load(path, model_fn=lambda: Residual(num_classes=3))
+    assert _same(r, model)
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(r.eval()(x), model.eval()(x))
