@@ -7,8 +7,14 @@ step. PyTorch's CPU launcher (``python -m torch.backends.xeon.run_cpu``) preload
 tcmalloc for the same reason. :func:`keep_freed_memory` gets most of that benefit from glibc itself,
 through ``mallopt``: allocations up to 32 MB (glibc's largest heap threshold) come from the heap,
 and the heap is never trimmed. Peak memory is unchanged; memory freed after the peak stays with the
-process. ``recipes/trainer.py`` calls it for CPU runs and ``benchmarks/bench_core.py`` before timing
-(both models of a comparison run in the same process, under the same settings).
+process.
+
+It changes the allocator of the whole process, so nothing in morph calls it on its own: importing morph
+and its library functions leave the allocator alone (``tests/test_core.py`` checks). A training run
+calls it when its config says ``run.keep_freed_memory: true`` (the CPU recipe does), and
+``benchmarks/bench_core.py`` before timing (both models of a comparison alike). Without touching the
+code, glibc reads the same settings from the environment:
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647``.
 """
 
 from __future__ import annotations

@@ -182,6 +182,15 @@ class RunConfig:
         keep_every: also keep the model of every N-th epoch of each stage, and the model it starts
             from (epoch 0), as ``RUN_DIR/<stage key>/epochs/epoch-NNN.safetensors`` (``morph.load``
             reads them; ``morph cka --run`` compares them); 0 keeps none.
+        native_kernels: on CPU, build morph's native template-mixing kernels at the start of the run if
+            they are not built yet (once per machine, about 40 s, with a message; ``morph build-kernels``
+            does the same): about 10% off a template-mixing step at small inputs (docs/benchmarks.md).
+            Where they cannot be built, the run says so in one line and uses the PyTorch implementation.
+        keep_freed_memory: on CPU with glibc, keep freed memory in the process
+            (:func:`morph.allocator.keep_freed_memory`, a process-wide ``mallopt``): no page faults on
+            every step's tensors. Off by default, as it changes the allocator of the whole process;
+            ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647``
+            in the environment does the same without it.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -193,6 +202,8 @@ class RunConfig:
     log_every: int = 50
     progress: bool = True
     keep_every: int = 0
+    native_kernels: bool = False
+    keep_freed_memory: bool = False
 
 
 @dataclass

@@ -45,7 +45,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import Config, OptimConfig
+from .config import Config, OptimConfig, RunConfig
 from .data import DataSplits, EpochBatches, derive_seed, make_loader
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
 from .metrics import MetricsLog
@@ -257,7 +257,19 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         if on_gpu:
             torch.backends.cudnn.benchmark = True
-        else:  # no page faults on every step's tensors (morph/allocator.py); both arms of a comparison alike
+        else:
+            self._cpu_setup(cfg.run)
+
+    def _cpu_setup(self, run: RunConfig) -> None:
+        """What a CPU run asked for in ``run``: process-wide settings are the user's choice, never a default."""
+        if run.native_kernels:
+            from morph import native
+
+            try:
+                native.build(announce=self.console.print)
+            except native.NativeBuildError as e:
+                self.console.print(f"[yellow]{e}[/]")
+        if run.keep_freed_memory:  # no page faults on every step's tensors (morph/allocator.py)
             keep_freed_memory()
 
     # ------------------------------------------------------------------------------------------

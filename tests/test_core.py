@@ -3,6 +3,10 @@
 import contextlib
 import json
 import math
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,6 +459,89 @@ def test_cpu_fast_path_counts_ops_per_tile():
             fused, stock = _generation_ops(f, torch.device("cpu"))
         counts[k] = sum(fused.values()) - sum(stock.values())
     assert counts[4] > counts[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# no process-wide side effects
+# ---------------------------------------------------------------------------------------------
+_WATCH_MALLOPT = """
+import ctypes, json, sys
+sys.path.insert(0, {tests!r})
+seen = []
+_getattr, _getitem = ctypes.CDLL.__getattr__, ctypes.CDLL.__getitem__
+def _watch(name):
+    if name == "mallopt":
+        seen.append(name)
+ctypes.CDLL.__getattr__ = lambda self, name: (_watch(name), _getattr(self, name))[1]
+ctypes.CDLL.__getitem__ = lambda self, name: (_watch(name), _getitem(self, name))[1]
+import torch
+threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+import morph
+import morph.recipes.trainer  # the trainer module too: only a run that asks calls it
+from motifs import residual
+m = morph.build_model("motifs:residual", num_classes=5)
+a = morph.convert(m, seed=1, input_size=(3, 8, 8))
+b = morph.convert(m, seed=2, input_size=(3, 8, 8))
+f = morph.fuse(a, b, seed=0)
+f(torch.randn(2, 3, 8, 8)).sum().backward()
+morph.load(morph.save(morph.bake(f), {path!r}), model_fn=residual)
+morph.flops(f)
+before = list(seen)
+from morph.allocator import keep_freed_memory
+keep_freed_memory()  # the control: the watch sees an explicit call
+print(json.dumps({{"library": before, "explicit": seen[len(before):],
+                  "threads": torch.get_num_threads() == threads, "dtype": torch.get_default_dtype() == dtype}}))
+"""
+
+
+_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc only")
+def test_library_changes_no_allocator_setting(tmp_path):
+    """Importing morph and calling convert, fuse, a training step, bake, save, load and flops never calls
+    glibc's ``mallopt`` (the only process-wide allocator setting morph has); an explicit call does."""
+    code = _WATCH_MALLOPT.format(tests=str(Path(__file__).parent), path=str(tmp_path / "b.safetensors"))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["library"] == [] and "mallopt" in out["explicit"], out
+    assert out["threads"] and out["dtype"], out
+
+
+_MMAP_CHECK = """
+import ctypes, importlib.util, json
+spec = importlib.util.spec_from_file_location("allocator", {path!r})  # no torch: glibc's thresholds untouched
+allocator = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(allocator)
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                  "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+def mmapped_by(n):  # bytes glibc serves from mmap for one allocation of n bytes
+    before = libc.mallinfo2().hblkhd
+    libc.malloc(n)  # kept: freeing it would move glibc's dynamic threshold
+    return libc.mallinfo2().hblkhd - before
+default = mmapped_by(8 << 20)
+ok = allocator.keep_freed_memory()
+after = mmapped_by(8 << 20)
+print(json.dumps({{"default": default, "ok": ok, "after": after}}))
+"""
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc only")
+def test_keep_freed_memory_sets_the_mmap_threshold():
+    """In a process of its own (the setting is process-wide): with glibc's defaults an 8 MB allocation
+    is mmapped (and unmapped when freed); after ``keep_freed_memory()`` it comes from the heap."""
+    import morph.allocator
+
+    code = _MMAP_CHECK.format(path=morph.allocator.__file__)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["default"] >= 8 << 20 and out["ok"] is True and out["after"] == 0, out
 
 
 @pytest.mark.parametrize("growth", ["vertical", "horizontal"])

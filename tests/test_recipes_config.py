@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from recipes.config import CONFIG_DIR, Config, apply_overrides, config_from_dict, list_configs, load_config, save_config
-from recipes.run import check_run_dir
+from morph.recipes.config import (
+    CONFIG_DIR,
+    Config,
+    apply_overrides,
+    config_from_dict,
+    list_configs,
+    load_config,
+    save_config,
+)
+from morph.recipes.run import check_run_dir
 
 PAPER_CONFIGS = {"cifar10-wrn28-10", "cifar100-wrn28-10", "imagenet-resnet50"}
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes.config import DataConfig
-from recipes.data import Cutout, EpochBatches, balanced_prefix, build_data, make_loader
+from morph.recipes.config import DataConfig
+from morph.recipes.data import Cutout, EpochBatches, balanced_prefix, build_data, make_loader
 
 
 def test_ranks_split_each_global_batch_and_order_depends_only_on_seed_and_epoch():

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from recipes.checkpoint import load_checkpoint
-from recipes.config import METHODS
-from recipes.metrics import read_metrics
+from morph.recipes.checkpoint import load_checkpoint
+from morph.recipes.config import METHODS
+from morph.recipes.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from recipes.checkpoint import model_tensors
-from recipes.config import Config, DataConfig, OptimConfig, RunConfig
-from recipes.data import build_data
-from recipes.distributed import setup, teardown
-from recipes.trainer import Stage, Trainer, make_schedule
+from morph.recipes.checkpoint import model_tensors
+from morph.recipes.config import Config, DataConfig, OptimConfig, RunConfig
+from morph.recipes.data import build_data
+from morph.recipes.distributed import setup, teardown
+from morph.recipes.trainer import Stage, Trainer, make_schedule
 
 torch.set_num_threads(1)
 run_dir, out, steps, eval_every = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -147,7 +147,7 @@ def test_smoke_schedule_under_torchrun(tmp_path):
     out = tmp_path / "run"
     overrides = ["data.image_size=16", "data.train_subset=128", "data.test_subset=64"]
     script.write_text(
-        f"from recipes.run import main\nmain('cifar10-smoke', out_dir={str(out)!r}, overrides={overrides!r})\n"
+        f"from morph.recipes.run import main\nmain('cifar10-smoke', out_dir={str(out)!r}, overrides={overrides!r})\n"
     )
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(script)]

@@ -7,8 +7,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from recipes.config import ModelConfig
-from recipes.models import WideResNet, build_model, wrn
+from morph.recipes.config import ModelConfig
+from morph.recipes.models import WideResNet, build_model, wrn
 
 
 def _count(model: nn.Module) -> int:
@@ -49,7 +49,7 @@ def test_build_model_records_morph_provenance():
     model = build_model(ModelConfig(arch="wrn", depth=10, widen_factor=2, norm="block"), 10, (3, 32, 32))
     info = morph.get_info(model)
     assert info.kind == "plain" and info.width == 1.0 and info.input_size == (3, 32, 32)
-    assert info.spec.spec == "recipes.models:wrn"
+    assert info.spec.spec == "morph.recipes.models:wrn"
     assert info.spec.kwargs == {"depth": 10, "widen_factor": 2.0, "norm": "block", "num_classes": 10}
     resnet = build_model(ModelConfig(arch="torchvision/resnet50"), 100, (3, 224, 224))
     assert resnet.fc.out_features == 100 and 23.5e6 < _count(resnet) < 23.8e6

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from recipes import report
+from morph.recipes import report
 
 
 def make_run(root, name, rows):

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from recipes import report, run
-from recipes.config import METHODS
-from recipes.metrics import read_metrics
-from recipes.trainer import Trainer
+from morph.recipes import report, run
+from morph.recipes.config import METHODS
+from morph.recipes.metrics import read_metrics
+from morph.recipes.trainer import Trainer
 
 # cifar10-smoke at 16x16 and 128 images (4 steps per epoch) to keep the test short
 SMALL = ["data.image_size=16", "data.train_subset=128", "data.test_subset=64"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from recipes.config import Config, GrowthConfig, ModelConfig, OptimConfig
-from recipes.distributed import DistInfo
-from recipes.schedule import Planner, run_method, steps_for_budget
-from recipes.trainer import Stage, StageResult
+from morph.recipes.config import Config, GrowthConfig, ModelConfig, OptimConfig
+from morph.recipes.distributed import DistInfo
+from morph.recipes.schedule import Planner, run_method, steps_for_budget
+from morph.recipes.trainer import Stage, StageResult
 
 SPE, BATCH, EPOCHS = 4, 16, 10
 

@@ -11,14 +11,14 @@ import torch
 import torch.nn as nn
 
 from morph.errors import CheckpointError
-from recipes.checkpoint import load_checkpoint, model_tensors
-from recipes.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
-from recipes.data import build_data
-from recipes.distributed import setup
-from recipes.metrics import read_metrics
-from recipes.models import wrn
-from recipes.schedule import steps_for_budget
-from recipes.trainer import LRSchedule, Stage, Trainer, build_optimizer, make_schedule, to_channels_last
+from morph.recipes.checkpoint import load_checkpoint, model_tensors
+from morph.recipes.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
+from morph.recipes.data import build_data
+from morph.recipes.distributed import setup
+from morph.recipes.metrics import read_metrics
+from morph.recipes.models import wrn
+from morph.recipes.schedule import steps_for_budget
+from morph.recipes.trainer import LRSchedule, Stage, Trainer, build_optimizer, make_schedule, to_channels_last
 
 
 def tiny_config(**optim) -> Config:
@@ -247,3 +247,20 @@ def test_channels_last_handles_template_models():
     assert torch.allclose(out, ref, atol=1e-5)
     half.to(memory_format=torch.contiguous_format)  # what the export does
     assert all(p.is_contiguous() for p in half.parameters())
+
+
+def test_cpu_process_settings_only_when_asked(tmp_path, monkeypatch):
+    """A CPU run changes no process-wide setting by default: the allocator setting and the native kernels'
+    build happen only with ``run.keep_freed_memory`` / ``run.native_kernels`` in the config."""
+    import morph.recipes.trainer as trainer_mod
+    from morph import native
+
+    calls = []
+    monkeypatch.setattr(trainer_mod, "keep_freed_memory", lambda: calls.append("mallopt"))
+    monkeypatch.setattr(native, "build", lambda **kw: calls.append("build"))
+    make_trainer(tmp_path / "default")
+    assert calls == []
+    cfg = tiny_config()
+    cfg.run.keep_freed_memory = cfg.run.native_kernels = True
+    make_trainer(tmp_path / "asked", cfg)
+    assert calls == ["build", "mallopt"]
