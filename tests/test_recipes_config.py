@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from morph.recipes.config import (
     CONFIG_DIR,
     Config,

@@ -7,10 +7,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from morph.recipes.config import DataConfig
 from morph.recipes.data import Cutout, EpochBatches, balanced_prefix, build_data, make_loader
+from PIL import Image
 
 
 def test_ranks_split_each_global_batch_and_order_depends_only_on_seed_and_epoch():

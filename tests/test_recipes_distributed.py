@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from morph.recipes.checkpoint import load_checkpoint
 from morph.recipes.config import METHODS
 from morph.recipes.metrics import read_metrics
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-
 from morph.recipes.config import ModelConfig
 from morph.recipes.models import WideResNet, build_model, wrn
 

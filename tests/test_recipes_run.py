@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from morph.recipes import report, run
 from morph.recipes.config import METHODS
 from morph.recipes.metrics import read_metrics

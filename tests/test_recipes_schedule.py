@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-
 from morph.recipes.config import Config, GrowthConfig, ModelConfig, OptimConfig
 from morph.recipes.distributed import DistInfo
 from morph.recipes.schedule import Planner, run_method, steps_for_budget

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
-from morph.errors import CheckpointError
 from morph.recipes.checkpoint import load_checkpoint, model_tensors
 from morph.recipes.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
 from morph.recipes.data import build_data
@@ -19,6 +17,8 @@ from morph.recipes.metrics import read_metrics
 from morph.recipes.models import wrn
 from morph.recipes.schedule import steps_for_budget
 from morph.recipes.trainer import LRSchedule, Stage, Trainer, build_optimizer, make_schedule, to_channels_last
+
+from morph.errors import CheckpointError
 
 
 def tiny_config(**optim) -> Config:
@@ -253,6 +253,7 @@ def test_cpu_process_settings_only_when_asked(tmp_path, monkeypatch):
     """A CPU run changes no process-wide setting by default: the allocator setting and the native kernels'
     build happen only with ``run.keep_freed_memory`` / ``run.native_kernels`` in the config."""
     import morph.recipes.trainer as trainer_mod
+
     from morph import native
 
     calls = []
