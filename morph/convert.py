@@ -11,7 +11,7 @@ import torch.nn as nn
 from .errors import MorphError
 from .graph.analyze import ChannelPlan, LayerPlan, analyze
 from .info import MorphInfo, set_info
-from .scale import apply_width, check_width, output_shape, verify_forward
+from .scale import apply_width, check_width, output_shape, stock_init, verify_forward
 from .templates import TemplateBank, TemplateMixing, attach
 from .zoo import get_spec
 
@@ -95,7 +95,7 @@ def convert(
         int(torch.empty((), dtype=torch.int64).random_()))
     if set_id is None:
         set_id = f"seed{seed}" if seed is not None else uuid.uuid4().hex[:12]
-    half, shapes = apply_width(model, plan, width, None)
+    half, shapes = apply_width(model, plan, width, stock_init())  # template scale from the stock init
     edges = edge_layers(plan)
     banks = sharing_plan(plan, {n: s.weight_shape for n, s in shapes.items()}, share)
     for members in banks:
