@@ -73,7 +73,7 @@ def coefs(path, layer):
 
 
 def params(path):
-    return sum(p.numel() for p in morph.load(path).parameters())
+    return sum(p.numel() for p in morph.load(path, trust_code=True).parameters())
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_fuse_grow_bake_text(here, tmp_path):
 def test_grow_zero_keeps_the_function(here, tmp_path):
     grown = tmp_path / "grown.safetensors"
     s = json.loads(ok(run("grow", M1, "-o", grown, "--init", "zero", "--json")))
-    g = morph.load(grown).eval()
+    g = morph.load(grown, trust_code=True).eval()
     assert s == {"output": str(grown), "model": "motifs:residual", "kind": "grown", "width": 1.0, "set_ids": ["seed1"],
                  "growth": "vertical", "init": "zero", "params": sum(p.numel() for p in g.parameters())}
     x = torch.randn(2, 3, 8, 8)
