@@ -1,4 +1,8 @@
-"""``morph train`` and ``morph report``: the recipes (training schedules and their reports)."""
+"""``morph train`` and ``morph report``: the recipes (training schedules and their reports).
+
+The recipes raise :class:`morph.MorphError` subclasses (``morph.recipes.errors``) for every user mistake
+(config, override, data path, run directory, checkpoint), which the ``morph`` group prints as one line;
+any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -10,23 +14,6 @@ import typer
 from .common import out, print_json
 
 
-def _recipe_errors(fn):
-    """Recipes report bad configs, overrides and data paths as ValueError/FileNotFoundError: user errors."""
-    from functools import wraps
-
-    import morph
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError) as e:
-            raise morph.MorphError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-
-    return wrapper
-
-
-@_recipe_errors
 def train(
     config: Annotated[str, typer.Argument(help="A config path, or the name of one in recipes/configs (e.g. cifar10-smoke).")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. run.seeds=[0,1] optim.lr=0.05.")] = None,
@@ -47,7 +34,6 @@ def train(
         out.print(f"[green]done[/]: {run_dir}")
 
 
-@_recipe_errors
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by morph train.")],
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Where report.md and top1_vs_flops.png go.")] = Path("report"),

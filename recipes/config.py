@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .errors import RecipeError
+
 __all__ = [
     "CONFIG_DIR",
     "METHODS",
@@ -225,7 +227,7 @@ class Config:
         """Check values that types alone do not; return ``self``.
 
         Raises:
-            ValueError: naming the offending key and the accepted values.
+            RecipeError: naming the offending key and the accepted values.
         """
         _choice("data.dataset", self.data.dataset, DATASETS)
         _choice("data.format", self.data.format, ("auto", "torchvision", "imagefolder"))
@@ -241,11 +243,11 @@ class Config:
         for m in self.growth.methods:
             _choice("growth.methods", m, tuple(METHODS))
         if not self.growth.methods:
-            raise ValueError(f"growth.methods is empty; choose from {', '.join(METHODS)}")
+            raise RecipeError(f"growth.methods is empty; choose from {', '.join(METHODS)}")
         if len(set(self.growth.methods)) != len(self.growth.methods):
-            raise ValueError(f"growth.methods lists a method twice: {self.growth.methods}")
+            raise RecipeError(f"growth.methods lists a method twice: {self.growth.methods}")
         if not self.run.seeds or len(set(self.run.seeds)) != len(self.run.seeds):
-            raise ValueError(f"run.seeds must be a non-empty list of distinct ints, got {self.run.seeds}")
+            raise RecipeError(f"run.seeds must be a non-empty list of distinct ints, got {self.run.seeds}")
         positive = {
             "optim.lr": self.optim.lr,
             "optim.batch_size": self.optim.batch_size,
@@ -256,7 +258,7 @@ class Config:
         }
         for key, value in positive.items():
             if value <= 0:
-                raise ValueError(f"{key} must be > 0, got {value}")
+                raise RecipeError(f"{key} must be > 0, got {value}")
         non_negative = {
             "optim.weight_decay": self.optim.weight_decay,
             "optim.momentum": self.optim.momentum,
@@ -270,22 +272,22 @@ class Config:
         }
         for key, value in non_negative.items():
             if value < 0:
-                raise ValueError(f"{key} must be >= 0, got {value}")
+                raise RecipeError(f"{key} must be >= 0, got {value}")
         for key, value in (("data.train_subset", self.data.train_subset), ("data.test_subset", self.data.test_subset)):
             if value is not None and value <= 0:
-                raise ValueError(f"{key} must be > 0 or null, got {value}")
+                raise RecipeError(f"{key} must be > 0 or null, got {value}")
         if not 0.0 < self.growth.width < 1.0:
-            raise ValueError(f"growth.width must be in (0, 1), got {self.growth.width}")
+            raise RecipeError(f"growth.width must be in (0, 1), got {self.growth.width}")
         if not 0.0 <= self.optim.label_smoothing < 1.0:
-            raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.optim.label_smoothing}")
+            raise RecipeError(f"optim.label_smoothing must be in [0, 1), got {self.optim.label_smoothing}")
         if self.model.arch == "wrn" and (self.model.depth - 4) % 6 != 0:
-            raise ValueError(f"model.depth must be 6n+4 for a WRN (16, 22, 28, 40 ...), got {self.model.depth}")
+            raise RecipeError(f"model.depth must be 6n+4 for a WRN (16, 22, 28, 40 ...), got {self.model.depth}")
         return self
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+        raise RecipeError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +295,7 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _check_value(key: str, tp: Any, value: Any) -> Any:
-    """Return ``value`` converted to type ``tp``; raise ``ValueError`` naming ``key`` if it does not fit."""
+    """Return ``value`` converted to type ``tp``; raise :class:`RecipeError` naming ``key`` if it does not fit."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -303,19 +305,19 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
         return _check_value(key, inner[0], value)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list such as [a, b], got {value!r}")
+            raise RecipeError(f"{key}: expected a list such as [a, b], got {value!r}")
         (item,) = typing.get_args(tp)
         return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{key}: expected true or false, got {value!r}")
+        raise RecipeError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
+        raise RecipeError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -324,26 +326,26 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ValueError(f"{key}: expected a number, got {value!r}")
+        raise RecipeError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"{key}: expected a string, got {value!r}")
+        raise RecipeError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"{key}: unsupported config field type {tp!r}")
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ``ValueError``."""
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`RecipeError`."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise RecipeError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ValueError(
+        raise RecipeError(
             f"unknown config key {prefix}{unknown[0]}; valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}"
         )
     kwargs: dict[str, Any] = {}
@@ -370,7 +372,7 @@ def resolve_config_path(config: str | Path) -> Path:
     """A config argument as a file path: an existing path, or a shipped config's name.
 
     Raises:
-        ValueError: neither a file nor a shipped name.
+        RecipeError: neither a file nor a shipped name.
     """
     path = Path(config)
     if path.is_file():
@@ -378,7 +380,7 @@ def resolve_config_path(config: str | Path) -> Path:
     shipped = CONFIG_DIR / f"{config}.yaml"
     if shipped.is_file():
         return shipped
-    raise ValueError(
+    raise RecipeError(
         f"unknown config {str(config)!r}: no such file and no shipped config of that name; "
         f"shipped configs: {', '.join(list_configs())}"
     )
@@ -388,26 +390,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply ``key=value`` overrides (dotted keys, YAML values) to a nested config dict, in place.
 
     Raises:
-        ValueError: an override without ``=``, with an unknown section, or whose value is not YAML.
+        RecipeError: an override without ``=``, with an unknown section, or whose value is not YAML.
     """
     sections = {f.name for f in dataclasses.fields(Config)}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"bad override {item!r}: expected key=value, e.g. optim.lr=0.05")
+            raise RecipeError(f"bad override {item!r}: expected key=value, e.g. optim.lr=0.05")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ValueError(f"bad override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
+            raise RecipeError(f"bad override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
         parts = key.split(".")
         if parts[0] not in sections:
-            raise ValueError(f"unknown config key {key!r}; keys start with one of: {', '.join(sorted(sections))}")
+            raise RecipeError(f"unknown config key {key!r}; keys start with one of: {', '.join(sorted(sections))}")
         node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(f"bad override {item!r}: {part!r} is a value, not a section")
+                raise RecipeError(f"bad override {item!r}: {part!r} is a value, not a section")
             node = child
         node[parts[-1]] = value
     return data
@@ -421,22 +423,22 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> Confi
         overrides: ``key=value`` strings applied after the file.
 
     Raises:
-        ValueError: unknown config, malformed YAML, unknown key, wrong type or invalid value.
+        RecipeError: unknown config, malformed YAML, unknown key, wrong type or invalid value.
     """
     path = resolve_config_path(config)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
+        raise RecipeError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sections (data, model, optim, growth, run)")
+        raise RecipeError(f"{path}: expected a mapping of sections (data, model, optim, growth, run)")
     data.setdefault("name", path.stem)
     apply_overrides(data, overrides or [])
     try:
         cfg = _from_dict(Config, data, "")
         return cfg.validate()
     except ValueError as e:
-        raise ValueError(f"{path.name}: {e}") from e
+        raise RecipeError(f"{path.name}: {e}") from e
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
+from .errors import RecipeError, RecipePathError
 
 __all__ = [
     "Cutout",
@@ -245,7 +246,7 @@ def _imagefolder_split(root: Path, names: tuple[str, ...]) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise FileNotFoundError(
+    raise RecipePathError(
         f"no {' or '.join(names)} folder in data root {root} (expected ImageFolder layout ROOT/{names[0]}/<class>/*)"
     )
 
@@ -259,12 +260,12 @@ def _load_real(cfg: DataConfig) -> tuple[Any, Any]:
     import torchvision.datasets as D
 
     if cfg.root is None:
-        raise FileNotFoundError(
+        raise RecipePathError(
             f"no data root for {cfg.dataset}: pass --data-dir DIR or set data.root (or data.synthetic=true)"
         )
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist (from --data-dir or data.root)")
+        raise RecipePathError(f"data root {root} does not exist (from --data-dir or data.root)")
     fmt = cfg.format
     if fmt == "auto":
         fmt = (
@@ -274,18 +275,18 @@ def _load_real(cfg: DataConfig) -> tuple[Any, Any]:
         )
     if fmt == "torchvision":
         if cfg.dataset == "imagenet":
-            raise ValueError("data.format=torchvision is for CIFAR; ImageNet uses data.format=imagefolder")
+            raise RecipeError("data.format=torchvision is for CIFAR; ImageNet uses data.format=imagefolder")
         cls = D.CIFAR10 if cfg.dataset == "cifar10" else D.CIFAR100
         try:
             return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
         except RuntimeError as e:
-            raise FileNotFoundError(
+            raise RecipePathError(
                 f"no {cfg.dataset} in torchvision format under {root} (expected {root / _cifar_torchvision_dir(cfg)}): {e}"
             ) from e
     train = D.ImageFolder(str(_imagefolder_split(root, ("train",))))
     test = D.ImageFolder(str(_imagefolder_split(root, ("test", "val"))))
     if train.classes != test.classes:
-        raise ValueError(
+        raise RecipeError(
             f"train and test folders under {root} have different classes ({len(train.classes)} vs {len(test.classes)})"
         )
     return train, test
@@ -298,8 +299,8 @@ def build_data(cfg: DataConfig) -> DataSplits:
         cfg: data config.
 
     Raises:
-        FileNotFoundError: missing data root or split folder.
-        ValueError: inconsistent data.
+        RecipePathError: missing data root or split folder.
+        RecipeError: inconsistent data.
     """
     default_size = 224 if cfg.dataset == "imagenet" else 32
     size = cfg.image_size or default_size

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .errors import RecipeError
+
 __all__ = ["DistInfo", "all_gather_objects", "all_reduce_sum", "barrier", "broadcast_buffers", "setup", "teardown"]
 
 
@@ -46,7 +48,7 @@ class DistInfo:
 def _pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("run.device=cuda but CUDA is not available; use run.device=cpu or auto")
+            raise RecipeError("run.device=cuda but CUDA is not available; use run.device=cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .errors import RecipeError
 
 __all__ = ["BasicBlock", "WideResNet", "build_model", "wrn"]
 
@@ -77,9 +78,9 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
-            raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40 ...), got {depth}")
+            raise RecipeError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40 ...), got {depth}")
         if norm not in ("preact", "block"):
-            raise ValueError(f"WRN norm must be 'preact' or 'block', got {norm!r}")
+            raise RecipeError(f"WRN norm must be 'preact' or 'block', got {norm!r}")
         n = (depth - 4) // 6
         widths = [max(1, round(c * widen_factor)) for c in (16, 32, 64)]
         self.stem = _conv3x3(3, stem_channels)

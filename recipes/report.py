@@ -22,6 +22,7 @@ from morph.errors import MorphError
 
 from .checkpoint import atomic_write_text
 from .config import METHODS
+from .errors import RecipeError, RecipePathError
 from .metrics import read_metrics
 
 __all__ = ["ReportFiles", "collect", "main", "markdown_table", "plot"]
@@ -51,10 +52,10 @@ class _Run:
 
 def _load_run(run_dir: Path) -> _Run:
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        raise RecipePathError(f"run directory {run_dir} does not exist")
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml (made by `morph train`)")
+        raise RecipePathError(f"{run_dir} is not a run directory: no config.yaml (made by `morph train`)")
     try:
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -64,7 +65,7 @@ def _load_run(run_dir: Path) -> _Run:
         raise MorphError(f"{cfg_path}: 'name' must be a non-empty string")
     results = [_result(p) for p in sorted(run_dir.glob("seed*/*/result.json"))]
     if not results:
-        raise FileNotFoundError(f"no finished method in {run_dir} (no seed*/<method>/result.json yet)")
+        raise RecipePathError(f"no finished method in {run_dir} (no seed*/<method>/result.json yet)")
     metrics = [rec for rec in read_metrics(run_dir / "metrics.jsonl") if isinstance(rec, dict)]
     return _Run(name, results, metrics)
 
@@ -89,7 +90,7 @@ def _result(path: Path) -> dict[str, Any]:
 def collect(run_dirs: Sequence[str | Path]) -> dict[str, _Run]:
     """Load run directories and pool them by config name."""
     if not run_dirs:
-        raise ValueError("no run directory given")
+        raise RecipeError("no run directory given")
     pooled: dict[str, _Run] = {}
     for d in run_dirs:
         run = _load_run(Path(d))
@@ -189,8 +190,8 @@ def main(run_dirs: Sequence[str | Path], out: str | Path = "report") -> ReportFi
         out: directory for ``report.md`` and ``top1_vs_flops.png`` (created).
 
     Raises:
-        FileNotFoundError: a run directory is missing or has no finished method.
-        ValueError: no run directory given.
+        RecipePathError: a run directory is missing or has no finished method.
+        RecipeError: no run directory given.
     """
     runs = collect(run_dirs)
     out = Path(out)

@@ -23,6 +23,7 @@ from .checkpoint import atomic_write_text
 from .config import Config, load_config, save_config
 from .data import build_data
 from .distributed import DistInfo, setup, teardown
+from .errors import RecipeError
 from .schedule import MethodResult, Planner, run_method
 from .trainer import Trainer
 
@@ -50,7 +51,7 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
     the data root and the method list may change between invocations.
 
     Raises:
-        ValueError: naming the first differing key.
+        RecipeError: naming the first differing key.
     """
     path = run_dir / "config.yaml"
     if not path.exists():
@@ -61,7 +62,7 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
         if key in _FREE_KEYS or key.startswith("run."):
             continue
         if old.get(key) != new.get(key):
-            raise ValueError(
+            raise RecipeError(
                 f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
                 "pass another --out-dir to start a new run"
             )
@@ -128,8 +129,8 @@ def main(
         The run directory.
 
     Raises:
-        ValueError: unknown config, bad override or value, a run dir holding another config.
-        FileNotFoundError: missing data.
+        RecipeError: unknown config, bad override or value, a run dir holding another config.
+        RecipePathError: missing data.
     """
     cfg = load_config(config, list(overrides or []))
     if data_dir is not None:

@@ -37,6 +37,7 @@ import torch.nn as nn
 from .checkpoint import atomic_write_text
 from .config import METHODS, Config
 from .data import derive_seed
+from .errors import RecipeError
 from .models import build_model
 from .trainer import Stage, StageResult, Trainer, make_schedule
 
@@ -211,7 +212,7 @@ def _grown_steps(p: Planner, method: str, spent: float, fpi: float) -> int:
     left = p.budget - spent
     steps = steps_for_budget(left, fpi, p.batch)
     if steps < 1:
-        raise ValueError(
+        raise RecipeError(
             f"{method}: growth.budget={p.cfg.growth.budget} leaves no step for the grown model "
             f"(net 2 alone spends {spent / p.unit:.3f}X); lower growth.net2_epochs or raise growth.budget"
         )

@@ -48,6 +48,7 @@ from .checkpoint import (
 from .config import Config, OptimConfig, RunConfig
 from .data import DataSplits, EpochBatches, derive_seed, make_loader
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
+from .errors import RecipeError
 from .metrics import MetricsLog
 
 __all__ = [
@@ -232,7 +233,7 @@ class Trainer:
         flops_unit: training FLOPs of the target trained from scratch (1X), for ``flops_norm``.
 
     Raises:
-        ValueError: the batch size does not split over the ranks, or exceeds the training set.
+        RecipeError: the batch size does not split over the ranks, or exceeds the training set.
     """
 
     def __init__(
@@ -242,11 +243,11 @@ class Trainer:
         self.flops_unit = flops_unit
         self.batch_size = cfg.optim.batch_size
         if self.batch_size % dist.world_size:
-            raise ValueError(
+            raise RecipeError(
                 f"optim.batch_size={self.batch_size} does not split evenly over {dist.world_size} processes"
             )
         if self.batch_size > len(data.train):
-            raise ValueError(f"optim.batch_size={self.batch_size} exceeds the {len(data.train)} training images")
+            raise RecipeError(f"optim.batch_size={self.batch_size} exceeds the {len(data.train)} training images")
         self.steps_per_epoch = len(data.train) // self.batch_size
         self.device = dist.device
         on_gpu = self.device.type == "cuda"
@@ -289,7 +290,7 @@ class Trainer:
         if path.exists():
             groups, meta = load_checkpoint(path)
             if meta["steps"] != stage.steps or meta["stage"] != stage.key:
-                raise ValueError(
+                raise RecipeError(
                     f"checkpoint {path} plans {meta['steps']} steps but this run plans {stage.steps}; "
                     "the config changed: use a new --out-dir"
                 )

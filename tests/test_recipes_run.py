@@ -110,3 +110,26 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path):
 def test_run_dir_of_another_config_is_refused(smoke_run):
     with pytest.raises(ValueError, match="holds a run with optim.lr=0.05, not 0.2"):
         run.main("cifar10-smoke", out_dir=smoke_run, overrides=[*SMALL, "optim.lr=0.2"])
+
+
+def test_train_cli_user_errors_one_line_bugs_traceback(monkeypatch, tmp_path):
+    """``morph train``: a user error of a recipe (a MorphError subclass) is one ``error:`` line and exit
+    code 2; any other exception, even a ValueError, is a bug and comes out with its traceback."""
+    from morph.cli.main import app
+    from morph.recipes.errors import RecipeError, RecipePathError
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "cifar10-smoke", "no.such_key=1", "--out-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "error: unknown config key 'no.such_key'" in res.output
+    res = runner.invoke(app, ["train", "cifar10-smoke", "growth.width=2", "--out-dir", str(tmp_path / "r2")])
+    assert res.exit_code == 2 and "error:" in res.output and "growth.width must be in (0, 1)" in res.output
+    assert issubclass(RecipeError, ValueError) and issubclass(RecipePathError, FileNotFoundError)
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(run, "main", bug)
+    res = runner.invoke(app, ["train", "cifar10-smoke", "--out-dir", str(tmp_path / "r3")])
+    assert isinstance(res.exception, ValueError) and str(res.exception) == "an internal bug"
+    assert res.exit_code == 1
