@@ -28,9 +28,10 @@ from ..errors import MorphError
 from ..info import MorphInfo, get_info, set_info
 from ..zoo import get_spec
 from .layout import FRESH, OLD, DimMap, Layout, build_layout
+from .optim import GrowthRecord
 from .registry import GrowthMethod
 
-__all__ = ["PlainGrowth", "random_directions", "mean_norm", "GrowthRecord"]
+__all__ = ["PlainGrowth", "fresh_mask", "iterate_batches", "mean_norm", "random_directions"]
 
 
 def random_directions(n: int, shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -45,14 +46,6 @@ def mean_norm(w: torch.Tensor, axis: int) -> float:
     if w.numel() == 0 or w.shape[axis] == 0:
         return 0.0
     return float(w.detach().transpose(0, axis).flatten(1).double().norm(dim=1).mean())
-
-
-@dataclasses.dataclass
-class GrowthRecord:
-    """For the optimizer-state carry: per grown parameter name, the old parameter's name and, per axis,
-    the old index of every position (``-1``: not an old entry)."""
-
-    params: dict[str, tuple[str, list[torch.Tensor | None]]]
 
 
 _IDENTITY_ONE = ("weight", "running_var")
@@ -90,7 +83,8 @@ class PlainGrowth(GrowthMethod):
     def rule_of(self, layout: Layout, root: int) -> str:
         """The rule reported for one growing group."""
         g = layout.groups[root]
-        return g.rule
+        rule = self.name if g.rule == "fresh" else g.rule
+        return f"{rule} ({g.note})" if g.note else rule
 
     # -- driver -----------------------------------------------------------------------------------
     def grow(self, model: nn.Module, width: float, data, gen: torch.Generator) -> nn.Module:
@@ -107,7 +101,7 @@ class PlainGrowth(GrowthMethod):
         new = layout.skeleton().to(dtype=p0.dtype, device=p0.device)
         _copy_same_shape(model, new)
         self.prepare(model, layout, data)
-        record: dict[str, tuple[str, list[torch.Tensor | None]]] = {}
+        record: dict[str, list] = {}
         with torch.no_grad():
             for name, p in layout.plan.layers.items():
                 self._fill_layer(layout, p, model.get_submodule(name), new.get_submodule(name), record)
@@ -153,7 +147,7 @@ class PlainGrowth(GrowthMethod):
                 if fresh.any():
                     new[fresh] = 1.0 if tname in _IDENTITY_ONE else 0.0
             t.data = new.to(t.dtype)
-            record[_pname(p.name, tname)] = (_pname(p.name, tname), [_old_index(a) for a in axes])
+            record[_pname(p.name, tname)] = [(0, _pname(p.name, tname), [_old_index(a) for a in axes])]
 
     def _fill_weight(self, layout: Layout, p, old: nn.Module, mod: nn.Module, record) -> None:
         out_map, in_map = layout.dim(p.out_dim), layout.dim(p.in_dim)
@@ -183,8 +177,8 @@ class PlainGrowth(GrowthMethod):
         w = w.transpose(0, 1) if transposed else w
         mod.weight.data = w.contiguous().to(mod.weight.dtype)
         axes = [out_map, None if grouped else in_map]
-        record[_pname(p.name, "weight")] = (_pname(p.name, "weight"),
-                                            [_old_index(a) for a in (axes[::-1] if transposed else axes)])
+        record[_pname(p.name, "weight")] = [(0, _pname(p.name, "weight"),
+                                             [_old_index(a) for a in (axes[::-1] if transposed else axes)])]
         for tname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if tname == "weight" or t is None or t.dim() == 0:
                 continue
@@ -195,7 +189,7 @@ class PlainGrowth(GrowthMethod):
             if tname == "bias":
                 new[out_map.fresh] = 0
             t.data = new.to(t.dtype)
-            record[_pname(p.name, tname)] = (_pname(p.name, tname), [_old_index(out_map)] + [None] * (t.dim() - 1))
+            record[_pname(p.name, tname)] = [(0, _pname(p.name, tname), [_old_index(out_map)] + [None] * (t.dim() - 1))]
 
     def _fill_attr(self, layout: Layout, path: str, dims, model: nn.Module, new: nn.Module, record) -> None:
         mod_path, _, name = path.rpartition(".")
@@ -204,7 +198,7 @@ class PlainGrowth(GrowthMethod):
         t = getattr(owner, name)
         axes = [layout.dim(d) for d in dims]
         t.data = _gather(src, axes).to(t.dtype)
-        record[path] = (path, [_old_index(a) for a in axes])
+        record[path] = [(0, path, [_old_index(a) for a in axes])]
 
 
 def _pname(mod: str, t: str) -> str:

@@ -29,7 +29,7 @@ class RandomGrowth(PlainGrowth):
 
     def _scales(self) -> tuple[float, float]:
         eps, s = float(self.opts["epsilon"]), float(self.opts["scale"])
-        return (s, eps) if self.opts["outgoing_zero"] else (eps, s)
+        return (s, eps) if self.opts.get("outgoing_zero") else (eps, s)
 
     def _norm(self, old: torch.Tensor, axis: int) -> float:
         return mean_norm(old, axis) if self.opts["scale_method"] == "mean_norm" else 1.0
