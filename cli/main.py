@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from .bake import bake
+from .cka import cka_command
 from .common import MorphGroup
 from .convert import convert
 from .fuse import fuse
@@ -35,6 +36,7 @@ app.command("grow")(grow)
 app.command("bake")(bake)
 app.command("train")(train)
 app.command("report")(report)
+app.command("cka")(cka_command)
 
 if __name__ == "__main__":
     app()
