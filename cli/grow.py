@@ -16,6 +16,7 @@ from .common import (
     Force,
     Init,
     JsonSummary,
+    TrustCode,
     check_output,
     grown_summary,
     out,
@@ -36,6 +37,7 @@ def grow(
     seed: CoefficientSeed = None,
     force: Force = False,
     json_out: JsonSummary = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Widen one half-width template model to full width, every new tile mixing A's own templates.
 
@@ -43,7 +45,7 @@ def grow(
     """
     check_output(output, force)
     with status(f"loading {a}") as s:
-        ma = morph.load(a)
+        ma = morph.load(a, trust_code=trust_code)
         s.update("growing")
         model = morph.grow(ma, init=init.value, seed=seed, inplace=True)
         s.update(f"saving {output}")
