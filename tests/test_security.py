@@ -314,3 +314,72 @@ def test_installed_command_refuses_code_from_a_file(tmp_path):
 
 if __name__ == "__main__":
     _child(Path(sys.argv[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipes' own checkpoints (resume reads them) and morph report's inputs follow the same rules
+
+
+def _recipes_checkpoint(path: Path, meta_change=None, raw_meta: str | None = None) -> Path:
+    import torch
+    from morph.recipes.checkpoint import FORMAT
+    from safetensors.torch import save_file
+
+    meta = {"stage": "s/train", "steps": 4, "done": False, "world_size": 1,
+            "progress": {"epoch": 1, "step": 4, "images": 64, "flops": 1.0, "wall_time": 1.0},
+            "optim": {"param_groups": [], "scalars": {}}, "rng": [{"python": [3, [0], None], "numpy": ["MT19937", 0, 0, 0.0]}],
+            "result": None}
+    if meta_change:
+        meta_change(meta)
+    header = {"format": FORMAT, "meta": raw_meta if raw_meta is not None else json.dumps(meta)}
+    save_file({"model.w": torch.zeros(2)}, str(path), metadata=header)
+    return path
+
+
+@pytest.mark.parametrize("change, raw, match", [
+    (None, "{not json", "metadata is not JSON"),
+    (lambda m: m.update(steps="4"), None, "steps is not a non-negative integer"),
+    (lambda m: m["progress"].update(__class__=1), None, "progress must map"),
+    (lambda m: m.update(done=True, result={"top1": 1.0, "model": 2}), None, "result must be null or map"),
+    (lambda m: m.update(done=True), None, "a done stage has no result"),
+    (lambda m: m.update(world_size=10**9), None, "world_size"),
+    (lambda m: m.update(optim={"param_groups": "x"}), None, "optim must hold"),
+    (lambda m: m.update(rng="x"), None, "rng must be a list"),
+])
+def test_recipes_checkpoint_metadata_is_checked(tmp_path, change, raw, match):
+    from morph.recipes.checkpoint import load_checkpoint
+
+    from morph import CheckpointError
+
+    path = _recipes_checkpoint(tmp_path / "checkpoint.safetensors", change, raw)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_recipes_checkpoint_good_metadata_reads(tmp_path):
+    from morph.recipes.checkpoint import load_checkpoint
+
+    groups, meta = load_checkpoint(_recipes_checkpoint(tmp_path / "checkpoint.safetensors"))
+    assert list(groups) == ["model"] and meta["steps"] == 4
+
+
+@pytest.mark.parametrize("result, match", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"method": "large", "top1": "96"}), "a result needs"),
+    (json.dumps([1, 2]), "a result needs"),
+])
+def test_report_inputs_are_checked(tmp_path, result, match):
+    from morph.cli.main import app
+    from typer.testing import CliRunner
+
+    run = tmp_path / "run"
+    (run / "seed0" / "large").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: c10\n")
+    (run / "seed0" / "large" / "result.json").write_text(result)
+    (run / "metrics.jsonl").write_text('{"kind": "epoch", "method": "large", "seed": 0}\n{cut short')
+    r = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0] and "result.json" in lines[0]
+    assert not (tmp_path / "out").exists()
