@@ -36,15 +36,36 @@ def _pair(model, share="none", **kw):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(MOTIFS))
 def test_scale_half_shapes_and_output(name):
+    """Every channel count halves except the image's and the classes; nothing else changes; the half model
+    runs and keeps the output shape, with under 0.6x the parameters."""
     m = MOTIFS[name]()
     h = morph.scale_width(m, 0.5, input_size=SIZE)
     x = torch.randn(2, *SIZE)
     assert h(x).shape == m(x).shape
-    # every layer whose channels are free halves; image channels and classes never change
-    for (n, p0), (_, p1) in zip(m.named_parameters(), h.named_parameters(), strict=True):
-        assert p0.dim() == p1.dim(), n
-    assert h.get_submodule(_first_conv(h)).in_channels == 3
+    old, new = dict(m.named_parameters()), dict(h.named_parameters())
+    assert old.keys() == new.keys()
+    first, last = _first_conv(m), _last_linear_name(m)
+    halved = 0
+    for n, mod in m.named_modules():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        w0, w1 = mod.weight.shape, h.get_submodule(n).weight.shape
+        out_expect = w0[0] if n == last else w0[0] // 2
+        # a grouped or depthwise conv keeps its group width (its groups halve); the image keeps its 3 channels
+        in_expect = w0[1] if n == first or (isinstance(mod, nn.Conv2d) and mod.groups > 1) else w0[1] // 2
+        assert tuple(w1) == (out_expect, in_expect, *w0[2:]), (n, tuple(w0), tuple(w1))
+        halved += 1
+    assert halved >= 2
+    for n, p0 in old.items():  # every other parameter: each dim unchanged or halved (norms, layer scales)
+        p1 = new[n]
+        assert all(b in (a, a // 2) for a, b in zip(p0.shape, p1.shape, strict=True)), (n, p0.shape, p1.shape)
+    assert h.get_submodule(first).in_channels == 3
     assert _last_linear(h).out_features == 5
+    assert sum(p.numel() for p in h.parameters()) < 0.6 * sum(p.numel() for p in m.parameters())
+
+
+def _last_linear_name(m):
+    return [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)][-1]
 
 
 def _first_conv(m):
@@ -569,20 +590,50 @@ def test_tiles(growth):
     assert all(p.requires_grad for p in f.parameters())
 
 
-@pytest.mark.parametrize("init", ["orthogonal", "orthogonal-official", "random", "random-uniform", "copy"])
+@pytest.mark.parametrize("init", ["orthogonal", "orthogonal-official", "random", "random-uniform", "copy", "zero"])
 def test_init_modes(init):
+    """The new tiles' coefficients are what each mode says (fuse's docstring): per layer, tile 1 mixes a's
+    templates next to a's diagonal vector ``ca``, tile 2 b's next to ``cb`` (vertical growth); the diagonal
+    tiles keep a's and b's vectors; the same seed gives the same vectors."""
     a, b = _pair(Residual(c=8))
-    f = morph.fuse(a, b, init=init, seed=0)
-    c = f.conv1.mix.coefficients.detach()
-    ca = a.conv1.mix.coefficients[0].detach()
-    if init == "copy":
-        assert 0 < float((c[1] - ca).norm()) <= 0.01 * float(ca.norm()) + 1e-7
-    elif init == "random-uniform":
-        assert (c[1] >= 0).all() and (c[1] < 1).all()
-    else:
-        assert float(c[1].norm()) > 0
-    f2 = morph.fuse(a, b, init=init, seed=0)
-    assert torch.equal(c, f2.conv1.mix.coefficients.detach())  # seeded
+    news, olds = [], []
+    for seed in range(6):
+        f = morph.fuse(a, b, init=init, seed=seed)
+        for name, m in mixed_layers(f):
+            c = m.mix.coefficients.detach().double()
+            if m.mix.grid != (2, 2):
+                continue
+            ca = a.get_submodule(name).mix.coefficients.detach()[0].double()
+            cb = b.get_submodule(name).mix.coefficients.detach()[0].double()
+            assert torch.equal(c[0], ca) and torch.equal(c[3], cb), name  # the trained tiles are kept
+            for new, old in ((c[1], ca), (c[2], cb)):
+                news.append(new)
+                olds.append(old)
+                if init == "orthogonal":  # orthogonal to the same bank's vector, with its norm
+                    assert abs(float(new @ old)) < 1e-6 * float(old.norm()) ** 2
+                    assert math.isclose(float(new.norm()), float(old.norm()), rel_tol=1e-5)
+                elif init == "orthogonal-official":  # the least-singular direction: orthogonal, unit norm
+                    assert abs(float(new @ old)) < 1e-6 * float(old.norm())
+                    assert math.isclose(float(new.norm()), 1.0, rel_tol=1e-5)
+                elif init == "copy":  # the same bank's vector plus noise of 1% of its norm, in a U[0, 1) direction
+                    d = new - old
+                    assert math.isclose(float(d.norm()), 0.01 * float(old.norm()), rel_tol=1e-4)
+                    assert (d >= 0).all()
+                elif init == "random-uniform":
+                    assert (new >= 0).all() and (new < 1).all()
+                elif init == "zero":
+                    assert not new.any()
+    values = torch.stack(news)
+    again = morph.fuse(a, b, init=init, seed=5)
+    assert torch.equal(again.conv1.mix.coefficients, f.conv1.mix.coefficients)  # seeded
+    if init in ("random", "random-uniform"):  # over 6 seeds x 3 layers x 2 tiles x K=2: the distribution
+        mean, std = float(values.mean()), float(values.std())
+        if init == "random":  # N(0, 1)
+            assert abs(mean) < 0.35 and 0.7 < std < 1.3, (mean, std)
+        else:  # U[0, 1): mean 1/2, std 0.29
+            assert abs(mean - 0.5) < 0.12 and 0.2 < std < 0.38, (mean, std)
+    if init in ("random", "random-uniform", "copy"):  # another seed or layer, other vectors (with K = 2 the
+        assert len({tuple(v.tolist()) for v in news}) == len(news)  # orthogonal modes leave only a sign)
 
 
 def test_grow_zero_preserves_function():
