@@ -111,6 +111,67 @@ def test_unknown_op_names_node_and_module():
         analyze(Unsupported(), SIZE)
 
 
+class _SpectralGate(nn.Module):
+    """A user's module the analysis cannot see through (FFTs have no channel rule); keeps its input's shape."""
+
+    def forward(self, x):
+        return torch.fft.ifft2(torch.fft.fft2(x)).real
+
+
+def channel_mix(x, y):
+    """A user's function, also opaque to the analysis: adds two maps channel by channel."""
+    return torch.fft.ifft2(torch.fft.fft2(x) + torch.fft.fft2(y)).real
+
+
+class _UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = _SpectralGate()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.conv(self.gate(x))
+        return self.fc(channel_mix(x, y).mean((2, 3)))
+
+
+def test_user_rules_teach_the_analysis():
+    """A user teaches the analysis a module and a function through the public registry; the errors
+    before point to it; afterwards scale_width and convert handle the model like any other."""
+    from morph.graph import TD, register_function_rule, register_module_rule
+
+    with pytest.raises(morph.UnsupportedOpError, match=r"fft_fft2.*morph\.graph\.register_function_rule"):
+        analyze(_UserNet(), SIZE)
+
+    @register_module_rule(_SpectralGate)
+    def _gate(a, node):
+        x = a.value(node.args[0])
+        return TD(x.dims, a.shape())
+
+    with pytest.raises(morph.UnsupportedOpError, match=r"fft.*morph\.graph\.register_function_rule"):
+        analyze(_UserNet(), SIZE)
+
+    @register_function_rule(channel_mix)
+    def _mix(a, node):
+        x, y = a.value(node.args[0]), a.value(node.args[1])
+        a.g.unify(x.dims[1], y.dims[1])  # the two maps' channels change width together
+        return TD(x.dims, a.shape())
+
+    plan = analyze(_UserNet(), SIZE)
+    assert plan.layers["stem"].out_dim is not None and set(plan.layers) == {"stem", "conv", "fc"}
+    assert any(n.op == "call_module" and n.target == "gate" for n in plan.gm.graph.nodes)  # a leaf now
+    assert any(n.op == "call_function" and n.target is channel_mix for n in plan.gm.graph.nodes)
+    m = _UserNet()
+    h = morph.scale_width(m, 0.5, input_size=SIZE)
+    assert (h.stem.out_channels, h.conv.in_channels, h.conv.out_channels, h.fc.in_features) == (4, 4, 4, 4)
+    x = torch.randn(2, *SIZE)
+    assert h(x).shape == (2, 5)
+    t = morph.convert(m, seed=0, input_size=SIZE)
+    assert len(mixed_layers(t)) == 3 and t(x).shape == (2, 5)
+
+
 def test_width_validation():
     with pytest.raises(morph.MorphError, match="width must be a positive number"):
         morph.scale_width(Residual(), 0.0, input_size=SIZE)

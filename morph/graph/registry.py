@@ -76,7 +76,9 @@ def register_module_rule(*classes: type | str) -> Callable[[Rule], Rule]:
 
 def register_function_rule(*functions: Any) -> Callable[[Rule], Rule]:
     """Decorator: ``rule`` handles ``call_function`` nodes of these functions (``torch.*``, ``F.*``,
-    ``operator.*`` or your own; your own plain Python functions are then not traced into)."""
+    ``operator.*`` or your own). Your own plain Python function is then recorded as one call instead of
+    being traced into, where a model's ``forward`` calls it by a global name that does not start with an
+    underscore (fx's ``autowrap_functions``; for other names, ``torch.fx.wrap`` it)."""
 
     def deco(fn: Rule) -> Rule:
         for f in functions:
