@@ -33,12 +33,15 @@ from .graph.analyze import ChannelPlan, analyze
 from .graph.coupling import Dim
 from .info import MorphInfo, get_info, set_info
 from .scale import apply_width
+from .growth.mixturegrowth import COEFFICIENT_INITS
+from .growth.optim import GrowthRecord
 from .templates import TemplateBank, TemplateMixing, attach, is_mixed, mixed_layers
+
+INIT_MODES = tuple(COEFFICIENT_INITS)
 
 __all__ = ["fuse", "grow", "GROWTH_MODES", "INIT_MODES", "layout_perm"]
 
 GROWTH_MODES = ("vertical", "horizontal")
-INIT_MODES = ("orthogonal", "orthogonal-official", "random", "random-uniform", "copy", "zero")
 
 
 def layout_perm(plan: ChannelPlan, dim: Dim, factor: int = 2) -> torch.Tensor | None:
@@ -84,39 +87,18 @@ def _check_pair(a: nn.Module, b: nn.Module | None) -> MorphInfo:
 
 
 class _NewCoefficients:
-    """Coefficients of new tiles, by init mode."""
+    """Coefficients of new tiles by a rule of :data:`~morph.growth.mixturegrowth.COEFFICIENT_INITS`, every
+    new vector joining the bank's existing ones (the orthogonal rules see it)."""
 
     def __init__(self, init: str, gen: torch.Generator, noise: float | None) -> None:
-        if init not in INIT_MODES:
-            raise MorphError(f"init must be one of {', '.join(INIT_MODES)}, got {init!r}")
-        self.init, self.gen, self.noise = init, gen, noise
+        if init not in COEFFICIENT_INITS:
+            raise MorphError(f"init must be one of {', '.join(COEFFICIENT_INITS)}, got {init!r}")
+        self.rule, self.gen, self.noise = COEFFICIENT_INITS[init], gen, noise
 
     def __call__(self, existing: list[torch.Tensor], same_tile: torch.Tensor, k: int) -> torch.Tensor:
         """New coefficient vector for a tile mixing a bank whose existing vectors are ``existing``;
         ``same_tile`` is the diagonal tile's vector of that bank (for ``copy``)."""
-        g, dt = self.gen, same_tile.dtype
-        if self.init == "zero":
-            return torch.zeros(k, dtype=dt)
-        if self.init == "random":  # paper: standard normal
-            return torch.randn(k, generator=g).to(dt)
-        if self.init == "random-uniform":  # official: U[0, 1) x c, c = 1
-            return torch.rand(k, generator=g).to(dt)
-        if self.init == "copy":  # paper: "small noise"; official: noise of norm 1 in a U[0,1) direction
-            n = torch.rand(k, generator=g).to(dt)
-            scale = 0.01 * float(same_tile.norm()) if self.noise is None else self.noise
-            return same_tile + n / n.norm().clamp_min(1e-12) * scale
-        ex = torch.stack(existing).double()
-        if self.init == "orthogonal-official":  # least-singular direction of the stacked vectors, x c = 1
-            _, _, vh = torch.linalg.svd(ex, full_matrices=True)
-            return vh[-1].to(dt)
-        # paper §3.3: orthogonal to every vector that mixes the same templates, scaled to their mean norm
-        _, s, vh = torch.linalg.svd(ex, full_matrices=True)
-        rank = int((s > 1e-10 * max(float(s.max()), 1e-30)).sum())
-        comp = vh[rank:] if rank < k else vh[-1:]
-        w = torch.randn(comp.shape[0], generator=g).double()
-        v = w @ comp
-        v = v / v.norm().clamp_min(1e-30) * ex.norm(dim=1).mean()
-        return v.to(dt)
+        return self.rule(existing, same_tile, k, self.gen, self.noise)
 
 
 def _bank_vectors(models: list[nn.Module]) -> dict[int, list[torch.Tensor]]:
@@ -146,6 +128,9 @@ def _build(
     a: nn.Module, b: nn.Module | None, growth: str, init: str, seed: int | None, noise: float | None,
     inplace: bool,
 ) -> nn.Module:
+    """Fusion (``b`` given) or growth without fusion (``b`` None). The shape (which tiles, where the
+    channels go) is the same; only the second member differs: ``b``'s layers, or ``a``'s templates mixed
+    with new coefficients."""
     ia = _check_pair(a, b)
     if growth not in GROWTH_MODES:
         raise MorphError(f"growth must be one of {', '.join(GROWTH_MODES)}, got {growth!r}")
@@ -161,20 +146,25 @@ def _build(
     _check_stock(ia, stock, full)
     vectors = _bank_vectors([a] if b is None else [a, b])
     src_b = b if b is not None else a
+    record: dict[str, list] = {}
     for name, p in plan.layers.items():
         ma, mb, mf = a.get_submodule(name), src_b.get_submodule(name), full.get_submodule(name)
         if p.kind in ("conv", "linear"):
-            _fuse_weight(plan, p, ma, mb, mf, growth, newc, vectors, grow_only=b is None)
+            _fuse_weight(plan, p, ma, mb, mf, growth, newc, vectors, fused=b is not None, record=record)
             # other per-output-channel tensors of conv subclasses (timm ScaledStdConv2d's gain)
-            _fuse_tensors(plan, p.out_dim, ma, mb, mf, b is None, exclude=("weight", "bias"))
+            _fuse_tensors(plan, p.out_dim, ma, mb, mf, exclude=("weight", "bias"), record=record, prefix=name)
         else:
-            _fuse_tensors(plan, p.in_dim if p.kind != "layernorm" else p.ln_dims[0], ma, mb, mf, b is None)
+            _fuse_tensors(plan, p.in_dim if p.kind != "layernorm" else p.ln_dims[0], ma, mb, mf, record=record,
+                          prefix=name)
     for path, dims in plan.params.items():
-        _fuse_attr(plan, path, dims, a, src_b, full, b is None)
+        _fuse_attr(plan, path, dims, a, src_b, full, record)
     for prm in full.parameters():
         prm.requires_grad_(True)
+    if b is None:  # growth alone: the copies of a's channels are new entries, not b's old ones
+        record = {k: [e for e in v if e[0] == 0] for k, v in record.items()}
+    full.growth_record = GrowthRecord(record)
     info = dataclasses.replace(ia, kind="fused" if b is not None else "grown", growth=growth, init=init, factor=2,
-                        set_ids=ia.set_ids + (get_info(b).set_ids if b is not None else ()))
+                               set_ids=ia.set_ids + (get_info(b).set_ids if b is not None else ()))
     return set_info(full, info)
 
 
@@ -217,7 +207,7 @@ def _check_stock(info: MorphInfo, stock: nn.Module | None, full: nn.Module) -> N
 
 def _fuse_weight(
     plan: ChannelPlan, p, ma: nn.Module, mb: nn.Module, mf: nn.Module, growth: str,
-    newc: Callable, vectors: dict[int, list[torch.Tensor]], grow_only: bool,
+    newc: Callable, vectors: dict[int, list[torch.Tensor]], fused: bool, record: dict,
 ) -> None:
     half_shape = tuple(ma.mix.tile_shape)
     full_shape = tuple(mf.weight.shape)
@@ -225,8 +215,7 @@ def _fuse_weight(
     cols = full_shape[1] // half_shape[1]
     if rows * half_shape[0] != full_shape[0] or cols * half_shape[1] != full_shape[1] or rows > 2 or cols > 2:
         raise MorphError(f"layer {p.name}: cannot tile {half_shape} into {full_shape}")
-    bank_a, bank_b = ma.mix.banks[0], mb.mix.banks[0]
-    ca, cb = ma.mix.coefficients.detach()[0], mb.mix.coefficients.detach()[0]
+    ca = ma.mix.coefficients.detach()[0]
     k = ca.shape[0]
 
     def new(bank: TemplateBank, diag: torch.Tensor) -> torch.Tensor:
@@ -234,43 +223,63 @@ def _fuse_weight(
         vectors[id(bank)].append(v)
         return v
 
-    banks = [bank_a] if grow_only else [bank_a, bank_b]
-    ib = 0 if grow_only else 1
+    # the two members: a's layer, and b's layer (fusion) or a's templates with new coefficients (growth)
+    bank_a = ma.mix.banks[0]
+    banks = [bank_a, mb.mix.banks[0]] if fused else [bank_a]
+    ib = len(banks) - 1
+    cb = mb.mix.coefficients.detach()[0] if fused else None
+    member_b = (lambda: cb) if fused else (lambda: new(bank_a, ca))  # noqa: E731
     if rows == 2 and cols == 2:
-        if grow_only:  # every tile from a's templates; tile (1,1) is new too
-            coef = [ca, new(bank_a, ca), new(bank_a, ca), new(bank_a, ca)]
-            tb = [0, 0, 0, 0]
-        elif growth == "vertical":  # rows share a set: m2 <- a, m3 <- b
-            coef = [ca, new(bank_a, ca), new(bank_b, cb), cb]
-            tb = [0, 0, 1, 1]
+        if growth == "vertical":  # rows share a set: m2 <- a, m3 <- b
+            coef = [ca, new(bank_a, ca), new(banks[ib], cb if fused else ca), member_b()]
+            tb, old_tiles = [0, 0, ib, ib], (0, 3)
         else:  # columns share a set: m2 <- b, m3 <- a
-            coef = [ca, new(bank_b, cb), new(bank_a, ca), cb]
-            tb = [0, 1, 0, 1]
+            coef = [ca, new(banks[ib], cb if fused else ca), new(bank_a, ca), member_b()]
+            tb, old_tiles = [0, ib, 0, ib], (0, 3)
         grid = (2, 2)
-    elif rows == 2:  # stem, depthwise / constant-width grouped conv
-        coef = [ca, new(bank_a, ca) if grow_only else cb]
-        tb = [0, ib]
-        grid = (2, 1)
-    elif cols == 2:  # classifier: average of the two networks
-        coef = [ca, new(bank_a, ca)] if grow_only else [ca * 0.5, cb * 0.5]
-        tb = [0, ib]
-        grid = (1, 2)
+    elif rows == 2 or cols == 2:  # stem, depthwise / constant-width grouped conv (2x1); classifier (1x2)
+        coef, tb, old_tiles = [ca, member_b()], [0, ib], (0, 1)
+        if cols == 2 and fused:  # classifier: the average of the two networks
+            coef = [ca * 0.5, cb * 0.5]
+        grid = (rows, cols)
     else:  # nothing grows (fixed in and out)
-        coef, tb, grid = [ca], [0], (1, 1)
+        coef, tb, grid, old_tiles = [ca], [0], (1, 1), (0, None)
     out_perm = layout_perm(plan, p.out_dim) if rows == 2 else None
     in_perm = layout_perm(plan, p.in_dim) if cols == 2 and p.groups == 1 else None
     mix = TemplateMixing(banks, torch.stack(coef).to(ca.dtype), tb, grid, out_perm, in_perm)
     mf._parameters.pop("weight", None)
     attach(mf, mix)
+    n_tiles = grid[0] * grid[1]
+    for src, tile in enumerate(old_tiles):
+        if tile is None or (src == 1 and not fused):
+            continue
+        idx = torch.full((n_tiles,), -1, dtype=torch.long)
+        idx[tile] = 0
+        record.setdefault(f"{p.name}.mix.coefficients", []).append((src, f"{p.name}.mix.coefficients", [idx, None]))
+        record.setdefault(f"{p.name}.mix.banks.{src}.templates", []).append(
+            (src, f"{p.name}.mix.banks.0.templates", [None]))
     if getattr(ma, "bias", None) is not None:
         ba, bb = ma.bias.detach(), mb.bias.detach()
         if rows == 2:
             bias = torch.cat([ba, bb])
             if out_perm is not None:
                 bias = bias[out_perm]
+            _record_cat(record, f"{p.name}.bias", len(ba), out_perm, 0, 1)
         else:
-            bias = ba.clone() if grow_only else (ba + bb) / 2
+            bias = (ba + bb) / 2
         mf.bias = nn.Parameter(bias)
+
+
+def _record_cat(record: dict, name: str, n: int, perm: torch.Tensor | None, axis: int, ndim: int) -> None:
+    """Entries of a tensor that concatenates a's (source 0) and b's (source 1) along ``axis``, permuted."""
+    src = torch.arange(2 * n)
+    if perm is not None:
+        src = src[perm]
+    for s in (0, 1):
+        idx = torch.where((src >= n) == bool(s), src - s * n, torch.full_like(src, -1))
+        axes: list[torch.Tensor | None] = [None] * ndim
+        axes[axis] = idx
+        record.setdefault(name, []).append((s, name, axes))
 
 
 def _cat_perm(plan: ChannelPlan, dim: Dim, ta: torch.Tensor, tb: torch.Tensor, axis: int = 0) -> torch.Tensor:
@@ -279,8 +288,8 @@ def _cat_perm(plan: ChannelPlan, dim: Dim, ta: torch.Tensor, tb: torch.Tensor, a
     return t.index_select(axis, perm) if perm is not None else t
 
 
-def _fuse_tensors(plan: ChannelPlan, dim: Dim, ma: nn.Module, mb: nn.Module, mf: nn.Module, grow_only: bool,
-                  exclude: tuple[str, ...] = ()) -> None:
+def _fuse_tensors(plan: ChannelPlan, dim: Dim, ma: nn.Module, mb: nn.Module, mf: nn.Module,
+                  exclude: tuple[str, ...] = (), record: dict | None = None, prefix: str = "") -> None:
     for name, tf in list(mf.named_parameters(recurse=False)) + list(mf.named_buffers(recurse=False)):
         if tf is None or name in exclude:
             continue
@@ -289,8 +298,10 @@ def _fuse_tensors(plan: ChannelPlan, dim: Dim, ma: nn.Module, mb: nn.Module, mf:
             new = ta.clone()
         elif tf.shape[0] == 2 * ta.shape[0]:
             new = _cat_perm(plan, dim, ta, tb)
-        elif tf.shape == ta.shape:
-            new = ta.clone() if grow_only else ((ta + tb) / 2).to(ta.dtype)
+            if record is not None:
+                _record_cat(record, f"{prefix}.{name}", ta.shape[0], layout_perm(plan, dim), 0, tf.dim())
+        elif tf.shape == ta.shape:  # the average (a itself when growing alone)
+            new = ((ta + tb) / 2).to(ta.dtype)
         else:
             raise MorphError(f"cannot fuse {name} of {type(mf).__name__}: {tuple(ta.shape)} -> {tuple(tf.shape)}")
         if isinstance(tf, nn.Parameter):
@@ -299,7 +310,7 @@ def _fuse_tensors(plan: ChannelPlan, dim: Dim, ma: nn.Module, mb: nn.Module, mf:
             setattr(mf, name, new)
 
 
-def _fuse_attr(plan, path: str, dims, a: nn.Module, b: nn.Module, full: nn.Module, grow_only: bool) -> None:
+def _fuse_attr(plan, path: str, dims, a: nn.Module, b: nn.Module, full: nn.Module, record: dict) -> None:
     mod_path, _, name = path.rpartition(".")
 
     def get(m: nn.Module) -> torch.Tensor:
@@ -308,9 +319,10 @@ def _fuse_attr(plan, path: str, dims, a: nn.Module, b: nn.Module, full: nn.Modul
     ta, tb, tf = get(a).detach(), get(b).detach(), get(full)
     grown = [i for i in range(ta.dim()) if tf.shape[i] != ta.shape[i]]
     if not grown:
-        new = ta.clone() if grow_only else (ta + tb) / 2
+        new = ((ta + tb) / 2).to(ta.dtype)
     elif len(grown) == 1:
         new = _cat_perm(plan, dims[grown[0]], ta, tb, grown[0])
+        _record_cat(record, path, ta.shape[grown[0]], layout_perm(plan, dims[grown[0]]), grown[0], ta.dim())
     else:
         raise MorphError(f"cannot fuse {path}: more than one of its dims grows")
     owner = full.get_submodule(mod_path) if mod_path else full
