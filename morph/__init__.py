@@ -7,7 +7,9 @@ The public surface::
     scale_width(model, width)            plain model at a new width
     convert(model, width=0.5, ...)       template-mixing model at reduced width
     fuse(a, b, growth=, init=)           full-width model from two halves (MixtureGrowth)
-    grow(a, init=)                       MixtureGrowth without fusion
+    grow(model, method=, width=, data=)  a registered growth method (MixtureGrowth without fusion for a half)
+    list_growth_methods()                random, net2net, gradmax, firefly, mixturegrowth
+    carry_optimizer_state(opt, old, new) optimizer slots onto the grown parameters
     bake(model)                          plain model with generated weights materialized
     save(model, path) / load(path)       safetensors checkpoints
     flops(model, input_size)             fvcore FLOPs (1 multiply-add = 1 flop)
@@ -20,8 +22,9 @@ from .checkpoint import load, read_info, save
 from .convert import convert
 from .errors import CheckpointError, ModelNotFoundError, MorphError, UnsupportedOpError
 from .flops import FlopReport, flops
-from .fuse import fuse, grow
+from .fuse import fuse
 from .graph import ChannelPlan, analyze
+from .growth import carry_optimizer_state, grow, list_growth_methods
 from .info import MorphInfo, get_info
 from .scale import scale_width
 from .zoo import build_model
@@ -30,6 +33,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CKAResult", "ChannelPlan", "CheckpointError", "FlopReport", "ModelNotFoundError", "MorphError", "MorphInfo",
-    "UnsupportedOpError", "analyze", "bake", "build_model", "cka", "convert", "flops", "fuse", "get_info", "grow",
-    "load", "read_info", "save", "scale_width", "__version__",
+    "UnsupportedOpError", "analyze", "bake", "build_model", "carry_optimizer_state", "cka", "convert", "flops", "fuse",
+    "get_info", "grow", "list_growth_methods", "load", "read_info", "save", "scale_width", "__version__",
 ]
