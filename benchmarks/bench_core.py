@@ -179,6 +179,17 @@ def step_time_ratios(arms: dict, baseline: str, *, batch: int = 32, size: int = 
     return out
 
 
+@contextlib.contextmanager
+def reference_path():
+    """Generate weights with :func:`morph.templates.grid_reference` (matmul per bank, the CUDA path) on CPU."""
+    from unittest import mock
+
+    from morph import templates
+
+    with mock.patch.object(templates, "generate", templates.grid_reference):
+        yield
+
+
 def overhead_breakdown(make_a, make_b, *, rounds: int = 9) -> dict:
     """Where model A's extra step time goes, timed the same way (interleaved medians): the weight
     generation of every template-mixed layer alone (forward + backward, gradients set to None first as
@@ -311,7 +322,7 @@ def main() -> None:
 
     if not args.default_malloc:
         keep_freed_memory()
-    native.available()  # build the kernels now (once per source and CPU) if needed, not inside a timed child
+    native.build()  # build the kernels now (once per source and CPU) if needed, not inside a timed child
     res: dict = json.loads(out.read_text()) if out.exists() and set(parts) != set(PARTS) else {}
     res.update({"model": args.model, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
     res.setdefault("parts_run", {}).update({p: time.strftime("%Y-%m-%d %H:%M") for p in parts})
@@ -332,7 +343,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = morph.build_model(args.model, num_classes=10)
     size = (3, 64, 64)
-    res["native_kernels"] = native.available()
+    res["native_kernels"] = native.loaded()
     res["allocator"] = "glibc defaults" if args.default_malloc else "morph.allocator.keep_freed_memory()"
     nullctx = contextlib.nullcontext
     if "half" in parts:
@@ -354,6 +365,7 @@ def main() -> None:
         res["step_fused"] = step_time_ratios({
             "fused": (lambda: morph.fuse(a, b, seed=0), nullctx),
             "fused_torch": (lambda: morph.fuse(a, b, seed=0), native.disabled),
+            "fused_reference": (lambda: morph.fuse(a, b, seed=0), reference_path),
             "stock": (lambda: morph.build_model(args.model, num_classes=10), nullctx),
         }, "stock", rounds=max(5, args.rounds // 3))
         print("fused / stock full", res["step_fused"], flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from .bake import bake
+from .build_kernels import build_kernels
 from .cka import cka_command
 from .common import MorphGroup
 from .convert import convert
@@ -36,6 +37,7 @@ app.command("grow")(grow)
 app.command("bake")(bake)
 app.command("train")(train)
 app.command("report")(report)
+app.command("build-kernels")(build_kernels)
 app.command("cka")(cka_command)
 
 if __name__ == "__main__":

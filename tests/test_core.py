@@ -782,3 +782,23 @@ def test_flops_amortize_generation():
     assert r64.per_image == pytest.approx(r1.forward + gen / 64)
     plain = morph.flops(morph.scale_width(m, 0.5, input_size=SIZE), SIZE)
     assert r1.forward == plain.per_image
+
+
+def test_build_kernels_command_without_compiler(tmp_path, monkeypatch):
+    """``morph build-kernels`` is the one command that compiles; without a compiler it says so in one
+    error line (exit code 2) and builds nothing, and morph keeps working on the PyTorch implementation."""
+    from morph.cli.main import app
+    from typer.testing import CliRunner
+
+    from morph import native
+
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setenv("MORPH_CACHE", str(tmp_path / "cache"))
+    native.cache_dir.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["build-kernels"])
+        assert res.exit_code == 2, res.output
+        assert "error: cannot build morph's native kernels" in res.output and "C++ compiler" in res.output
+        assert not native.is_built()
+    finally:
+        native.cache_dir.cache_clear()

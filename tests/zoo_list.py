@@ -1,4 +1,5 @@
-"""The model zoo morph is checked on (``tests/test_zoo.py``, ``benchmarks/coverage.py``).
+"""The model zoo morph is checked on (``tests/test_zoo.py``, ``benchmarks/coverage.py``): test data, not part
+of the installed package.
 
 - :data:`TORCHVISION_MODELS`: the cheapest model of each torchvision classification family, run in CI;
   the coverage table runs every torchvision classification CNN (:func:`torchvision_all`).
