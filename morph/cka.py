@@ -85,7 +85,9 @@ def _gram(features: torch.Tensor) -> torch.Tensor:
     float64 mantissa."""
     x = features.to(torch.float64)
     x = x - x.mean(0, keepdim=True)
-    return _zero_diagonal(x @ x.T)
+    k = x @ x.T
+    k.diagonal().zero_()
+    return k
 
 
 def _check_n(n: int, where: str) -> None:
