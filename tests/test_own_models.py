@@ -60,3 +60,26 @@ def test_own_model_without_spec_round_trips_with_model_fn(tmp_path, kind):
     assert _same(r, model)
     x = torch.randn(2, *SIZE)
     assert torch.equal(r.eval()(x), model.eval()(x))
+
+
+def test_convnextv2_global_response_norm_grows_to_the_stock_model():
+    """GRN: an L2 norm over the spatial dims (a reduction rule) and addcmul (elementwise). It normalizes by
+    the mean over channels, so a zero-init fusion is not an ensemble (like LayerNorm over channels), but
+    it fuses and bakes to exactly the stock layout."""
+    torch.manual_seed(0)
+    size = (3, 64, 64)
+    base = timm.create_model("convnextv2_atto", num_classes=10)  # built directly: the spec is inferred
+    a = morph.convert(base, 0.5, seed=1, input_size=size)
+    b = morph.convert(base, 0.5, seed=2, input_size=size)
+    fused = morph.fuse(a, b, init="zero", seed=0).eval()
+    baked = morph.bake(fused)
+    stock = timm.create_model("convnextv2_atto", num_classes=10)
+    stock.load_state_dict(baked.state_dict(), strict=True)
+    x = torch.randn(2, *size)
+    torch.testing.assert_close(stock.eval()(x), fused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_condconv_is_refused_with_the_reason():
+    with pytest.raises(morph.UnsupportedOpError, match=r"blocks\.\d\.0\.conv_pw.*CondConv2d .*cannot be converted or "
+                       r"grown; use the family's plain variant"):
+        morph.convert(timm.create_model("efficientnet_cc_b0_4e", num_classes=10), 0.5, input_size=(3, 64, 64))

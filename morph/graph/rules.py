@@ -137,6 +137,20 @@ def _prelu(a: Analyzer, node: fx.Node) -> TD:
     return TD(x.dims, _out_shape(a))
 
 
+@_module("timm.layers.cond_conv2d.CondConv2d")
+def _cond_conv(a: Analyzer, node: fx.Node) -> TD:
+    """Refused, with the reason. A CondConv2d computes each sample's kernel as a routed mixture of expert
+    kernels, ``W(x) = sum_e r_e(x) W_e``, stored flat as one ``[experts, out*in/groups*k*k]`` parameter and
+    applied as one grouped conv over the batch. Growing it needs its own layer kind in every pass (width
+    surgery per expert, templates per expert, tiles per expert, bake back to the flat layout): a conv rule
+    would only resize it as a plain conv and corrupt the flat expert layout."""
+    raise a.fail(
+        "CondConv2d (per-sample mixtures of expert kernels in one flat [experts, out*in*k*k] parameter) has no "
+        "layer kind in morph's width surgery, templates or tiling, so it cannot be converted or grown",
+        "use the family's plain variant (efficientnet_b0 for efficientnet_cc_b0_4e)",
+    )
+
+
 @_module("timm.models.vgg.ConvMlp")
 def _timm_conv_mlp(a: Analyzer, node: fx.Node) -> TD:
     """timm's VGG head, a leaf for fx (its forward pools inputs under the kernel size up to it):
@@ -235,7 +249,7 @@ _function(
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.neg,
     torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.clamp,
-    torch.erf, torch.neg, torch.softmax, torch.log_softmax,
+    torch.erf, torch.neg, torch.softmax, torch.log_softmax, torch.addcmul, torch.addcdiv,
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
     F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout2d, F.softmax, F.log_softmax,
     F.alpha_dropout, F.gelu, F.logsigmoid, F.prelu,
@@ -254,6 +268,7 @@ _method(
     "sqrt", "rsqrt", "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to", "type",
     "type_as", "softmax", "log_softmax", "hardswish", "hardsigmoid", "sign", "erf", "floor", "ceil", "round",
     "masked_fill", "bernoulli_", "fill_", "requires_grad_", "__add__", "__mul__", "__radd__", "__rmul__",
+    "addcmul", "addcmul_", "addcdiv", "addcdiv_",
 )(_elementwise)
 
 
@@ -550,13 +565,27 @@ def _reduce_method(a: Analyzer, node: fx.Node) -> TD:
     return _reduce(a, node)
 
 
-def _reduce(a: Analyzer, node: fx.Node) -> TD | None:
+@_function(torch.norm, torch.linalg.vector_norm)
+def _norm_fn(a: Analyzer, node: fx.Node) -> TD:
+    """``torch.norm(x, p, dim, keepdim)`` and ``vector_norm(x, ord, dim, keepdim)``: a reduction over ``dim``
+    (ConvNeXt-V2's global response norm takes the L2 norm over the spatial dims)."""
+    return _reduce(a, node, dim_at=2)
+
+
+@_method("norm")
+def _norm_method(a: Analyzer, node: fx.Node) -> TD:
+    return _reduce(a, node, dim_at=2)
+
+
+def _reduce(a: Analyzer, node: fx.Node, dim_at: int = 1) -> TD | None:
+    """A reduction over ``dim`` (positional argument ``dim_at``, then ``keepdim``): reduced dims vanish, or
+    become size-1 broadcast dims with ``keepdim``; reducing over channels is fine (the result broadcasts)."""
     x = _x(a, node)
     out_shape = a.shape()
     if out_shape is None or isinstance(out_shape, list):
         raise a.fail("reduction with several outputs")
-    dim = _arg(node, 1, "dim", None)
-    keep = bool(_arg(node, 2, "keepdim", False))
+    dim = _arg(node, dim_at, "dim", None)
+    keep = bool(_arg(node, dim_at + 1, "keepdim", False))
     nd = len(x.shape)
     if dim is None:
         red = set(range(nd))
