@@ -141,9 +141,9 @@ def _build(
         b = copy.deepcopy(b) if b is not None else None
     plain = _skeleton(a)
     plan = analyze(plain, ia.input_size)
-    stock = _stock(ia)
-    full, _ = apply_width(plain, plan, 2.0, groups=_stock_groups(stock))
-    _check_stock(ia, stock, full)
+    groups, shapes = _original(ia)
+    full, _ = apply_width(plain, plan, 2.0, groups=groups)
+    _check_stock(ia, shapes, full)
     vectors = _bank_vectors([a] if b is None else [a, b])
     src_b = b if b is not None else a
     record: dict[str, list] = {}
@@ -168,38 +168,38 @@ def _build(
     return set_info(full, info)
 
 
-def _stock(info: MorphInfo) -> nn.Module | None:
-    """The stock full-width model, on the meta device (no memory, no init), when fusing halves of it."""
-    from .zoo import TRUSTED_FACTORIES, build_model
+def _original(info: MorphInfo) -> tuple[dict[str, int], dict[str, tuple[int, ...]] | None]:
+    """Groups and tensor shapes of the full-width model that two halves tile back to: recorded by
+    :func:`morph.convert` (``info.original``), or, for halves saved before morph recorded it, read from
+    the stock model rebuilt from a timm/torchvision spec on the meta device. ``({}, None)`` when neither
+    is known (the channel plan alone then decides)."""
+    if info.width * 2 != 1.0:
+        return {}, None
+    if info.original:
+        return dict(info.original.get("groups", {})), {k: tuple(v) for k, v in info.original.get("shapes", {}).items()}
+    if info.spec is None or info.spec.source == "callable":
+        return {}, None  # never import a callable a recorded spec names (it may come from a file)
+    from .zoo import build_model
 
-    if info.width * 2 != 1.0 or info.spec is None:
-        return None
-    if info.spec.source == "callable" and info.spec.name not in TRUSTED_FACTORIES:
-        return None  # a recorded spec may come from a file: never import a user's callable by its name here
     try:
         with torch.device("meta"):
-            return build_model(info.spec.spec, **info.spec.kwargs)
+            stock = build_model(info.spec.spec, **info.spec.kwargs)
     except NotImplementedError:  # constructors that compute on tensors (torchvision regnet)
-        return build_model(info.spec.spec, **info.spec.kwargs)
+        stock = build_model(info.spec.spec, **info.spec.kwargs)
+    groups = {n: m.groups for n, m in stock.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    groups.update({n: m.num_groups for n, m in stock.named_modules() if isinstance(m, nn.GroupNorm)})
+    return groups, {k: tuple(v.shape) for k, v in stock.state_dict().items()}
 
 
-def _stock_groups(stock: nn.Module | None) -> dict[str, int]:
-    if stock is None:
-        return {}
-    out = {n: m.groups for n, m in stock.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
-    out.update({n: m.num_groups for n, m in stock.named_modules() if isinstance(m, nn.GroupNorm)})
-    return out
-
-
-def _check_stock(info: MorphInfo, stock: nn.Module | None, full: nn.Module) -> None:
-    """The fused model must be the full-width stock model: halves must have been exact."""
-    if stock is None:
+def _check_stock(info: MorphInfo, want: dict[str, tuple[int, ...]] | None, full: nn.Module) -> None:
+    """The fused model must be the original full-width model: halves must have been exact."""
+    if want is None:
         return
-    want = {k: tuple(v.shape) for k, v in stock.state_dict().items()}
+    name = info.spec.spec if info.spec is not None else "the original model"
     for k, v in full.state_dict().items():
         if k in want and tuple(v.shape) != want[k]:
             raise MorphError(
-                f"{k}: the fused tensor {tuple(v.shape)} differs from {info.spec.spec}'s {want[k]}: two halves "
+                f"{k}: the fused tensor {tuple(v.shape)} differs from {name}'s {want[k]}: two halves "
                 "cannot tile it (odd channel counts were rounded at half width, or a 2-channel group halved to "
                 "1 channel, which morph cannot tell from a broadcast dim); this model cannot be fused"
             )

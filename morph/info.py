@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .zoo import ModelSpec
 
-__all__ = ["MorphInfo", "get_info", "set_info", "FORMAT_VERSION"]
+__all__ = ["MorphInfo", "get_info", "set_info", "original_layout", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -31,6 +31,8 @@ class MorphInfo:
         train_edge_coefficients: whether the first conv's and the classifier's coefficients train.
         growth, init: fusion options (fused/grown models).
         factor: growth factor of a fused/grown model relative to its sets (2).
+        original: the layout of the model it came from, as :func:`original_layout` records it, so that
+            fusing or growing back to it needs no rebuild from the spec (and works without one).
     """
 
     kind: str
@@ -45,6 +47,7 @@ class MorphInfo:
     init: str = ""
     factor: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    original: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -75,6 +78,20 @@ class MorphInfo:
         d["input_size"] = tuple(d.get("input_size", (3, 224, 224)))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def original_layout(model: nn.Module) -> dict[str, Any]:
+    """What fusion and growth need to rebuild ``model``'s architecture at its own width: the groups of
+    every grouped conv and GroupNorm, and every state-dict tensor's shape. A model that already records
+    its original (a half converted again) passes that on."""
+    info = get_info(model)
+    if info is not None and info.original:
+        return info.original
+    groups = {n: m.groups for n, m in model.named_modules()
+              if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1}
+    groups.update({n: m.num_groups for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)})
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if hasattr(v, "shape")}
+    return {"groups": groups, "shapes": shapes}
 
 
 def get_info(model: nn.Module) -> MorphInfo | None:

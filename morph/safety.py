@@ -136,6 +136,14 @@ def check_info_json(d: Any, where: str) -> None:
         _need(isinstance(v, str) and len(v) <= 64, where, f"{key} must be a short string")
     _need(isinstance(d.get("train_edge_coefficients", False), bool), where, "train_edge_coefficients must be true/false")
     _need(isinstance(d.get("extra", {}), dict), where, "extra must be a JSON object")
+    orig = d.get("original", {})
+    _need(isinstance(orig, dict) and set(orig) <= {"groups", "shapes"}, where, "original must be a JSON object")
+    groups, shapes = orig.get("groups", {}), orig.get("shapes", {})
+    _need(isinstance(groups, dict) and all(isinstance(k, str) and _int(v) and v >= 1 for k, v in groups.items()),
+          where, "original.groups must map layer names to positive integers")
+    _need(isinstance(shapes, dict) and all(isinstance(k, str) and isinstance(v, list) and len(v) <= 8
+                                           and all(_int(x) and x >= 0 for x in v) for k, v in shapes.items()),
+          where, "original.shapes must map tensor names to lists of sizes")
     spec = d.get("spec")
     if spec is not None:
         _need(isinstance(spec, dict), where, "spec must be a JSON object")

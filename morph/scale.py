@@ -339,7 +339,7 @@ def scale_width(
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     new, _ = apply_width(model, plan, width, stock_init(gen))
     verify_forward(output_shape(plan), new, plan.input_size)
-    from .info import MorphInfo, set_info
+    from .info import MorphInfo, original_layout, set_info
 
     return set_info(new, MorphInfo(kind="plain", spec=get_spec(model), width=width,
-                                   input_size=tuple(plan.input_size)))
+                                   input_size=tuple(plan.input_size), original=original_layout(model)))

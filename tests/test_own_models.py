@@ -83,3 +83,39 @@ def test_condconv_is_refused_with_the_reason():
     with pytest.raises(morph.UnsupportedOpError, match=r"blocks\.\d\.0\.conv_pw.*CondConv2d .*cannot be converted or "
                        r"grown; use the family's plain variant"):
         morph.convert(timm.create_model("efficientnet_cc_b0_4e", num_classes=10), 0.5, input_size=(3, 64, 64))
+
+
+class _Grouped(torch.nn.Module):
+    """Group width 8 does not divide the half width 12: the half has 3 groups of 4 channels."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 24, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(24)
+        self.grouped = torch.nn.Conv2d(24, 24, 3, padding=1, groups=3)
+        self.gn = torch.nn.GroupNorm(3, 24)
+        self.fc = torch.nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.gn(self.grouped(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_own_model_fuses_back_to_its_recorded_layout(tmp_path):
+    """No spec to rebuild the original from: convert records its layout, and fusion tiles back to it
+    (3 groups, not the 6 that re-deriving from the half's 4-channel groups would give)."""
+    torch.manual_seed(0)
+    base = _Grouped()
+    a = morph.convert(base, 0.5, seed=1, input_size=SIZE)
+    b = morph.convert(base, 0.5, seed=2, input_size=SIZE)
+    assert a.grouped.groups == 3 and morph.get_info(a).original["groups"] == {"grouped": 3, "gn": 3}
+    fused = morph.fuse(a, b, init="zero", seed=0).eval()
+    assert fused.grouped.groups == 3 and fused.gn.num_groups == 3
+    mine = _Grouped()
+    mine.load_state_dict(morph.bake(fused).state_dict(), strict=True)
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(mine.eval()(x), fused(x), rtol=1e-5, atol=1e-5)
+    # and the fused model round-trips through a file with the caller's factory
+    r = morph.load(morph.save(fused, tmp_path / "f.safetensors"), model_fn=_Grouped)
+    assert _same(r, fused) and torch.equal(r.eval()(x), fused(x))
