@@ -23,8 +23,12 @@ from .errors import CheckpointError, ModelNotFoundError
 
 __all__ = ["build_model", "build_recorded", "resolve_spec", "ModelSpec", "get_spec", "infer_spec", "TRUSTED_FACTORIES"]
 
-# morph's own model factories: a file may name these, as it may name a timm or torchvision model.
-TRUSTED_FACTORIES = frozenset({"morph.recipes.models:wrn"})
+# morph's own model factories: a file may name these, as it may name a timm or torchvision model. Each
+# recorded name (including the name earlier morph versions recorded) maps to the factory morph calls.
+TRUSTED_FACTORIES = {
+    "morph.recipes.models:wrn": "morph.recipes.models:wrn",
+    "recipes.models:wrn": "morph.recipes.models:wrn",
+}
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,10 @@ def build_recorded(
             f"code that the file names; if you trust this file, pass model_fn=<your factory> or trust_code=True "
             f"to morph.load (--trust-code on the command line), which will call {spec.name}(**{kwargs})"
         )
+    if spec.source == "callable" and spec.name in TRUSTED_FACTORIES:
+        model = build_model(TRUSTED_FACTORIES[spec.name], **kwargs)
+        model.morph_spec = ModelSpec(spec.source, TRUSTED_FACTORIES[spec.name], dict(kwargs))  # type: ignore[assignment]
+        return model
     return build_model(spec.spec, **kwargs)
 
 
