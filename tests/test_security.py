@@ -383,3 +383,26 @@ def test_report_inputs_are_checked(tmp_path, result, match):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and match in lines[0] and "result.json" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recorded", ["morph.recipes.models:wrn", "recipes.models:wrn"])
+def test_morph_own_factories_load_without_opt_in(tmp_path, recorded):
+    """The recipes' WRN is morph's own factory: a file may name it (also by the name earlier versions
+    recorded), and morph calls its own function, not whatever the name would import."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import morph
+
+    model = morph.build_model("morph.recipes.models:wrn", depth=10, widen_factor=1, num_classes=3)
+    path = morph.save(model, tmp_path / "wrn.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    info = json.loads(meta["morph_info"])
+    info["spec"]["name"] = recorded
+    meta["morph_info"] = json.dumps(info)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    r = morph.load(path)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(r.eval()(x), model.eval()(x))
