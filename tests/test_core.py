@@ -282,10 +282,20 @@ def test_checkpoint_errors(tmp_path):
         morph.load(trunc)
 
 
-def test_save_is_atomic(tmp_path):
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that fails half-way (here: the safetensors writer, after writing part of the file) leaves
+    nothing behind, and an existing file is untouched."""
+    import safetensors.torch
+
     h = morph.convert(_spec_model(), input_size=SIZE)
-    h.morph_info.spec = None
-    with pytest.raises(morph.MorphError):
+
+    def broken(model, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    with pytest.raises(OSError, match="disk full"):
         morph.save(h, tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
 
