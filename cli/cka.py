@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from enum import Enum
 from pathlib import Path
@@ -31,9 +32,6 @@ _STATS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
-# The recipes' own model factory: its checkpoints load without --trust-code (morph names the callable, not the file).
-_RECIPE_SPECS = ("morph.recipes.models:wrn", "recipes.models:wrn")
-
 # Stages of a recipe method in training order, as (stage directory under seed<S>/, label); the growth point
 # lies between the first and the second.
 _METHOD_STAGES = {
@@ -47,12 +45,7 @@ def load_model(spec: str, trust_code: bool = False) -> nn.Module:
     :func:`morph.build_model` (fresh weights, never downloaded)."""
     path = Path(spec)
     if path.suffix == ".safetensors" or path.exists():
-        info, _ = morph.read_info(path)
-        if info.spec is not None and info.spec.source == "callable" and info.spec.name in _RECIPE_SPECS:
-            from morph.recipes.models import wrn
-
-            return morph.load(path, model_fn=wrn)
-        return morph.load(path, trust_code=trust_code)
+        return morph.load(path, trust_code=trust_code)  # the recipes' WRN is one of morph's trusted factories
     return morph.build_model(spec)
 
 
@@ -198,6 +191,10 @@ def cka_command(
                                                  show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Heatmap PNG to write.", show_default=False)] = None,
     title: Annotated[str | None, typer.Option(help="Title of the heatmap.", show_default=False)] = None,
+    label_a: Annotated[str | None, typer.Option(help="Axis label of A's layers (default: its file or name).",
+                                                show_default=False)] = None,
+    label_b: Annotated[str | None, typer.Option(help="Axis label of B's layers (default: its file or name).",
+                                                show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print {layers_a, layers_b, matrix, ...} as JSON on stdout.")] = False,
     trust_code: TrustCode = False,
 ) -> None:
@@ -234,7 +231,7 @@ def cka_command(
             task = bar.add_task("cka", total=total)
             result = cka(model_a, model_b, loader, la, lb, estimator=estimator.value, reduce=reduce.value,
                          batches=batches, progress=lambda k: bar.update(task, completed=k))
-        marks, xlabel, ylabel = [], f"B: {Path(b).name if b else Path(a).name}", f"A: {Path(a).name}"
+        marks, xlabel, ylabel = [], label_b or f"B: {_short(b or a)}", label_a or f"A: {_short(a)}"
         default_title = f"linear CKA, {result.estimator}, {result.images:,} images"
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +262,9 @@ def _epochs(run: Path, layer: str | None, method: str, run_seed: int | None, dat
     del first
     loader = _loader(data, size, stats, batch_size, batches, seed)
     per_model = min(batches, len(loader))
+    if per_model * batch_size * 3 * size * size * 4 <= 2**30:  # decode the images once, not once per model
+        with status(f"decoding {per_model * batch_size:,} images"):
+            loader = [x for x, _ in itertools.islice(loader, per_model)]
     labels = [label for label, _ in found]
     with _progress(per_model * len(found), f"CKA of {layer} over {len(found)} epochs") as bar:
         task = bar.add_task("cka", total=per_model * len(found))
@@ -276,6 +276,12 @@ def _epochs(run: Path, layer: str | None, method: str, run_seed: int | None, dat
     grow = "" if growth is None else f", growth after {found[growth - 1][0]}"
     title = f"{where}: CKA of {layer} across epochs{grow}"
     return result, marks, "epoch", title
+
+
+def _short(spec: str) -> str:
+    """A model name, or the last three parts of a checkpoint path (``net1/epochs/epoch-008.safetensors``)."""
+    path = Path(spec)
+    return "/".join(path.parts[-3:]) if path.suffix == ".safetensors" else spec
 
 
 def _print_summary(result: CKAResult, output: Path | None) -> None:
