@@ -67,7 +67,12 @@ class DataConfig:
             ``train_subset``/``test_subset`` then give the sizes (default 1024/256).
         image_size: training crop size; ``None`` means 32 for CIFAR and 224 for ImageNet.
         cutout: side of the cutout square on CIFAR (0 turns it off).
-        num_workers: DataLoader worker processes per rank.
+        num_workers: DataLoader worker processes per rank (``stream`` path).
+        loader: ``tensor`` (decode once into a ``uint8`` tensor cache, keep it on the training device,
+            augment whole batches there), ``stream`` (per-image decoding and transforms in DataLoader
+            workers) or ``auto`` (tensor for CIFAR, stream for ImageNet).
+        cache_dir: where the tensor path caches decoded splits; ``None``: ``$MORPH_DATA_CACHE`` or
+            ``~/.cache/morph/data``.
     """
 
     dataset: str = "cifar10"
@@ -79,6 +84,8 @@ class DataConfig:
     image_size: int | None = None
     cutout: int = 16
     num_workers: int = 4
+    loader: str = "auto"
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -231,6 +238,7 @@ class Config:
         """
         _choice("data.dataset", self.data.dataset, DATASETS)
         _choice("data.format", self.data.format, ("auto", "torchvision", "imagefolder"))
+        _choice("data.loader", self.data.loader, ("auto", "tensor", "stream"))
         _choice("model.norm", self.model.norm, ("block", "preact"))
         _choice("optim.schedule", self.optim.schedule, ("cosine", "step"))
         from morph.convert import SHARE_MODES

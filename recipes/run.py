@@ -30,7 +30,7 @@ from .trainer import Trainer
 __all__ = ["check_run_dir", "main", "train"]
 
 # Keys that may differ between the first run and a resumed one: they do not change what is trained.
-_FREE_KEYS = {"name", "data.root", "data.format", "data.num_workers", "growth.methods"}
+_FREE_KEYS = {"name", "data.root", "data.format", "data.num_workers", "data.cache_dir", "growth.methods"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -87,7 +87,7 @@ def _provenance(cfg: Config) -> dict[str, str | None]:
 def train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
     """Run every method of ``cfg`` for every seed, in an already set-up process group."""
     check_run_dir(run_dir, cfg)
-    data = build_data(cfg.data)
+    data = build_data(cfg.data, say=Console(stderr=True, soft_wrap=True).print if dist.is_main else None)
     trainer = Trainer(cfg, data, dist, run_dir)
     planner = Planner(cfg, trainer, data.num_classes, data.input_size)
     trainer.flops_unit = planner.unit  # builds and counts the target: a bad model spec fails here

@@ -46,7 +46,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config, OptimConfig, RunConfig
-from .data import DataSplits, EpochBatches, derive_seed, make_loader
+from .data import DataSplits, EpochBatches, derive_seed, make_loader, tensor_batches
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
 from .errors import RecipeError
 from .metrics import MetricsLog
@@ -250,6 +250,11 @@ class Trainer:
             raise RecipeError(f"optim.batch_size={self.batch_size} exceeds the {len(data.train)} training images")
         self.steps_per_epoch = len(data.train) // self.batch_size
         self.device = dist.device
+        # the tensor path keeps both splits whole on the training device (CIFAR-10: 180 MiB of uint8)
+        self.tensors = data.tensors
+        if self.tensors is not None:
+            self._train_images = self.tensors.train.to(self.device)
+            self._test_images = self.tensors.test.to(self.device)
         on_gpu = self.device.type == "cuda"
         self.amp = cfg.run.amp and on_gpu
         self.channels_last = cfg.run.channels_last and on_gpu
@@ -376,7 +381,7 @@ class Trainer:
             drop_last=True,
             stop=n,
         )
-        loader = make_loader(self.data.train, batches, self.cfg.data.num_workers, self.device.type == "cuda")
+        loader = self.batches(batches)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
         log_every = self.cfg.run.log_every
         t0, images0 = time.perf_counter(), state.images
@@ -408,6 +413,15 @@ class Trainer:
         loss_avg = float(sums[0] / sums[2])
         top1 = 100.0 * float(sums[1] / sums[2])
         return self._record(stage, state, lr, loss_avg, top1, t0, images0, kind="epoch")
+
+    def batches(self, batches: EpochBatches) -> Any:
+        """``(inputs, targets)`` of this rank for every batch of ``batches`` (training batches when
+        ``batches.shuffle``): from the tensors on the device, or from a DataLoader (``stream``)."""
+        if self.tensors is not None:
+            data = self._train_images if batches.shuffle else self._test_images
+            return tensor_batches(data, batches, self.tensors.augment, self.device)
+        dataset = self.data.train if batches.shuffle else self.data.test
+        return make_loader(dataset, batches, self.cfg.data.num_workers, self.device.type == "cuda")
 
     def _batch_to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
@@ -464,7 +478,7 @@ class Trainer:
         batches = EpochBatches(
             len(self.data.test), self.batch_size, self.dist.rank, self.dist.world_size, shuffle=False, drop_last=False
         )
-        loader = make_loader(self.data.test, batches, self.cfg.data.num_workers, self.device.type == "cuda")
+        loader = self.batches(batches)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         criterion = nn.CrossEntropyLoss(reduction="sum")
         for x, y in loader:

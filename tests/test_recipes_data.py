@@ -12,6 +12,12 @@ from morph.recipes.data import Cutout, EpochBatches, balanced_prefix, build_data
 from PIL import Image
 
 
+@pytest.fixture(autouse=True)
+def _data_cache_in_tmp(tmp_path, monkeypatch):
+    """The tensor path's decoded-data cache goes to the test's temp dir, not ~/.cache."""
+    monkeypatch.setenv("MORPH_DATA_CACHE", str(tmp_path / "data-cache"))
+
+
 def test_ranks_split_each_global_batch_and_order_depends_only_on_seed_and_epoch():
     one = list(EpochBatches(50, 8, epoch=3, seed=1))
     two = [list(EpochBatches(50, 8, rank=r, world_size=2, epoch=3, seed=1)) for r in range(2)]
