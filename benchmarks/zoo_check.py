@@ -195,18 +195,39 @@ def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _first(model.eval()(x))
 
 
+def build_direct(spec: str, **kwargs) -> nn.Module:
+    """``spec``'s model built the way users build it, by the library's own constructor, not through
+    :func:`morph.build_model` (so it carries no morph spec): ``timm.create_model(NAME)`` or
+    ``torchvision.models.get_model(NAME, weights=None)``."""
+    source, name = spec.split("/", 1)
+    if source == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+    import torchvision.models as tvm
+
+    if name in ("googlenet", "inception_v3"):
+        kwargs.setdefault("init_weights", True)
+    return tvm.get_model(name, weights=None, **kwargs)
+
+
 def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, flops_size=None,
-                tmpdir=None, templates: int = 2) -> ZooResult:
+                tmpdir=None, templates: int = 2, direct: bool = False) -> ZooResult:
     """Run every morph pass on ``spec``; a MorphError is recorded as ``status="error"``, anything else
-    as ``status="crash"`` (a bug: morph must explain every failure with a MorphError)."""
+    as ``status="crash"`` (a bug: morph must explain every failure with a MorphError).
+
+    ``direct``: build the model (and the stock model the baked one must load into) with the library's
+    own constructor (:func:`build_direct`) instead of :func:`morph.build_model`."""
     t0 = time.perf_counter()
     r = ZooResult(spec, dtype=str(dtype).replace("torch.", ""), input_size=tuple(input_size))
+    build = (lambda **kw: build_direct(spec, **kw)) if direct else (lambda **kw: morph.build_model(spec, **kw))
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     stage = "build"
     try:
         torch.manual_seed(0)
-        m = morph.build_model(spec).eval()
+        m = build().eval()
+        assert direct == (getattr(m, "morph_spec", None) is None)
         r.params = _numel(m)
         x = torch.randn(2, *input_size)
         y0 = _run(m, x)
@@ -259,7 +280,7 @@ def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, 
         if tmpdir is not None:
             stage = "save/load"
             path = morph.save(a, f"{tmpdir}/{spec.replace('/', '_')}.safetensors")
-            re = morph.load(path)
+            re = morph.load(path, model_fn=build if morph.read_info(path)[0].spec is None else None)
             r.save_load_exact = bool(torch.equal(_run(re, x), ya))
             del re
             path.unlink()
@@ -280,7 +301,7 @@ def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, 
         gc.collect()
 
         stage = "strict load"
-        stock = morph.build_model(spec)
+        stock = build()
         r.params_fused_predicted = predict_fused_params(stock, half_shapes, templates)
         stock.load_state_dict(sd, strict=True)
         r.strict_load = True

@@ -111,7 +111,8 @@ def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None
     if info.spec is None:
         if model_fn is None:
             raise CheckpointError(f"{where}: the model records no spec (it was not built by morph.build_model, nor "
-                                  "is it a timm or torchvision model): pass model_fn=<a function that builds it>")
+                                  "is it a timm or torchvision model): load it from Python with morph.load(path, "
+                                  "model_fn=<a function that builds it>)")
         base = model_fn()
         if not isinstance(base, nn.Module):
             raise CheckpointError(f"{where}: model_fn returned {type(base).__name__}, not an nn.Module")

@@ -12,6 +12,8 @@ Per model (``benchmarks/zoo_check.py``):
   ``FLOPS_DEVIATIONS`` (depthwise convs, stem and classifier cost linearly in the width): a listed model
   whose prediction comes back to 0.25 fails, and so does an unlisted one far from 0.25;
 - ``bake`` equals the template model (half and fused); save/load of the half model is bit-exact;
+- all of it twice: the model built by ``morph.build_model`` and built directly by timm's or torchvision's
+  own constructor (then the stock model of the strict load is built that way too);
 - a zero-initialized fusion equals the ensemble ``(a(x) + b(x)) / 2`` within 1e-5, except the
   architectures in ``NOT_BLOCKWISE`` (named with their reason); for all of them the baked fused model
   loads with ``strict=True`` into the stock full-width model, which then computes the fused function.
@@ -40,9 +42,13 @@ TOL = 1e-5
 
 
 @pytest.mark.zoo
+@pytest.mark.parametrize("build", ["morph", "direct"])
 @pytest.mark.parametrize("spec", ci_specs())
-def test_zoo(spec, tmp_path):
-    r = check_model(spec, spec_input_size(spec), flops_size=flops_input_size(spec), tmpdir=tmp_path)
+def test_zoo(spec, build, tmp_path):
+    """``build``: through ``morph.build_model``, or by the library's own constructor (no morph spec: the
+    spec is inferred where certain, the layout to fuse back to is the one convert recorded)."""
+    r = check_model(spec, spec_input_size(spec), flops_size=flops_input_size(spec), tmpdir=tmp_path,
+                    direct=build == "direct")
     assert r.status == "ok", f"{r.stage}: {r.error}"
     assert r.output_shape_ok
     # parameters: predicted from layer shapes, not counted on the converted model
