@@ -812,3 +812,26 @@ def test_build_kernels_command_without_compiler(tmp_path, monkeypatch):
         assert not native.is_built()
     finally:
         native.cache_dir.cache_clear()
+
+
+def test_walkthrough_commands_never_compile(tmp_path, monkeypatch):
+    """convert, inspect, fuse, bake and grow never start a compiler (torch.utils.cpp_extension), built
+    kernels or not: the walkthrough of the README waits on nothing but its own work."""
+    import torch.utils.cpp_extension as cpp
+    from morph.cli.main import app
+    from typer.testing import CliRunner
+
+    def compile_(*args, **kwargs):
+        raise AssertionError("a morph command tried to compile")
+
+    monkeypatch.setattr(cpp, "load", compile_)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    spec = ["motifs:residual", "--input-size", "3,8,8"]
+    for args in (["convert", *spec, "--seed", "1", "-o", "a.safetensors"],
+                 ["convert", *spec, "--seed", "2", "-o", "b.safetensors"],
+                 ["inspect", "a.safetensors", "--trust-code"],
+                 ["fuse", "a.safetensors", "b.safetensors", "-o", "f.safetensors", "--trust-code"],
+                 ["bake", "f.safetensors", "-o", "p.safetensors", "--trust-code"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, (args, res.output)
