@@ -160,8 +160,9 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 
 def cka_command(
     a: Annotated[str | None, typer.Argument(help="Model A: a morph .safetensors checkpoint or a model name "
-                                            "(timm/NAME, torchvision/NAME; fresh weights).", show_default=False)] = None,
-    b: Annotated[str | None, typer.Argument(help="Model B (default: A itself).", show_default=False)] = None,
+                                            "(timm/NAME, torchvision/NAME; fresh weights).", metavar="A",
+                                            show_default=False)] = None,
+    b: Annotated[str | None, typer.Argument(help="Model B (default: A itself).", metavar="B", show_default=False)] = None,
     data: Annotated[Path | None, typer.Option("--data", help="ImageFolder of images (its test/ or val/ split if it "
                                               "has one); with --run, default: the run's data.root.",
                                               show_default=False)] = None,
