@@ -13,6 +13,7 @@ Run: ``python benchmarks/bench_cka.py [--data ../shared/data/cifar10] [--images 
   it apart, ``pip install --target /tmp/tcka torch_cka --no-deps`` (it needs tqdm and matplotlib), and
   point ``--torch-cka-path`` (default ``/tmp/tcka``) at it. Without it the benchmark times morph alone and
   says so.
+- The two models' forward passes alone over the same batches are timed too: the floor under both.
 - Agreement: the largest absolute difference between the two matrices, and morph's unbiased estimator
   in float64 against torch_cka's in float32.
 """
@@ -62,7 +63,7 @@ def import_torch_cka(path: str):
     return CKA, None
 
 
-def run_morph(a, b, loader) -> tuple[float, "object"]:
+def run_morph(a, b, loader) -> tuple[float, object]:
     import morph
 
     t0 = time.perf_counter()
@@ -70,7 +71,7 @@ def run_morph(a, b, loader) -> tuple[float, "object"]:
     return time.perf_counter() - t0, r.matrix
 
 
-def run_torch_cka(CKA, a, b, loader) -> tuple[float, "object"]:
+def run_torch_cka(CKA, a, b, loader) -> tuple[float, object]:
     import warnings
 
     # torch_cka never removes its hooks: give it copies
@@ -88,6 +89,18 @@ def run_torch_cka(CKA, a, b, loader) -> tuple[float, "object"]:
     return seconds, cka.export()["CKA"].double()
 
 
+def run_forward(a, b, loader) -> tuple[float, None]:
+    """The two models' forward passes alone over the same batches: the floor under both tools."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in loader:
+            a(x)
+            b(x)
+    return time.perf_counter() - t0, None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10")
@@ -95,6 +108,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--torch-cka-first", action="store_true", help="time torch_cka first (and alternate from there)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--torch-cka-path", default="/tmp/tcka")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
@@ -119,16 +133,20 @@ def main() -> None:
     torch.manual_seed(2)
     b = torchvision.models.resnet18(num_classes=10).eval()
 
-    times: dict[str, list[float]] = {"morph": [], "torch_cka": []}
+    times: dict[str, list[float]] = {"forward": [], "morph": [], "torch_cka": []}
     matrices: dict[str, torch.Tensor] = {}
+    runners = {"forward": run_forward, "morph": run_morph, "torch_cka": lambda *m: run_torch_cka(CKA, *m)}
     for rep in range(args.repeats):
-        order = ["morph", "torch_cka"] if rep % 2 == 0 else ["torch_cka", "morph"]
+        order = ["forward", "morph", "torch_cka"]
+        if (rep % 2 == 0) == args.torch_cka_first:
+            order.reverse()
         for tool in order:
             if tool == "torch_cka" and CKA is None:
                 continue
-            s, m = run_morph(a, b, loader) if tool == "morph" else run_torch_cka(CKA, a, b, loader)
+            s, m = runners[tool](a, b, loader)
             times[tool].append(s)
-            matrices[tool] = m
+            if m is not None:
+                matrices[tool] = m
             print(f"  {tool:9s} {s:7.1f} s", flush=True)
 
     result = {
@@ -137,10 +155,13 @@ def main() -> None:
         "layers": LAYERS,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
+        "order": "torch_cka first" if args.torch_cka_first else "morph first",
+        "forward_only_s": times["forward"],
         "morph_s": times["morph"],
         "torch_cka_s": times["torch_cka"] or None,
         "torch_cka": "absent" if CKA is None else "torch_cka 0.21 (float32, per-pair Gram matrices)",
     }
+    print(f"forward passes alone: {min(times['forward']):.1f} s")
     print(f"morph.cka:  {min(times['morph']):.1f} s (best of {len(times['morph'])})")
     if CKA is not None:
         diff = (matrices["morph"] - matrices["torch_cka"]).abs()

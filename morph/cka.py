@@ -319,6 +319,7 @@ class _Taps:
             self.gm = gm
         self.modules = modules
         self.device = _device(model)
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         self.handles: list[Any] = []
         self.values: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
@@ -352,7 +353,8 @@ class _Taps:
     @torch.no_grad()
     def run(self, x: torch.Tensor) -> list[Any]:
         """``keep(features)`` (features: n x p) of every named layer for inputs ``x``, in the order of ``names``."""
-        x = x.to(self.device, non_blocking=True)
+        dtype = self.dtype if x.is_floating_point() else None  # images in float32, a model in bf16/fp16
+        x = x.to(self.device, dtype=dtype, non_blocking=True)
         self.values.clear()
         self.calls.clear()
         if self.module_names:

@@ -196,6 +196,15 @@ def test_different_models_and_pooling():
     assert bool(((biased.matrix >= 0) & (biased.matrix <= 1.0 + 1e-12)).all())
 
 
+def test_a_bfloat16_copy_is_nearly_identical_to_its_float32_model():
+    a = tiny_wrn()
+    b = tiny_wrn()
+    b.load_state_dict(a.state_dict())
+    b.to(torch.bfloat16)  # float32 images are cast to the model's dtype; Gram matrices are float64 either way
+    r = morph.cka(a, b, _images(2))
+    assert bool((torch.diagonal(r.matrix) > 0.98).all())
+
+
 def test_hooks_are_removed_and_modes_restored_after_an_exception():
     model = tiny_wrn()
     model.train()
