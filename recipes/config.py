@@ -21,7 +21,9 @@ import yaml
 from .errors import RecipeError
 
 __all__ = [
+    "AFTER_GROWTH",
     "CONFIG_DIR",
+    "GROWTH_BASELINES",
     "METHODS",
     "Config",
     "DataConfig",
@@ -45,9 +47,19 @@ METHODS: dict[str, str] = {
     "large-match": "Large Match",
     "small": "Small",
     "small-match": "Small Match",
+    "random": "Random",
+    "net2net": "Net2Net",
+    "firefly": "Firefly",
+    "gradmax": "GradMax",
     "mixturegrowth-nofusion": "MixtureGrowth w/o fusion",
     "mixturegrowth": "MixtureGrowth",
 }
+
+#: The rows that grow the plain small model with a ``morph.grow`` method (growth-methods issue).
+GROWTH_BASELINES = ("random", "net2net", "firefly", "gradmax")
+
+#: Post-growth training (``growth.after``).
+AFTER_GROWTH = ("paper", "official")
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 
@@ -160,6 +172,19 @@ class GrowthConfig:
         growth: ``vertical`` or ``horizontal`` tiling at fusion (``morph.fuse``).
         init: initialization of the new mixing coefficients (``morph.fuse``: ``orthogonal``,
             ``orthogonal-official``, ``random``, ``random-uniform``, ``copy``, ``zero``).
+        after: training after growth, for every growing method: ``paper`` (cosine from ``optim.lr``
+            to 0 over the grown stage, a fresh schedule; MG-supp §1.1) or ``official`` (the official
+            MixtureGrowth code: ``lr_growing``, ``cycles`` cosine cycles with each peak halved, down
+            to ``lr_min``).
+        carry_optimizer: keep the optimizer state across growth (momentum buffers of old weights
+            copied, zero for new ones: ``morph.growth.carry_optimizer_state``); ``None``: ``true`` for
+            ``after=official`` (what the official code does), ``false`` for ``paper``.
+        lr_growing: peak learning rate after growth with ``after=official`` (official: 1e-4).
+        lr_min: floor of the post-growth cycles with ``after=official`` (official: 3e-5).
+        cycles: cosine cycles after growth with ``after=official`` (official: 4).
+        growth_batches: training batches (of ``optim.batch_size``) that ``gradmax`` and ``firefly``
+            read at the growth step (GradMax: one batch of 128).
+        firefly_steps: Adam steps of Firefly-Opt on its batch (growneuron: 100).
     """
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -173,6 +198,18 @@ class GrowthConfig:
     train_edge_coefficients: bool = False
     growth: str = "vertical"
     init: str = "orthogonal"
+    after: str = "paper"
+    carry_optimizer: bool | None = None
+    lr_growing: float = 1e-4
+    lr_min: float = 3e-5
+    cycles: int = 4
+    growth_batches: int = 1
+    firefly_steps: int = 100
+
+    @property
+    def carries_optimizer(self) -> bool:
+        """Whether the optimizer state crosses growth (``carry_optimizer``, else by ``after``)."""
+        return self.after == "official" if self.carry_optimizer is None else self.carry_optimizer
 
 
 @dataclass
@@ -248,6 +285,7 @@ class Config:
         _choice("growth.init", self.growth.init, INIT_MODES)
         _choice("growth.share", self.growth.share, SHARE_MODES)
         _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
+        _choice("growth.after", self.growth.after, AFTER_GROWTH)
         for m in self.growth.methods:
             _choice("growth.methods", m, tuple(METHODS))
         if not self.growth.methods:
@@ -262,6 +300,9 @@ class Config:
             "growth.epochs": self.growth.epochs,
             "growth.budget": self.growth.budget,
             "growth.templates": self.growth.templates,
+            "growth.lr_growing": self.growth.lr_growing,
+            "growth.cycles": self.growth.cycles,
+            "growth.growth_batches": self.growth.growth_batches,
             "run.eval_every": self.run.eval_every,
         }
         for key, value in positive.items():
@@ -273,6 +314,8 @@ class Config:
             "optim.warmup_epochs": self.optim.warmup_epochs,
             "growth.net1_epochs": self.growth.net1_epochs,
             "growth.net2_epochs": self.growth.net2_epochs,
+            "growth.lr_min": self.growth.lr_min,
+            "growth.firefly_steps": self.growth.firefly_steps,
             "data.cutout": self.data.cutout,
             "data.num_workers": self.data.num_workers,
             "run.log_every": self.run.log_every,

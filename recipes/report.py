@@ -113,26 +113,39 @@ def markdown_table(runs: dict[str, _Run]) -> str:
     """The results as a markdown table: one row per method, two columns per config."""
     header = ["Method"]
     for name in runs:
-        header += [f"{name} top-1 (%)", f"{name} FLOPs"]
+        header += [f"{name} top-1 (%)", f"{name} FLOPs", f"{name} params"]
     lines = [
-        "Top-1 test accuracy (%), mean ± std over seeds (number of seeds). FLOPs: training FLOPs relative to "
-        "the target trained from scratch (1X); training FLOPs = 3 × forward FLOPs per image (fvcore, "
-        "1 multiply-add = 1 flop) × images seen; small network 1 is not counted.",
+        "Top-1 test accuracy (%), mean ± std over seeds (number of seeds), in the order of the paper's Table 1. "
+        "FLOPs: training FLOPs relative to the target trained from scratch (1X); training FLOPs = 3 × forward "
+        "FLOPs per image (fvcore, 1 multiply-add = 1 flop) × images seen; small network 1 is not counted; "
+        "the growth step's own cost (GradMax, Firefly) is counted and listed below the table. "
+        "params: parameters of the final model.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
+    growth_lines = []
     for method, label in METHODS.items():
         row, any_result = [label], False
-        for run in runs.values():
+        for name, run in runs.items():
             rs = [r for r in run.results if r["method"] == method]
             if rs:
                 any_result = True
-                row += [_cell([r["top1"] for r in rs]), f"{statistics.fmean(r['flops_norm'] for r in rs):.2f}X"]
+                params = sorted({r.get("params") for r in rs if isinstance(r.get("params"), int)})
+                row += [_cell([r["top1"] for r in rs]), f"{statistics.fmean(r['flops_norm'] for r in rs):.2f}X",
+                        "/".join(f"{n:,}" for n in params) or "–"]
+                costs = [st.get("growth_flops_norm") for r in rs for st in r.get("stages", [])
+                         if isinstance(st, dict) and st.get("stage") == "growth"]
+                costs = [c for c in costs if isinstance(c, (int, float))]
+                if costs:
+                    growth_lines.append(f"- {name}, {label}: growth step {statistics.fmean(costs):.4f}X "
+                                        f"(included in its {statistics.fmean(r['flops_norm'] for r in rs):.2f}X)")
             else:
-                row += ["–", "–"]
+                row += ["–", "–", "–"]
         if any_result:
             lines.append("| " + " | ".join(row) + " |")
+    if growth_lines:
+        lines += ["", "Cost of the growth step itself (training FLOPs relative to 1X):", "", *growth_lines]
     return "\n".join(lines) + "\n"
 
 

@@ -106,7 +106,15 @@ def _print_results(results: list[MethodResult], run_dir: Path) -> None:
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in results:
         table.add_row(r.label, str(r.seed), f"{r.top1:.2f}", f"{r.flops_norm:.3f}X", f"{r.params:,}")
-    Console(stderr=True).print(table)
+    console = Console(stderr=True)
+    console.print(table)
+    for r in results:
+        for st in r.stages:
+            if st["stage"] == "growth":
+                console.print(
+                    f"{r.label} seed {r.seed}: growth step {st['growth_flops_norm']:.4f}X of the "
+                    f"{r.flops_norm:.3f}X ({st['wall_time']:.1f} s)"
+                )
 
 
 def main(

@@ -18,8 +18,20 @@ Methods (``growth.methods``):
   (another ``morph.convert``) for ``net2_epochs`` (the growth point ``e``); ``morph.fuse`` of the two;
   the fused full-width model until the budget is spent.
 - ``mixturegrowth-nofusion``: net 1, then ``morph.grow`` of net 1 alone, trained for the budget.
+- ``random``, ``net2net``, ``firefly``, ``gradmax`` (MG Table 1's growth baselines): the plain small
+  model trained to the growth point (``net2_epochs``, the same as MixtureGrowth's net 2, counted),
+  grown to the target with ``morph.grow(method=...)``, then trained until the budget is spent. The
+  growth step's own cost counts in the budget and is reported on its own (``growth`` stage):
+  GradMax's gradient batches (``3 x F_small x images``), Firefly-Opt's Adam steps on its batch
+  (``(3 x steps + 1) x F_target x images``); Random and Net2Net cost nothing.
 
-Net 1 is shared by both MixtureGrowth methods of a seed. Every model is built under a seed derived
+After growth (every growing method) the training follows ``growth.after``: ``paper`` (a fresh
+cosine from ``optim.lr``) or ``official`` (the official code's cycles from ``growth.lr_growing``),
+with the optimizer state carried across growth when ``growth.carries_optimizer``
+(``morph.growth.carry_optimizer_state``: old momentum kept, zero for new weights).
+
+Net 1 is shared by both MixtureGrowth methods of a seed, and the small model trained to the growth
+point by the four growth baselines. Every model is built under a seed derived
 from ``(run seed, role)``, so a rerun rebuilds the same models and resumes each stage's checkpoint.
 """
 
@@ -35,13 +47,13 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import atomic_write_text
-from .config import METHODS, Config
+from .config import GROWTH_BASELINES, METHODS, Config
 from .data import derive_seed
 from .errors import RecipeError
 from .models import build_model
-from .trainer import Stage, StageResult, Trainer, make_schedule
+from .trainer import LRSchedule, Stage, StageResult, Trainer, make_schedule, optimizer_state_by_name
 
-__all__ = ["MethodResult", "Planner", "count_params", "run_method", "steps_for_budget"]
+__all__ = ["MethodResult", "Planner", "count_params", "growth_cost", "run_method", "steps_for_budget"]
 
 
 def steps_for_budget(flops: float, flops_per_image: float, batch_size: int) -> int:
@@ -164,9 +176,16 @@ class Planner:
         counted: bool = True,
         schedule_steps: int | None = None,
         schedule_offset: int = 0,
+        grown: bool = False,
     ) -> Stage:
-        """A :class:`Stage` whose LR schedule spans ``schedule_steps`` (default: the stage itself)."""
-        lr = make_schedule(self.cfg.optim, schedule_steps or steps, self.spe, self.cfg.growth.epochs, schedule_offset)
+        """A :class:`Stage` whose LR schedule spans ``schedule_steps`` (default: the stage itself);
+        ``grown``: a stage after growth, whose schedule ``growth.after=official`` replaces."""
+        g = self.cfg.growth
+        if grown and g.after == "official":
+            lr = LRSchedule(base_lr=g.lr_growing, total_steps=steps, kind="cycles", cycles=g.cycles,
+                            cycle_decay=0.5, min_lr=g.lr_min)
+        else:
+            lr = make_schedule(self.cfg.optim, schedule_steps or steps, self.spe, g.epochs, schedule_offset)
         return Stage(
             key=key,
             seed=derive_seed(seed, key),
@@ -184,7 +203,7 @@ def _cpu(model: nn.Module) -> nn.Module:
     return model.to("cpu")
 
 
-Stages = list[tuple[str, StageResult]]
+Stages = list[tuple[str, StageResult | dict[str, Any]]]
 
 
 def _train_net1(p: Planner, seed: int) -> StageResult:
@@ -240,6 +259,7 @@ def _mixturegrowth(p: Planner, seed: int) -> Stages:
         p.stage(f"seed{seed}/{method}/net2", seed, {**labels, "stage": "net2"}, steps2, f_half, schedule_steps=span),
     )
     grown = fuse(net1.model, r2.model)
+    carried = _carry(p, [net1, r2], grown)
     r3 = p.trainer.fit(
         grown,
         p.stage(
@@ -251,9 +271,24 @@ def _mixturegrowth(p: Planner, seed: int) -> Stages:
             offset_flops=r2.flops,
             schedule_steps=span,
             schedule_offset=0 if restart else steps2,
+            grown=True,
         ),
+        carried,
     )
     return [("net1", net1), ("net2", r2), ("grown", r3)]
+
+
+def _carry(p: Planner, sources: list[StageResult], grown: nn.Module) -> dict[str, dict[str, Any]] | None:
+    """The optimizer state of the grown model, carried from its sources' (``growth.carries_optimizer``)."""
+    if not p.cfg.growth.carries_optimizer:
+        return None
+    from morph.growth import carry_optimizer_state
+
+    opts = [r.optimizer for r in sources]
+    if any(o is None for o in opts):
+        raise RecipeError("a stage returned no optimizer to carry across growth")
+    new = carry_optimizer_state(opts if len(opts) > 1 else opts[0], [r.model for r in sources], grown)
+    return optimizer_state_by_name(new, grown)
 
 
 def _mixturegrowth_nofusion(p: Planner, seed: int) -> Stages:
@@ -266,8 +301,96 @@ def _mixturegrowth_nofusion(p: Planner, seed: int) -> Stages:
     f_full = p.flops("grown", lambda: grow(p.half(seed, "net1")))
     steps = _grown_steps(p, method, 0.0, f_full)
     labels = {"seed": seed, "method": method, "stage": "grown"}
-    r = p.trainer.fit(grow(net1.model), p.stage(f"seed{seed}/{method}/grown", seed, labels, steps, f_full))
+    grown = grow(net1.model)
+    stage = p.stage(f"seed{seed}/{method}/grown", seed, labels, steps, f_full, grown=True)
+    r = p.trainer.fit(grown, stage, _carry(p, [net1], grown))
     return [("net1", net1), ("grown", r)]
+
+
+def _train_small_to_growth(p: Planner, seed: int, span: int | None) -> StageResult:
+    """The plain small model trained to the growth point (``net2_epochs``, counted), shared by the
+    growth baselines of a seed."""
+    model = p.small(seed)
+    fpi = p.flops("small", lambda: model)
+    steps = p.cfg.growth.net2_epochs * p.spe
+    labels = {"seed": seed, "method": None, "stage": "small"}
+    return p.trainer.fit(model, p.stage(f"seed{seed}/grow-from-small/train", seed, labels, steps, fpi,
+                                        schedule_steps=span))
+
+
+def growth_cost(p: Planner, method: str) -> float:
+    """Training FLOPs of the growth step itself (see the module docstring)."""
+    g = p.cfg.growth
+    images = g.growth_batches * p.batch
+    if method == "gradmax":  # a forward and a backward pass of the small model per image
+        return 3.0 * p.flops("small", lambda: p.small(0)) * images
+    if method == "firefly":  # every Adam step a forward and a backward of the grown model, then one forward
+        return (3.0 * g.firefly_steps + 1.0) * p.flops("target", lambda: p.target(0, "flops")) * images
+    return 0.0
+
+
+def _growth_options(p: Planner, method: str) -> dict[str, Any]:
+    return {"steps": p.cfg.growth.firefly_steps} if method == "firefly" else {}
+
+
+def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
+    """A growth-baseline row: small model to the growth point, ``morph.grow(method)``, train to the budget."""
+    import time
+
+    import morph
+
+    g = p.cfg.growth
+    f_small = p.flops("small", lambda: p.small(seed))
+    f_full = p.flops("target", lambda: p.target(seed, "flops"))
+    steps1 = g.net2_epochs * p.spe
+    spent1 = 3.0 * f_small * p.batch * steps1
+    cost = growth_cost(p, method)
+    steps2 = _grown_steps(p, method, spent1 + cost, f_full)
+    restart = p.cfg.optim.restart_at_growth
+    # one schedule over both stages (restart_at_growth=false): its length is that of the rows whose
+    # growth costs nothing, so the shared first stage is the same for every method
+    span = None if restart else steps1 + _grown_steps(p, method, spent1, f_full)
+    r1 = _train_small_to_growth(p, seed, span)
+    key = f"seed{seed}/{method}/grown"
+    record_path = p.trainer.run_dir / f"seed{seed}" / method / "growth.json"
+    if p.trainer.checkpoint_path(key).exists() and record_path.exists():
+        # resumed: the grown stage's checkpoint holds the weights and the optimizer; a target-shaped
+        # model receives them, and the growth step (deterministic) is not redone
+        grown = p.target(seed, "large")
+        carried = None
+        wall = float(json.loads(record_path.read_text()).get("wall_time", 0.0))
+    else:
+        t0 = time.perf_counter()
+        data = p.trainer.growth_batches(derive_seed(seed, "growth-data"), g.growth_batches)
+        small = _cpu(r1.model)
+        grown = morph.grow(small, method=method, width=1.0 / g.width, data=data if method in ("gradmax", "firefly")
+                           else None, seed=derive_seed(seed, method, "grow"), **_growth_options(p, method))
+        carried = _carry(p, [r1], grown)
+        wall = time.perf_counter() - t0
+        if p.trainer.dist.is_main:
+            atomic_write_text(record_path, json.dumps({"flops": cost, "wall_time": wall}))
+    labels = {"seed": seed, "method": method}
+    growth = _growth_record(p, method, seed, r1.flops, cost, wall)
+    gkey = f"seed{seed}/{method}/growth"
+    p.trainer.metrics.truncate(gkey, -1)  # one record per growth step, also after a rerun
+    p.trainer.metrics.write({"kind": "growth", **labels, "stage": "growth", "stage_key": gkey, "step": 0, **growth})
+    r2 = p.trainer.fit(
+        grown,
+        p.stage(key, seed, {**labels, "stage": "grown"}, steps2, f_full, offset_flops=r1.flops + cost,
+                schedule_steps=span, schedule_offset=0 if restart else steps1, grown=True),
+        carried,
+    )
+    return [("small", r1), ("growth", growth), ("grown", r2)]
+
+
+def _growth_record(p: Planner, method: str, seed: int, before: float, cost: float, wall: float) -> dict[str, Any]:
+    """The growth step as a stage summary: its own FLOPs, and the method's running total after it."""
+    p.trainer.console.print(
+        f"seed{seed}/{method}/growth: morph.grow(method={method}) cost {cost:.4g} training FLOPs "
+        f"({cost / p.unit:.4f}X) in {wall:.1f} s"
+    )
+    return {"growth_flops": cost, "growth_flops_norm": cost / p.unit, "flops": before + cost, "wall_time": wall,
+            "steps": 0, "epochs": 0}
 
 
 _RUNNERS: dict[str, Callable[[Planner, int], Stages]] = {
@@ -277,6 +400,7 @@ _RUNNERS: dict[str, Callable[[Planner, int], Stages]] = {
     "small-match": lambda p, s: _plain(p, "small-match", s),
     "mixturegrowth": _mixturegrowth,
     "mixturegrowth-nofusion": _mixturegrowth_nofusion,
+    **{m: (lambda p, s, m=m: _grow_baseline(p, m, s)) for m in GROWTH_BASELINES},
 }
 
 
@@ -293,7 +417,7 @@ def run_method(p: Planner, method: str, seed: int, run_dir: Path) -> MethodResul
         flops=final.flops,
         flops_norm=final.flops / p.unit,
         params=count_params(final.model),
-        stages=[{"stage": name, **r.summary()} for name, r in stages],
+        stages=[{"stage": name, **(r if isinstance(r, dict) else r.summary())} for name, r in stages],
     )
     if p.trainer.dist.is_main:
         import morph

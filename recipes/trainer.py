@@ -59,6 +59,7 @@ __all__ = [
     "build_optimizer",
     "epoch_path",
     "make_schedule",
+    "optimizer_state_by_name",
     "seed_everything",
     "to_channels_last",
 ]
@@ -80,10 +81,15 @@ class LRSchedule:
         base_lr: peak learning rate.
         total_steps: length of the schedule (it may span several stages).
         offset: the step of the schedule at which this stage starts.
-        kind: ``cosine`` (to 0 at ``total_steps``) or ``step``.
+        kind: ``cosine`` (to 0 at ``total_steps``), ``step``, or ``cycles`` (``cycles`` cosine cycles
+            of equal length from ``base_lr x cycle_decay^i`` down to ``min_lr``: the official
+            MixtureGrowth code's post-growth schedule).
         milestones: step schedule: fractions of ``total_steps`` where the LR is multiplied by ``gamma``.
         gamma: step-schedule factor.
         warmup_steps: linear warmup from ``base_lr / warmup_steps`` to ``base_lr``.
+        cycles: number of cosine cycles (``cycles``).
+        cycle_decay: factor of each cycle's peak over the previous one (``cycles``).
+        min_lr: the floor of every cycle (``cycles``).
     """
 
     base_lr: float
@@ -93,12 +99,21 @@ class LRSchedule:
     milestones: tuple[float, ...] = ()
     gamma: float = 0.1
     warmup_steps: int = 0
+    cycles: int = 1
+    cycle_decay: float = 1.0
+    min_lr: float = 0.0
 
     def __call__(self, step: int) -> float:
         """LR at stage-local ``step`` (0-based)."""
         t = self.offset + step
         if t < self.warmup_steps:
             return self.base_lr * (t + 1) / self.warmup_steps
+        if self.kind == "cycles":  # timm's CosineLRScheduler with cycle_limit and cycle_decay
+            length = max(1, math.ceil((self.total_steps - self.warmup_steps) / self.cycles))
+            i = min((t - self.warmup_steps) // length, self.cycles - 1)
+            tc = min(t - self.warmup_steps - i * length, length)
+            peak = self.base_lr * self.cycle_decay**i
+            return self.min_lr + 0.5 * (peak - self.min_lr) * (1.0 + math.cos(math.pi * tc / length))
         if self.kind == "cosine":
             span = max(1, self.total_steps - self.warmup_steps)
             progress = min(1.0, (t - self.warmup_steps) / span)
@@ -160,6 +175,7 @@ class StageResult:
         epochs: epochs run (the last may be partial).
         steps: optimizer steps run.
         wall_time: seconds spent on the stage, over all sessions.
+        optimizer: the stage's optimizer at its end (its state is what growth carries over).
     """
 
     model: nn.Module
@@ -169,10 +185,11 @@ class StageResult:
     epochs: int
     steps: int
     wall_time: float
+    optimizer: torch.optim.Optimizer | None = None
 
     def summary(self) -> dict[str, Any]:
-        """Everything but the model, as JSON-able values (``asdict`` would deep-copy the model)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        """Everything but the model and the optimizer, as JSON-able values."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "optimizer")}
 
 
 @dataclass
@@ -220,6 +237,32 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
         return torch.optim.SGD(groups, fused=True, **kw)
     except (RuntimeError, TypeError):  # a device or torch build without the fused SGD kernel
         return torch.optim.SGD(groups, **kw)
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``optimizer``'s per-parameter state keyed by ``model``'s parameter names."""
+    return {name: dict(optimizer.state[p]) for name, p in model.named_parameters() if p in optimizer.state}
+
+
+def _set_optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, dict[str, Any]], device: torch.device
+) -> None:
+    """Start ``optimizer`` from ``state`` (by parameter name); tensors follow each parameter's device and layout."""
+    for name, p in model.named_parameters():
+        st = state.get(name)
+        if not st:
+            continue
+        optimizer.state[p] = {
+            k: (v.to(device=p.device, dtype=p.dtype).reshape(p.shape).contiguous(memory_format=_layout(p))
+                if isinstance(v, torch.Tensor) and v.shape == p.shape else v)
+            for k, v in st.items()
+        }
+
+
+def _layout(p: torch.Tensor) -> torch.memory_format:
+    if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class Trainer:
@@ -280,13 +323,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def fit(self, model: nn.Module, stage: Stage) -> StageResult:
+    def checkpoint_path(self, key: str) -> Path:
+        """The checkpoint of stage ``key`` (it may not exist)."""
+        return self.run_dir / key / CHECKPOINT_NAME
+
+    def fit(
+        self, model: nn.Module, stage: Stage, optimizer_state: dict[str, dict[str, Any]] | None = None
+    ) -> StageResult:
         """Train ``model`` for ``stage.steps`` steps, resuming from the stage's checkpoint if any.
 
+        Args:
+            model: the model to train (moved to the device in place).
+            stage: what to train and how to count it.
+            optimizer_state: per parameter name, the optimizer state to start from (momentum buffers
+                carried across growth, :func:`morph.growth.carry_optimizer_state`); a checkpoint, when
+                there is one, wins.
+
         Returns:
-            The trained model and its final test metrics.
+            The trained model, its optimizer and its final test metrics.
         """
-        path = self.run_dir / stage.key / CHECKPOINT_NAME
+        path = self.checkpoint_path(stage.key)
         model = model.to(self.device)
         if self.channels_last:
             to_channels_last(model)
@@ -300,14 +356,16 @@ class Trainer:
                     "the config changed: use a new --out-dir"
                 )
             load_model_tensors(model, groups["model"], str(path))
+            restore_optimizer(optimizer, groups.get("optim", {}), meta["optim"])
             if meta["done"]:
                 self.console.print(f"[dim]{stage.key}: done, loaded {path}[/dim]")
-                return StageResult(model=model, **meta["result"])
-            restore_optimizer(optimizer, groups.get("optim", {}), meta["optim"])
+                return StageResult(model=model, optimizer=optimizer, **meta["result"])
             self._restore_rng(groups.get("rng", {}), meta, stage)
             state = _Progress(**meta["progress"])
             self.console.print(f"[dim]{stage.key}: resuming at epoch {state.epoch}, step {state.step}[/dim]")
         else:
+            if optimizer_state:
+                _set_optimizer_state(optimizer, model, optimizer_state, self.device)
             seed_everything(derive_seed(stage.seed, "rank", self.dist.rank))
             self._keep_epoch(model, stage, state)
         # records of work lost in a crash (after the checkpoint, or before the first one) are redone
@@ -352,6 +410,7 @@ class Trainer:
             epochs=state.epoch,
             steps=state.step,
             wall_time=state.wall_time,
+            optimizer=optimizer,
         )
         self._save(path, model, optimizer, stage, state, done=True, result=result.summary())
         return result
@@ -422,6 +481,16 @@ class Trainer:
             return tensor_batches(data, batches, self.tensors.augment, self.device)
         dataset = self.data.train if batches.shuffle else self.data.test
         return make_loader(dataset, batches, self.cfg.data.num_workers, self.device.type == "cuda")
+
+    def growth_batches(self, seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` whole global training batches (augmented as in training), on the CPU and the same on
+        every rank: the data a growth method reads (GradMax's gradients, Firefly's steps). They come
+        from the first batches of an epoch ordered by ``seed``, which no training stage uses."""
+        batches = EpochBatches(len(self.data.train), self.batch_size, epoch=0, seed=seed, stop=n)
+        cpu = torch.device("cpu")
+        if self.tensors is not None:
+            return list(tensor_batches(self.tensors.train, batches, self.tensors.augment, cpu))
+        return [(x, y) for x, y in make_loader(self.data.train, batches, 0, False)]
 
     def _batch_to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
