@@ -71,7 +71,7 @@ class MethodResult:
     """One method trained with one seed: a row of the results table.
 
     Attributes:
-        method: key in :data:`recipes.config.METHODS`.
+        method: key in :data:`morph.recipes.config.METHODS`.
         label: its name in the paper's Table 1.
         seed: the run seed.
         top1: final test top-1 (%).
