@@ -63,7 +63,33 @@ def _child(spec: str, mem_gb: float, threads: int = 1) -> None:
     dtype = torch.float64 if n < FLOAT64_MAX_PARAMS else torch.float32
     with tempfile.TemporaryDirectory() as d:
         r = check_model(spec, spec_input_size(spec), dtype=dtype, flops_size=flops_input_size(spec), tmpdir=d)
-    print("RESULT " + json.dumps(r.row()), flush=True)
+    row = r.row()
+    del r
+    with tempfile.TemporaryDirectory() as d:  # the same model built by the library's own constructor
+        rd = check_model(spec, spec_input_size(spec), dtype=dtype, flops_size=flops_input_size(spec), tmpdir=d,
+                         direct=True)
+    row["direct"] = {k: getattr(rd, k) for k in ("status", "stage", "error", "strict_load", "stock_relerr",
+                                                "ensemble_relerr", "save_load_exact", "bake_relerr", "seconds")}
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def direct_verdict(r: dict) -> str:
+    """The directly built path: every check of the morph.build_model path holds the same way."""
+    d = r.get("direct")
+    if d is None:
+        return "—"
+    if d["status"] != "ok":
+        return f"**{d['status']}** ({d['stage']}): {d['error'][:80]}" if r["status"] == "ok" else "same error"
+    bad = []
+    if not (d["strict_load"] and d["stock_relerr"] <= TOL):
+        bad.append("strict load")
+    if not d["save_load_exact"]:
+        bad.append("save/load")
+    if d["bake_relerr"] > TOL:
+        bad.append("bake")
+    if (d["ensemble_relerr"] <= TOL) != (r["ensemble_relerr"] <= TOL):
+        bad.append("ensemble differs")
+    return "yes" if not bad else "**no**: " + ", ".join(bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,6 +150,7 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         "torchvision": f"{len(ok(tv))}/{len(tv)}", "timm_families": f"{len(ok(tm))}/{len(tm)}",
         "timm_extra": f"{len(ok(ex))}/{len(ex)}", "convert_and_scale": f"{len(conv_ok(rows))}/{len(rows)}",
         "all_checks": f"{len(clean(rows))}/{len(rows)}", "ensemble_exact": f"{len(exact)}/{len(ok(rows))}",
+        "direct_same": f"{len([r for r in ok(rows) if direct_verdict(r) == 'yes'])}/{len(ok(rows))}",
     }
     dense = [r["flops_ratio"] for r in ok(rows) if r["spec"] not in FLOPS_DEVIATIONS]
     lines = [
@@ -144,6 +171,8 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         f" {summary['all_checks']}.",
         f"- zero-initialized fusion equals the ensemble within {TOL:g} on {summary['ensemble_exact']} models; the others are"
         " listed in `NOT_BLOCKWISE` with their reason (table below).",
+        f"- built directly by the library's constructor instead of `morph.build_model`, every check holds the same way"
+        f" on {summary['direct_same']} of the models that pass (column **direct**).",
     ]
     if dense:
         lines.append(f"- FLOPs ratio (half / original, per image at batch 64) of the models outside `FLOPS_DEVIATIONS`:"
@@ -176,13 +205,19 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         "  `bake(m)(x)` against `m(x)` for the half and the fused model; **s/l**: save/load of the half model is",
         "  bit-exact.",
         "",
-        "| model | family | status | params | pred | FLOPs | exp | dense / edge / dw / other | ensemble | bake | strict | s/l | dtype | s | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "- **direct**: the same checks on the model built by the library's own constructor (`timm.create_model`,",
+        "  `torchvision.models.get_model`), not through morph: the baked fused model loads with `strict=True` into a",
+        "  model built that way and computes the fused function, save/load is bit-exact, bake is exact, and the",
+        "  fusion is (or is not) the ensemble exactly as through `morph.build_model`.",
+        "",
+        "| model | family | status | params | pred | FLOPs | exp | dense / edge / dw / other | ensemble | bake | strict | s/l | direct | dtype | s | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         fam = family(r["spec"])
         if r["status"] != "ok":
             lines.append(f"| {r['spec']} | {fam} | **{r['status']}** ({r.get('stage', '')}) | | | | | | | | | | "
+                         f"{direct_verdict(r)} | "
                          f"{r.get('dtype', '')} | {r.get('seconds', 0):.0f} | {_cell(r['error'])} |")
             continue
         bad = failed_checks(r)
@@ -199,7 +234,7 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
             f"{r['share_dense']:.2f} / {r['share_edge']:.2f} / {r['share_grouped']:.2f} / {r['share_other']:.2f} | "
             f"{_f(r['ensemble_relerr'], '.1e')} | {_f(max(r['bake_relerr'], r['half_bake_relerr']), '.0e')} | "
             f"{'yes' if r['strict_load'] and r['stock_relerr'] <= TOL else '**no**'} | "
-            f"{'yes' if r['save_load_exact'] else '**no**'} | {r['dtype']} | {r['seconds']:.0f} | {_cell('; '.join(notes))} |"
+            f"{'yes' if r['save_load_exact'] else '**no**'} | {_cell(direct_verdict(r))} | {r['dtype']} | {r['seconds']:.0f} | {_cell('; '.join(notes))} |"
         )
     out.write_text("\n".join(lines) + "\n")
     return summary

@@ -28,6 +28,7 @@ from zoo_list import (
     NOT_BLOCKWISE,
     TIMM_CI,
     TIMM_MODELS,
+    TIMM_REFUSED,
     TORCHVISION_MODELS,
     all_specs,
     ci_specs,
@@ -71,6 +72,13 @@ def test_zoo(spec, build, tmp_path):
         assert r.ensemble_relerr > TOL, "now exact: move it out of NOT_BLOCKWISE"
     else:
         assert r.ensemble_relerr <= TOL, r.ensemble_relerr
+
+
+@pytest.mark.parametrize("spec", sorted(TIMM_REFUSED))
+def test_refused_family_says_why(spec):
+    """A family morph cannot grow is refused at analysis, by a MorphError that gives the reason."""
+    r = check_model(spec, spec_input_size(spec), direct=True)
+    assert (r.status, r.stage) == ("error", "analyze") and TIMM_REFUSED[spec] in r.error, r.error
 
 
 def test_zoo_covers_issue_lists():
