@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from morph.recipes.checkpoint import load_checkpoint
-from morph.recipes.config import METHODS
 from morph.recipes.metrics import read_metrics
 from safetensors.torch import load_file
 
@@ -144,7 +143,9 @@ def test_smoke_schedule_under_torchrun(tmp_path):
     part in every collective, and only rank 0 writes."""
     script = tmp_path / "smoke.py"
     out = tmp_path / "run"
-    overrides = ["data.image_size=16", "data.train_subset=128", "data.test_subset=64"]
+    methods = ["large", "large-match", "small", "small-match", "net2net", "mixturegrowth-nofusion", "mixturegrowth"]
+    overrides = ["data.image_size=16", "data.train_subset=128", "data.test_subset=64",
+                 f"growth.methods=[{','.join(methods)}]"]
     script.write_text(
         f"from morph.recipes.run import main\nmain('cifar10-smoke', out_dir={str(out)!r}, overrides={overrides!r})\n"
     )
@@ -153,6 +154,6 @@ def test_smoke_schedule_under_torchrun(tmp_path):
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted(p.parent.name for p in out.glob("seed0/*/result.json"))
-    assert results == sorted(METHODS)
+    assert results == sorted(methods)
     epochs = [(r["stage_key"], r["epoch"]) for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "epoch"]
     assert len(epochs) == len(set(epochs))  # one writer
