@@ -22,12 +22,13 @@ __all__ = ["convert", "default_output"]
 Share = Enum("Share", {m: m for m in SHARE_MODES}, type=str)  # type: ignore[misc]
 
 
-def default_output(name: str, width: float, seed: int | None) -> Path:
+def default_output(name: str, width: float, seed: int | None, plain: bool = False) -> Path:
     """``resnet50`` -> ``resnet50-half.safetensors``; ``timm/resnet18``, width 0.25, seed 1 ->
-    ``resnet18-w0.25-seed1.safetensors``."""
+    ``resnet18-w0.25-seed1.safetensors``; with ``plain``, ``resnet50-half-plain.safetensors``."""
     stem = name.strip().split(":")[-1].split("/")[-1]
     tag = "half" if width == 0.5 else f"w{width:g}"
-    return Path(f"{stem}-{tag}" + (f"-seed{seed}" if seed is not None else "") + ".safetensors")
+    return Path(f"{stem}-{tag}" + ("-plain" if plain else "") + (f"-seed{seed}" if seed is not None else "")
+                + ".safetensors")
 
 
 def verify(model: nn.Module, reloaded: nn.Module, input_size: tuple[int, ...]) -> dict:
@@ -69,6 +70,9 @@ def convert(
     input_size: Annotated[str | None, typer.Option(help="Input C,H,W used to trace the model, e.g. 3,64,64 "
                                                    "(default: the model's, else 3,224,224).",
                                                    show_default=False)] = None,
+    plain: Annotated[bool, typer.Option(
+        "--plain", help="Write a plain model at that width (morph.scale_width: stock modules, no templates), to grow "
+        "with 'morph grow --method'.")] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors (default: "
                                                 "NAME-half.safetensors, NAME-half-seedN.safetensors with --seed, "
                                                 "NAME-wW.safetensors at other widths).", show_default=False)] = None,
@@ -83,13 +87,16 @@ def convert(
         raise typer.BadParameter(f"--half means --width 0.5; drop one of them (got --width {width:g})",
                                  param_hint="'--half'")
     size = parse_size(input_size)
-    path = output if output is not None else default_output(name, width, seed)
+    path = output if output is not None else default_output(name, width, seed, plain)
     check_output(path, force)
     with status(f"building {name}") as s:
         base = morph.build_model(name, num_classes=num_classes)
         s.update(f"converting {name} to width {width:g}")
-        model = morph.convert(base, width=width, templates=templates, share=share.value, seed=seed, set_id=set_id,
-                              train_edge_coefficients=train_edge_coefficients, input_size=size)
+        if plain:
+            model = morph.scale_width(base, width, input_size=size, seed=seed)
+        else:
+            model = morph.convert(base, width=width, templates=templates, share=share.value, seed=seed, set_id=set_id,
+                                  train_edge_coefficients=train_edge_coefficients, input_size=size)
         s.update(f"saving {path}")
         morph.save(model, path)
         s.update(f"reloading {path}")
@@ -108,7 +115,8 @@ def convert(
     n_new, n_base = count_params(reloaded), count_params(base)
     summary = {
         "output": str(path), "model": info.spec.spec, "kwargs": info.spec.kwargs, "kind": info.kind,
-        "width": info.width, "templates": info.templates, "share": info.share, "set_id": info.set_ids[0],
+        "width": info.width, "templates": info.templates, "share": info.share,
+        "set_id": info.set_ids[0] if info.set_ids else None,
         "input_size": list(info.input_size), "template_layers": len(mixed_layers(reloaded)),
         "params": n_new, "params_original": n_base, "params_ratio": n_new / n_base, "verified": check,
     }
@@ -117,10 +125,13 @@ def convert(
         return
     out.print(f"[green]converted[/] {escape(name)} ({info.spec.spec}) -> [bold]{escape(str(path))}[/]",
               highlight=False)
-    out.print(f"  width {info.width:g}, input {'x'.join(map(str, info.input_size))}, template set "
-              f"{info.set_ids[0]!r}", highlight=False, markup=False)
-    out.print(f"  {summary['template_layers']} template-mixed layers, {info.templates} templates per bank, share "
-              f"{info.share}", highlight=False)
+    size_text = f"  width {info.width:g}, input {'x'.join(map(str, info.input_size))}"
+    if plain:
+        out.print(f"{size_text}, plain (no templates)", highlight=False, markup=False)
+    else:
+        out.print(f"{size_text}, template set {info.set_ids[0]!r}", highlight=False, markup=False)
+        out.print(f"  {summary['template_layers']} template-mixed layers, {info.templates} templates per bank, share "
+                  f"{info.share}", highlight=False)
     out.print(f"  parameters {n_new:,} = {n_new / n_base:.3f}x the original's {n_base:,}", highlight=False)
     out.print(f"  verified: reloaded it; {check['tensors']} tensors identical, same outputs (max |diff| "
               f"{check['output_max_abs_diff']:g})", highlight=False)

@@ -126,6 +126,7 @@ def inspect(
         "set_ids": list(info.set_ids), "growth": info.growth, "init": info.init, "input_size": list(info.input_size),
         "params": total, "params_layers": in_layers, "params_other": total - in_layers,
         "template_banks": len(banks), "template_layers": len(mixed), "layers": rows,
+        "grown_by": info.extra.get("growth"),
     }
     if flops:
         n_orig = count_params(original)
@@ -146,6 +147,10 @@ def inspect(
         what += f", {info.templates} templates per bank, share {info.share}, template sets {', '.join(info.set_ids)}"
     if info.kind in ("fused", "grown"):
         what += f", growth {info.growth}, init {info.init}" if info.kind == "fused" else f", init {info.init}"
+    grown_by = info.extra.get("growth")
+    if isinstance(grown_by, dict):  # a plain model grown by morph.grow: the method and its options
+        opts = ", ".join(f"{k} {v}" for k, v in grown_by.items() if k not in ("method", "rules"))
+        what += f", grown by {grown_by.get('method')} ({opts})"
     out.print(_table(f"{escape(str(file))}: {escape(what)}", rows))
     if mixed:
         out.print("bank: template set (/bank name, when the bank is another layer's); tiles: grid out x in (and each "

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MorphError
-from .plain import fresh_mask, iterate_batches
+from .plain import PlainGrowth, fresh_mask, iterate_batches
 from .random import RandomGrowth
 from .registry import register_growth
 
@@ -38,8 +38,10 @@ class FireflyGrowth(RandomGrowth):
     name = "firefly"
     summary = "Firefly-Opt: random new neurons, then Adam steps on one batch on the new weights only (needs data)"
     needs_data = True
-    options: ClassVar[dict[str, Any]] = {"which": "all", "epsilon": 0.01, "scale": 0.5, "scale_method": "mean_norm",
-                                         "outgoing_zero": False, "steps": 100, "lr": 1e-3, "train_mode": True}
+    options: ClassVar[dict[str, Any]] = {
+        **PlainGrowth.options, "epsilon": 0.01, "scale": 0.5, "scale_method": "mean_norm", "outgoing_zero": False,
+        "steps": 100, "lr": 1e-3, "train_mode": True,
+    }
 
     def finish(self, new, model, layout, data):
         if float(self.opts["epsilon"]) <= 0 and not self.opts["outgoing_zero"]:
@@ -96,6 +98,7 @@ class FireflyGrowth(RandomGrowth):
                             w.data[~rows] = sub
             with torch.no_grad():
                 self.losses.append(float(batch_loss(new, x, y)))
+            new.growth_losses = self.losses  # the batch loss before each step, and after the last
         finally:
             new.train(was)
             for prm in params:

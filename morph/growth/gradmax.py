@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MorphError
-from .plain import iterate_batches
+from .plain import PlainGrowth, iterate_batches
 from .random import RandomGrowth
 from .registry import register_growth
 
@@ -101,8 +101,9 @@ class GradMaxGrowth(RandomGrowth):
     name = "gradmax"
     summary = "GradMax: zero incoming; outgoing = top singular vectors of E[dL/dz_{l+1} h_{l-1}^T] (needs data)"
     needs_data = True
-    options: ClassVar[dict[str, Any]] = {"which": "all", "epsilon": 0.0, "scale": 0.5, "scale_method": "mean_norm",
-                                         "train_mode": True}
+    options: ClassVar[dict[str, Any]] = {
+        **PlainGrowth.options, "epsilon": 0.0, "scale": 0.5, "scale_method": "mean_norm", "train_mode": True,
+    }
 
     def prepare(self, model, layout, data):
         self.chains: dict[int, tuple[str, str]] = {}
@@ -139,54 +140,58 @@ class GradMaxGrowth(RandomGrowth):
         buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         acc: dict[int, torch.Tensor] = {}
         n = 0
+        cap_in: dict[str, list] = {}
+        cap_out: dict[str, list] = {}
+        cap_shape: dict[str, list] = {}
+
+        def pre(name):
+            return lambda m, args: cap_in.setdefault(name, []).append(args[0].detach())
+
+        def post_shape(key):
+            return lambda m, args, out: cap_shape.setdefault(key, []).append(tuple(out.shape[2:]))
+
+        def cpre(name):
+            return lambda m, args: cap_shape.setdefault("in:" + name, []).append(tuple(args[0].shape[2:]))
+
+        def cpost(name):
+            return lambda m, args, out: cap_out.setdefault(name, []).append(out)
+
+        hooks = []
+        for name in prods:
+            hooks += [model.get_submodule(name).register_forward_pre_hook(pre(name)),
+                      model.get_submodule(name).register_forward_hook(post_shape("out:" + name))]
+        for name in cons:
+            hooks += [model.get_submodule(name).register_forward_pre_hook(cpre(name)),
+                      model.get_submodule(name).register_forward_hook(cpost(name))]
         try:
             model.train(bool(self.opts["train_mode"]))
             for x, y in iterate_batches(data):
-                cap_in: dict[str, list] = {}
-                cap_out: dict[str, list] = {}
-                cap_cin: dict[str, list] = {}
-                hooks = []
-                for name in prods:
-                    def pre(m, args, name=name):
-                        cap_in.setdefault(name, []).append(args[0].detach())
-
-                    def post(m, args, out, name=name):
-                        cap_out.setdefault("P:" + name, []).append(tuple(out.shape[2:]))
-                    hooks += [model.get_submodule(name).register_forward_pre_hook(pre),
-                              model.get_submodule(name).register_forward_hook(post)]
-                for name in cons:
-                    def cpre(m, args, name=name):
-                        cap_cin.setdefault(name, []).append(tuple(args[0].shape[2:]))
-
-                    def cpost(m, args, out, name=name):
-                        cap_out.setdefault(name, []).append(out)
-                    hooks += [model.get_submodule(name).register_forward_pre_hook(cpre),
-                              model.get_submodule(name).register_forward_hook(cpost)]
-                try:
-                    with torch.enable_grad():
-                        p0 = next(iter(model.parameters()))
-                        x = x.to(p0).requires_grad_(True)
-                        out = model(x)
-                        out = out[0] if isinstance(out, (tuple, list)) else out
-                        loss = F.cross_entropy(out, y.to(out.device))
-                        names = sorted(cons)
-                        outs = [cap_out[c][0] for c in names]
-                        grads = dict(zip(names, torch.autograd.grad(loss, outs, allow_unused=True), strict=True))
-                finally:
-                    for h in hooks:
-                        h.remove()
+                cap_in.clear()
+                cap_out.clear()
+                cap_shape.clear()
+                with torch.enable_grad():
+                    p0 = next(iter(model.parameters()))
+                    x = x.to(p0).requires_grad_(True)
+                    out = model(x)
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    loss = F.cross_entropy(out, y.to(out.device))
+                    names = sorted(c for c in cons if c in cap_out)
+                    outs = [cap_out[c][0] for c in names]
+                    grads = dict(zip(names, torch.autograd.grad(loss, outs, allow_unused=True), strict=True))
                 n += 1
                 for root, (p, c) in self.chains.items():
-                    if len(cap_in.get(p, [])) != 1 or len(cap_out.get(c, [])) != 1 or grads[c] is None:
+                    if len(cap_in.get(p, [])) != 1 or len(cap_out.get(c, [])) != 1 or grads.get(c) is None:
                         self.why[root] = "a layer of the pair runs more than once per forward (or not at all)"
                         continue
-                    hidden = cap_out["P:" + p][0]
-                    if isinstance(model.get_submodule(p), nn.Conv2d) and hidden != cap_cin[c][0]:
+                    hidden = cap_shape["out:" + p][0]
+                    if isinstance(model.get_submodule(p), nn.Conv2d) and hidden != cap_shape["in:" + c][0]:
                         self.why[root] = "a spatial op (pooling) between the pair"
                         continue
                     m = pair_matrix(model.get_submodule(p), model.get_submodule(c), cap_in[p][0], grads[c], hidden)
                     acc[root] = acc[root] + m if root in acc else m
         finally:
+            for h in hooks:
+                h.remove()
             model.train(was)
             with torch.no_grad():
                 for k, v in model.named_buffers():

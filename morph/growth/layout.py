@@ -137,9 +137,12 @@ class Layout:
         return new
 
 
-def _reference(model: nn.Module, input_size: tuple[int, ...] | None) -> tuple[nn.Module, ChannelPlan, float]:
+def _reference(model: nn.Module, input_size: tuple[int, ...] | None,
+               plan: ChannelPlan | None = None) -> tuple[nn.Module, ChannelPlan, float]:
     """The model whose ``scale_width`` gives both the given model's shapes and the target's."""
     info = get_info(model)
+    if plan is not None:  # the caller's analysis of the model itself
+        return model, plan, 1.0
     if info is not None and info.kind == "plain" and info.spec is not None and info.width != 1:
         from ..zoo import build_model
 
@@ -198,7 +201,7 @@ def _internal(plan: ChannelPlan, root: int) -> bool:
 
 def build_layout(
     model: nn.Module, width: float, *, rule: str = "fresh", mapping: str = "cycle", which: str = "all",
-    gen: torch.Generator | None = None, input_size: tuple[int, ...] | None = None,
+    gen: torch.Generator | None = None, input_size: tuple[int, ...] | None = None, plan: ChannelPlan | None = None,
 ) -> Layout:
     """The layout of growing ``model`` by ``width`` (a ratio, e.g. 2.0).
 
@@ -210,6 +213,8 @@ def build_layout(
             a channel shuffle always cycle.
         which: ``all`` (every group that can grow: the stock architecture at the new width) or
             ``internal`` (only groups between one producing and one consuming layer).
+        plan: a precomputed :func:`morph.analyze` of ``model`` itself (saves the trace when growing one
+            model several ways); the target is then ``model`` at ``width`` x its own width.
     """
     ratio = check_width(width)
     if ratio < 1:
@@ -218,7 +223,7 @@ def build_layout(
         raise MorphError(f"which groups grow must be 'all' or 'internal', got {which!r}")
     if mapping not in ("cycle", "random"):
         raise MorphError(f"mapping must be 'cycle' or 'random', got {mapping!r}")
-    ref, plan, w0 = _reference(model, input_size)
+    ref, plan, w0 = _reference(model, input_size, plan)
     w1 = w0 * ratio
     plan = dataclasses.replace(plan, _sizes={})
     old_sizes, new_sizes = plan._allocate(w0), plan._allocate(w1)

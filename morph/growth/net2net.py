@@ -28,7 +28,7 @@ class Net2NetGrowth(PlainGrowth):
     name = "net2net"
     summary = "Net2WiderNet: replicate channels, divide fan-out by replica count (one mapping per channel group)"
     rule = "replicate"
-    options: ClassVar[dict[str, Any]] = {"which": "all", "mapping": "random", "noise": 0.0}
+    options: ClassVar[dict[str, Any]] = {**PlainGrowth.options, "mapping": "random", "noise": 0.0}
 
     def grow(self, model, width, data, gen):
         self.mapping = self.opts["mapping"]

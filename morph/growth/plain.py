@@ -57,7 +57,7 @@ class PlainGrowth(GrowthMethod):
 
     rule: ClassVar[str] = "fresh"
     mapping: ClassVar[str] = "cycle"
-    options: ClassVar[dict[str, Any]] = {"which": "all"}
+    options: ClassVar[dict[str, Any]] = {"which": "all", "plan": None, "input_size": None}
 
     # -- value hooks ------------------------------------------------------------------------------
     def incoming(self, name: str, w: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> None:
@@ -95,7 +95,8 @@ class PlainGrowth(GrowthMethod):
                 "(morph.bake), or grow it with mixturegrowth"
             )
         self.gen = gen
-        layout = build_layout(model, width, rule=self.rule, mapping=self.mapping, which=self.opts["which"], gen=gen)
+        layout = build_layout(model, width, rule=self.rule, mapping=self.mapping, which=self.opts["which"], gen=gen,
+                              plan=self.opts["plan"], input_size=self.opts["input_size"])
         self.layout = layout
         p0 = next(iter(model.parameters()))
         new = layout.skeleton().to(dtype=p0.dtype, device=p0.device)

@@ -24,8 +24,9 @@ __all__ = ["RandomGrowth"]
 class RandomGrowth(PlainGrowth):
     name = "random"
     summary = "random new neurons: incoming x epsilon (0), outgoing at 0.5 x the mean norm (growneuron AddRandom)"
-    options: ClassVar[dict[str, Any]] = {"which": "all", "epsilon": 0.0, "scale": 0.5, "scale_method": "mean_norm",
-                                         "outgoing_zero": False}
+    options: ClassVar[dict[str, Any]] = {
+        **PlainGrowth.options, "epsilon": 0.0, "scale": 0.5, "scale_method": "mean_norm", "outgoing_zero": False,
+    }
 
     def _scales(self) -> tuple[float, float]:
         eps, s = float(self.opts["epsilon"]), float(self.opts["scale"])
