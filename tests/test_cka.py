@@ -334,3 +334,21 @@ def test_cli_errors_are_one_line(image_folder, tmp_path):
     assert res.exit_code == 2 and "bogus" in res.stderr and res.stderr.count("\n") == 1
     res = _cli(["cka", "torchvision/resnet18", "--data", str(image_folder), "-o", str(tmp_path / "x.jpg")])
     assert res.exit_code == 2 and ".png" in res.stderr
+
+
+def test_trainer_keeps_every_nth_epoch_and_cka_reads_the_run(image_folder, tmp_path):
+    from morph.recipes.run import main as train
+
+    run = tmp_path / "run"
+    train("cifar10-smoke", out_dir=run, overrides=["growth.methods=[small]", "run.keep_every=2", "data.train_subset=64",
+                                                   "data.test_subset=32"])
+    kept = sorted(p.name for p in (run / "seed0" / "small" / "train" / "epochs").iterdir())
+    assert kept == ["epoch-000.safetensors", "epoch-002.safetensors", "epoch-003.safetensors"]  # start, every 2nd, last
+    info, meta = morph.read_info(run / "seed0" / "small" / "train" / "epochs" / "epoch-002.safetensors")
+    assert meta["epoch"] == "2" and meta["stage"] == "seed0/small/train"
+    res = _cli(["cka", "--run", str(run), "--method", "small", "--data", str(image_folder), "--batches", "1",
+                "--batch-size", "16", "--layer", "group3.0.conv2", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["layers_a"] == ["small 0", "small 2", "small 3"]
+    assert [round(doc["matrix"][i][i], 9) for i in range(3)] == [1.0, 1.0, 1.0]
