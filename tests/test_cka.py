@@ -352,3 +352,17 @@ def test_trainer_keeps_every_nth_epoch_and_cka_reads_the_run(image_folder, tmp_p
     doc = json.loads(res.stdout)
     assert doc["layers_a"] == ["small 0", "small 2", "small 3"]
     assert [round(doc["matrix"][i][i], 9) for i in range(3)] == [1.0, 1.0, 1.0]
+
+
+def test_help_documents_every_option():
+    import typer
+
+    from morph.cli.main import app
+
+    res = _cli(["cka", "--help"])
+    assert res.exit_code == 0 and "Usage: morph cka [OPTIONS] [A] [B]" in res.stdout
+    for p in typer.main.get_command(app).commands["cka"].params:
+        assert p.help, f"morph cka: {p.name} has no help"
+        for name in p.opts if p.param_type_name == "option" else [p.metavar]:
+            assert name in res.stdout, f"morph cka --help does not show {name}"
+    assert "cka " in _cli(["--help"]).stdout
