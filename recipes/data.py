@@ -456,10 +456,9 @@ def load_cached_split(raw: Any, cfg: DataConfig, split: str, say: Any = print) -
     Returns:
         The tensors and the cache file.
     """
+    import torch.distributed as tdist
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
-
-    import torch.distributed as tdist
 
     files = _source_files(raw)
     source = str(Path(files[0]).parent.parent.resolve()) if hasattr(raw, "samples") else str(Path(raw.root).resolve())
