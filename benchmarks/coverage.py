@@ -43,7 +43,7 @@ LAST = ("torchvision/regnet_y_128gf",)
 TOL = 1e-5
 
 
-def _child(spec: str, mem_gb: float, threads: int = 1) -> None:
+def _child(spec: str, mem_gb: float, threads: int = 1, direct_only: bool = False) -> None:
     if mem_gb > 0:  # fail with an allocation error instead of waking the OOM killer
         lim = int(mem_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
@@ -61,10 +61,12 @@ def _child(spec: str, mem_gb: float, threads: int = 1) -> None:
     except Exception:  # constructors that compute on tensors (torchvision regnet)
         n = sum(p.numel() for p in morph.build_model(spec).parameters())
     dtype = torch.float64 if n < FLOAT64_MAX_PARAMS else torch.float32
-    with tempfile.TemporaryDirectory() as d:
-        r = check_model(spec, spec_input_size(spec), dtype=dtype, flops_size=flops_input_size(spec), tmpdir=d)
-    row = r.row()
-    del r
+    row: dict = {}
+    if not direct_only:
+        with tempfile.TemporaryDirectory() as d:
+            r = check_model(spec, spec_input_size(spec), dtype=dtype, flops_size=flops_input_size(spec), tmpdir=d)
+        row = r.row()
+        del r
     with tempfile.TemporaryDirectory() as d:  # the same model built by the library's own constructor
         rd = check_model(spec, spec_input_size(spec), dtype=dtype, flops_size=flops_input_size(spec), tmpdir=d,
                          direct=True)
@@ -150,7 +152,8 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         "torchvision": f"{len(ok(tv))}/{len(tv)}", "timm_families": f"{len(ok(tm))}/{len(tm)}",
         "timm_extra": f"{len(ok(ex))}/{len(ex)}", "convert_and_scale": f"{len(conv_ok(rows))}/{len(rows)}",
         "all_checks": f"{len(clean(rows))}/{len(rows)}", "ensemble_exact": f"{len(exact)}/{len(ok(rows))}",
-        "direct_same": f"{len([r for r in ok(rows) if direct_verdict(r) == 'yes'])}/{len(ok(rows))}",
+        "direct_same": f"{len([r for r in ok(rows) if direct_verdict(r) == 'yes'])}/"
+                       f"{len([r for r in ok(rows) if 'direct' in r])}",
     }
     dense = [r["flops_ratio"] for r in ok(rows) if r["spec"] not in FLOPS_DEVIATIONS]
     lines = [
@@ -250,12 +253,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model (1 is fastest on a shared CPU)")
     ap.add_argument("--resume", action="store_true", help="keep rows of <out>.json, run the missing models")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
+    ap.add_argument("--add-direct", action="store_true",
+                    help="run only the directly built path for rows of <out>.json that lack it, and merge it in")
+    ap.add_argument("--direct-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", default="")
     args = ap.parse_args()
     if args.child:
-        _child(args.child, args.mem_gb, args.threads)
+        _child(args.child, args.mem_gb, args.threads, args.direct_only)
         return
     out = Path(args.out)
+    if args.add_direct:
+        _add_direct(out, args)
+        return
     if args.only:
         specs = args.only
     elif args.ci:
@@ -302,6 +311,28 @@ def main() -> None:
     out.with_suffix(".meta.json").write_text(json.dumps({"seconds": seconds}) + "\n")
     _report(rows, out, seconds)
     print(f"wrote {out} and {jpath}")
+
+
+def _add_direct(out: Path, args: argparse.Namespace) -> None:
+    """Run the directly built path for the rows of ``<out>.json`` that lack it (and that ran), rewriting the
+    JSON and the table after each model."""
+    jpath = out.with_suffix(".json")
+    rows = json.loads(jpath.read_text())
+    meta = json.loads(out.with_suffix(".meta.json").read_text()) if out.with_suffix(".meta.json").exists() else {}
+    todo = sorted((r for r in rows if "direct" not in r and r["status"] == "ok"), key=lambda r: r["spec"] in LAST)
+    for r in todo:
+        try:
+            p = subprocess.run([sys.executable, __file__, "--child", r["spec"], "--direct-only", "--mem-gb",
+                                str(args.mem_gb), "--threads", str(args.threads)],
+                               capture_output=True, text=True, timeout=args.timeout)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            r["direct"] = json.loads(line[-1][7:])["direct"] if line else {
+                "status": "crash", "stage": "", "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        except subprocess.TimeoutExpired:
+            r["direct"] = {"status": "timeout", "stage": "", "error": f"over the {args.timeout}s budget"}
+        print(f"{r['spec']}: direct {direct_verdict(r)}", flush=True)
+        jpath.write_text(json.dumps(rows, indent=1))
+        write_table(rows, out, meta.get("seconds", 0.0))
 
 
 def _report(rows: list[dict], out: Path, seconds: float) -> None:
