@@ -135,10 +135,9 @@ def grow(
         summary = grown_summary(grown, output)
     else:
         gi = morph.get_info(grown)
-        summary = {"output": str(output), "model": gi.spec.spec, "kind": gi.kind, "width": gi.width,
+        summary = {"output": str(output), "model": gi.spec.spec, "kind": gi.kind, "method": name, "width": gi.width,
                    "from_width": info.width, "growth": gi.extra.get("growth", {}), "params": count_params(grown),
                    "groups": getattr(grown, "growth_report", [])}
-    summary["method"] = name
     if json_out:
         print_json(summary)
         return
