@@ -1,0 +1,33 @@
+"""benchmarks/gpu_check.py end to end in its CPU form (``--device cpu``): the same code the GPU run
+takes (smoke recipe eager and compiled, training images/s of template/plain halves and fused/stock,
+every row of Table 1), at tiny sizes. About a minute of CPU time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from morph.recipes.config import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               MORPH_DATA_CACHE=str(tmp_path / "cache"))
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--out",
+                           str(out), "--work-dir", str(tmp_path / "work")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["tiny"] and set(r["timings_s"]) == {"smoke", "throughput", "rows", "total"}
+    assert [x["method"] for x in r["smoke"]["eager"]["results"]] and r["smoke"]["compile"]["results"]
+    t = r["throughput"]["wrn-10-1"]
+    assert all(t[k] > 0 for k in ("plain_half", "template_half", "stock", "fused"))
+    assert sorted(x["method"] for x in r["rows"]["results"]) == sorted(METHODS)
+    assert "(b) training images/s" in proc.stdout and "(c) rows" in proc.stdout
