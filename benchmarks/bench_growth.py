@@ -73,6 +73,11 @@ def _child(model_name: str, method: str, batch: int, firefly_steps: int, threads
     else:
         half = morph.scale_width(base, 0.5, input_size=size)
     del base
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the system, so the step's own allocations count
     before = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
     t = time.perf_counter()

@@ -122,6 +122,9 @@ class PlainGrowth(GrowthMethod):
         return set_info(new, dataclasses.replace(base, kind="plain", spec=spec, width=layout.w_to, input_size=size,
                                                  extra=extra))
 
+    def record(self) -> dict[str, Any]:
+        return {k: v for k, v in super().record().items() if k not in ("plan", "input_size")}
+
     def report(self, layout: Layout) -> list[dict[str, Any]]:
         out = []
         for g in layout.growing():
