@@ -62,15 +62,9 @@ class MorphInfo:
         Raises:
             CheckpointError: the record is not valid JSON or a field is missing, mistyped or out of bounds.
         """
-        from .errors import CheckpointError
-        from .safety import MAX_INFO_CHARS, check_info_json
+        from .safety import check_info_json, parse_json
 
-        if len(text) > MAX_INFO_CHARS:
-            raise CheckpointError(f"{where}: morph metadata of {len(text):,} characters is too large")
-        try:
-            d = json.loads(text)
-        except ValueError as e:
-            raise CheckpointError(f"{where}: morph metadata is not valid JSON ({e})") from None
+        d = parse_json(text, where, "morph metadata")
         check_info_json(d, where)
         spec = d.pop("spec")
         d["spec"] = None if spec is None else ModelSpec(spec["source"], spec["name"], dict(spec["kwargs"]))

@@ -20,6 +20,7 @@ Every refusal is a one-line :class:`~morph.errors.CheckpointError` naming the fi
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from .errors import CheckpointError
 
 __all__ = [
     "AllocationBudget", "MAX_INPUT_SIDE", "MAX_TEMPLATES", "MAX_WIDTH", "REFUSED_KWARGS", "REFUSED_KWARG_WORDS",
-    "check_info", "check_kwargs", "rebuild_budget",
+    "check_info", "check_kwargs", "parse_json", "rebuild_budget",
 ]
 
 KINDS = {"plain": 0, "half": 1, "fused": 2, "grown": 1}  # kind -> number of template sets
@@ -56,6 +57,22 @@ REFUSED_KWARG_WORDS = ("pretrained", "checkpoint", "weights", "path", "file", "u
 
 _SET_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SPEC_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def parse_json(text: str, where: str, what: str, limit: int = MAX_INFO_CHARS) -> Any:
+    """JSON text from a file's header, refused past ``limit`` characters or when it does not parse.
+
+    Raises:
+        CheckpointError: ``{where}: {what} ...``, one line.
+    """
+    if not isinstance(text, str):
+        raise CheckpointError(f"{where}: {what} is not text")
+    if len(text) > limit:
+        raise CheckpointError(f"{where}: {what} of {len(text):,} characters is too large")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {what} is not valid JSON ({e})") from None
 
 
 def _is_scalar(v: Any) -> bool:

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from morph.errors import CheckpointError
+from morph.safety import parse_json
 
 __all__ = [
     "FORMAT",
@@ -250,13 +251,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
             if header.get("format") != FORMAT:
                 raise CheckpointError(f"{path} is not a morph recipes checkpoint (format {header.get('format')!r}); "
                                       "delete it to restart that stage")
-            text = header.get("meta", "")
-            if len(text) > MAX_META_CHARS:
-                raise CheckpointError(f"{path}: recipes checkpoint metadata of {len(text):,} characters is too large")
-            try:
-                meta = json.loads(text)
-            except ValueError as e:
-                raise CheckpointError(f"{path}: recipes checkpoint metadata is not JSON ({e})") from None
+            meta = parse_json(header.get("meta", ""), str(path), "recipes checkpoint metadata", MAX_META_CHARS)
             check_meta(meta, str(path))
             groups: dict[str, dict[str, torch.Tensor]] = {}
             for key in f.keys():

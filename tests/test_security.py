@@ -337,7 +337,7 @@ def _recipes_checkpoint(path: Path, meta_change=None, raw_meta: str | None = Non
 
 
 @pytest.mark.parametrize("change, raw, match", [
-    (None, "{not json", "metadata is not JSON"),
+    (None, "{not json", "metadata is not valid JSON"),
     (lambda m: m.update(steps="4"), None, "steps is not a non-negative integer"),
     (lambda m: m["progress"].update(__class__=1), None, "progress must map"),
     (lambda m: m.update(done=True, result={"top1": 1.0, "model": 2}), None, "result must be null or map"),
