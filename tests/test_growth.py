@@ -340,7 +340,7 @@ def test_firefly_changes_only_new_weights_and_lowers_loss():
     with torch.no_grad():
         _randomize_norms(model)
     x, y = _batch(n=8)
-    g = morph.grow(model, "firefly", 2.0, data=(x, y), seed=0, steps=30, lr=1e-2)
+    g = morph.grow(model, "firefly", 2.0, data=(x, y), seed=0, steps=10, lr=1e-2)
     losses = g.growth_losses
     assert losses[-1] < losses[0]
     r = morph.grow(model, "random", 2.0, seed=0, epsilon=0.01)  # the same random start

@@ -234,7 +234,8 @@ def _copy_same_shape(model: nn.Module, new: nn.Module) -> None:
 def _count_rules(report: list[dict[str, Any]]) -> str:
     counts: dict[str, int] = {}
     for r in report:
-        counts[r["rule"]] = counts.get(r["rule"], 0) + 1
+        rule = r["rule"].split(" (")[0]
+        counts[rule] = counts.get(rule, 0) + 1
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
