@@ -15,8 +15,10 @@ Parts (each timed; JSON written after every part, so a cut-off run keeps what it
     halves) against stock, for WRN-28-10 (32x32) and resnet50 (224x224). Median of timed windows after
     warm-up, with ``torch.cuda.synchronize``.
 (c) ``rows``: a CIFAR-10 comparison of every row of Table 1 (``recipes/configs/cifar10-gpu-check.yaml``:
-    WRN-16-4 from WRN-16-2, 8 epochs = 1X, growth at 8, budget 0.45X, one seed) on the tensor data
-    path; without ``--data-dir`` it runs on synthetic data and says so.
+    WRN-16-4 from WRN-16-2, 6 epochs = 1X, growth at 6, budget 0.45X, one seed) on the tensor data
+    path, post-growth training as in the paper (``growth.after=paper``); then Net2Net and MixtureGrowth
+    again with the official code's post-growth training (``growth.after=official``, optimizer state
+    carried). Without ``--data-dir`` it runs on synthetic data and says so.
 
 ``--device cpu`` shrinks everything (WRN-10-1 at 32x32 only, batch 4, two timed steps;
 the smoke (Large and MixtureGrowth) and the rows as WRN-10-1 on 32 synthetic 8x8 images) so the whole
@@ -184,6 +186,8 @@ def part_throughput(device, cfg: dict) -> dict:
 
 
 def part_rows(device: str, tiny: bool, data_dir: str | None, tmp: Path) -> dict:
+    """Every row with ``growth.after=paper``, then Net2Net and MixtureGrowth again with ``growth.after=official``
+    (the official code's post-growth schedule, optimizer state carried), as a second config name."""
     from morph.recipes.run import main as train
 
     over = [f"run.device={device}"]
@@ -191,9 +195,18 @@ def part_rows(device: str, tiny: bool, data_dir: str | None, tmp: Path) -> dict:
         over += TINY["rows"]
     elif data_dir is None:
         over += ["data.synthetic=true"]
+    out: dict[str, Any] = {"synthetic": tiny or data_dir is None}
     t0 = time.perf_counter()
     run_dir = train("cifar10-gpu-check", data_dir=None if tiny else data_dir, out_dir=tmp / "rows", overrides=over)
-    return {"wall_s": time.perf_counter() - t0, "synthetic": tiny or data_dir is None, "results": _run_dir_results(run_dir)}
+    out["wall_s"] = time.perf_counter() - t0
+    out["results"] = _run_dir_results(run_dir)
+    t0 = time.perf_counter()
+    official = [*over, "name=cifar10-gpu-check-official", "growth.after=official",
+                "growth.methods=[net2net,mixturegrowth]"]
+    run_dir = train("cifar10-gpu-check", data_dir=None if tiny else data_dir, out_dir=tmp / "rows-official",
+                    overrides=official)
+    out["official"] = {"wall_s": time.perf_counter() - t0, "results": _run_dir_results(run_dir)}
+    return out
 
 
 def _table(result: dict) -> str:
@@ -214,6 +227,10 @@ def _table(result: dict) -> str:
         for r in result["rows"]["results"]:
             g = f"{r['growth_flops_norm']:.4f}X" if r["growth_flops_norm"] is not None else ""
             lines.append(f"    {r['label']} | {r['top1']:.2f} | {r['flops_norm']:.3f}X | {r['params']:,} | {g}")
+        off = result["rows"]["official"]
+        lines.append(f"(c) growth.after=official (optimizer state carried), {off['wall_s']:.0f} s")
+        for r in off["results"]:
+            lines.append(f"    {r['label']} | {r['top1']:.2f} | {r['flops_norm']:.3f}X | {r['params']:,}")
     return "\n".join(lines)
 
 

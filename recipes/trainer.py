@@ -247,7 +247,12 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module) 
 def _set_optimizer_state(
     optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, dict[str, Any]], device: torch.device
 ) -> None:
-    """Start ``optimizer`` from ``state`` (by parameter name); tensors follow each parameter's device and layout."""
+    """Start ``optimizer`` from ``state`` (by parameter name); tensors follow each parameter's device and layout.
+
+    A parameter without carried state (one the growth created) gets zeros for every per-entry slot the
+    others have: the fused SGD kernel wants a momentum buffer for every parameter or for none.
+    """
+    slots: set[str] = set()
     for name, p in model.named_parameters():
         st = state.get(name)
         if not st:
@@ -257,6 +262,12 @@ def _set_optimizer_state(
                 if isinstance(v, torch.Tensor) and v.shape == p.shape else v)
             for k, v in st.items()
         }
+        slots |= {k for k, v in st.items() if isinstance(v, torch.Tensor) and v.shape == p.shape}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            for k in slots - set(st):
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _layout(p: torch.Tensor) -> torch.memory_format:

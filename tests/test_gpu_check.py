@@ -30,4 +30,5 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     t = r["throughput"]["wrn-10-1"]
     assert all(t[k] > 0 for k in ("plain_half", "template_half", "stock", "fused"))
     assert sorted(x["method"] for x in r["rows"]["results"]) == sorted(METHODS)
+    assert sorted(x["method"] for x in r["rows"]["official"]["results"]) == ["mixturegrowth", "net2net"]
     assert "(b) training images/s" in proc.stdout and "(c) rows" in proc.stdout
