@@ -41,9 +41,11 @@ def test_mean_std_over_seeds_pooled_across_run_dirs(tmp_path):
     c = make_run(tmp_path / "c", "c100", [("mixturegrowth", 0, 81.5, 0.45)])
     files = report.main([a, b, c], tmp_path / "out")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in files.text.splitlines() if line.startswith("| ")}
-    assert rows["Method"] == "| Method | c10 top-1 (%) | c10 FLOPs | c100 top-1 (%) | c100 FLOPs |"
-    assert rows["Large"] == "| Large | 96.50 ± 0.71 (2) | 1.00X | – | – |"
-    assert rows["MixtureGrowth"] == "| MixtureGrowth | 96.60 ± 0.14 (2) | 0.45X | 81.50 (1) | 0.45X |"
+    assert rows["Method"] == (
+        "| Method | c10 top-1 (%) | c10 FLOPs | c10 params | c100 top-1 (%) | c100 FLOPs | c100 params |"
+    )
+    assert rows["Large"] == "| Large | 96.50 ± 0.71 (2) | 1.00X | – | – | – | – |"  # no params recorded
+    assert rows["MixtureGrowth"] == "| MixtureGrowth | 96.60 ± 0.14 (2) | 0.45X | – | 81.50 (1) | 0.45X | – |"
     assert "Small" not in rows  # methods nobody ran are left out
     assert list(rows)[1:] == ["Large", "MixtureGrowth"]  # the paper's row order
     assert files.plot.stat().st_size > 1000 and files.plot.read_bytes()[:4] == b"\x89PNG"
