@@ -52,7 +52,6 @@ def _stream_epoch(data, epoch: int, batch: int, workers: int):
 
 def _tensor_epoch(data, epoch: int, batch: int):
     import torch
-
     from morph.recipes.data import EpochBatches, tensor_batches
 
     batches = EpochBatches(len(data.train), batch, epoch=epoch, seed=0)
@@ -70,7 +69,6 @@ def _time_data(make, epochs: int) -> float:
 def _time_train(make, steps: int, batch: int) -> dict[str, float]:
     import torch
     import torch.nn as nn
-
     from morph.recipes.config import ModelConfig, OptimConfig
     from morph.recipes.models import build_model
     from morph.recipes.trainer import build_optimizer

@@ -83,7 +83,6 @@ def _run_dir_results(run_dir: Path) -> list[dict[str, Any]]:
 
 def part_smoke(device: str, tiny: bool, methods: list[str], tmp: Path, compile_backend: str | None) -> dict:
     import torch
-
     from morph.recipes.run import main as train
 
     out = {}
@@ -95,7 +94,7 @@ def part_smoke(device: str, tiny: bool, methods: list[str], tmp: Path, compile_b
                 f"growth.methods=[{','.join(rows)}]", *(TINY["smoke"] if tiny else [])]
         real_compile = torch.compile
         if compiled and compile_backend:
-            torch.compile = lambda m, **kw: real_compile(m, backend=compile_backend, **kw)  # noqa: E731
+            torch.compile = lambda m, _c=real_compile, **kw: _c(m, backend=compile_backend, **kw)  # noqa: E731
         t0 = time.perf_counter()
         try:
             run_dir = train("cifar10-smoke", out_dir=tmp / f"smoke-{'compile' if compiled else 'eager'}", overrides=over)
@@ -106,7 +105,6 @@ def part_smoke(device: str, tiny: bool, methods: list[str], tmp: Path, compile_b
 
 
 def _build(name: str, size: int):
-    import morph
     from morph.recipes.config import ModelConfig
     from morph.recipes.models import build_model
 
@@ -119,7 +117,6 @@ def _build(name: str, size: int):
 def _images_per_s(model, size: int, batch: int, device, cfg: dict) -> float:
     import torch
     import torch.nn as nn
-
     from morph.recipes.config import OptimConfig
     from morph.recipes.trainer import build_optimizer, to_channels_last
 
@@ -156,7 +153,7 @@ def _images_per_s(model, size: int, batch: int, device, cfg: dict) -> float:
             torch.cuda.synchronize(device)
         rates.append(cfg["steps"] * batch / (time.perf_counter() - t0))
     model.to("cpu")
-    del opt
+    opt.state.clear()  # free the momentum buffers before the next model
     if cuda:
         torch.cuda.empty_cache()
     return statistics.median(rates)
