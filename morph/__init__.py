@@ -17,8 +17,8 @@ The public surface::
 """
 
 from .bake import bake
-from .cka import CKAResult, cka
 from .checkpoint import load, read_info, save
+from .cka import CKAResult, cka
 from .convert import convert
 from .errors import CheckpointError, ModelNotFoundError, MorphError, UnsupportedOpError
 from .flops import FlopReport, flops

@@ -31,10 +31,10 @@ import torch.nn as nn
 from .errors import MorphError
 from .graph.analyze import ChannelPlan, analyze
 from .graph.coupling import Dim
-from .info import MorphInfo, get_info, set_info
-from .scale import apply_width
 from .growth.mixturegrowth import COEFFICIENT_INITS
 from .growth.optim import GrowthRecord
+from .info import MorphInfo, get_info, set_info
+from .scale import apply_width
 from .templates import TemplateBank, TemplateMixing, attach, is_mixed, mixed_layers
 
 INIT_MODES = tuple(COEFFICIENT_INITS)

@@ -356,7 +356,6 @@ def test_trainer_keeps_every_nth_epoch_and_cka_reads_the_run(image_folder, tmp_p
 
 def test_help_documents_every_option():
     import typer
-
     from morph.cli.main import app
 
     res = _cli(["cka", "--help"])
