@@ -25,7 +25,7 @@ class RecordingTrainer:
         self.stages: list[Stage] = []
         self.models: list[nn.Module] = []
 
-    def fit(self, model: nn.Module, stage: Stage) -> StageResult:
+    def fit(self, model: nn.Module, stage: Stage, optimizer_state=None) -> StageResult:
         self.stages.append(stage)
         self.models.append(model)
         spent = 3.0 * stage.flops_per_image * BATCH * stage.steps if stage.counted else 0.0
