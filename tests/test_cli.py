@@ -315,8 +315,9 @@ def test_fusion_errors_leave_no_file(here, tmp_path):
     ok(run("bake", M1, "-o", baked))
     assert error(run("fuse", M1, baked, "-o", out)) == (
         "error: fusion needs half-width template models from morph.convert; the second is a plain model")
-    assert error(run("grow", baked, "-o", out)) == (
-        "error: fusion needs half-width template models from morph.convert; got a plain model")
+    assert error(run("grow", baked, "-o", out)) == (  # a plain model grows by a method it names
+        f"error: Invalid value for '--method': {baked} is a plain checkpoint: choose a growth method (firefly, "
+        "gradmax, mixturegrowth, net2net, random); see 'morph grow --help'")
     assert error(run("bake", baked, "-o", out)) == (
         "error: bake needs a template model (from morph.convert, fuse or grow); this one is plain")
     assert error(run("fuse", M1, R1, "-o", out)) == (
