@@ -143,10 +143,12 @@ def _reference(model: nn.Module, input_size: tuple[int, ...] | None,
     info = get_info(model)
     if plan is not None:  # the caller's analysis of the model itself
         return model, plan, 1.0
-    if info is not None and info.kind == "plain" and info.spec is not None and info.width != 1:
-        from ..zoo import build_model
+    from ..zoo import TRUSTED_FACTORIES, build_recorded
 
-        base = build_model(info.spec.spec, **info.spec.kwargs)
+    rebuildable = info is not None and info.spec is not None and (
+        info.spec.source != "callable" or info.spec.name in TRUSTED_FACTORIES)  # never import a recorded callable
+    if rebuildable and info.kind == "plain" and info.width != 1:
+        base = build_recorded(info.spec)
         plan = analyze(base, info.input_size)
         shapes = layer_shapes(plan, base, info.width)
         if all(tuple(model.get_submodule(n).weight.shape) == s.weight_shape
