@@ -175,7 +175,8 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         f"- zero-initialized fusion equals the ensemble within {TOL:g} on {summary['ensemble_exact']} models; the others are"
         " listed in `NOT_BLOCKWISE` with their reason (table below).",
         f"- built directly by the library's constructor instead of `morph.build_model`, every check holds the same way"
-        f" on {summary['direct_same']} of the models that pass (column **direct**).",
+        f" on {summary['direct_same']} of the passing models run that way (column **direct**; `—`: not run yet, "
+        f"`python benchmarks/coverage.py --add-direct` runs them; {len(ok(rows))} models pass).",
     ]
     if dense:
         lines.append(f"- FLOPs ratio (half / original, per image at batch 64) of the models outside `FLOPS_DEVIATIONS`:"
