@@ -8,8 +8,9 @@ much of that record is obeyed:
   when the caller supplies the factory (``model_fn=``) or opts in for that call (``trust_code=True``,
   ``--trust-code``); the error that asks for it names the callable.
 - **Constructor arguments.** JSON scalars and lists of scalars only; no argument that loads weights,
-  reads a file, downloads or names a cache (:data:`REFUSED_KWARGS` and any name containing one of
-  :data:`REFUSED_KWARG_WORDS`).
+  reads a file, downloads or names a cache: :data:`REFUSED_KWARGS`, and names by their words split at
+  ``_`` (``checkpoint_path``, ``cache_dir``, ``weights_backbone``, ``hf_hub_id`` are refused;
+  ``drop_path_rate`` and ``init_weights`` are not).
 - **Sizes.** Every field of the metadata is type-checked and bounded (:func:`check_info`), checked
   against the tensors actually in the file (their shapes come from the header, nothing is read), and
   the rebuild runs under an allocation budget derived from the file's own size
@@ -52,8 +53,10 @@ REFUSED_KWARGS = frozenset({
     "weights", "weights_backbone", "pretrained_backbone", "cache_dir", "model_dir", "file", "url", "hf_hub_id",
     "hf_hub_filename", "state_dict", "progress", "features_only", "out_indices",
 })
-REFUSED_KWARG_WORDS = ("pretrained", "checkpoint", "weights", "path", "file", "url", "dir", "hub", "cache",
-                       "download")
+# and, by the words of a name (split at "_"): any of these words anywhere, as a first word, or as a last word
+REFUSED_KWARG_WORDS = ("pretrained", "checkpoint", "download", "hub")
+REFUSED_FIRST_WORDS = ("weights", "cache", "url", "file", "hf")
+REFUSED_LAST_WORDS = ("path", "file", "filename", "dir", "url", "urls")
 
 _SET_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SPEC_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z_][A-Za-z0-9_]*)?$")
@@ -90,8 +93,9 @@ def check_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
     for key, value in kwargs.items():
         if not isinstance(key, str) or not key.isidentifier():
             raise CheckpointError(f"{where}: model kwarg name {key!r} is not an identifier")
-        low = key.lower()
-        if key in REFUSED_KWARGS or any(w in low for w in REFUSED_KWARG_WORDS):
+        words = key.lower().split("_")
+        if (key in REFUSED_KWARGS or any(w in words for w in REFUSED_KWARG_WORDS)
+                or words[0] in REFUSED_FIRST_WORDS or words[-1] in REFUSED_LAST_WORDS):
             raise CheckpointError(
                 f"{where}: refuses model kwarg {key!r}: a checkpoint may not ask to load weights, read files or "
                 "download; remove it from the file's morph_info"

@@ -229,8 +229,13 @@ def test_refusals_name_the_reason(corpus_run):
 def test_check_kwargs_rules():
     from morph.safety import check_kwargs
 
-    assert check_kwargs({"num_classes": 10, "drop_rate": 0.1, "act_layer": "relu", "out": [1, 2]}, "f") == {
-        "num_classes": 10, "drop_rate": 0.1, "act_layer": "relu", "out": [1, 2]}
+    good = {"num_classes": 10, "drop_rate": 0.1, "drop_path_rate": 0.1, "init_weights": True, "act_layer": "relu",
+            "out": [1, 2]}
+    assert check_kwargs(good, "f") == good
+    for name in ("checkpoint_path", "cache_dir", "model_dir", "weights_backbone", "hf_hub_id", "pretrained_cfg",
+                 "file", "url", "download", "weights"):
+        with pytest.raises(Exception, match=f"refuses model kwarg '{name}'"):
+            check_kwargs({name: "x"}, "f")
     for bad in ({"pretrained": False}, {"my_weights_file": "x"}, {"x": {"a": 1}}, {"x": [[1]]}, {"x": float("nan")},
                 {"not an identifier": 1}):
         with pytest.raises(Exception, match="^f: "):
