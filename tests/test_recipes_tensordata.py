@@ -164,7 +164,7 @@ def test_two_gloo_processes_see_the_shards_of_the_same_global_batches(folder, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = build_data(_cfg(folder, tmp_path / "cache1"), say=None)
     ref = _epoch(one, 0, 6) + _epoch(one, 1, 6)
-    shards = [torch.load(tmp_path / f"two.{r}.pt") for r in range(2)]
+    shards = [torch.load(tmp_path / f"two.{r}.pt", weights_only=True) for r in range(2)]
     assert len(shards[0]["x"]) == len(shards[1]["x"]) == len(ref) == 8
     for i, (x, y) in enumerate(ref):
         union = torch.empty_like(x)
