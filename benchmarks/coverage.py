@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/zoo_list.py: the model lists, shared with tests/test_zoo.py
 
+from zoo_check import GROWTH_METHODS, PRESERVING  # noqa: E402
 from zoo_list import (  # noqa: E402
     FLOPS_DEVIATIONS,
     NOT_BLOCKWISE,
@@ -41,16 +42,45 @@ from zoo_list import (  # noqa: E402
 FLOAT64_MAX_PARAMS = 30e6
 LAST = ("torchvision/regnet_y_128gf",)
 TOL = 1e-5
+PARTS = ("main", "direct", "growth")  # check_model via morph.build_model; the same built directly; growth methods
+GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
 
 
-def _child(spec: str, mem_gb: float, threads: int = 1, direct_only: bool = False) -> None:
+def growth_verdict(r: dict, method: str) -> str:
+    """A growth method on the half of ``r``'s model: function kept (net2net, random and gradmax at epsilon 0;
+    eval mode, and train mode for BatchNorm models), strict load into the stock model with the same outputs;
+    firefly: old entries untouched and its batch loss lowered."""
+    g = r.get("growth", {}).get(method)
+    if g is None:
+        return "—"
+    if g["status"] != "ok":
+        return f"**{g['status']}**: {g['error'][:70]}"
+    tol = GROWTH_TOL[r.get("growth_dtype", "float64")]
+    bad = []
+    if method == "firefly":
+        if not g["old_kept"]:
+            bad.append("old entries changed")
+        if not g["loss"][1] < g["loss"][0]:
+            bad.append("loss not lowered")
+    else:
+        err = max(g["eval"], g.get("train", 0.0))
+        if not err <= tol:
+            bad.append(f"relerr {err:.0e}")
+    if not g.get("strict"):
+        bad.append("strict load")
+    elif not g["stock"] <= TOL:
+        bad.append("stock output")
+    return "yes" if not bad else "**no**: " + ", ".join(bad)
+
+
+def _child(spec: str, mem_gb: float, threads: int = 1, parts: tuple[str, ...] = PARTS) -> None:
     if mem_gb > 0:  # fail with an allocation error instead of waking the OOM killer
         lim = int(mem_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     import tempfile
 
     import torch
-    from zoo_check import check_model
+    from zoo_check import check_growth, check_model
 
     import morph
 
@@ -62,16 +92,21 @@ def _child(spec: str, mem_gb: float, threads: int = 1, direct_only: bool = False
         n = sum(p.numel() for p in morph.build_model(spec).parameters())
     dtype = torch.float64 if n < FLOAT64_MAX_PARAMS else torch.float32
     row: dict = {}
-    if not direct_only:
+    if "main" in parts:
         with tempfile.TemporaryDirectory() as d:
             r = check_model(spec, spec_input_size(spec), dtype=dtype, flops_size=flops_input_size(spec), tmpdir=d)
         row = r.row()
         del r
-    with tempfile.TemporaryDirectory() as d:  # the same model built by the library's own constructor
-        rd = check_model(spec, spec_input_size(spec), dtype=dtype, flops_size=flops_input_size(spec), tmpdir=d,
-                         direct=True)
-    row["direct"] = {k: getattr(rd, k) for k in ("status", "stage", "error", "strict_load", "stock_relerr",
-                                                "ensemble_relerr", "save_load_exact", "bake_relerr", "seconds")}
+    if "direct" in parts:
+        with tempfile.TemporaryDirectory() as d:  # the same model built by the library's own constructor
+            rd = check_model(spec, spec_input_size(spec), dtype=dtype, flops_size=flops_input_size(spec), tmpdir=d,
+                             direct=True)
+        row["direct"] = {k: getattr(rd, k) for k in ("status", "stage", "error", "strict_load", "stock_relerr",
+                                                    "ensemble_relerr", "save_load_exact", "bake_relerr", "seconds")}
+        del rd
+    if "growth" in parts:
+        row["growth"] = check_growth(spec, spec_input_size(spec), dtype=dtype)
+        row["growth_dtype"] = str(dtype).replace("torch.", "")
     print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -176,7 +211,7 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         " listed in `NOT_BLOCKWISE` with their reason (table below).",
         f"- built directly by the library's constructor instead of `morph.build_model`, every check holds the same way"
         f" on {summary['direct_same']} of the passing models run that way (column **direct**; `—`: not run yet, "
-        f"`python benchmarks/coverage.py --add-direct` runs them; {len(ok(rows))} models pass).",
+        f"`python benchmarks/coverage.py --add direct` runs them; {len(ok(rows))} models pass).",
     ]
     if dense:
         lines.append(f"- FLOPs ratio (half / original, per image at batch 64) of the models outside `FLOPS_DEVIATIONS`:"
@@ -240,8 +275,55 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
             f"{'yes' if r['strict_load'] and r['stock_relerr'] <= TOL else '**no**'} | "
             f"{'yes' if r['save_load_exact'] else '**no**'} | {_cell(direct_verdict(r))} | {r['dtype']} | {r['seconds']:.0f} | {_cell('; '.join(notes))} |"
         )
+    lines += _growth_table(rows, summary)
     out.write_text("\n".join(lines) + "\n")
     return summary
+
+
+def _growth_table(rows: list[dict], summary: dict) -> list[str]:
+    """The growth-methods section: one column per method for every passing model."""
+    ran = [r for r in rows if r["status"] == "ok" and "growth" in r]
+    if not ran:
+        return []
+    judged = [r for r in ran if r["spec"] not in NOT_BLOCKWISE]
+    counts = []
+    for m in GROWTH_METHODS:
+        n_ok = len([r for r in judged if growth_verdict(r, m) == "yes"])
+        summary[f"growth_{m}"] = f"{n_ok}/{len(judged)}"
+        counts.append(f"`{m}` **{n_ok}/{len(judged)}**")
+    lines = [
+        "",
+        "## Growth methods",
+        "",
+        f"`morph.grow(half, method, 2.0, data=(x, y), seed=0)` on `scale_width(model, 0.5)` with randomized norm",
+        f"statistics and affine parameters, for the {len(ran)} passing models run so far"
+        f" ({len([r for r in rows if r['status'] == 'ok'])} pass; `python benchmarks/coverage.py --add growth`"
+        " runs the rest). Every check holds on: " + ", ".join(counts) + f" of the {len(judged)} models outside"
+        " `NOT_BLOCKWISE`.",
+        "",
+        "- **net2net / random / gradmax** (epsilon 0): the grown model computes the half's function, relative error",
+        f"  <= {GROWTH_TOL['float64']:g} in float64 ({GROWTH_TOL['float32']:g} in float32, models over 30M parameters),"
+        " in eval mode and, for",
+        "  BatchNorm models, in train mode (batch statistics; dropout off); its state dict loads with `strict=True`",
+        "  into the stock model (`morph.build_model(spec)`), which then computes the same outputs.",
+        "- **firefly** (5 Adam steps, lr 1e-2, on the batch of 2): old entries untouched, the batch loss lowered,",
+        "  strict load into the stock model with the same outputs. Firefly does not keep the function (epsilon > 0).",
+        "- **err**: the largest relative error of the three preserving methods; **s**: seconds for all four.",
+        "",
+        "| model | dtype | net2net | random | gradmax | firefly | err | firefly loss | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in ran:
+        g = r["growth"]
+        errs = [max(g[m]["eval"], g[m].get("train", 0.0)) for m in PRESERVING if g.get(m, {}).get("status") == "ok"]
+        ff = g.get("firefly", {})
+        loss = f"{ff['loss'][0]:.2f} -> {ff['loss'][1]:.2f}" if ff.get("status") == "ok" else ""
+        name = r["spec"] + (" (not block-wise)" if r["spec"] in NOT_BLOCKWISE else "")
+        cells = [_cell(growth_verdict(r, m)) for m in GROWTH_METHODS]
+        secs = sum(x.get("seconds", 0.0) for x in g.values())
+        lines.append(f"| {name} | {r.get('growth_dtype', '')} | {' | '.join(cells)} | "
+                     f"{_f(max(errs) if errs else None, '.0e')} | {loss} | {secs:.0f} |")
+    return lines
 
 
 def main() -> None:
@@ -254,17 +336,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model (1 is fastest on a shared CPU)")
     ap.add_argument("--resume", action="store_true", help="keep rows of <out>.json, run the missing models")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
-    ap.add_argument("--add-direct", action="store_true",
-                    help="run only the directly built path for rows of <out>.json that lack it, and merge it in")
-    ap.add_argument("--direct-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--add", nargs="+", choices=("direct", "growth"), default=None,
+                    help="run only these parts for the passing rows of <out>.json that lack them, and merge them in")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), help=argparse.SUPPRESS)
     ap.add_argument("--child", default="")
     args = ap.parse_args()
     if args.child:
-        _child(args.child, args.mem_gb, args.threads, args.direct_only)
+        _child(args.child, args.mem_gb, args.threads, tuple(args.parts))
         return
     out = Path(args.out)
-    if args.add_direct:
-        _add_direct(out, args)
+    if args.add:
+        _add(out, args, tuple(args.add))
         return
     if args.only:
         specs = args.only
@@ -314,24 +396,33 @@ def main() -> None:
     print(f"wrote {out} and {jpath}")
 
 
-def _add_direct(out: Path, args: argparse.Namespace) -> None:
-    """Run the directly built path for the rows of ``<out>.json`` that lack it (and that ran), rewriting the
-    JSON and the table after each model."""
+def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
+    """Run ``parts`` (``direct``, ``growth``) for the passing rows of ``<out>.json`` that lack them, rewriting
+    the JSON and the table after each model."""
     jpath = out.with_suffix(".json")
     rows = json.loads(jpath.read_text())
     meta = json.loads(out.with_suffix(".meta.json").read_text()) if out.with_suffix(".meta.json").exists() else {}
-    todo = sorted((r for r in rows if "direct" not in r and r["status"] == "ok"), key=lambda r: r["spec"] in LAST)
-    for r in todo:
+    only = set(args.only or [])
+    todo = [r for r in rows if r["status"] == "ok" and (not only or r["spec"] in only)
+            and any(p not in r for p in parts)]
+    for r in sorted(todo, key=lambda r: r["spec"] in LAST):
+        missing = [p for p in parts if p not in r]
         try:
-            p = subprocess.run([sys.executable, __file__, "--child", r["spec"], "--direct-only", "--mem-gb",
+            p = subprocess.run([sys.executable, __file__, "--child", r["spec"], "--parts", *missing, "--mem-gb",
                                 str(args.mem_gb), "--threads", str(args.threads)],
                                capture_output=True, text=True, timeout=args.timeout)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            r["direct"] = json.loads(line[-1][7:])["direct"] if line else {
-                "status": "crash", "stage": "", "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+            if line:
+                r.update(json.loads(line[-1][7:]))
+            else:
+                err = {"status": "crash", "stage": "", "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+                r.update({k: err if k == "direct" else {m: err for m in GROWTH_METHODS} for k in missing})
         except subprocess.TimeoutExpired:
-            r["direct"] = {"status": "timeout", "stage": "", "error": f"over the {args.timeout}s budget"}
-        print(f"{r['spec']}: direct {direct_verdict(r)}", flush=True)
+            err = {"status": "timeout", "stage": "", "error": f"over the {args.timeout}s budget"}
+            r.update({k: err if k == "direct" else {m: err for m in GROWTH_METHODS} for k in missing})
+        msg = [f"direct {direct_verdict(r)}"] if "direct" in missing else []
+        msg += [f"{m} {growth_verdict(r, m)}" for m in GROWTH_METHODS] if "growth" in missing else []
+        print(f"{r['spec']}: {'; '.join(msg)}", flush=True)
         jpath.write_text(json.dumps(rows, indent=1))
         write_table(rows, out, meta.get("seconds", 0.0))
 

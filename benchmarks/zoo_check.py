@@ -316,3 +316,118 @@ def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, 
         torch.set_default_dtype(old)
         r.seconds = time.perf_counter() - t0
     return r
+
+
+# ------------------------------------------------------------------------------------------------
+# growth methods
+# ------------------------------------------------------------------------------------------------
+GROWTH_METHODS = ("net2net", "random", "gradmax", "firefly")
+PRESERVING = ("net2net", "random", "gradmax")  # function-preserving (random and gradmax at epsilon 0)
+
+
+def randomize_norms(model: nn.Module, seed: int = 1) -> None:
+    """Trained-looking norm statistics and affine parameters (fresh ones are 0/1 everywhere, which would
+    make new identity channels look like old ones)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
+def _norms_train(model: nn.Module) -> None:
+    """Eval mode except BatchNorm layers, which use batch statistics (dropout stays off: its masks depend on
+    the width, so train mode with dropout is not a function of the input alone)."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+
+
+def _old_entries_kept(grown: nn.Module, half: nn.Module) -> bool:
+    """Every parameter entry of ``grown`` that ``growth_record`` maps to an old entry equals it."""
+    old = dict(half.named_parameters())
+    for name, p in grown.named_parameters():
+        for _, old_name, index in grown.growth_record.params.get(name, []):
+            keep, ref = p.detach(), old[old_name].detach()
+            for d, i in enumerate(index):
+                if i is not None:
+                    keep = keep.index_select(d, (i >= 0).nonzero().flatten().to(keep.device))
+                    ref = ref.index_select(d, i[i >= 0].to(ref.device))
+            if not torch.equal(keep, ref):
+                return False
+    return True
+
+
+def check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, direct: bool = False,
+                 methods: tuple[str, ...] = GROWTH_METHODS, firefly_steps: int = 5) -> dict:
+    """Grow ``scale_width(model, 0.5)`` (norms randomized) back to full width with each method.
+
+    Per method: ``eval`` / ``train`` = relative error of the grown model against the half (eval mode; train
+    mode with batch statistics, BatchNorm models only); ``strict`` = the grown state dict loads with
+    ``strict=True`` into the stock model; ``stock`` = that stock model's relative error against the grown one;
+    firefly: ``old_kept`` (old entries untouched) and ``loss`` (its batch loss before and after its steps).
+    A method that raises records ``status`` ``error`` (MorphError) or ``crash``."""
+    build = (lambda: build_direct(spec)) if direct else (lambda: morph.build_model(spec))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    out: dict[str, dict] = {}
+    try:
+        torch.manual_seed(0)
+        m = build().eval()
+        half = morph.scale_width(m, 0.5, input_size=input_size).eval()
+        del m
+        randomize_norms(half)
+        has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in half.modules())
+        x = torch.randn(2, *input_size)
+        y_half = _run(half, x)
+        y = torch.randint(0, y_half.shape[-1], (2,))
+        if has_bn:
+            buffers = {k: v.clone() for k, v in half.named_buffers()}
+            _norms_train(half)
+            with torch.no_grad():
+                y_half_train = _first(half(x))
+            half.load_state_dict({**half.state_dict(), **buffers})
+            half.eval()
+        stock = build().eval()
+        for method in methods:
+            t0 = time.perf_counter()
+            r: dict = {"status": "ok"}
+            try:
+                opts = {"steps": firefly_steps, "lr": 1e-2} if method == "firefly" else {}
+                grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=input_size, **opts)
+                if method == "firefly":
+                    r["loss"] = [grown.growth_losses[0], grown.growth_losses[-1]]
+                    r["old_kept"] = _old_entries_kept(grown, half)
+                r["eval"] = relerr(_run(grown, x), y_half)
+                if has_bn:
+                    _norms_train(grown)
+                    with torch.no_grad():
+                        r["train"] = relerr(_first(grown(x)), y_half_train)
+                    grown.eval()
+                try:
+                    stock.load_state_dict(grown.state_dict(), strict=True)
+                    r["strict"] = True
+                    r["stock"] = relerr(_run(stock, x), _run(grown, x))
+                except RuntimeError as e:
+                    r["strict"] = False
+                    r["strict_error"] = str(e).splitlines()[0][:200]
+                del grown
+            except morph.MorphError as e:
+                r = {"status": "error", "error": str(e).splitlines()[0][:300]}
+            except Exception as e:  # noqa: BLE001 - recorded, reported as a crash
+                r = {"status": "crash", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+            r["seconds"] = time.perf_counter() - t0
+            out[method] = r
+            gc.collect()
+    except morph.MorphError as e:
+        out = {mth: {"status": "error", "error": str(e).splitlines()[0][:300]} for mth in methods}
+    except Exception as e:  # noqa: BLE001
+        out = {mth: {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]} for mth in methods}
+    finally:
+        torch.set_default_dtype(old)
+    return out
