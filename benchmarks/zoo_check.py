@@ -348,16 +348,19 @@ def _norms_train(model: nn.Module) -> None:
             m.train()
 
 
-def _old_entries_kept(grown: nn.Module, half: nn.Module) -> bool:
-    """Every parameter entry of ``grown`` that ``growth_record`` maps to an old entry equals it."""
-    old = dict(half.named_parameters())
+def _old_entries_kept(grown: nn.Module, start: nn.Module) -> bool:
+    """Every entry that ``grown.growth_record`` maps to an old entry is the same in ``grown`` and in ``start``
+    (the same layout before Firefly's steps: ``random`` with Firefly's seed and epsilon). Old entries are
+    compared with the assembled start, not with the small model, because replicated channels of
+    LayerNorm-normalized groups divide old fan-out weights by their replica count."""
+    ref_params = dict(start.named_parameters())
     for name, p in grown.named_parameters():
-        for _, old_name, index in grown.growth_record.params.get(name, []):
-            keep, ref = p.detach(), old[old_name].detach()
+        for _, _, index in grown.growth_record.params.get(name, []):
+            keep, ref = p.detach(), ref_params[name].detach()
             for d, i in enumerate(index):
                 if i is not None:
-                    keep = keep.index_select(d, (i >= 0).nonzero().flatten().to(keep.device))
-                    ref = ref.index_select(d, i[i >= 0].to(ref.device))
+                    sel = (i >= 0).nonzero().flatten()
+                    keep, ref = keep.index_select(d, sel.to(keep.device)), ref.index_select(d, sel.to(ref.device))
             if not torch.equal(keep, ref):
                 return False
     return True
@@ -402,7 +405,9 @@ def check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64,
                 grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=input_size, **opts)
                 if method == "firefly":
                     r["loss"] = [grown.growth_losses[0], grown.growth_losses[-1]]
-                    r["old_kept"] = _old_entries_kept(grown, half)
+                    start = morph.grow(half, "random", 2.0, seed=0, input_size=input_size, epsilon=0.01)
+                    r["old_kept"] = _old_entries_kept(grown, start)
+                    del start
                 r["eval"] = relerr(_run(grown, x), y_half)
                 if has_bn:
                     _norms_train(grown)

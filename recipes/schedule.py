@@ -233,7 +233,8 @@ def _grown_steps(p: Planner, method: str, spent: float, fpi: float) -> int:
     if steps < 1:
         raise RecipeError(
             f"{method}: growth.budget={p.cfg.growth.budget} leaves no step for the grown model "
-            f"(net 2 alone spends {spent / p.unit:.3f}X); lower growth.net2_epochs or raise growth.budget"
+            f"(the stages before it and the growth step spend {spent / p.unit:.3f}X); lower growth.net2_epochs, "
+            "growth.firefly_steps or growth.growth_batches, or raise growth.budget"
         )
     return steps
 
