@@ -9,6 +9,7 @@ tensor strictly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -124,10 +125,17 @@ def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None
                        train_edge_coefficients=info.train_edge_coefficients, input_size=info.input_size)
 
     if info.kind == "plain":
-        if info.width == 1:
-            from .info import set_info
+        grown = info.extra.get("growth", {})
+        if grown.get("which", "all") == "internal":  # not a width of the architecture: the growth layout's shapes
+            from .growth.layout import build_layout
 
-            return set_info(base, info)
+            fw = float(grown["from_width"])
+            small = _with_info(base, dataclasses.replace(info, width=1.0, extra={})) if fw == 1 else \
+                scale_width(base, fw, input_size=info.input_size)
+            layout = build_layout(small, info.width / fw, which="internal", input_size=info.input_size)
+            return _with_info(layout.skeleton(), info)
+        if info.width == 1:
+            return _with_info(base, info)
         return _with_info(scale_width(base, info.width, input_size=info.input_size), info)
     if info.kind == "half":
         return half(info.set_ids[0])

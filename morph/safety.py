@@ -157,6 +157,13 @@ def check_info_json(d: Any, where: str) -> None:
         _need(isinstance(v, str) and len(v) <= 64, where, f"{key} must be a short string")
     _need(isinstance(d.get("train_edge_coefficients", False), bool), where, "train_edge_coefficients must be true/false")
     _need(isinstance(d.get("extra", {}), dict), where, "extra must be a JSON object")
+    grown = d.get("extra", {}).get("growth", {})
+    _need(isinstance(grown, dict), where, "extra.growth must be a JSON object")
+    if grown.get("which", "all") != "all":  # the loader rebuilds these shapes from the growth layout
+        _need(grown.get("which") == "internal", where, "extra.growth.which must be 'all' or 'internal'")
+        fw = grown.get("from_width")
+        _need(isinstance(fw, (int, float)) and not isinstance(fw, bool) and 0 < fw <= MAX_WIDTH, where,
+              f"extra.growth.from_width must be a width in (0, {MAX_WIDTH}]")
     orig = d.get("original", {})
     _need(isinstance(orig, dict) and set(orig) <= {"groups", "shapes"}, where, "original must be a JSON object")
     groups, shapes = orig.get("groups", {}), orig.get("shapes", {})

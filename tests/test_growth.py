@@ -488,3 +488,44 @@ def test_layout_positions():
     old = (d.kind == OLD).nonzero().flatten().tolist()
     assert old == list(range(8)) + list(range(16, 20)) + list(range(24, 36))
     assert d.src[old].tolist() == list(range(24))
+
+
+class _Grouped(nn.Module):
+    """12 channels in 3 groups of 4: at half width the group width 4 does not divide 6 channels, so
+    ``scale_width`` keeps 3 groups (of 2); the original's 3 groups are recorded in ``info.original``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.conv = nn.Conv2d(12, 12, 3, padding=1, groups=3)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(F.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_growth_back_to_the_original_uses_its_recorded_groups():
+    model = _Grouped().double().eval()
+    half = morph.scale_width(model, 0.5, input_size=X)
+    assert half.conv.groups == 3 and morph.get_info(half).original["groups"]["conv"] == 3
+    # back to the original: 3 groups of 4, which old channels (group width 2) cannot fill function-preservingly
+    with pytest.raises(morph.MorphError, match="conv: a grouped conv whose groups widen"):
+        morph.grow(half, "net2net", 2.0, seed=0)
+    # a width that is not the original's follows the channel plan (constant group width where it divides)
+    g = morph.grow(half, "net2net", 3.0, seed=0)
+    assert g.conv.weight.shape == (18, 2, 3, 3) and g.conv.groups == 9
+
+
+def test_internal_growth_checkpoint_loads(tmp_path):
+    """which="internal" grows only block-internal groups: not a width of the architecture, yet morph.load
+    rebuilds it (from the record's growth layout) and the round trip is bit-exact."""
+    half = morph.scale_width(morph.build_model("timm/resnet10t", num_classes=5), 0.5, input_size=X).eval()
+    g = morph.grow(half, "random", 2.0, seed=0, which="internal", epsilon=0.1).eval()
+    assert g.layer1[0].conv1.weight.shape[0] == 2 * half.layer1[0].conv1.weight.shape[0]
+    assert g.layer1[0].conv2.weight.shape[0] == half.layer1[0].conv2.weight.shape[0]  # the residual stream kept
+    path = morph.save(g, tmp_path / "internal.safetensors")
+    loaded = morph.load(path).eval()
+    x = _batch()[0].float()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), g(x))
+    assert morph.read_info(path)[0].extra["growth"]["which"] == "internal"

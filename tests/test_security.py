@@ -84,6 +84,8 @@ def hostile_cases(marker: str, pickle_path: str) -> dict[str, object]:
         "templates-mismatch": field(templates=3),
         "width-mismatch": field(width=0.25),
         "spec-not-object": field(spec="timm/resnet50"),
+        "growth-which-unknown": field(extra={"growth": {"which": "../../etc", "from_width": 0.5}}),
+        "growth-from-width-huge": field(extra={"growth": {"which": "internal", "from_width": 1e9}}),
         "not-json": "{not json",
         "json-list": "[1, 2, 3]",
     }

@@ -89,6 +89,7 @@ class Layout:
     w_from: float
     w_to: float
     groups: dict[int, GroupGrowth]
+    conv_groups: dict[str, int] | None = None  # the original's group counts when the target is the original
     _dims: dict[tuple, DimMap] = field(default_factory=dict)
 
     # -- per-position maps ------------------------------------------------------------------------
@@ -133,7 +134,7 @@ class Layout:
 
     def skeleton(self) -> nn.Module:
         """The grown model's modules at their new shapes, values not yet decided."""
-        new, _ = apply_width(self.reference, self.plan, self.w_to)
+        new, _ = apply_width(self.reference, self.plan, self.w_to, groups=self.conv_groups)
         return new
 
 
@@ -227,6 +228,12 @@ def build_layout(
         raise MorphError(f"mapping must be 'cycle' or 'random', got {mapping!r}")
     ref, plan, w0 = _reference(model, input_size, plan)
     w1 = w0 * ratio
+    info = get_info(model)
+    conv_groups = None
+    if ref is model and info is not None and info.original and abs(info.width * ratio - 1) < 1e-9:
+        # growing a reduced model back to its original's width: the original's group counts, which the
+        # channel plan alone cannot tell from a scaled-down model (scale_width records them)
+        conv_groups = dict(info.original.get("groups", {}))
     plan = dataclasses.replace(plan, _sizes={})
     old_sizes, new_sizes = plan._allocate(w0), plan._allocate(w1)
     constrained = _constrained(plan)
@@ -258,4 +265,4 @@ def build_layout(
         groups[r] = GroupGrowth(r, m, n, g_rule, src, note)
     # the plan answers sizes at both widths from the (possibly edited) allocation
     plan._sizes[w0], plan._sizes[w1] = old_sizes, new_sizes
-    return Layout(plan, ref, w0, w1, groups)
+    return Layout(plan, ref, w0, w1, groups, conv_groups)
