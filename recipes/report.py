@@ -146,7 +146,33 @@ def markdown_table(runs: dict[str, _Run]) -> str:
             lines.append("| " + " | ".join(row) + " |")
     if growth_lines:
         lines += ["", "Cost of the growth step itself (training FLOPs relative to 1X):", "", *growth_lines]
+    lines += ["", *stage_table(runs)]
     return "\n".join(lines) + "\n"
+
+
+def stage_table(runs: dict[str, _Run]) -> list[str]:
+    """Top-1 at the end of every stage of every row (net 1, net 2 or the small model at the growth point,
+    then the grown model), mean ± std over seeds, with the stage's optimizer steps."""
+    lines = ["Per stage: test top-1 (%) at the end of each stage, mean ± std (seeds), [optimizer steps]; "
+             "`small` is the plain small model at the growth point that the four baselines share.", "",
+             "| Method | config | stages |", "|---|---|---|"]
+    for method, label in METHODS.items():
+        for name, run in runs.items():
+            rs = [r for r in run.results if r["method"] == method]
+            if not rs:
+                continue
+            order: list[str] = []
+            for r in rs:
+                order += [st["stage"] for st in r.get("stages", []) if isinstance(st, dict) and "top1" in st
+                          and st.get("stage") not in order]
+            cells = []
+            for stage in order:
+                sts = [st for r in rs for st in r.get("stages", []) if isinstance(st, dict)
+                       and st.get("stage") == stage and isinstance(st.get("top1"), (int, float))]
+                steps = sorted({st.get("steps") for st in sts if isinstance(st.get("steps"), int)})
+                cells.append(f"{stage} {_cell([st['top1'] for st in sts])} [{'/'.join(map(str, steps))}]")
+            lines.append(f"| {label} | {name} | {' → '.join(cells)} |")
+    return lines
 
 
 def plot(runs: dict[str, _Run], path: Path) -> None:

@@ -40,7 +40,8 @@ def test_mean_std_over_seeds_pooled_across_run_dirs(tmp_path):
     b = make_run(tmp_path / "b", "c10", [("large", 1, 97.0, 1.0), ("mixturegrowth", 1, 96.7, 0.45)])
     c = make_run(tmp_path / "c", "c100", [("mixturegrowth", 0, 81.5, 0.45)])
     files = report.main([a, b, c], tmp_path / "out")
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in files.text.splitlines() if line.startswith("| ")}
+    main_table = files.text.split("Per stage")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in main_table.splitlines() if line.startswith("| ")}
     assert rows["Method"] == (
         "| Method | c10 top-1 (%) | c10 FLOPs | c10 params | c100 top-1 (%) | c100 FLOPs | c100 params |"
     )
@@ -64,3 +65,22 @@ def test_report_errors(tmp_path):
     with pytest.raises(ValueError, match="no run directory given"):
         report.main([], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_per_stage_accuracies(tmp_path):
+    """The report lists every row's stages in order with top-1 mean ± std and optimizer steps."""
+    a = make_run(tmp_path / "a", "c10", [("mixturegrowth", 0, 60.0, 0.45), ("random", 0, 58.0, 0.45)])
+    b = make_run(tmp_path / "b", "c10", [("mixturegrowth", 1, 62.0, 0.45)])
+    stages = {"mixturegrowth": [("net1", 50.0, 780), ("net2", 52.0, 780), ("grown", 60.0, 156)],
+              "random": [("small", 51.0, 780), ("growth", None, 0), ("grown", 58.0, 156)]}
+    for root, seed, shift in ((a, 0, 0.0), (b, 1, 2.0)):
+        for method, sts in stages.items():
+            f = root / f"seed{seed}" / method / "result.json"
+            if not f.exists():
+                continue
+            r = json.loads(f.read_text())
+            r["stages"] = [{"stage": n, "steps": k, **({"top1": t + shift} if t is not None else {})} for n, t, k in sts]
+            f.write_text(json.dumps(r))
+    text = report.main([a, b], tmp_path / "out").text
+    assert "| MixtureGrowth | c10 | net1 51.00 ± 1.41 (2) [780] → net2 53.00 ± 1.41 (2) [780] → grown 61.00 ± 1.41 (2) [156] |" in text
+    assert "| Random | c10 | small 51.00 (1) [780] → grown 58.00 (1) [156] |" in text  # the growth step has no top-1
