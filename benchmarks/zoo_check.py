@@ -212,12 +212,14 @@ def build_direct(spec: str, **kwargs) -> nn.Module:
 
 
 def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, flops_size=None,
-                tmpdir=None, templates: int = 2, direct: bool = False) -> ZooResult:
+                tmpdir=None, templates: int = 2, direct: bool = False, full: bool = True) -> ZooResult:
     """Run every morph pass on ``spec``; a MorphError is recorded as ``status="error"``, anything else
     as ``status="crash"`` (a bug: morph must explain every failure with a MorphError).
 
     ``direct``: build the model (and the stock model the baked one must load into) with the library's
-    own constructor (:func:`build_direct`) instead of :func:`morph.build_model`."""
+    own constructor (:func:`build_direct`) instead of :func:`morph.build_model`. ``full=False`` skips the
+    FLOPs and the ``share="consecutive"`` conversion (the coverage script's directly built pass: neither
+    depends on how the model was built)."""
     t0 = time.perf_counter()
     r = ZooResult(spec, dtype=str(dtype).replace("torch.", ""), input_size=tuple(input_size))
     build = (lambda **kw: build_direct(spec, **kw)) if direct else (lambda **kw: morph.build_model(spec, **kw))
@@ -248,30 +250,32 @@ def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, 
         r.params_half = _numel(a)
         r.params_half_predicted = predict_half_params(plain, order, templates)
         r.params_ratio = r.params_half / r.params
-        c = morph.convert(m, 0.5, templates, share="consecutive", seed=3, plan=plan)
-        r.params_consecutive = _numel(c)
-        r.params_consecutive_predicted = predict_half_params(plain, order, templates, "consecutive")
-        del c
+        if full:
+            c = morph.convert(m, 0.5, templates, share="consecutive", seed=3, plan=plan)
+            r.params_consecutive = _numel(c)
+            r.params_consecutive_predicted = predict_half_params(plain, order, templates, "consecutive")
+            del c
         b = morph.convert(m, 0.5, templates, seed=2, plan=plan).eval()
         yb = _run(b, x)
         half_shapes = _weighted(a)
 
         stage = "flops"
-        fs = tuple(flops_size or default_input_size(m))
-        r.flops_input = fs
-        m32 = _float32(m)
-        r.flops, shares = flops_breakdown(m32, plan, fs)
-        del m32
-        r.share_dense, r.share_edge, r.share_grouped, r.share_other = (shares[k] for k in ("dense", "edge", "grouped", "other"))
-        r.flops_plain_ratio = morph.flops(_float32(plain), fs).per_image / r.flops
-        del plain
-        a32 = _float32(a)
-        rep = morph.flops(a32, fs, batch_size=BATCH)
-        del a32
-        r.flops_half = rep.per_image
-        r.flops_ratio = r.flops_half / r.flops
-        r.share_generation = rep.generation / BATCH / r.flops
-        r.flops_expected = 0.25 * r.share_dense + 0.5 * (r.share_edge + r.share_grouped + r.share_other) + r.share_generation
+        if full:
+            fs = tuple(flops_size or default_input_size(m))
+            r.flops_input = fs
+            m32 = _float32(m)
+            r.flops, shares = flops_breakdown(m32, plan, fs)
+            del m32
+            r.share_dense, r.share_edge, r.share_grouped, r.share_other = (shares[k] for k in ("dense", "edge", "grouped", "other"))
+            r.flops_plain_ratio = morph.flops(_float32(plain), fs).per_image / r.flops
+            del plain
+            a32 = _float32(a)
+            rep = morph.flops(a32, fs, batch_size=BATCH)
+            del a32
+            r.flops_half = rep.per_image
+            r.flops_ratio = r.flops_half / r.flops
+            r.share_generation = rep.generation / BATCH / r.flops
+            r.flops_expected = 0.25 * r.share_dense + 0.5 * (r.share_edge + r.share_grouped + r.share_other) + r.share_generation
         del m, plan
         gc.collect()
 
@@ -367,7 +371,7 @@ def _old_entries_kept(grown: nn.Module, start: nn.Module) -> bool:
 
 
 def check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, direct: bool = False,
-                 methods: tuple[str, ...] = GROWTH_METHODS, firefly_steps: int = 5) -> dict:
+                 methods: tuple[str, ...] = GROWTH_METHODS, firefly_steps: int = 2) -> dict:
     """Grow ``scale_width(model, 0.5)`` (norms randomized) back to full width with each method.
 
     Per method: ``eval`` / ``train`` = relative error of the grown model against the half (eval mode; train
@@ -405,7 +409,7 @@ def check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64,
                 grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=input_size, **opts)
                 if method == "firefly":
                     r["loss"] = [grown.growth_losses[0], grown.growth_losses[-1]]
-                    start = morph.grow(half, "random", 2.0, seed=0, input_size=input_size, epsilon=0.01)
+                    start = morph.grow(half, "firefly", 2.0, data=(x, y), seed=0, input_size=input_size, steps=0)
                     r["old_kept"] = _old_entries_kept(grown, start)
                     del start
                 r["eval"] = relerr(_run(grown, x), y_half)
