@@ -9,9 +9,9 @@ of the consumer's existing outgoing vectors (GM §4.2).
 
 Conv pairs (GM App. A, growneuron ``get_aux_layer``): M relates the producer's input patches
 ``(c, a, b)`` (``c x k1 x k1``) to the consumer's output and kernel ``(o, p, q)`` (``o x k2 x k2``).
-morph computes it exactly by unfolding twice, the producer's im2col and then, over the producer's
-output grid, the consumer's: that takes strides, dilations, padding and the consumer's zero border
-into account, where growneuron's auxiliary conv (kernel ``k1+k2-1``) is exact only for stride 1 away
+morph computes it exactly: the producer's im2col laid out on its output grid, then the consumer's
+weight gradient over it (one convolution backward, ``torch.nn.grad.conv2d_weight``): that takes
+strides, dilations, padding and the consumer's zero border into account, where growneuron's auxiliary conv (kernel ``k1+k2-1``) is exact only for stride 1 away
 from borders. The right singular vectors, reshaped to ``[o, k2, k2]``, are the new filters.
 
 Which groups GradMax runs on: a channel group made by exactly one conv (or linear) layer and read by
@@ -71,18 +71,18 @@ def pair_matrix(producer: nn.Module, consumer: nn.Module, x: torch.Tensor, grad:
     k1, k2 = producer.kernel_size, consumer.kernel_size
     c, o = x.shape[1], grad.shape[1]
     b = x.shape[0]
-    per = c * k1[0] * k1[1] * k2[0] * k2[1] * grad.shape[2] * grad.shape[3]
-    step = max(1, _CHUNK_ELEMS // max(per, 1))
-    m = x.new_zeros(o, c * k1[0] * k1[1] * k2[0] * k2[1])
+    ck = c * k1[0] * k1[1]
+    step = max(1, _CHUNK_ELEMS // max(ck * hidden[0] * hidden[1], 1))
+    m = x.new_zeros(o, ck, k2[0], k2[1])
     for i in range(0, b, step):
+        # the producer's im2col on its output grid, then the consumer's weight gradient over it: one
+        # convolution backward per chunk gives sum_batch grad (o, p, q) x patch (c, a, b; p, q)
         x1 = F.unfold(x[i:i + step], k1, dilation=producer.dilation, padding=producer.padding, stride=producer.stride)
-        x1 = x1.view(x1.shape[0], x1.shape[1], *hidden)
-        x2 = F.unfold(x1, k2, dilation=consumer.dilation, padding=consumer.padding, stride=consumer.stride)
-        g = grad[i:i + step].flatten(2)
-        m += torch.einsum("bol,bml->om", g, x2)
-    # columns (c, a, b, p, q) -> rows (c, a, b), columns (o, p, q)
-    m = m.view(o, c * k1[0] * k1[1], k2[0] * k2[1]).permute(1, 0, 2)
-    return m.reshape(c * k1[0] * k1[1], o * k2[0] * k2[1])
+        x1 = x1.view(x1.shape[0], ck, *hidden)
+        m += torch.nn.grad.conv2d_weight(x1, tuple(m.shape), grad[i:i + step], stride=consumer.stride,
+                                         padding=consumer.padding, dilation=consumer.dilation)
+    # (o, (c, a, b), p, q) -> rows (c, a, b), columns (o, p, q)
+    return m.view(o, ck, k2[0] * k2[1]).permute(1, 0, 2).reshape(ck, o * k2[0] * k2[1])
 
 
 def growth_directions(a: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
