@@ -405,7 +405,7 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
     only = set(args.only or [])
     todo = [r for r in rows if r["status"] == "ok" and (not only or r["spec"] in only)
             and any(p not in r for p in parts)]
-    for r in sorted(todo, key=lambda r: r["spec"] in LAST):
+    for r in sorted(todo, key=lambda r: r.get("params", 0)):  # smallest first: the most models per hour
         missing = [p for p in parts if p not in r]
         try:
             p = subprocess.run([sys.executable, __file__, "--child", r["spec"], "--parts", *missing, "--mem-gb",
