@@ -371,7 +371,7 @@ def _old_entries_kept(grown: nn.Module, start: nn.Module) -> bool:
 
 
 def check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, direct: bool = False,
-                 methods: tuple[str, ...] = GROWTH_METHODS, firefly_steps: int = 2) -> dict:
+                 methods: tuple[str, ...] = GROWTH_METHODS, firefly_steps: int = 5) -> dict:
     """Grow ``scale_width(model, 0.5)`` (norms randomized) back to full width with each method.
 
     Per method: ``eval`` / ``train`` = relative error of the grown model against the half (eval mode; train
@@ -405,7 +405,7 @@ def check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64,
             t0 = time.perf_counter()
             r: dict = {"status": "ok"}
             try:
-                opts = {"steps": firefly_steps, "lr": 1e-2} if method == "firefly" else {}
+                opts = {"steps": firefly_steps} if method == "firefly" else {}  # Firefly's own lr (1e-3)
                 grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=input_size, **opts)
                 if method == "firefly":
                     r["loss"] = [grown.growth_losses[0], grown.growth_losses[-1]]
