@@ -398,7 +398,9 @@ def check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64,
             _norms_train(half)
             with torch.no_grad():
                 y_half_train = _first(half(x))
-            half.load_state_dict({**half.state_dict(), **buffers})
+            with torch.no_grad():  # back to the statistics before the train-mode pass
+                for k, v in half.named_buffers():
+                    v.copy_(buffers[k])
             half.eval()
         stock = build().eval()
         for method in methods:
