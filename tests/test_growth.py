@@ -505,15 +505,29 @@ class _Grouped(nn.Module):
 
 
 def test_growth_back_to_the_original_uses_its_recorded_groups():
+    """A half whose grouped conv kept its 3 groups (of 2) grows back to the original's 3 groups of 4: the
+    channel groups around it grow block by block, so every method keeps the function and the result loads
+    into the original architecture."""
     model = _Grouped().double().eval()
-    half = morph.scale_width(model, 0.5, input_size=X)
+    half = morph.scale_width(model, 0.5, input_size=X).eval()
     assert half.conv.groups == 3 and morph.get_info(half).original["groups"]["conv"] == 3
-    # back to the original: 3 groups of 4, which old channels (group width 2) cannot fill function-preservingly
-    with pytest.raises(morph.MorphError, match="conv: a grouped conv whose groups widen"):
-        morph.grow(half, "net2net", 2.0, seed=0)
+    x, y = _batch()
+    for method in ("net2net", "random", "gradmax"):
+        g = morph.grow(half, method, 2.0, data=(x, y), seed=0).eval()
+        assert g.conv.groups == 3 and g.conv.weight.shape == (12, 4, 3, 3)
+        _Grouped().double().load_state_dict(g.state_dict(), strict=True)
+        with torch.no_grad():
+            assert _relerr(half(x), g(x)) <= TOL, method
+        notes = [r["note"] for r in g.growth_report]
+        assert any("grown block by block" in n for n in notes), notes
+    n2n = morph.grow(half, "net2net", 2.0, seed=0)
+    # replicas stay in their conv group: new channel 2 of group 0 copies channel 0, of group 1 channel 2
+    assert torch.equal(n2n.stem.weight[[2, 3, 6, 7]], half.stem.weight[[0, 1, 2, 3]])
     # a width that is not the original's follows the channel plan (constant group width where it divides)
     g = morph.grow(half, "net2net", 3.0, seed=0)
     assert g.conv.weight.shape == (18, 2, 3, 3) and g.conv.groups == 9
+    with torch.no_grad():
+        assert _relerr(half(x), g.eval()(x)) <= TOL
 
 
 def test_internal_growth_checkpoint_loads(tmp_path):

@@ -8,7 +8,8 @@ atom channel group of the plan it holds the old and new width, a **rule** and a 
 - ``fresh``: new channels are new neurons whose values a growth method decides.
 
 Old channels keep their index inside their group and new ones follow them, which is the layout
-:func:`morph.scale.dim_index` gives; a dim made of several groups (a concatenation) lists each group's
+:func:`morph.scale.dim_index` gives (around a grouped conv that keeps its group count while its groups
+widen, the same block by block: one block per conv group, see :func:`_block_widening_groups`); a dim made of several groups (a concatenation) lists each group's
 old and new channels together. :meth:`Layout.dim` turns a plan dim into a :class:`DimMap`, the
 per-position view every growth method works with.
 
@@ -78,6 +79,13 @@ class GroupGrowth:
     rule: str  # keep | replicate | fresh
     mapping: torch.Tensor  # [new]: source channel of each position (old: itself)
     note: str = ""  # why a non-default rule ran (reported per group)
+    blocks: int = 1  # equal blocks (the groups of a grouped conv that keeps its group count), each old-then-new
+
+    @property
+    def old_mask(self) -> torch.Tensor:
+        """Which positions hold old channels: the first ``old / blocks`` of every block."""
+        ob, nb = self.old // self.blocks, self.new // self.blocks
+        return (torch.arange(self.new) % nb) < ob
 
 
 @dataclass
@@ -102,7 +110,7 @@ class Layout:
                 g = self.groups[self.plan.groups.find(s.group)]
                 ch = g.mapping
                 k = torch.full((g.new,), OLD, dtype=torch.int8)
-                k[g.old:] = FRESH if g.rule == "fresh" else REPLICA
+                k[~g.old_mask] = FRESH if g.rule == "fresh" else REPLICA
                 kept = k != FRESH
                 cnt = torch.bincount(ch[kept], minlength=g.old).to(torch.float64)[ch].clamp_min(1)
                 cnt[~kept] = 1
@@ -265,4 +273,36 @@ def build_layout(
         groups[r] = GroupGrowth(r, m, n, g_rule, src, note)
     # the plan answers sizes at both widths from the (possibly edited) allocation
     plan._sizes[w0], plan._sizes[w1] = old_sizes, new_sizes
+    _block_widening_groups(model, ref, plan, w1, groups, conv_groups)
     return Layout(plan, ref, w0, w1, groups, conv_groups)
+
+
+def _block_widening_groups(model: nn.Module, ref: nn.Module, plan: ChannelPlan, w1: float,
+                           groups: dict[int, GroupGrowth], conv_groups: dict[str, int] | None) -> None:
+    """A grouped conv that keeps its group count while its channels grow (RegNet halves whose group width did
+    not divide the half's channels) widens each group: its channel groups then grow block by block, old
+    channels first in every block, so that each old channel stays in its conv group (replicas too)."""
+    shapes = layer_shapes(plan, ref, w1, conv_groups)
+    find = plan.groups.find
+    for p in plan.conv_layers():
+        if p.kind != "conv" or p.groups <= 1:
+            continue
+        old_g = model.get_submodule(p.name).groups
+        if old_g <= 1 or shapes[p.name].groups != old_g:
+            continue
+        for dim in (p.in_dim, p.out_dim):
+            atoms = plan.atoms(dim)
+            g = groups[find(atoms[0].group)] if len(atoms) == 1 and atoms[0].inner == 1 else None
+            if g is None or g.new == g.old:
+                continue
+            if g.old % old_g or g.new % old_g:
+                raise MorphError(f"{p.name}: {g.old} -> {g.new} channels do not split into its {old_g} groups")
+            if g.blocks not in (1, old_g):
+                raise MorphError(f"{p.name}: channel group {g.root} is tied to grouped convs of {g.blocks} and "
+                                 f"{old_g} groups that both widen; growth cannot keep both")
+            ob, nb = g.old // old_g, g.new // old_g
+            t = torch.arange(g.new)
+            block, pos = t // nb, t % nb
+            src = block * ob + pos % ob  # old positions: themselves; new ones: a channel of their own block
+            note = f"grouped conv {p.name} widens its {old_g} groups: grown block by block"
+            groups[g.root] = dataclasses.replace(g, mapping=src, blocks=old_g, note=note)

@@ -160,11 +160,17 @@ class PlainGrowth(GrowthMethod):
         w_old = old.weight.detach()
         w_old = w_old.transpose(0, 1) if transposed else w_old
         w = w_old.index_select(0, out_map.src)
-        if not grouped:
-            w = w.index_select(1, in_map.src)
-            w = w / in_map.count.to(w).view(1, -1, *([1] * (w.dim() - 2)))
         want = tuple(mod.weight.shape)
         want = (want[1], want[0], *want[2:]) if transposed else want
+        cols = in_map
+        if grouped and not transposed and want[1] != w.shape[1] and len(in_map) == want[1] * mod.groups:
+            # a grouped conv whose groups widen: the layout grew its input block by block (one block per
+            # group, old channels first), so every group's columns follow the first block's map
+            cols = _first_block(in_map, want[1], mod.groups)
+            grouped = False
+        if not grouped:
+            w = w.index_select(1, cols.src)
+            w = w / cols.count.to(w).view(1, -1, *([1] * (w.dim() - 2)))
         if tuple(w.shape) != want:
             raise MorphError(
                 f"{p.name}: a grouped conv whose groups widen ({tuple(w_old.shape)} -> {want}) cannot keep its "
@@ -174,13 +180,13 @@ class PlainGrowth(GrowthMethod):
         if len(rows_f):
             (self.free if grouped else self.incoming)(p.name, w, rows_f, w_old)
         if not grouped:
-            cols_f = in_map.fresh.nonzero().flatten()
+            cols_f = cols.fresh.nonzero().flatten()
             if len(cols_f):
                 rows_k = out_map.kept.nonzero().flatten()
-                self.outgoing(p.name, w, rows_k, cols_f, in_map.group[cols_f], w_old)
+                self.outgoing(p.name, w, rows_k, cols_f, cols.group[cols_f], w_old)
         w = w.transpose(0, 1) if transposed else w
         mod.weight.data = w.contiguous().to(mod.weight.dtype)
-        axes = [out_map, None if grouped else in_map]
+        axes = [out_map, None if grouped else cols]
         record[_pname(p.name, "weight")] = [(0, _pname(p.name, "weight"),
                                              [_old_index(a) for a in (axes[::-1] if transposed else axes)])]
         for tname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
@@ -203,6 +209,13 @@ class PlainGrowth(GrowthMethod):
         axes = [layout.dim(d) for d in dims]
         t.data = _gather(src, axes).to(t.dtype)
         record[path] = [(0, path, [_old_index(a) for a in axes])]
+
+
+def _first_block(a: DimMap, width: int, blocks: int) -> DimMap:
+    """The first of ``blocks`` equal blocks of ``a``, as the per-group input map of a grouped conv whose
+    groups widen (every block has the same pattern: old channels first, then new ones of the same kinds)."""
+    n_old = a.n_old // blocks
+    return DimMap(a.src[:width] % max(n_old, 1), a.kind[:width], a.count[:width], a.group[:width], n_old)
 
 
 def _pname(mod: str, t: str) -> str:
