@@ -154,7 +154,8 @@ def stage_table(runs: dict[str, _Run]) -> list[str]:
     """Top-1 at the end of every stage of every row (net 1, net 2 or the small model at the growth point,
     then the grown model), mean ± std over seeds, with the stage's optimizer steps."""
     lines = ["Per stage: test top-1 (%) at the end of each stage, mean ± std (seeds), [optimizer steps]; "
-             "`small` is the plain small model at the growth point that the four baselines share.", "",
+             "`small` is the plain small model at the growth point that the four baselines share; "
+             "`at growth`: the grown model's test top-1 before its first step (runs since it was recorded).", "",
              "| Method | config | stages |", "|---|---|---|"]
     for method, label in METHODS.items():
         for name, run in runs.items():
@@ -165,12 +166,17 @@ def stage_table(runs: dict[str, _Run]) -> list[str]:
             for r in rs:
                 order += [st["stage"] for st in r.get("stages", []) if isinstance(st, dict) and "top1" in st
                           and st.get("stage") not in order]
+            seeds = {r.get("seed") for r in rs}
             cells = []
             for stage in order:
                 sts = [st for r in rs for st in r.get("stages", []) if isinstance(st, dict)
                        and st.get("stage") == stage and isinstance(st.get("top1"), (int, float))]
                 steps = sorted({st.get("steps") for st in sts if isinstance(st.get("steps"), int)})
-                cells.append(f"{stage} {_cell([st['top1'] for st in sts])} [{'/'.join(map(str, steps))}]")
+                start = [m["test_top1"] for m in run.metrics if m.get("kind") == "start" and m.get("method") == method
+                         and m.get("stage") == stage and m.get("seed") in seeds
+                         and isinstance(m.get("test_top1"), (int, float))]
+                at = f"(at growth {_cell(start)}) " if start else ""
+                cells.append(f"{stage} {at}{_cell([st['top1'] for st in sts])} [{'/'.join(map(str, steps))}]")
             lines.append(f"| {label} | {name} | {' → '.join(cells)} |")
     return lines
 

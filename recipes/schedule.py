@@ -195,6 +195,7 @@ class Planner:
             flops_offset=offset_flops,
             counted=counted,
             labels=labels,
+            evaluate_start=grown,
         )
 
 

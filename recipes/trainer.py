@@ -151,6 +151,8 @@ class Stage:
         flops_offset: training FLOPs the method spent before this stage.
         counted: whether this stage's FLOPs count (net 1's do not, as in the paper).
         labels: ``seed``, ``method``, ``stage`` fields copied into every metrics record.
+        evaluate_start: test the model before its first step (a grown model: what growth gave) and write
+            a ``kind: start`` metrics record.
     """
 
     key: str
@@ -161,6 +163,7 @@ class Stage:
     flops_offset: float = 0.0
     counted: bool = True
     labels: dict[str, Any] = field(default_factory=dict)
+    evaluate_start: bool = False
 
 
 @dataclass
@@ -379,6 +382,12 @@ class Trainer:
                 _set_optimizer_state(optimizer, model, optimizer_state, self.device)
             seed_everything(derive_seed(stage.seed, "rank", self.dist.rank))
             self._keep_epoch(model, stage, state)
+            if stage.evaluate_start:  # the model as growth left it (evaluation draws no random numbers)
+                self.metrics.truncate(stage.key, -1)  # a start record of a run that crashed before its checkpoint
+                ev = self.evaluate(model, model)
+                self.metrics.write({"kind": "start", **stage.labels, "stage_key": stage.key, "step": 0,
+                                    "test_loss": ev["loss"], "test_top1": ev["top1"], "flops": state.flops})
+                self.console.print(f"{stage.key}: test top-1 {ev['top1']:.2f}% before its first step")
         # records of work lost in a crash (after the checkpoint, or before the first one) are redone
         self.metrics.truncate(stage.key, state.step)
 

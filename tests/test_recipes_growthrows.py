@@ -50,10 +50,19 @@ def test_every_row_runs_end_to_end_in_the_smoke_config(smoke, tmp_path):
         assert results[m]["params"] == results["large"]["params"]  # grown to the target
     growth = [r for r in read_metrics(smoke / "metrics.jsonl") if r["kind"] == "growth"]
     assert sorted(r["method"] for r in growth) == sorted(GROWTH_BASELINES)
+    # every grown stage is tested before its first step; the function-preserving methods start where the small
+    # model ended (the same function: top-1 within one test image)
+    start = {r["method"]: r for r in read_metrics(smoke / "metrics.jsonl") if r["kind"] == "start"}
+    assert sorted(start) == sorted([*GROWTH_BASELINES, "mixturegrowth", "mixturegrowth-nofusion"])
+    for m in ("random", "net2net", "gradmax"):
+        small = {s["stage"]: s for s in results[m]["stages"]}["small"]["top1"]
+        assert abs(start[m]["test_top1"] - small) <= 100 / 32 + 1e-9, (m, start[m]["test_top1"], small)  # 32 test images
     report = run_report(smoke, tmp_path)
-    rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ") and "Method" not in line]
+    main_table = report.split("Per stage")[0]
+    rows = [line.split("|")[1].strip() for line in main_table.splitlines() if line.startswith("| ") and "Method" not in line]
     assert rows == list(METHODS.values())  # the paper's order
     assert "growth step" in report and "Firefly" in report.split("Cost of the growth step")[1]
+    assert "| Random | " in report.split("Per stage")[1] and "grown (at growth" in report
 
 
 def run_report(run_dir: Path, tmp: Path) -> str:

@@ -81,6 +81,9 @@ def test_per_stage_accuracies(tmp_path):
             r = json.loads(f.read_text())
             r["stages"] = [{"stage": n, "steps": k, **({"top1": t + shift} if t is not None else {})} for n, t, k in sts]
             f.write_text(json.dumps(r))
+    with open(a / "metrics.jsonl", "a") as f:  # the grown model tested before its first step (seed 0)
+        f.write(json.dumps({"kind": "start", "seed": 0, "method": "mixturegrowth", "stage": "grown", "step": 0,
+                            "test_top1": 55.0}) + "\n")
     text = report.main([a, b], tmp_path / "out").text
-    assert "| MixtureGrowth | c10 | net1 51.00 ± 1.41 (2) [780] → net2 53.00 ± 1.41 (2) [780] → grown 61.00 ± 1.41 (2) [156] |" in text
+    assert "| MixtureGrowth | c10 | net1 51.00 ± 1.41 (2) [780] → net2 53.00 ± 1.41 (2) [780] → grown (at growth 55.00 (1)) 61.00 ± 1.41 (2) [156] |" in text
     assert "| Random | c10 | small 51.00 (1) [780] → grown 58.00 (1) [156] |" in text  # the growth step has no top-1
