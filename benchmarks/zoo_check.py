@@ -340,7 +340,8 @@ def randomize_norms(model: nn.Module, seed: int = 1) -> None:
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
 def _norms_train(model: nn.Module) -> None:
