@@ -296,9 +296,9 @@ def _growth_table(rows: list[dict], summary: dict) -> list[str]:
         "## Growth methods",
         "",
         "`morph.grow(half, method, 2.0, data=(x, y), seed=0)` on `scale_width(model, 0.5)` with randomized norm",
-        f"statistics and affine parameters, for the {len(ran)} passing models run so far"
-        f" ({len([r for r in rows if r['status'] == 'ok'])} pass; `python benchmarks/coverage.py --add growth`"
-        " runs the rest). Every check holds on: " + ", ".join(counts) + f" of the {len(judged)} models outside"
+        f"statistics and affine parameters, for {len(ran)} of the"
+        f" {len([r for r in rows if r['status'] == 'ok'])} passing models (`python benchmarks/coverage.py --add growth`"
+        " runs any missing ones). Every check holds on: " + ", ".join(counts) + f" of the {len(judged)} models outside"
         " `NOT_BLOCKWISE`.",
         "",
         "- **net2net / random / gradmax** (epsilon 0): the grown model computes the half's function, relative error",
