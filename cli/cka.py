@@ -19,10 +19,11 @@ import morph
 from morph.cka import ESTIMATORS, PRESETS, REDUCTIONS, CKAResult, cka, cka_series, plot_cka
 from morph.images import image_folder
 from morph.inputs import read_yaml
-from morph.paths import check_name, check_output, write_file
+from morph.paths import check_name, write_file
 from morph.text import markup_safe, printable
 
 from .common import Force, TrustCode, err, out, print_json, status
+from .outputs import check_output
 
 __all__ = ["cka_command", "load_model", "run_epochs"]
 
@@ -235,7 +236,7 @@ def cka_command(
       morph cka --run runs/cifar --layer group3.1.conv2 -o epochs.png
     """
     if output is not None:  # refused before any work: a link, a folder, an existing file without --force
-        check_output(output, force=force, suffix=".png")
+        check_output(output, force, suffix=".png")
     _check_sizes(batches, batch_size, image_size)
     if run is not None:
         if a is not None or b is not None:

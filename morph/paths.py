@@ -93,26 +93,27 @@ def check_output(path: str | os.PathLike, *, force: bool = False, suffix: str | 
     """
     path = Path(path)
     shown = printable(path)
+    at = f"{option}: " if option else ""
     if suffix is not None:
         suffixes = (suffix,) if isinstance(suffix, str) else suffix
         if path.suffix.lower() not in suffixes:
-            raise OutputError(f"{option}: {shown} must end in {' or '.join(suffixes)}")
+            raise OutputError(f"{at}{shown} must end in {' or '.join(suffixes)}")
     st = _lstat(path)
     if st is None:
         parent = path.parent
         pst = _lstat(parent) if str(parent) not in ("", ".") else None
         if pst is not None and not stat.S_ISDIR(os.stat(parent).st_mode):
-            raise OutputError(f"{option}: {printable(parent)} is not a folder")
+            raise OutputError(f"{at}{printable(parent)} is not a folder")
         return path
     if stat.S_ISLNK(st.st_mode):
-        raise OutputError(f"{option}: {shown} is a symbolic link; morph never writes through one (remove it or "
+        raise OutputError(f"{at}{shown} is a symbolic link; morph never writes through one (remove it or "
                           "name another file)")
     if stat.S_ISDIR(st.st_mode):
-        raise OutputError(f"{option}: {shown} is a folder; name a file")
+        raise OutputError(f"{at}{shown} is a folder; name a file")
     if not stat.S_ISREG(st.st_mode):
-        raise OutputError(f"{option}: {shown} exists and is not a regular file")
+        raise OutputError(f"{at}{shown} exists and is not a regular file")
     if not force:
-        raise OutputError(f"{option}: {shown} exists; pass --force to overwrite it")
+        raise OutputError(f"{at}{shown} exists; pass --force to overwrite it")
     return path
 
 

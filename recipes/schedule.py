@@ -360,7 +360,7 @@ def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
         # model receives them, and the growth step (deterministic) is not redone
         grown = p.target(seed, "large")
         carried = None
-        wall = float(json.loads(record_path.read_text()).get("wall_time", 0.0))
+        wall = _recorded_wall_time(record_path)
     else:
         t0 = time.perf_counter()
         data = p.trainer.growth_batches(derive_seed(seed, "growth-data"), g.growth_batches)
@@ -383,6 +383,21 @@ def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
         carried,
     )
     return [("small", r1), ("growth", growth), ("grown", r2)]
+
+
+def _recorded_wall_time(path: Path) -> float:
+    """``wall_time`` of a run's ``growth.json``, read as data (a regular file, no link, finite, non-negative)."""
+    import math
+
+    from morph.inputs import read_json
+    from morph.text import printable
+
+    rec = read_json(path, limit=1 << 16, follow=False, what="growth record")
+    wall = rec.get("wall_time", 0.0) if isinstance(rec, dict) else None
+    if not (isinstance(wall, (int, float)) and not isinstance(wall, bool) and math.isfinite(wall) and wall >= 0):
+        raise RecipeError(f"{printable(path)}: wall_time is not a finite non-negative number; delete the file to "
+                          "redo the growth step")
+    return float(wall)
 
 
 def _growth_record(p: Planner, method: str, seed: int, before: float, cost: float, wall: float) -> dict[str, Any]:
