@@ -46,6 +46,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from morph.paths import check_output
+
 from .checkpoint import atomic_write_text
 from .config import GROWTH_BASELINES, METHODS, Config
 from .data import derive_seed
@@ -440,6 +442,8 @@ def run_method(p: Planner, method: str, seed: int, run_dir: Path) -> MethodResul
         import morph
 
         out_dir = run_dir / f"seed{seed}" / method
+        for name in ("model.safetensors", "result.json"):  # both refused before either is written (a link ...)
+            check_output(out_dir / name, force=True, option="run file")
         # the method is finished: its model may leave the device for export
         morph.save(final.model.to(device="cpu", memory_format=torch.contiguous_format), out_dir / "model.safetensors")
         atomic_write_text(out_dir / "result.json", out.to_json())
