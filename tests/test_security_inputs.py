@@ -546,6 +546,17 @@ def test_representative_case(fast_cases, name):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 2 * GB
 
 
+def test_report_table_shows_names_as_text(tmp_path):
+    from morph.recipes.report import collect, markdown_table
+
+    name = "[link=https://evil.example]x[/link] | \x1b]8;;https://evil.example\x07y"
+    run = _run_dir(tmp_path / "run", config=f"name: {json.dumps(name)}\n")
+    text = markdown_table(collect([run]))
+    assert "[link=https://evil.example]x[/link] \\| \\x1b]8;;https://evil.example\\x07y top-1 (%)" in text
+    assert "\x1b" not in text and "\x07" not in text
+
+
+@pytest.mark.slow
 def test_report_prints_names_as_text_not_markup(tmp_path):
     from morph.cli.main import app
     from typer.testing import CliRunner
