@@ -14,18 +14,21 @@ Every refusal is one line, an :class:`InputError` naming the file (and the line 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import MorphError
 from .text import printable
 
-__all__ = ["InputError", "MAX_DEPTH", "MAX_TEXT_BYTES", "check_depth", "load_json", "load_yaml", "read_bytes",
+__all__ = ["InputError", "MAX_DEPTH", "MAX_TEXT_BYTES", "check_depth", "load_json", "load_yaml", "open_regular",
+           "read_bytes",
            "read_json", "read_text", "read_yaml"]
 
 MAX_TEXT_BYTES = 4 << 20  # a config, a result: a few KiB; 4 MiB is generous
@@ -34,6 +37,52 @@ MAX_DEPTH = 32
 
 class InputError(MorphError, ValueError):
     """A file morph reads that is missing, too large, not a regular file, or not valid JSON/YAML."""
+
+
+def _open(path: Path, follow: bool, label: str) -> int:
+    shown = printable(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raise InputError(f"{shown}{label}: no such file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"{shown}{label}: is a symbolic link; morph reads the file itself here, not a link"
+                             ) from None
+        raise InputError(f"{shown}{label}: cannot read it ({e.strerror or e})") from None
+
+
+def _check_regular(fd: int, path: Path, limit: int, label: str) -> None:
+    shown = printable(path)
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{shown}{label}: is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{shown}{label}: is not a regular file")
+    if st.st_size > limit:
+        raise InputError(f"{shown}{label}: {st.st_size:,} bytes is too large (at most {limit:,})")
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike, *, limit: int = MAX_TEXT_BYTES, follow: bool = True,
+                 what: str = "") -> Iterator[BinaryIO]:
+    """A regular file of at most ``limit`` bytes opened for reading in binary (for streaming a large one);
+    refused as :func:`read_bytes` refuses."""
+    path = Path(path)
+    label = f" ({what})" if what else ""
+    fd = _open(path, follow, label)
+    try:
+        _check_regular(fd, path, limit, label)
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
 
 
 def read_bytes(path: str | os.PathLike, *, limit: int = MAX_TEXT_BYTES, follow: bool = True, what: str = "") -> bytes:
@@ -50,26 +99,9 @@ def read_bytes(path: str | os.PathLike, *, limit: int = MAX_TEXT_BYTES, follow: 
     path = Path(path)
     shown = printable(path)
     label = f" ({what})" if what else ""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    if not follow:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = _open(path, follow, label)
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise InputError(f"{shown}{label}: no such file") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise InputError(f"{shown}{label}: is a symbolic link; morph reads the file itself here, not a link"
-                             ) from None
-        raise InputError(f"{shown}{label}: cannot read it ({e.strerror or e})") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise InputError(f"{shown}{label}: is a folder, not a file")
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{shown}{label}: is not a regular file")
-        if st.st_size > limit:
-            raise InputError(f"{shown}{label}: {st.st_size:,} bytes is too large (at most {limit:,})")
+        _check_regular(fd, path, limit, label)
         chunks, size = [], 0
         while True:
             chunk = os.read(fd, min(1 << 20, limit + 1 - size))

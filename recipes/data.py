@@ -469,13 +469,21 @@ def load_cached_split(raw: Any, cfg: DataConfig, split: str, say: Any = print) -
     dist_on = tdist.is_available() and tdist.is_initialized()
     rank = tdist.get_rank() if dist_on else 0
 
+    want = torch.as_tensor(list(raw.targets), dtype=torch.int64)  # a cache with other labels is stale
+
     def read() -> TensorImages | None:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("fingerprint") != fp:
+                if meta.get("fingerprint") != fp or set(f.keys()) != {"images", "targets"}:
                     return None
-                return TensorImages(f.get_tensor("images"), f.get_tensor("targets"))
+                shape = tuple(f.get_slice("images").get_shape())
+                if len(shape) != 4 or shape[1] != 3 or tuple(f.get_slice("targets").get_shape()) != shape[:1]:
+                    return None  # not what this code writes: rebuilt
+                images, targets = f.get_tensor("images"), f.get_tensor("targets")
+                if images.dtype != torch.uint8 or targets.dtype != torch.int64 or not torch.equal(targets, want):
+                    return None
+                return TensorImages(images, targets)
         except (OSError, SafetensorError):
             return None
 

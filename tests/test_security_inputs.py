@@ -246,6 +246,13 @@ def fast_corpus(work: Path) -> dict[str, dict]:
     os.unlink(d / "metrics.jsonl")
     (d / "metrics.jsonl").mkdir()
     case("report-metrics-is-folder", "errors", ["report", d, "-o", out], "is a folder")
+    d = _run_dir(runs / "report-metrics-huge")
+    with open(d / "metrics.jsonl", "r+b") as f:
+        f.truncate(65 << 20)  # sparse: no disk used
+    case("report-metrics-huge", "errors", ["report", d, "-o", out], "too large")
+    fifo = work / "configs" / "fifo.yaml"
+    os.mkfifo(fifo)
+    case("config-fifo", "errors", ["train", fifo, "--out-dir", out], "not a regular file")
     d = _run_dir(runs / "report-name-type", config="name: [1, 2]\n")
     case("report-name-not-string", "errors", ["report", d, "-o", out], "'name'")
 
@@ -624,6 +631,51 @@ def test_outputs_are_all_or_nothing(tmp_path):
     write_text(tmp_path / "f.txt", "two", force=True)
     assert (tmp_path / "f.txt").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "link.txt", "victim.txt"]  # no temporary left
+
+
+@pytest.mark.slow
+def test_stream_loader_names_a_corrupt_image_from_a_worker(tmp_path):
+    """A corrupt image decoded in a DataLoader worker process is still one line naming the file."""
+    import torchvision.transforms as T
+
+    from morph.images import ImageError, image_folder
+    from morph.recipes.data import EpochBatches, SeededDataset, make_loader
+
+    _images(tmp_path / "a", n=4)
+    (tmp_path / "a" / "img2.png").write_bytes(png_header(40000, 40000))
+    ds = SeededDataset(image_folder(tmp_path), T.ToTensor())
+    with pytest.raises(ImageError) as e:
+        list(make_loader(ds, EpochBatches(4, 4, shuffle=False, drop_last=False), num_workers=1, pin_memory=False))
+    msg = str(e.value)
+    assert "\n" not in msg and "Traceback" not in msg and msg.startswith(str(tmp_path / "a" / "img2.png"))
+
+
+def test_tampered_data_cache_is_rebuilt_not_used(tmp_path):
+    """The decoded-image cache is a file too: one whose labels, dtype or shape are not what this code writes is
+    rebuilt from the images."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from morph.recipes.config import DataConfig
+    from morph.recipes.data import build_data
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            _images(tmp_path / "data" / split / cls, n=2, size=8)
+    cfg = DataConfig(root=str(tmp_path / "data"), format="imagefolder", loader="tensor", image_size=8,
+                     cache_dir=str(tmp_path / "cache"), cutout=0)
+    good = build_data(cfg, say=None).tensors
+    (path,) = (tmp_path / "cache").glob("*-train-*.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    for tensors in ({"images": good.train.images, "targets": torch.full((4,), 99)},
+                    {"images": good.train.images.float(), "targets": good.train.targets},
+                    {"images": good.train.images[:, :1], "targets": good.train.targets}):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        again = build_data(cfg, say=None).tensors
+        assert torch.equal(again.train.targets, good.train.targets)
+        assert torch.equal(again.train.images, good.train.images)
 
 
 def test_image_folder_reads_good_images_and_skips_nothing(tmp_path):
