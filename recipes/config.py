@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -513,11 +514,13 @@ def resolve_config_path(config: str | Path) -> Path:
     """
     path = Path(config)
     if "\0" not in str(config):
-        if path.is_file():
-            return path
+        if os.path.lexists(path) and not path.is_dir():
+            return path  # a file, or something that is not one (a FIFO, a device): refused when it is read
         shipped = CONFIG_DIR / f"{config}.yaml"
         if "/" not in str(config) and shipped.is_file():
             return shipped
+        if path.is_dir():
+            raise RecipeError(f"config {printable(config)[:200]!r} is a folder; name a YAML file")
     raise RecipeError(
         f"unknown config {printable(config)[:200]!r}: no such file and no shipped config of that name; "
         f"shipped configs: {', '.join(list_configs())}"

@@ -637,9 +637,9 @@ def test_outputs_are_all_or_nothing(tmp_path):
 def test_stream_loader_names_a_corrupt_image_from_a_worker(tmp_path):
     """A corrupt image decoded in a DataLoader worker process is still one line naming the file."""
     import torchvision.transforms as T
+    from morph.recipes.data import EpochBatches, SeededDataset, make_loader
 
     from morph.images import ImageError, image_folder
-    from morph.recipes.data import EpochBatches, SeededDataset, make_loader
 
     _images(tmp_path / "a", n=4)
     (tmp_path / "a" / "img2.png").write_bytes(png_header(40000, 40000))
@@ -654,11 +654,10 @@ def test_tampered_data_cache_is_rebuilt_not_used(tmp_path):
     """The decoded-image cache is a file too: one whose labels, dtype or shape are not what this code writes is
     rebuilt from the images."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from morph.recipes.config import DataConfig
     from morph.recipes.data import build_data
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     for split in ("train", "test"):
         for cls in ("a", "b"):
