@@ -353,6 +353,10 @@ class Config:
     def _check_sizes(self) -> None:
         """Refuse absurd sizes (each naming its key) before anything is built or allocated."""
         check_name(self.name, "name")
+        for key, value in (("data.root", self.data.root), ("data.cache_dir", self.data.cache_dir),
+                           ("model.arch", self.model.arch)):
+            if value is not None and ("\0" in value or len(value) > 4096):
+                raise RecipeError(f"{key} is not a path or a name: {_shown(value)}")
         if not self.model.arch or len(self.model.arch) > 200:
             raise RecipeError(f"model.arch must name a model, got {_shown(self.model.arch)}")
         at_most = {

@@ -333,6 +333,7 @@ def fast_corpus(work: Path) -> dict[str, dict]:
         ("subset", "data.train_subset=10000000000", "data.train_subset"),
         ("widen", "model.widen_factor=1e9", "model.widen_factor"),
         ("budget-inf", "growth.budget=1e400", "growth.budget"),
+        ("cache-dir-nul", 'data.cache_dir="a\\0b"', "data.cache_dir"),
     ):
         case(f"number-{tag}", "errors", ["train", tiny, override, "--out-dir", out], expect)
     case("number-cka-batch-size", "errors", ["cka", "timm/test_resnet", "--data", imgs, "--batch-size", "100000000"],
