@@ -470,6 +470,8 @@ def check(name: str, spec: dict, rec: dict) -> None:
 
 
 def _child(work: Path) -> None:
+    import morph.recipes.report  # noqa: F401 - imported before timing
+    import morph.recipes.run  # noqa: F401
     from morph.cli.main import app
 
     cases = fast_corpus(work)
@@ -536,6 +538,10 @@ FAST = ("yaml-bomb-config", "yaml-bomb-run-dir-on-resume", "markup-path-cka", "c
 
 @pytest.fixture(scope="module")
 def fast_cases(tmp_path_factory):
+    import morph.cli.main  # noqa: F401 - imported before timing: a case's time is its own, not the imports'
+    import morph.recipes.report  # noqa: F401
+    import morph.recipes.run  # noqa: F401
+
     work = tmp_path_factory.mktemp("inputs")
     cwd = os.getcwd()
     os.chdir(work)  # a relative default output (runs/, report/) would land here
@@ -651,6 +657,7 @@ def test_stream_loader_names_a_corrupt_image_from_a_worker(tmp_path):
     assert "\n" not in msg and "Traceback" not in msg and msg.startswith(str(tmp_path / "a" / "img2.png"))
 
 
+@pytest.mark.slow
 def test_tampered_data_cache_is_rebuilt_not_used(tmp_path):
     """The decoded-image cache is a file too: one whose labels, dtype or shape are not what this code writes is
     rebuilt from the images."""
