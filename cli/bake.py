@@ -11,7 +11,8 @@ from rich.markup import escape
 import morph
 from morph.info import MorphInfo
 
-from .common import Force, JsonSummary, TrustCode, check_output, count_params, out, print_json, status
+from .common import Force, JsonSummary, TrustCode, count_params, out, print_json, status
+from .outputs import check_output
 
 __all__ = ["bake", "load_hint"]
 
