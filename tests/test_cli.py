@@ -325,6 +325,7 @@ def test_fusion_errors_leave_no_file(here, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baked.safetensors"]  # no output, no temporary file
 
 
+@pytest.mark.slow
 def test_installed_entry_point(tmp_path):
     morph_bin = Path(sys.executable).with_name("morph")
     assert morph_bin.is_file(), f"{morph_bin} is missing: install the package with pip install -e ."

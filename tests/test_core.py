@@ -589,6 +589,7 @@ print(json.dumps({{"library": before, "explicit": seen[len(before):],
 _GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _GLIBC, reason="glibc only")
 def test_library_changes_no_allocator_setting(tmp_path):
     """Importing morph and calling convert, fuse, a training step, bake, save, load and flops never calls

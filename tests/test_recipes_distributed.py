@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from morph.recipes.checkpoint import load_checkpoint
 from morph.recipes.metrics import read_metrics
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import sys
 from pathlib import Path
+
+import pytest
 
 import torch
 import torch.nn as nn
@@ -93,6 +96,7 @@ def _epoch_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "epoch"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     one = _run(tmp_path, "one", steps=12)
     two = _run(tmp_path, "two", steps=12, nproc=2)
@@ -107,6 +111,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert len([r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "epoch"]) == 3
 
 
+@pytest.mark.slow
 def test_rerun_after_sigkill_resumes_bit_exact(tmp_path):
     steps = 160  # 40 epochs of 4 steps: long enough to be killed in the middle
     reference = _run(tmp_path, "ref", steps=steps, eval_every=50)
@@ -138,6 +143,7 @@ def test_rerun_after_sigkill_resumes_bit_exact(tmp_path):
     assert _epoch_losses(tmp_path / "run") == _epoch_losses(tmp_path / "ref")  # no epoch lost or repeated
 
 
+@pytest.mark.slow
 def test_smoke_schedule_under_torchrun(tmp_path):
     """The whole schedule (template models, fusion, BatchNorm) on 2 gloo processes: every rank takes
     part in every collective, and only rank 0 writes."""

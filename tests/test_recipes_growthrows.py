@@ -37,6 +37,7 @@ def smoke(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_every_row_runs_end_to_end_in_the_smoke_config(smoke, tmp_path):
     results = _results(smoke)
     assert sorted(results) == sorted(METHODS)
@@ -138,6 +139,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_baseline_row_killed_midway_resumes_to_the_same_weights(tmp_path):
     """Killed in the grown stage of the Random row: the rerun reloads the grown stage's checkpoint
     without redoing the growth step, and ends with the weights of an uninterrupted run."""

@@ -152,6 +152,7 @@ teardown()
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_see_the_shards_of_the_same_global_batches(folder, tmp_path):
     script = tmp_path / "batches.py"
     script.write_text(SCRIPT)
