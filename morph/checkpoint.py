@@ -251,10 +251,10 @@ def load_state(model: nn.Module, path: str | os.PathLike, name: str = "the model
 
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    if missing:
-        raise bad(f"{len(missing)} missing, first {show(missing[0], 120)}")
-    if unexpected:
-        raise bad(f"{len(unexpected)} unexpected, first {show(unexpected[0], 120)}")
+    if missing or unexpected:
+        parts = [f"{len(names)} {what} (first {show(names[0], 120)})"
+                 for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
+        raise bad(", ".join(parts))
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise bad(f"{show(k, 120)} has shape {list(sd[k].shape)} in the file, {list(v.shape)} in the model")

@@ -231,6 +231,7 @@ def _write_corpus(work: Path) -> tuple[Path, dict[str, Path]]:
             change(info)
             m["morph_info"] = json.dumps(info)
         files[name] = work / "corpus" / file_name
+        files[name].parent.mkdir(parents=True, exist_ok=True)  # a "/" in a hostile name is a folder
         save_file(tensors, str(files[name]), metadata=m)
     return good, files
 
@@ -390,6 +391,7 @@ def test_refusals_name_the_reason(corpus_run):
     assert "stored as 'I64', not floating point" in msg["templates-int64"]
     assert "stored as integer (torch.int64), the model's is floating point" in msg["bias-int64"]
     assert "\\x1b" in msg["text-kind"]
+    assert "1 unexpected (first 'stem\\x1b]8;;https://evil" in msg["text-tensor-name"]
 
 
 def test_corpus_covers_every_class():
