@@ -126,7 +126,8 @@ def _build_base(info: MorphInfo, shapes: dict[str, tuple[int, ...]] | None, buil
     """The base model of a record, bounded by what the file's tensors account for (:func:`base_limits`):
     first on the meta device (no memory: refused by module and element count before anything is
     allocated), then for real under the same module budget. A model that cannot be built on the meta
-    device (it computes on its tensors while it is built) is checked by the budgets of the real build."""
+    device (it computes on its tensors while it is built, as torchvision's RegNets do) is built for real
+    under the module budget and an allocation budget of twice the elements the file accounts for."""
     if shapes is None:
         return build()
     limits = base_limits(shapes, info.width)
@@ -152,7 +153,10 @@ def _build_base(info: MorphInfo, shapes: dict[str, tuple[int, ...]] | None, buil
                 f"{n:,} parameter and buffer elements, far more than the {limits.held:,} the file holds account "
                 f"for (at most {limits.elements:,}); its metadata is inconsistent")
         del meta
-    with ModuleBudget(limits.modules, where):
+        with ModuleBudget(limits.modules, where):
+            return build()
+    # not buildable on meta: the real build allocates at most twice the elements the file accounts for
+    with ModuleBudget(limits.modules, where), AllocationBudget(2 * limits.elements, where):
         return build()
 
 

@@ -122,7 +122,8 @@ def hostile_cases(marker: str, pickle_path: str) -> dict[str, tuple[str, object]
         "resnet-num-classes": ("size", tiny("timm", "resnet18", num_classes=32768)),
         "convnext-dims": ("size", tiny("timm", "convnext_atto", dims=[32768, 32768, 32768, 32768])),
         "tv-vit-image-size": ("size", tiny("torchvision", "vit_b_16", image_size=32768)),
-        "tv-regnet-not-on-meta": ("size", tiny("torchvision", "regnet_y_400mf", num_classes=32768)),
+        "tv-regnet-not-on-meta": ("size", tiny("torchvision", "regnet_y_128gf")),
+        "tv-regnet-classes": ("size", tiny("torchvision", "regnet_y_400mf", num_classes=32768)),
         "half-num-classes": ("size", kwargs(num_classes=32768)),
         "num-classes-1e9": ("size", kwargs(num_classes=10**9)),
         "input-200000": ("size", field(input_size=[3, 200000, 200000])),
@@ -377,7 +378,7 @@ def test_refusals_name_the_reason(corpus_run):
     assert "33,011,211 parameter and buffer elements" in msg["tv-fcn-resnet50"]  # refused on the meta device
     assert "more than 1,032 modules" in msg["vit-depth"]
     assert "within ±32,768" in msg["vit-depth-1e6"] and "within ±32,768" in msg["num-classes-1e9"]
-    assert "would allocate more than" in msg["tv-regnet-not-on-meta"]  # cannot build on meta: the real budget
+    assert "would allocate more than 8,388,672 elements" in msg["tv-regnet-not-on-meta"]  # not on meta: real budget
     assert "input_size 3x200000x200000" in msg["input-200000"]
     assert "templates 100000000" in msg["templates-1e8"]
     assert "width 100000.0" in msg["width-1e5"]
