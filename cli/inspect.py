@@ -76,7 +76,7 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
         def key(i: int, many: bool = many) -> str:
             return f"{string.ascii_uppercase[i]} " if many else ""
 
-        banks = "\n".join(key(i) + b["set_id"] + ("" if b["name"] == r["layer"] else f"/{b['name']}")
+        banks = "\n".join(markup_safe(key(i) + b["set_id"] + ("" if b["name"] == r["layer"] else f"/{b['name']}"))
                           for i, b in enumerate(r["banks"]))
         rr, cc = r["grid"]
         tiles = f"{rr}x{cc}"
@@ -86,7 +86,7 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
         coefs = "\n".join(key(b) + " ".join(f"{v:+.3f}" for v in c)
                           for b, c in zip(r["tiles"], r["coefficients"], strict=True))
         fixed = "" if r["coefficients_train"] else "\n(fixed)"
-        t.add_row(markup_safe(r["layer"]), shape, markup_safe(banks), tiles, coefs + fixed, f"{r['params']:,}")
+        t.add_row(markup_safe(r["layer"]), shape, banks, tiles, coefs + fixed, f"{r['params']:,}")
     return t
 
 
