@@ -853,3 +853,51 @@ def test_morph_own_factories_load_without_opt_in(tmp_path, recorded):
     r = morph.load(path)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(r.eval()(x), model.eval()(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# typed by a user: a model name, a hostile-looking path (long tier)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["torchvision/fcn_resnet50", "torchvision/lraspp_mobilenet_v3_large"])
+def test_convert_of_a_model_that_defaults_to_backbone_weights_downloads_nothing(tmp_path, monkeypatch, name):
+    """`morph convert torchvision/fcn_resnet50`: built without weights (no connection, the pickle planted at the
+    hub cache path is not read), converted and verified; no traceback."""
+    from morph.cli.main import app
+    from typer.testing import CliRunner
+
+    import morph
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    for f in HUB_FILES:
+        (hub / f).write_bytes(pickle.dumps(_Payload(str(tmp_path / MARKER))))
+    tried = []
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: tried.append(a) or (_ for _ in ()).throw(OSError("no")))
+    out = tmp_path / "half.safetensors"
+    r = CliRunner().invoke(app, ["convert", name, "--input-size", "3,32,32", "-o", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "verified" in r.stdout and tried == [] and not (tmp_path / MARKER).exists()
+    assert morph.read_info(out)[0].spec.spec == name
+
+
+@pytest.mark.slow
+def test_markup_and_escapes_in_paths_print_as_text_everywhere(tmp_path):
+    """inspect, bake, fuse and grow on files whose folder holds rich markup and an escape sequence: they work,
+    and print the path as text (markup shown, escapes escaped)."""
+    from morph.cli.main import app
+    from typer.testing import CliRunner
+
+    folder = tmp_path / "r[/]s[link=https://e.example]t[bold]\x1b[31m"
+    folder.mkdir(parents=True)
+    a, b = _half(folder, 1), _half(folder, 2)
+    runner = CliRunner()
+    for args in (["inspect", a, "--no-flops"], ["bake", a, "-o", folder / "b.safetensors"],
+                 ["fuse", a, b, "-o", folder / "f.safetensors"], ["grow", a, "-o", folder / "g.safetensors"]):
+        r = runner.invoke(app, [str(x) for x in args])
+        assert r.exit_code == 0, (args[0], r.output, r.exception)
+        text = (r.stdout + r.stderr).replace("\n", "")
+        assert "\x1b" not in text, args[0]
+        assert "[/]s[link=https:/e.example]t[bold]\\x1b[31m" in text, (args[0], text)
