@@ -11,7 +11,8 @@ import morph
 from morph.info import MorphInfo
 from morph.text import markup_safe
 
-from .common import Force, JsonSummary, TrustCode, check_output, count_params, out, print_json, status
+from .common import Force, JsonSummary, TrustCode, count_params, out, print_json, status
+from .outputs import check_output
 
 __all__ = ["bake", "load_hint"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,13 +13,17 @@ from typing import Annotated, Any
 import torch
 import torch.nn as nn
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import morph
 from morph.cka import ESTIMATORS, PRESETS, REDUCTIONS, CKAResult, cka, cka_series, plot_cka
+from morph.images import image_folder
+from morph.inputs import read_yaml
+from morph.paths import check_name, write_file
+from morph.text import markup_safe, printable
 
-from .common import TrustCode, err, out, print_json, status
+from .common import Force, TrustCode, err, out, print_json, status
+from .outputs import check_output
 
 __all__ = ["cka_command", "load_model", "run_epochs"]
 
@@ -62,7 +68,6 @@ def _input_size(model: nn.Module, image_size: int | None) -> int:
 def _loader(data: Path, size: int, stats: str, batch_size: int, batches: int, seed: int) -> Any:
     """A fixed, class-mixed sample of ``batches x batch_size`` images of the ImageFolder at ``data`` (its
     ``test`` or ``val`` split if it has one), resized for the model and normalized."""
-    import torchvision.datasets as D
     import torchvision.transforms as T
     from torch.utils.data import DataLoader, Subset
 
@@ -71,10 +76,7 @@ def _loader(data: Path, size: int, stats: str, batch_size: int, batches: int, se
         if (data / split).is_dir():
             root = data / split
             break
-    try:
-        ds = D.ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise morph.MorphError(f"{root}: not an ImageFolder (expected {root}/<class>/<image>): {e}") from None
+    ds = image_folder(root)  # a corrupt image names its file; looping links cannot hang the scan
     if stats == "auto":
         stats = "cifar10" if size <= 64 else "imagenet"
     resize = [T.Resize((size, size), antialias=True)] if size <= 64 else [
@@ -83,14 +85,15 @@ def _loader(data: Path, size: int, stats: str, batch_size: int, batches: int, se
     ds.transform = T.Compose([*resize, T.ToTensor(), *norm])
     want = batches * batch_size
     if len(ds) < batch_size:
-        raise morph.MorphError(f"{root} holds {len(ds)} images, fewer than one batch of {batch_size}; lower --batch-size")
+        raise morph.MorphError(f"{printable(root)} holds {len(ds)} images, fewer than one batch of {batch_size}; "
+                               "lower --batch-size")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:want].tolist()
     # the same images in the same order on every pass (cka_series iterates once per model)
     return DataLoader(Subset(ds, order), batch_size=batch_size, shuffle=False, drop_last=True, num_workers=0)
 
 
 def _progress(total: int, what: str) -> Progress:
-    return Progress(TextColumn(f"[bold]{escape(what)}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    return Progress(TextColumn(f"[bold]{markup_safe(what)}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
@@ -102,22 +105,42 @@ def _split(values: list[str] | None) -> str | list[str] | None:
     return names[0] if len(names) == 1 and names[0] in PRESETS else names
 
 
+_SEED = re.compile(r"seed([0-9]{1,18})")
+_EPOCH = re.compile(r"epoch-([0-9]{1,9})\.safetensors")
+
+
 def run_epochs(run_dir: Path, method: str, seed: int | None) -> tuple[list[tuple[str, Path]], int | None, int]:
     """The kept epoch models of one method of a ``morph train`` run, in training order.
+
+    Folder and file names are data: ``seed<S>`` folders and ``epoch-NNN.safetensors`` files are matched
+    exactly (other names are skipped); a kept epoch that is a link or not a file is an error naming it.
 
     Returns:
         ``[(label, path)]``, the index of the first model after the growth point (None without one), and the seed.
     """
+    check_name(method, "--method")
+
     def epochs(stage_dir: Path) -> list[tuple[int, Path]]:
-        files = sorted((stage_dir / "epochs").glob("epoch-*.safetensors"))
-        return [(int(p.stem.split("-")[1]), p) for p in files]
+        found = []
+        for p in sorted((stage_dir / "epochs").glob("epoch-*.safetensors")):
+            m = _EPOCH.fullmatch(p.name)
+            if m is None:
+                raise morph.MorphError(f"{printable(p)}: not a kept epoch's name (epoch-NNN.safetensors); move it "
+                                       "out of the run directory")
+            if p.is_symlink() or not p.is_file():
+                raise morph.MorphError(f"{printable(p)}: a kept epoch must be a file, not a link or a folder")
+            found.append((int(m.group(1)), p))
+        return sorted(found)
 
     if (run_dir / "epochs").is_dir():  # a stage directory
         return [(f"{e}", p) for e, p in epochs(run_dir)], None, -1
-    seeds = sorted(int(p.name[4:]) for p in run_dir.glob("seed*") if p.name[4:].isdigit())
+    seeds = sorted(int(m.group(1)) for p in run_dir.glob("seed*") if (m := _SEED.fullmatch(p.name)) and p.is_dir())
     if not seeds:
-        raise morph.MorphError(f"{run_dir}: no seed<S> folders; pass the run directory of 'morph train' (--out-dir)")
+        raise morph.MorphError(f"{printable(run_dir)}: no seed<S> folders; pass the run directory of 'morph train' "
+                               "(--out-dir)")
     seed = seeds[0] if seed is None else seed
+    if seed not in seeds:
+        raise morph.MorphError(f"{printable(run_dir)}: no seed{seed} folder (seeds: {', '.join(map(str, seeds))})")
     base = run_dir / f"seed{seed}"
     stages = _METHOD_STAGES.get(method, ((f"{method}/train", method),))
     found: list[tuple[str, Path]] = []
@@ -127,8 +150,8 @@ def run_epochs(run_dir: Path, method: str, seed: int | None) -> tuple[list[tuple
         kept = epochs(base / stage)
         if not kept:
             raise morph.MorphError(
-                f"{base / stage}: no kept epochs; train with run.keep_every=1 (morph train CONFIG run.keep_every=1) "
-                f"and check --method ({method}) and --seed ({seed})"
+                f"{printable(base / stage)}: no kept epochs; train with run.keep_every=1 (morph train CONFIG "
+                f"run.keep_every=1) and check --method ({printable(method)}) and --seed ({seed})"
             )
         if k == 1:
             growth = len(found)
@@ -154,10 +177,14 @@ def _last_conv(model: nn.Module) -> str:
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
+    """The run's ``config.yaml`` as data (no link followed, no YAML alias, bounded); ``{}`` without one."""
     path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    if not os.path.lexists(path):
+        return {}
+    cfg = read_yaml(path, limit=1 << 20, follow=False, what="the run's config") or {}
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("data") or {}, dict):
+        raise morph.MorphError(f"{printable(path)}: not a run's config (a mapping with a data section)")
+    return cfg
 
 
 def cka_command(
@@ -199,6 +226,7 @@ def cka_command(
     label_b: Annotated[str | None, typer.Option(help="Axis label of B's layers (default: its file or name).",
                                                 show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print {layers_a, layers_b, matrix, ...} as JSON on stdout.")] = False,
+    force: Force = False,
     trust_code: TrustCode = False,
 ) -> None:
     """Linear CKA between the layers of two models (A B), or of one layer across a training run's epochs (--run).
@@ -207,8 +235,9 @@ def cka_command(
       morph cka half-seed1.safetensors fused.safetensors --data cifar10/ --layers convs -o half-vs-fused.png
       morph cka --run runs/cifar --layer group3.1.conv2 -o epochs.png
     """
-    if output is not None and output.suffix.lower() != ".png":
-        raise typer.BadParameter(f"{output} must end in .png", param_hint="'-o' / '--output'")
+    if output is not None:  # refused before any work: a link, a folder, an existing file without --force
+        check_output(output, force, suffix=".png")
+    _check_sizes(batches, batch_size, image_size)
     if run is not None:
         if a is not None or b is not None:
             raise typer.BadParameter("give either models A [B] or --run, not both", param_hint="'--run'")
@@ -222,7 +251,7 @@ def cka_command(
             raise typer.BadParameter("the images to compare on: --data DIR (an ImageFolder)", param_hint="'--data'")
         if layer is not None:
             raise typer.BadParameter("--layer goes with --run; compare models' layers with --layers", param_hint="'--layer'")
-        with status(f"loading {a}" + (f" and {b}" if b else "")):
+        with status(f"loading {markup_safe(a)}" + (f" and {markup_safe(b)}" if b else "")):
             model_a = load_model(a, trust_code)
             model_b = model_a if b is None else load_model(b, trust_code)
         size = _input_size(model_a, image_size)
@@ -237,13 +266,37 @@ def cka_command(
         marks, xlabel, ylabel = [], label_b or f"B: {_short(b or a)}", label_a or f"A: {_short(a)}"
         default_title = f"linear CKA, {result.estimator}, {result.images:,} images"
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        plot_cka(result, output, title=title or default_title, xlabel=xlabel, ylabel=ylabel, marks=marks,
-                 mark_label="growth" if marks else None)
+        write_file(output, lambda tmp: plot_cka(
+            result, tmp, title=_text(title or default_title), xlabel=_text(xlabel), ylabel=_text(ylabel),
+            marks=marks, mark_label="growth" if marks else None), force=force, option="'-o' / '--output'")
     if json_out:
         print_json({**result.to_dict(), "output": str(output) if output else None})
         return
     _print_summary(result, output)
+
+
+MAX_BATCHES = 100_000
+MAX_BATCH_SIZE = 1 << 14
+MAX_IMAGE_SIDE = 2048
+MAX_BATCH_VALUES = 1 << 28  # input values of one batch: 1 GiB of float32
+
+
+def _check_sizes(batches: int, batch_size: int, image_size: int | None) -> None:
+    """Refuse absurd sizes, naming the option, before anything is loaded or allocated."""
+    for hint, value, lo, hi in (("'--batches'", batches, 1, MAX_BATCHES),
+                                ("'--batch-size'", batch_size, 4, MAX_BATCH_SIZE),
+                                ("'--image-size'", image_size, 8, MAX_IMAGE_SIDE)):
+        if value is not None and not lo <= value <= hi:
+            raise typer.BadParameter(f"{value} is not in [{lo}, {hi:,}]", param_hint=hint)
+    side = image_size or 224
+    if batch_size * 3 * side * side > MAX_BATCH_VALUES:
+        raise typer.BadParameter(f"{batch_size} images of {side}x{side} per batch is {batch_size * 3 * side * side:,} "
+                                 f"values (at most {MAX_BATCH_VALUES:,}); lower it", param_hint="'--batch-size'")
+
+
+def _text(text: str) -> str:
+    """A label for matplotlib: printable, and ``$`` taken literally (no mathtext from a path or a name)."""
+    return printable(text).replace("$", r"\$")
 
 
 def _epochs(run: Path, layer: str | None, method: str, run_seed: int | None, data: Path | None, batches: int,
@@ -255,9 +308,12 @@ def _epochs(run: Path, layer: str | None, method: str, run_seed: int | None, dat
     if data is None:
         root = data_cfg.get("root")
         if not root:
-            raise typer.BadParameter(f"{run}/config.yaml names no data.root; pass --data DIR", param_hint="'--data'")
+            raise typer.BadParameter(f"{printable(run)}/config.yaml names no data.root; pass --data DIR",
+                                     param_hint="'--data'")
+        if not isinstance(root, str) or "\0" in root:
+            raise morph.MorphError(f"{printable(run)}/config.yaml: data.root is not a path")
         data = Path(root)
-    if stats == "auto" and data_cfg.get("dataset") in _STATS:
+    if stats == "auto" and isinstance(data_cfg.get("dataset"), str) and data_cfg["dataset"] in _STATS:
         stats = data_cfg["dataset"]
     first = load_model(str(found[-1][1]))
     layer = layer or _last_conv(first)
@@ -291,7 +347,7 @@ def _print_summary(result: CKAResult, output: Path | None) -> None:
     m = result.matrix
     what = f"{len(result.layers_a)} x {len(result.layers_b)} layers"
     out.print(f"linear CKA ({result.estimator}, {result.reduce}) of {what} over {result.images:,} images in "
-              f"{result.batches} batches" + (f" -> [bold]{escape(str(output))}[/]" if output else ""), highlight=False)
+              f"{result.batches} batches" + (f" -> [bold]{markup_safe(output)}[/]" if output else ""), highlight=False)
     finite = m[torch.isfinite(m)]
     if finite.numel():
         out.print(f"  min {float(finite.min()):.3f}  mean {float(finite.mean()):.3f}  max {float(finite.max()):.3f}",
@@ -304,5 +360,6 @@ def _print_summary(result: CKAResult, output: Path | None) -> None:
                       highlight=False)
     nan_rows = [result.layers_a[i] for i in range(m.shape[0]) if torch.isnan(m[i]).all()]
     if nan_rows:
-        err.print(f"[yellow]warning:[/] constant features (CKA undefined) at {', '.join(nan_rows)}", highlight=False)
+        err.print(f"[yellow]warning:[/] constant features (CKA undefined) at {markup_safe(', '.join(nan_rows))}",
+                  highlight=False)
 

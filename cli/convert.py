@@ -15,7 +15,8 @@ import morph
 from morph.convert import SHARE_MODES
 from morph.templates import mixed_layers
 
-from .common import Force, JsonSummary, check_output, count_params, fail, out, parse_size, print_json, status
+from .common import Force, JsonSummary, count_params, fail, out, parse_size, print_json, status
+from .outputs import check_output
 
 __all__ = ["convert", "default_output"]
 

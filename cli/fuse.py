@@ -19,12 +19,12 @@ from .common import (
     Init,
     JsonSummary,
     TrustCode,
-    check_output,
     grown_summary,
     out,
     print_json,
     status,
 )
+from .outputs import check_output
 
 __all__ = ["fuse"]
 

@@ -24,13 +24,13 @@ from .common import (
     Init,
     JsonSummary,
     TrustCode,
-    check_output,
     count_params,
     grown_summary,
     out,
     print_json,
     status,
 )
+from .outputs import check_output
 
 __all__ = ["grow", "load_image_batch"]
 

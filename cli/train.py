@@ -11,7 +11,9 @@ from typing import Annotated
 
 import typer
 
-from .common import out, print_json
+from morph.text import markup_safe, printable
+
+from .common import Force, out, print_json
 
 
 def train(
@@ -31,20 +33,24 @@ def train(
     if json_out:
         print_json({"run_dir": str(run_dir)})
     else:
-        out.print(f"[green]done[/]: {run_dir}")
+        out.print(f"[green]done[/]: {markup_safe(run_dir)}", highlight=False)
 
 
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by morph train.")],
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Where report.md and top1_vs_flops.png go.")] = Path("report"),
+    force: Force = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the written file paths as JSON.")] = False,
 ) -> None:
-    """Write a Table-1-style markdown report (top-1 mean ± std, FLOPs norm) and a top-1 vs FLOPs plot."""
+    """Write a Table-1-style markdown report (top-1 mean ± std, FLOPs norm) and a top-1 vs FLOPs plot.
+
+    The run directories' files are read as data: names in them are printed as text, never as markup.
+    """
     from morph.recipes.report import main
 
-    files = main(run_dirs, out_dir)
+    files = main(run_dirs, out_dir, force=force)
     if json_out:
         print_json({"markdown": str(files.markdown), "plot": str(files.plot)})
     else:
-        out.print(files.text)
-        out.print(f"wrote {files.markdown} and {files.plot}")
+        out.print(files.text, markup=False, highlight=False, emoji=False)
+        out.print(f"wrote {printable(files.markdown)} and {printable(files.plot)}", markup=False, highlight=False)

@@ -12,7 +12,7 @@ with ``os.replace``: a crash or kill leaves either the previous checkpoint or th
 from __future__ import annotations
 
 import json
-import os
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from morph.errors import CheckpointError
+from morph.paths import write_bytes
 from morph.safety import parse_json
+from morph.text import printable
 
 __all__ = [
     "FORMAT",
@@ -45,23 +47,13 @@ FORMAT = "morph-recipes-checkpoint/1"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``data`` to ``path`` atomically, never through a symlink (:func:`morph.paths.write_bytes`)."""
+    write_bytes(path, data, option="run file")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode())
+    """Write ``text`` (UTF-8) to ``path`` atomically, never through a symlink."""
+    write_bytes(path, text.encode(), option="run file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,21 +111,82 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_state`.
+def _same(a: Any, b: Any) -> bool:
+    """JSON-equal: a bool is not a number, a number is compared by value."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+# how the optimizer runs, not what it computes: the file's values are never used, the running optimizer's are
+_IMPLEMENTATION_KEYS = {"fused", "foreach", "differentiable", "capturable"}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                      where: str = "the checkpoint") -> None:
+    """Inverse of :func:`optimizer_state`, every field checked against ``optimizer`` (built from the config)
+    before any is used: the same groups holding the same parameters, every hyperparameter but the learning
+    rate (set at every step) equal to the config's (``maximize``, ``momentum``, ``nesterov``, ``weight_decay``
+    ...), and every state tensor of its parameter's shape and dtype, finite.
 
     Raises:
-        CheckpointError: the saved state does not fit ``optimizer`` (other parameters or groups).
+        CheckpointError: naming the first field that does not fit ``optimizer``.
     """
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: the optimizer state does not fit this config's optimizer: {what}; was "
+                               "the config changed, or the file edited? use a new --out-dir or delete the file")
+
+    own = optimizer.state_dict()["param_groups"]
+    saved = meta.get("param_groups")
+    if not isinstance(saved, list) or len(saved) != len(own):
+        raise bad(f"{len(saved) if isinstance(saved, list) else 'no'} parameter groups, the optimizer {len(own)}")
+    for i, (g, o) in enumerate(zip(saved, own, strict=True)):
+        if not isinstance(g, dict) or set(g) - _IMPLEMENTATION_KEYS != set(o) - _IMPLEMENTATION_KEYS:
+            extra = sorted(set(g) - set(o)) if isinstance(g, dict) else []
+            missing = sorted(set(o) - set(g) - _IMPLEMENTATION_KEYS) if isinstance(g, dict) else []
+            raise bad(f"param_groups[{i}] has keys {printable(extra)[:80]} it should not" if extra
+                      else f"param_groups[{i}] lacks {missing}")
+        for key, value in o.items():
+            if key == "lr":
+                lr = g[key]
+                if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)):
+                    raise bad(f"param_groups[{i}].lr is {printable(repr(lr))[:40]}, not a finite number")
+            elif key in _IMPLEMENTATION_KEYS:
+                continue
+            elif key == "params":
+                if g[key] != value:
+                    raise bad(f"param_groups[{i}].params lists other parameters")
+            elif not _same(g[key], value):
+                raise bad(f"param_groups[{i}].{key} is {printable(repr(g[key]))[:40]}, the config's optimizer has "
+                          f"{value!r}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
+    scalars = meta.get("scalars")
+    if not isinstance(scalars, dict):
+        raise bad("scalars is not an object")
+    for name, value in list(tensors.items()) + list(scalars.items()):
+        idx, dot, key = name.partition(".")
+        if not dot or not idx.isascii() or not idx.isdigit() or len(idx) > 9 or int(idx) >= len(params):
+            raise bad(f"state entry {printable(name)[:60]!r} names no parameter of the optimizer")
+        p = params[int(idx)]
+        if isinstance(value, torch.Tensor):
+            if value.shape != p.shape or value.dtype != p.dtype:
+                raise bad(f"state {printable(name)[:60]} is {value.dtype} {tuple(value.shape)}, its parameter "
+                          f"{p.dtype} {tuple(p.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise bad(f"state {printable(name)[:60]} holds NaN or infinite values")
+        elif value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                        and math.isfinite(value)):
+            raise bad(f"state {printable(name)[:60]} is {printable(repr(value))[:40]}, not a finite number")
+        state.setdefault(int(idx), {})[key] = value
     try:
-        for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-            idx, key = name.split(".", 1)
-            state.setdefault(int(idx), {})[key] = value
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        groups = [{**o, "lr": float(g["lr"])} for g, o in zip(saved, own, strict=True)]  # nothing else from the file
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); was the "
-                              "config changed? use a new --out-dir") from e
+        raise bad(printable(str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]) from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +242,7 @@ def save_checkpoint(path: Path, groups: dict[str, dict[str, torch.Tensor]], meta
 
 
 MAX_META_CHARS = 64 << 20
+MAX_STEPS = 1 << 40
 
 _PROGRESS_KEYS = {"epoch", "step", "images", "flops", "wall_time"}
 _RESULT_KEYS = {"top1", "test_loss", "flops", "epochs", "steps", "wall_time"}
@@ -209,15 +263,24 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
         return isinstance(v, int) and not isinstance(v, bool)
 
     def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 1e300
 
     need(isinstance(meta, dict), "its metadata is not a JSON object")
     need(isinstance(meta.get("stage"), str), "stage is not a string")
-    need(is_int(meta.get("steps")) and meta["steps"] >= 0, "steps is not a non-negative integer")
+    need(is_int(meta.get("steps")) and 0 <= meta["steps"] <= MAX_STEPS, "steps is not a non-negative integer")
     need(isinstance(meta.get("done"), bool), "done is not true/false")
     prog = meta.get("progress")
-    need(isinstance(prog, dict) and set(prog) <= _PROGRESS_KEYS and all(is_num(v) for v in prog.values()),
-         f"progress must map {sorted(_PROGRESS_KEYS)} to numbers")
+    need(isinstance(prog, dict) and set(prog) <= _PROGRESS_KEYS, f"progress must map {sorted(_PROGRESS_KEYS)} to "
+         "numbers")
+    for key in sorted(_PROGRESS_KEYS):
+        v = prog.get(key)
+        if key in ("epoch", "step", "images"):
+            need(is_int(v) and 0 <= v <= MAX_STEPS * (1 << 24), f"progress.{key} is not a non-negative integer "
+                 f"(got {printable(repr(v))[:40]})")
+        else:
+            need(is_num(v) and v >= 0, f"progress.{key} is not a finite non-negative number (got "
+                 f"{printable(repr(v))[:40]})")
+    need(prog["step"] <= meta["steps"], f"progress.step {prog['step']} is past the stage's {meta['steps']} steps")
     need(is_int(meta.get("world_size")) and 1 <= meta["world_size"] <= 1 << 16, "world_size is not a process count")
     optim = meta.get("optim")
     need(isinstance(optim, dict) and isinstance(optim.get("param_groups"), list)
@@ -227,11 +290,18 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
     need(isinstance(rng, list) and all(isinstance(r, dict) and isinstance(r.get("python"), list)
                                        and isinstance(r.get("numpy"), list) for r in rng),
          "rng must be a list of per-rank states")
+    need(len(rng) == meta["world_size"], f"rng holds {len(rng)} rank states for world_size {meta['world_size']}")
     result = meta.get("result")
     need(result is None or (isinstance(result, dict) and set(result) <= _RESULT_KEYS
                             and all(is_num(v) for v in result.values())),
          f"result must be null or map {sorted(_RESULT_KEYS)} to numbers")
     need(not meta["done"] or (isinstance(result, dict) and set(result) == _RESULT_KEYS), "a done stage has no result")
+    if isinstance(result, dict):
+        for key in ("epochs", "steps"):
+            if key in result:
+                need(is_int(result[key]) and result[key] >= 0, f"result.{key} is not a non-negative integer")
+        if "top1" in result:
+            need(0 <= result["top1"] <= 100, f"result.top1 {result['top1']!r} is not a percentage")
     return meta
 
 

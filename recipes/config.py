@@ -10,13 +10,17 @@ The resolved config is written into the run directory as ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from morph.inputs import InputError, load_yaml, read_text
+from morph.paths import check_name
+from morph.text import printable
 
 from .errors import RecipeError
 
@@ -62,6 +66,16 @@ GROWTH_BASELINES = ("random", "net2net", "firefly", "gradmax")
 AFTER_GROWTH = ("paper", "official")
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
+
+# Sizes past these are refused with the key named, before anything is allocated.
+MAX_BATCH = 1 << 16
+MAX_EPOCHS = 100_000
+MAX_TEMPLATES = 64
+MAX_IMAGES = 100_000_000
+MAX_IMAGE_SIDE = 2048
+MAX_BATCH_ELEMENTS = 1 << 31  # input values of one batch: 8 GiB of float32
+MAX_SYNTHETIC_ELEMENTS = 1 << 31
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass
@@ -333,16 +347,85 @@ class Config:
             raise RecipeError(f"optim.label_smoothing must be in [0, 1), got {self.optim.label_smoothing}")
         if self.model.arch == "wrn" and (self.model.depth - 4) % 6 != 0:
             raise RecipeError(f"model.depth must be 6n+4 for a WRN (16, 22, 28, 40 ...), got {self.model.depth}")
+        self._check_sizes()
         return self
+
+    def _check_sizes(self) -> None:
+        """Refuse absurd sizes (each naming its key) before anything is built or allocated."""
+        check_name(self.name, "name")
+        for key, value in (("data.root", self.data.root), ("data.cache_dir", self.data.cache_dir),
+                           ("model.arch", self.model.arch)):
+            if value is not None and ("\0" in value or len(value) > 4096):
+                raise RecipeError(f"{key} is not a path or a name: {_shown(value)}")
+        if not self.model.arch or len(self.model.arch) > 200:
+            raise RecipeError(f"model.arch must name a model, got {_shown(self.model.arch)}")
+        at_most = {
+            "optim.batch_size": (self.optim.batch_size, MAX_BATCH),
+            "growth.epochs": (self.growth.epochs, MAX_EPOCHS),
+            "growth.net1_epochs": (self.growth.net1_epochs, MAX_EPOCHS),
+            "growth.net2_epochs": (self.growth.net2_epochs, MAX_EPOCHS),
+            "optim.warmup_epochs": (self.optim.warmup_epochs, MAX_EPOCHS),
+            "growth.budget": (self.growth.budget, 100),
+            "growth.templates": (self.growth.templates, MAX_TEMPLATES),
+            "growth.cycles": (self.growth.cycles, 10_000),
+            "growth.growth_batches": (self.growth.growth_batches, 10_000),
+            "growth.firefly_steps": (self.growth.firefly_steps, 1_000_000),
+            "data.train_subset": (self.data.train_subset or 0, MAX_IMAGES),
+            "data.test_subset": (self.data.test_subset or 0, MAX_IMAGES),
+            "data.image_size": (self.data.image_size or 0, MAX_IMAGE_SIDE),
+            "data.cutout": (self.data.cutout, MAX_IMAGE_SIDE),
+            "data.num_workers": (self.data.num_workers, 256),
+            "model.depth": (self.model.depth, 1000),
+            "model.widen_factor": (self.model.widen_factor, 64),
+            "run.eval_every": (self.run.eval_every, 1 << 31),
+            "run.log_every": (self.run.log_every, 1 << 31),
+            "run.keep_every": (self.run.keep_every, 1 << 31),
+            "run.seeds (length)": (len(self.run.seeds), 1000),
+            "optim.milestones (length)": (len(self.optim.milestones), 1000),
+            "growth.methods (length)": (len(self.growth.methods), len(METHODS)),
+        }
+        for key, (value, limit) in at_most.items():
+            if value > limit:
+                raise RecipeError(f"{key}={_shown(value)} is absurd: at most {limit:,}")
+        if self.data.image_size is not None and self.data.image_size <= 0:
+            raise RecipeError(f"data.image_size must be > 0 or null, got {self.data.image_size}")
+        for key, value in (("model.depth", self.model.depth), ("model.widen_factor", self.model.widen_factor)):
+            if value <= 0:
+                raise RecipeError(f"{key} must be > 0, got {_shown(value)}")
+        for i, seed in enumerate(self.run.seeds):
+            if not 0 <= seed < 1 << 63:
+                raise RecipeError(f"run.seeds[{i}]={_shown(seed)} must be in [0, 2^63)")
+        for i, m in enumerate(self.optim.milestones):
+            if m < 0:
+                raise RecipeError(f"optim.milestones[{i}] must be >= 0, got {m}")
+        side = self.data.image_size or (224 if self.data.dataset == "imagenet" else 32)
+        if self.optim.batch_size * 3 * side * side > MAX_BATCH_ELEMENTS:
+            raise RecipeError(f"optim.batch_size={self.optim.batch_size} of {side}x{side} images is absurd: "
+                              f"{self.optim.batch_size * 3 * side * side:,} input values per batch (at most "
+                              f"{MAX_BATCH_ELEMENTS:,})")
+        if self.data.synthetic:
+            raw = round(side * 256 / 224) if self.data.dataset == "imagenet" else side
+            n = max(self.data.train_subset or 1024, self.data.test_subset or 256)
+            if n * 3 * raw * raw > MAX_SYNTHETIC_ELEMENTS:
+                raise RecipeError(f"data.train_subset/test_subset: {n:,} synthetic {raw}x{raw} images is absurd "
+                                  f"(at most {MAX_SYNTHETIC_ELEMENTS:,} pixel values)")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise RecipeError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+        raise RecipeError(f"{key}={_shown(value)} is not one of: {', '.join(allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with type checks
+
+
+def _shown(value: Any) -> str:
+    """A config value in an error line: printable, and short."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {len(str(value)) if value.bit_length() < 10000 else 'thousands of'} digits"
+    text = printable(repr(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_value(key: str, tp: Any, value: Any) -> Any:
@@ -356,34 +439,42 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
         return _check_value(key, inner[0], value)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{key}: expected a list such as [a, b], got {value!r}")
+            raise RecipeError(f"{key}: expected a list such as [a, b], got {_shown(value)}")
         (item,) = typing.get_args(tp)
         return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        raise RecipeError(f"{key}: expected true or false, got {_shown(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        raise RecipeError(f"{key}: expected an integer, got {_shown(value)}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:
+                raise RecipeError(f"{key}: {_shown(value)} is too large") from None
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise RecipeError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise RecipeError(f"{key}: expected a number, got {_shown(value)}")
+        if not math.isfinite(number):
+            raise RecipeError(f"{key}: expected a finite number, got {_shown(value)}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise RecipeError(f"{key}: expected a string, got {value!r}")
+        raise RecipeError(f"{key}: expected a string, got {_shown(value)}")
     raise TypeError(f"{key}: unsupported config field type {tp!r}")
 
 
@@ -393,7 +484,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         raise RecipeError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(printable(k)[:60] for k in set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
         raise RecipeError(
@@ -426,13 +517,16 @@ def resolve_config_path(config: str | Path) -> Path:
         RecipeError: neither a file nor a shipped name.
     """
     path = Path(config)
-    if path.is_file():
-        return path
-    shipped = CONFIG_DIR / f"{config}.yaml"
-    if shipped.is_file():
-        return shipped
+    if "\0" not in str(config):
+        if os.path.lexists(path) and not path.is_dir():
+            return path  # a file, or something that is not one (a FIFO, a device): refused when it is read
+        shipped = CONFIG_DIR / f"{config}.yaml"
+        if "/" not in str(config) and shipped.is_file():
+            return shipped
+        if path.is_dir():
+            raise RecipeError(f"config {printable(config)[:200]!r} is a folder; name a YAML file")
     raise RecipeError(
-        f"unknown config {str(config)!r}: no such file and no shipped config of that name; "
+        f"unknown config {printable(config)[:200]!r}: no such file and no shipped config of that name; "
         f"shipped configs: {', '.join(list_configs())}"
     )
 
@@ -448,19 +542,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise RecipeError(f"bad override {item!r}: expected key=value, e.g. optim.lr=0.05")
+            raise RecipeError(f"bad override {printable(item)[:80]!r}: expected key=value, e.g. optim.lr=0.05")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"bad override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
+            value = load_yaml(raw, "the value", max_depth=8) if raw.strip() else None
+        except InputError as e:
+            raise RecipeError(f"bad override {printable(item)[:80]!r}: {e}") from None
         parts = key.split(".")
         if parts[0] not in sections:
-            raise RecipeError(f"unknown config key {key!r}; keys start with one of: {', '.join(sorted(sections))}")
+            raise RecipeError(f"unknown config key {printable(key)[:80]!r}; keys start with one of: "
+                              f"{', '.join(sorted(sections))}")
         node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise RecipeError(f"bad override {item!r}: {part!r} is a value, not a section")
+                raise RecipeError(f"bad override {printable(item)[:80]!r}: {printable(part)!r} is a value, not a section")
             node = child
         node[parts[-1]] = value
     return data
@@ -478,22 +573,24 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> Confi
     """
     path = resolve_config_path(config)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
+        data = load_yaml(read_text(path, limit=MAX_CONFIG_BYTES, what="config"), printable(path)) or {}
+    except InputError as e:
+        raise RecipeError(str(e)) from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping of sections (data, model, optim, growth, run)")
+        raise RecipeError(f"{printable(path)}: expected a mapping of sections (data, model, optim, growth, run)")
     data.setdefault("name", path.stem)
     apply_overrides(data, overrides or [])
     try:
         cfg = _from_dict(Config, data, "")
         return cfg.validate()
     except ValueError as e:
-        raise RecipeError(f"{path.name}: {e}") from e
+        raise RecipeError(f"{printable(path.name)}: {e}") from None
 
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
+    import yaml
+
     from .checkpoint import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -35,6 +35,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from morph.images import ImageError, image_folder, open_rgb
+from morph.paths import write_file
+from morph.text import printable
+
 from .config import DataConfig
 from .errors import RecipeError, RecipePathError
 
@@ -414,20 +418,17 @@ def _decode(raw: Any, label: str, say: Any) -> TensorImages:
     if isinstance(getattr(raw, "data", None), np.ndarray):  # torchvision CIFAR: already decoded, N x H x W x C
         images = torch.from_numpy(np.ascontiguousarray(raw.data)).permute(0, 3, 1, 2).contiguous()
         return TensorImages(images, torch.as_tensor(list(raw.targets), dtype=torch.int64))
-    from PIL import Image
-
     n, t0 = len(raw.samples), time.perf_counter()
     first = None
     out: torch.Tensor | None = None
     for i, (path, _) in enumerate(raw.samples):
-        with Image.open(path) as im:
-            a = np.array(im.convert("RGB"))  # a writable copy
+        a = np.array(open_rgb(path))  # a writable copy; a corrupt, truncated or huge image names its file
         if out is None:
             first = a.shape
             out = torch.empty((n, a.shape[2], a.shape[0], a.shape[1]), dtype=torch.uint8)
         if a.shape != first:
             raise RecipeError(
-                f"{path}: {a.shape[1]}x{a.shape[0]} image among {first[1]}x{first[0]} ones; the tensor data path "
+                f"{printable(path)}: {a.shape[1]}x{a.shape[0]} image among {first[1]}x{first[0]} ones; the tensor data path "
                 "needs one image size: resize the data set or use data.loader=stream"
             )
         out[i] = torch.from_numpy(a).permute(2, 0, 1)
@@ -468,13 +469,21 @@ def load_cached_split(raw: Any, cfg: DataConfig, split: str, say: Any = print) -
     dist_on = tdist.is_available() and tdist.is_initialized()
     rank = tdist.get_rank() if dist_on else 0
 
+    want = torch.as_tensor(list(raw.targets), dtype=torch.int64)  # a cache with other labels is stale
+
     def read() -> TensorImages | None:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("fingerprint") != fp:
+                if meta.get("fingerprint") != fp or set(f.keys()) != {"images", "targets"}:
                     return None
-                return TensorImages(f.get_tensor("images"), f.get_tensor("targets"))
+                shape = tuple(f.get_slice("images").get_shape())
+                if len(shape) != 4 or shape[1] != 3 or tuple(f.get_slice("targets").get_shape()) != shape[:1]:
+                    return None  # not what this code writes: rebuilt
+                images, targets = f.get_tensor("images"), f.get_tensor("targets")
+                if images.dtype != torch.uint8 or targets.dtype != torch.int64 or not torch.equal(targets, want):
+                    return None
+                return TensorImages(images, targets)
         except (OSError, SafetensorError):
             return None
 
@@ -483,29 +492,23 @@ def load_cached_split(raw: Any, cfg: DataConfig, split: str, say: Any = print) -
         t0 = time.perf_counter()
         reason = "source changed" if path.exists() else "first use"
         if say:
-            say(f"data cache: decoding {len(files) if hasattr(raw, 'samples') else len(raw):,} {split} images of {source} ({reason})")
+            say(f"data cache: decoding {len(files) if hasattr(raw, 'samples') else len(raw):,} {split} images of {printable(source)} ({reason})")
         out = _decode(raw, split, say)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            meta = {"fingerprint": fp, "source": source, "split": split, "format": "morph-data-cache/1"}
-            save_file({"images": out.images.contiguous(), "targets": out.targets}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        meta = {"fingerprint": fp, "source": source, "split": split, "format": "morph-data-cache/1"}
+        tensors = {"images": out.images.contiguous(), "targets": out.targets}
+        write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), option="data cache")
         if say:
-            say(f"data cache: wrote {path} ({out.images.numel() / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s)")
+            say(f"data cache: wrote {printable(path)} ({out.images.numel() / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s)")
     elif say and out is not None:
-        say(f"data cache: {path} ({len(out):,} {split} images)")
+        say(f"data cache: {printable(path)} ({len(out):,} {split} images)")
     if dist_on:
         tdist.barrier()
     if out is None:  # another rank wrote it
         out = read()
         if out is None:
-            raise RecipeError(f"data cache {path} is missing or stale after rank 0 built it (a shared cache dir?)")
+            raise RecipeError(f"data cache {printable(path)} is missing or stale after rank 0 built it (a shared cache dir?)")
     if len(out) != len(raw):
-        raise RecipeError(f"data cache {path} holds {len(out)} images, the source {len(raw)}; delete it and rerun")
+        raise RecipeError(f"data cache {printable(path)} holds {len(out)} images, the source {len(raw)}; delete it and rerun")
     return out, path
 
 
@@ -552,7 +555,7 @@ def _imagefolder_split(root: Path, names: tuple[str, ...]) -> Path:
         if (root / name).is_dir():
             return root / name
     raise RecipePathError(
-        f"no {' or '.join(names)} folder in data root {root} (expected ImageFolder layout ROOT/{names[0]}/<class>/*)"
+        f"no {' or '.join(names)} folder in data root {printable(root)} (expected ImageFolder layout ROOT/{names[0]}/<class>/*)"
     )
 
 
@@ -570,7 +573,7 @@ def _load_real(cfg: DataConfig) -> tuple[Any, Any]:
         )
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise RecipePathError(f"data root {root} does not exist (from --data-dir or data.root)")
+        raise RecipePathError(f"data root {printable(root)} does not exist (from --data-dir or data.root)")
     fmt = cfg.format
     if fmt == "auto":
         fmt = (
@@ -586,13 +589,13 @@ def _load_real(cfg: DataConfig) -> tuple[Any, Any]:
             return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
         except RuntimeError as e:
             raise RecipePathError(
-                f"no {cfg.dataset} in torchvision format under {root} (expected {root / _cifar_torchvision_dir(cfg)}): {e}"
+                f"no {cfg.dataset} in torchvision format under {printable(root)} (expected {printable(root / _cifar_torchvision_dir(cfg))}): {printable(e)}"
             ) from e
-    train = D.ImageFolder(str(_imagefolder_split(root, ("train",))))
-    test = D.ImageFolder(str(_imagefolder_split(root, ("test", "val"))))
+    train = image_folder(_imagefolder_split(root, ("train",)))
+    test = image_folder(_imagefolder_split(root, ("test", "val")))
     if train.classes != test.classes:
         raise RecipeError(
-            f"train and test folders under {root} have different classes ({len(train.classes)} vs {len(test.classes)})"
+            f"train and test folders under {printable(root)} have different classes ({len(train.classes)} vs {len(test.classes)})"
         )
     return train, test
 
@@ -666,6 +669,27 @@ def build_data(cfg: DataConfig, say: Any = print) -> DataSplits:
     )
 
 
-def make_loader(dataset: Dataset, batches: EpochBatches, num_workers: int, pin_memory: bool) -> DataLoader:
+class _Loader:
+    """A DataLoader whose image errors stay one line: an :class:`~morph.images.ImageError` raised in a worker
+    process comes back with the worker's traceback in its message; this gives back the error's own line."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self.loader
+        except ImageError as e:
+            text = str(e)
+            if "Traceback" not in text:
+                raise
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            raise ImageError(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
+def make_loader(dataset: Dataset, batches: EpochBatches, num_workers: int, pin_memory: bool) -> Any:
     """A DataLoader over ``batches`` (a fresh one per epoch: the batch order is the epoch's)."""
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory)
+    return _Loader(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory))

@@ -9,6 +9,8 @@ when the epoch was evaluated. Only rank 0 writes.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +19,37 @@ from .checkpoint import atomic_write_text
 __all__ = ["MetricsLog", "read_metrics"]
 
 
+MAX_METRICS_BYTES = 64 << 20  # a 200-epoch CIFAR run logs about 1 MiB, a 90-epoch ImageNet run a few MiB
+
+
+def _parse(line: bytes | str) -> dict[str, Any] | None:
+    """One record, or ``None`` for a line that is not a JSON object (cut short by a crash, or hostile)."""
+    try:
+        rec = json.loads(line)  # NaN stays: a diverged loss is a record too (the report plots finite values only)
+    except (ValueError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of a metrics file read as data: a regular file, never through a symbolic link, at most
+    :data:`MAX_METRICS_BYTES`, streamed (one line in memory at a time)."""
+    from morph.inputs import open_regular
+
+    with open_regular(path, limit=MAX_METRICS_BYTES, follow=False, what="metrics") as f:
+        yield from f
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics file (an empty list if it does not exist). A line that is not JSON (cut
-    short by a crash) is skipped, as :meth:`MetricsLog.truncate` drops it."""
-    if not path.exists():
+    """All records of a metrics file (an empty list if it does not exist). A line that is not a JSON object
+    (cut short by a crash) is skipped, as :meth:`MetricsLog.truncate` drops it.
+
+    Raises:
+        morph.inputs.InputError: the file is a folder, a link, a FIFO or larger than 64 MiB.
+    """
+    if not os.path.lexists(path):
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return [rec for rec in map(_parse, _lines(path)) if rec is not None]
 
 
 class MetricsLog:
@@ -46,22 +67,24 @@ class MetricsLog:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
+        # appended in place (a crash loses at most the line being written), never through a symbolic link
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate(self, stage: str, step: int) -> None:
         """Drop the records of ``stage`` after ``step``, and lines cut short: they come from work
         lost in a crash, about to be redone from the checkpoint at ``step``."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled or not os.path.lexists(self.path):
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line.rstrip(b"\r\n").decode("utf-8", "replace") for line in _lines(self.path) if line.strip()]
         keep = []
         for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
+            rec = _parse(line)
+            if rec is None:
                 continue
-            if not (rec.get("stage_key") == stage and rec.get("step", 0) > step):
+            later = isinstance(rec.get("step"), (int, float)) and rec["step"] > step
+            if not (rec.get("stage_key") == stage and later):
                 keep.append(line)
         if len(keep) != len(lines):
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))

@@ -7,8 +7,9 @@ seeds in parentheses), next to the FLOPs spent relative to the target trained fr
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from morph.errors import MorphError
+from morph.inputs import read_json, read_yaml
+from morph.paths import Outputs, check_output
+from morph.text import printable
 
-from .checkpoint import atomic_write_text
 from .config import METHODS
 from .errors import RecipeError, RecipePathError
 from .metrics import read_metrics
@@ -50,40 +51,91 @@ class _Run:
     metrics: list[dict[str, Any]]
 
 
+MAX_RESULT_BYTES = 1 << 20  # a result.json is about 2 KiB
+MAX_RUN_CONFIG_BYTES = 1 << 20
+MAX_RESULTS = 10_000
+MAX_FLOPS_NORM = 1e6
+
+
 def _load_run(run_dir: Path) -> _Run:
+    """A run directory's name, results and metrics, every file read as data (:mod:`morph.inputs`): regular
+    files inside the directory, never through a link, bounded in size, YAML without aliases, JSON without
+    NaN, each field type-checked and bounded before it is used."""
+    shown = printable(run_dir)
     if not run_dir.is_dir():
-        raise RecipePathError(f"run directory {run_dir} does not exist")
+        raise RecipePathError(f"run directory {shown} does not exist")
     cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise RecipePathError(f"{run_dir} is not a run directory: no config.yaml (made by `morph train`)")
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise MorphError(f"{cfg_path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    name = cfg.get("name", run_dir.name) if isinstance(cfg, dict) else None
-    if not isinstance(name, str) or not name:
-        raise MorphError(f"{cfg_path}: 'name' must be a non-empty string")
-    results = [_result(p) for p in sorted(run_dir.glob("seed*/*/result.json"))]
+    if not os.path.lexists(cfg_path):
+        raise RecipePathError(f"{shown} is not a run directory: no config.yaml (made by `morph train`)")
+    cfg = read_yaml(cfg_path, limit=MAX_RUN_CONFIG_BYTES, follow=False, what="the run's config") or {}
+    if not isinstance(cfg, dict):
+        raise MorphError(f"{printable(cfg_path)}: not a config (a mapping of sections)")
+    name = cfg.get("name", run_dir.name)
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise MorphError(f"{printable(cfg_path)}: 'name' must be a non-empty string of at most 200 characters")
+    paths = []
+    for seed_dir in sorted(run_dir.glob("seed*")):
+        if not _SEED_DIR.fullmatch(seed_dir.name) or not seed_dir.is_dir() or seed_dir.is_symlink():
+            continue
+        paths += [p for p in sorted(seed_dir.glob("*/result.json")) if not p.parent.is_symlink()]
+    if len(paths) > MAX_RESULTS:
+        raise MorphError(f"{shown}: {len(paths):,} result.json files; at most {MAX_RESULTS:,}")
+    results = [_result(p) for p in paths]
     if not results:
-        raise RecipePathError(f"no finished method in {run_dir} (no seed*/<method>/result.json yet)")
-    metrics = [rec for rec in read_metrics(run_dir / "metrics.jsonl") if isinstance(rec, dict)]
+        raise RecipePathError(f"no finished method in {shown} (no seed*/<method>/result.json yet)")
+    metrics = [rec for rec in read_metrics(run_dir / "metrics.jsonl") if _metric_ok(rec)]
     return _Run(name, results, metrics)
 
 
+_SEED_DIR = re.compile(r"seed[0-9]{1,19}")
+
+
+def _num(v: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+
+def _int(v: Any, hi: int = 1 << 62) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= hi
+
+
+def _metric_ok(rec: dict[str, Any]) -> bool:
+    """A metrics record the report can use: the fields it reads have their types (others are ignored)."""
+    kinds = {"kind": str, "method": (str, type(None)), "stage": str}
+    for key, tp in kinds.items():
+        if key in rec and not isinstance(rec[key], tp):
+            return False
+    if "seed" in rec and not _int(rec["seed"]):
+        return False
+    return all(_num(rec[k], 0, MAX_FLOPS_NORM) for k in ("test_top1", "flops_norm") if rec.get(k) is not None)
+
+
 def _result(path: Path) -> dict[str, Any]:
-    """A ``result.json``, checked: report inputs are data, and a bad one is a one-line error naming it."""
-    try:
-        r = json.loads(path.read_text())
-    except ValueError as e:
-        raise MorphError(f"{path}: not valid JSON ({e}); delete it or rerun that method") from None
+    """A ``result.json``, checked: report inputs are data, and a bad one is a one-line error naming it and the
+    field."""
+    r = read_json(path, limit=MAX_RESULT_BYTES, follow=False, what="a method's result", max_depth=6)
+    shown = printable(path)
 
-    def num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise MorphError(f"{shown}: {what}; delete it or rerun that method")
 
-    if not (isinstance(r, dict) and isinstance(r.get("method"), str) and num(r.get("top1"))
-            and num(r.get("flops_norm"))):
-        raise MorphError(f"{path}: a result needs 'method' (a string), 'top1' and 'flops_norm' (numbers); "
-                         "delete it or rerun that method")
+    need(isinstance(r, dict) and isinstance(r.get("method"), str) and _num(r.get("top1"))
+         and _num(r.get("flops_norm")),
+         "a result needs 'method' (a string), 'top1' and 'flops_norm' (numbers)")
+    need(len(r["method"]) <= 64, "'method' is longer than a method name")
+    need(0 <= r["top1"] <= 100, f"'top1' {r['top1']!r} is not a percentage")
+    need(0 <= r["flops_norm"] <= MAX_FLOPS_NORM, f"'flops_norm' {r['flops_norm']!r} is out of range")
+    need(r.get("seed") is None or _int(r["seed"]), "'seed' is not a non-negative integer")
+    need(r.get("params") is None or _int(r["params"]), "'params' is not a non-negative integer")
+    stages = r.get("stages", [])
+    need(isinstance(stages, list) and len(stages) <= 100, "'stages' is not a list of at most 100 stages")
+    for i, st in enumerate(stages):
+        need(isinstance(st, dict), f"stages[{i}] is not an object")
+        need(isinstance(st.get("stage"), str) and len(st["stage"]) <= 64, f"stages[{i}].stage is not a stage name")
+        need("top1" not in st or _num(st["top1"], 0, 100), f"stages[{i}].top1 is not a percentage")
+        need("steps" not in st or _int(st["steps"]), f"stages[{i}].steps is not a non-negative integer")
+        need("growth_flops_norm" not in st or _num(st["growth_flops_norm"], 0, MAX_FLOPS_NORM),
+             f"stages[{i}].growth_flops_norm is out of range")
     return r
 
 
@@ -102,6 +154,11 @@ def collect(run_dirs: Sequence[str | Path]) -> dict[str, _Run]:
     return pooled
 
 
+def _label(text: str) -> str:
+    """A name from a run's files, as text in the markdown table: printable, and no cell separator."""
+    return printable(text).replace("|", "\\|")
+
+
 def _cell(values: list[float]) -> str:
     mean = statistics.fmean(values)
     if len(values) < 2:
@@ -113,7 +170,7 @@ def markdown_table(runs: dict[str, _Run]) -> str:
     """The results as a markdown table: one row per method, two columns per config."""
     header = ["Method"]
     for name in runs:
-        header += [f"{name} top-1 (%)", f"{name} FLOPs", f"{name} params"]
+        header += [f"{_label(name)} top-1 (%)", f"{_label(name)} FLOPs", f"{_label(name)} params"]
     lines = [
         "Top-1 test accuracy (%), mean ± std over seeds (number of seeds), in the order of the paper's Table 1. "
         "FLOPs: training FLOPs relative to the target trained from scratch (1X); training FLOPs = 3 × forward "
@@ -138,7 +195,7 @@ def markdown_table(runs: dict[str, _Run]) -> str:
                          if isinstance(st, dict) and st.get("stage") == "growth"]
                 costs = [c for c in costs if isinstance(c, (int, float))]
                 if costs:
-                    growth_lines.append(f"- {name}, {label}: growth step {statistics.fmean(costs):.4f}X "
+                    growth_lines.append(f"- {_label(name)}, {label}: growth step {statistics.fmean(costs):.4f}X "
                                         f"(included in its {statistics.fmean(r['flops_norm'] for r in rs):.2f}X)")
             else:
                 row += ["–", "–", "–"]
@@ -176,8 +233,8 @@ def stage_table(runs: dict[str, _Run]) -> list[str]:
                          and m.get("stage") == stage and m.get("seed") in seeds
                          and isinstance(m.get("test_top1"), (int, float))]
                 at = f"(at growth {_cell(start)}) " if start else ""
-                cells.append(f"{stage} {at}{_cell([st['top1'] for st in sts])} [{'/'.join(map(str, steps))}]")
-            lines.append(f"| {label} | {name} | {' → '.join(cells)} |")
+                cells.append(f"{_label(stage)} {at}{_cell([st['top1'] for st in sts])} [{'/'.join(map(str, steps))}]")
+            lines.append(f"| {label} | {_label(name)} | {' → '.join(cells)} |")
     return lines
 
 
@@ -200,7 +257,7 @@ def plot(runs: dict[str, _Run], path: Path) -> None:
                 and isinstance(rec.get("test_top1"), (int, float))
                 and isinstance(rec.get("flops_norm"), (int, float))
             ):
-                curves[(rec["method"], rec["seed"])].append((rec["flops_norm"], rec["test_top1"]))
+                curves[(rec["method"], rec.get("seed"))].append((rec["flops_norm"], rec["test_top1"]))
         for (method, _), pts in curves.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[method], alpha=0.35, linewidth=1)
@@ -214,34 +271,42 @@ def plot(runs: dict[str, _Run], path: Path) -> None:
             ax.errorbar(
                 [x], [statistics.fmean(top1)], yerr=[err], fmt="o", color=colors[method], capsize=3, label=label
             )
-        ax.set_title(name)
+        ax.set_title(_label(name).replace("$", r"\$"))
         ax.set_xlabel("training FLOPs (× target from scratch)")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
-def main(run_dirs: Sequence[str | Path], out: str | Path = "report") -> ReportFiles:
-    """Entry point of ``morph report RUN_DIR... [--out DIR]``.
+def main(run_dirs: Sequence[str | Path], out: str | Path = "report", *, force: bool = False) -> ReportFiles:
+    """Entry point of ``morph report RUN_DIR... [--out DIR] [--force]``.
+
+    Both files are written all or nothing (:class:`morph.paths.Outputs`): atomically, never through a
+    symbolic link, never over an existing file unless ``force``; a failure leaves no file and no new folder.
 
     Args:
         run_dirs: run directories written by ``morph train``.
         out: directory for ``report.md`` and ``top1_vs_flops.png`` (created).
+        force: replace an existing ``report.md`` / ``top1_vs_flops.png``.
 
     Raises:
         RecipePathError: a run directory is missing or has no finished method.
         RecipeError: no run directory given.
+        MorphError: a run's file that is not what ``morph train`` writes (one line naming it and the field);
+            an output that is a symbolic link, or exists without ``force``.
     """
-    runs = collect(run_dirs)
     out = Path(out)
-    text = markdown_table(runs)
     md, png = out / "report.md", out / "top1_vs_flops.png"
-    plot(runs, png)
-    atomic_write_text(md, text)
+    for path in (md, png):  # before any work
+        check_output(path, force=force, option="'-o' / '--out'")
+    runs = collect(run_dirs)
+    text = markdown_table(runs)
+    with Outputs(force=force, option="'-o' / '--out'") as files:
+        files.write(png, lambda tmp: plot(runs, tmp))
+        files.write_bytes(md, text.encode())
     return ReportFiles(markdown=md, plot=png, text=text)

@@ -12,6 +12,7 @@ The run directory (``--out-dir``, default ``runs/<config name>``) holds the reso
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,8 +20,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from morph.inputs import InputError, read_yaml
+from morph.text import markup_safe, printable
+
 from .checkpoint import atomic_write_text
-from .config import Config, load_config, save_config
+from .config import MAX_CONFIG_BYTES, Config, load_config, save_config
 from .data import build_data
 from .distributed import DistInfo, setup, teardown
 from .errors import RecipeError
@@ -36,7 +40,7 @@ _FREE_KEYS = {"name", "data.root", "data.format", "data.num_workers", "data.cach
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
+        key = f"{prefix}{k}" if isinstance(k, str) else k
         if isinstance(v, dict):
             out.update(_flatten(v, key + "."))
         else:
@@ -54,17 +58,25 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
         RecipeError: naming the first differing key.
     """
     path = run_dir / "config.yaml"
-    if not path.exists():
+    if not os.path.lexists(path):
         return
-    old = _flatten(yaml.safe_load(path.read_text()) or {})
+    try:  # the run directory's own file: read as data, never through a link, no YAML aliases
+        data = read_yaml(path, limit=MAX_CONFIG_BYTES, follow=False, what="the run's config")
+    except InputError as e:
+        raise RecipeError(f"{e}; pass another --out-dir to start a new run") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{printable(path)}: not a config (a mapping of sections); pass another --out-dir")
+    old = _flatten(data)
     new = _flatten(cfg.to_dict())
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(set(old) | set(new), key=str):
+        if not isinstance(key, str):
+            raise RecipeError(f"{printable(path)}: config key {printable(repr(key))[:40]} is not a name")
         if key in _FREE_KEYS or key.startswith("run."):
             continue
         if old.get(key) != new.get(key):
             raise RecipeError(
-                f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
-                "pass another --out-dir to start a new run"
+                f"{printable(run_dir)} holds a run with {printable(key)[:80]}={printable(repr(old.get(key)))[:80]}, "
+                f"not {printable(repr(new.get(key)))[:80]}; pass another --out-dir to start a new run"
             )
 
 
@@ -87,7 +99,9 @@ def _provenance(cfg: Config) -> dict[str, str | None]:
 def train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
     """Run every method of ``cfg`` for every seed, in an already set-up process group."""
     check_run_dir(run_dir, cfg)
-    data = build_data(cfg.data, say=Console(stderr=True, soft_wrap=True).print if dist.is_main else None)
+    console = Console(stderr=True, soft_wrap=True)
+    data = build_data(cfg.data, say=(lambda text: console.print(text, markup=False, highlight=False))
+                      if dist.is_main else None)
     trainer = Trainer(cfg, data, dist, run_dir)
     planner = Planner(cfg, trainer, data.num_classes, data.input_size)
     trainer.flops_unit = planner.unit  # builds and counts the target: a bad model spec fails here
@@ -101,18 +115,18 @@ def train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
 
 
 def _print_results(results: list[MethodResult], run_dir: Path) -> None:
-    table = Table(title=f"results in {run_dir}")
+    table = Table(title=f"results in {markup_safe(run_dir)}")
     for col in ("method", "seed", "top-1 (%)", "FLOPs norm", "params"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in results:
-        table.add_row(r.label, str(r.seed), f"{r.top1:.2f}", f"{r.flops_norm:.3f}X", f"{r.params:,}")
+        table.add_row(markup_safe(r.label), str(r.seed), f"{r.top1:.2f}", f"{r.flops_norm:.3f}X", f"{r.params:,}")
     console = Console(stderr=True)
     console.print(table)
     for r in results:
         for st in r.stages:
             if st["stage"] == "growth":
                 console.print(
-                    f"{r.label} seed {r.seed}: growth step {st['growth_flops_norm']:.4f}X of the "
+                    f"{markup_safe(r.label)} seed {r.seed}: growth step {st['growth_flops_norm']:.4f}X of the "
                     f"{r.flops_norm:.3f}X ({st['wall_time']:.1f} s)"
                 )
 

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from morph.paths import check_output
+
 from .checkpoint import atomic_write_text
 from .config import GROWTH_BASELINES, METHODS, Config
 from .data import derive_seed
@@ -360,7 +362,7 @@ def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
         # model receives them, and the growth step (deterministic) is not redone
         grown = p.target(seed, "large")
         carried = None
-        wall = float(json.loads(record_path.read_text()).get("wall_time", 0.0))
+        wall = _recorded_wall_time(record_path)
     else:
         t0 = time.perf_counter()
         data = p.trainer.growth_batches(derive_seed(seed, "growth-data"), g.growth_batches)
@@ -383,6 +385,21 @@ def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
         carried,
     )
     return [("small", r1), ("growth", growth), ("grown", r2)]
+
+
+def _recorded_wall_time(path: Path) -> float:
+    """``wall_time`` of a run's ``growth.json``, read as data (a regular file, no link, finite, non-negative)."""
+    import math
+
+    from morph.inputs import read_json
+    from morph.text import printable
+
+    rec = read_json(path, limit=1 << 16, follow=False, what="growth record")
+    wall = rec.get("wall_time", 0.0) if isinstance(rec, dict) else None
+    if not (isinstance(wall, (int, float)) and not isinstance(wall, bool) and math.isfinite(wall) and wall >= 0):
+        raise RecipeError(f"{printable(path)}: wall_time is not a finite non-negative number; delete the file to "
+                          "redo the growth step")
+    return float(wall)
 
 
 def _growth_record(p: Planner, method: str, seed: int, before: float, cost: float, wall: float) -> dict[str, Any]:
@@ -425,6 +442,8 @@ def run_method(p: Planner, method: str, seed: int, run_dir: Path) -> MethodResul
         import morph
 
         out_dir = run_dir / f"seed{seed}" / method
+        for name in ("model.safetensors", "result.json"):  # both refused before either is written (a link ...)
+            check_output(out_dir / name, force=True, option="run file")
         # the method is finished: its model may leave the device for export
         morph.save(final.model.to(device="cpu", memory_format=torch.contiguous_format), out_dir / "model.safetensors")
         atomic_write_text(out_dir / "result.json", out.to_json())

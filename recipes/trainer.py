@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from morph.allocator import keep_freed_memory
+from morph.text import markup_safe
 
 from .checkpoint import (
     get_rng_state,
@@ -331,7 +332,7 @@ class Trainer:
             try:
                 native.build(announce=self.console.print)
             except native.NativeBuildError as e:
-                self.console.print(f"[yellow]{e}[/]")
+                self.console.print(f"[yellow]{markup_safe(e)}[/]")
         if run.keep_freed_memory:  # no page faults on every step's tensors (morph/allocator.py)
             keep_freed_memory()
 
@@ -370,9 +371,9 @@ class Trainer:
                     "the config changed: use a new --out-dir"
                 )
             load_model_tensors(model, groups["model"], str(path))
-            restore_optimizer(optimizer, groups.get("optim", {}), meta["optim"])
+            restore_optimizer(optimizer, groups.get("optim", {}), meta["optim"], str(path))
             if meta["done"]:
-                self.console.print(f"[dim]{stage.key}: done, loaded {path}[/dim]")
+                self.console.print(f"[dim]{markup_safe(stage.key)}: done, loaded {markup_safe(path)}[/dim]")
                 return StageResult(model=model, optimizer=optimizer, **meta["result"])
             self._restore_rng(groups.get("rng", {}), meta, stage)
             state = _Progress(**meta["progress"])

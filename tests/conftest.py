@@ -25,3 +25,12 @@ def native_kernels():
     except native.NativeBuildError as e:
         pytest.skip(f"native kernels not available: {e}")
     return torch.ops.morph
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The long tier: every test over the model zoo, and every test that builds or runs the native kernels,
+    is also ``slow`` (run by ``pytest -m slow``; the README's ``pytest -q`` leaves them out)."""
+    for item in items:
+        if item.get_closest_marker("zoo") is not None or "native_kernels" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

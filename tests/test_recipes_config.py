@@ -102,7 +102,7 @@ def test_config_file_path_and_resolved_config_round_trip(tmp_path):
     again = config_from_dict(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
     assert again == cfg
     path.write_text("optim:\n  lr: [\n")
-    with pytest.raises(ValueError, match="cannot parse"):
+    with pytest.raises(ValueError, match="mine.yaml is not valid YAML"):
         load_config(str(path))
     path.write_text("optimizer:\n  lr: 0.1\n")
     with pytest.raises(ValueError, match=r"mine.yaml: unknown config key optimizer"):
