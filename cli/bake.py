@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 import morph
 from morph.info import MorphInfo
+from morph.text import markup_safe
 
 from .common import Force, JsonSummary, TrustCode, count_params, out, print_json, status
 from .outputs import check_output
@@ -68,7 +68,7 @@ def bake(
     if json_out:
         print_json(summary)
         return
-    out.print(f"[green]baked[/] {escape(str(file))} ({summary['from_kind']}) -> [bold]{escape(str(output))}[/]",
+    out.print(f"[green]baked[/] {markup_safe(file)} ({summary['from_kind']}) -> [bold]{markup_safe(output)}[/]",
               highlight=False)
     out.print(f"  plain {summary['model']} at width {info.width:g}, {summary['params']:,} parameters in "
               f"{summary['tensors']} tensors", highlight=False, markup=False)

@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 
 import morph
 from morph.fuse import INIT_MODES
+from morph.text import printable
 
 __all__ = [
     "CoefficientSeed", "Force", "TrustCode", "Init", "JsonSummary", "MorphGroup", "check_output", "count_params", "err", "fail", "grown_summary", "out", "parse_size",
@@ -57,9 +58,14 @@ INIT_HELP = ("Coefficients of the new tiles: orthogonal (paper; orthogonal to th
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print ``error: message`` as one line on stderr and return the exit to raise."""
-    message = " ".join(message.split())  # one line, whatever the message holds
-    err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
+    """Print ``error: message`` as one line on stderr and return the exit to raise.
+
+    The message is printed as text: whitespace runs become one space (one line, whatever it holds), any
+    other control or format character (a terminal escape sequence from a file's metadata, a path) is shown
+    escaped (:func:`morph.text.printable`), and rich markup in it (``[/]``, ``[link=...]``) is not parsed.
+    """
+    message = printable(" ".join(str(message).split()))
+    err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False, markup=False)
     return typer.Exit(code=code)
 
 
@@ -88,7 +94,7 @@ class MorphGroup(TyperGroup):
         except OSError as e:
             if e.filename is None:  # not about a path the user gave (e.g. a closed pipe): not ours to word
                 raise
-            raise fail(f"{e.filename}: {e.strerror or e}") from None
+            raise fail(f"{printable(e.filename)}: {e.strerror or e}") from None
 
 
 def parse_size(text: str | None) -> tuple[int, int, int] | None:
@@ -139,8 +145,19 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+class _StatusText:
+    """The spinner's message, updated as text: a path holding ``[/]`` or an escape sequence is shown as it is."""
+
+    def __init__(self, status: Status) -> None:
+        self._status = status
+
+    def update(self, message: str) -> None:
+        self._status.update(Text(printable(message)))
+
+
 @contextmanager
-def status(message: str) -> Iterator[Status]:
-    """A rich spinner on stderr while long work runs (silent when stderr is not a terminal)."""
-    with err.status(message) as s:
-        yield s
+def status(message: str) -> Iterator[_StatusText]:
+    """A rich spinner on stderr while long work runs (silent when stderr is not a terminal). Messages are
+    text, never markup (they name files)."""
+    with err.status(Text(printable(message))) as s:
+        yield _StatusText(s)

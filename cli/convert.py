@@ -32,6 +32,13 @@ def default_output(name: str, width: float, seed: int | None, plain: bool = Fals
                 + ".safetensors")
 
 
+def _first(y: object) -> torch.Tensor:
+    """A model's first output: itself, the first of a tuple, or a segmentation model's ``out``."""
+    while isinstance(y, (tuple, list, dict)):
+        y = next(iter(y.values())) if isinstance(y, dict) else y[0]
+    return y  # type: ignore[return-value]
+
+
 def verify(model: nn.Module, reloaded: nn.Module, input_size: tuple[int, ...]) -> dict:
     """Compare the reloaded model with the one that was saved: every tensor, and one forward pass."""
     a, b = model.state_dict(), reloaded.state_dict()
@@ -40,8 +47,8 @@ def verify(model: nn.Module, reloaded: nn.Module, input_size: tuple[int, ...]) -
     model.eval()
     reloaded.eval()
     with torch.no_grad():
-        y = model(x)
-        diff = float((y - reloaded(x)).abs().max())
+        y, y2 = _first(model(x)), _first(reloaded(x))
+        diff = float((y - y2).abs().max())
     # identical tensors give identical outputs on CPU; the tolerance only absorbs nondeterministic kernels
     ok = same and diff <= 1e-5 * max(1.0, float(y.abs().max()))
     return {"tensors": len(a), "tensors_equal": same, "output_max_abs_diff": diff, "ok": ok}

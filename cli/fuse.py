@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 import morph
 from morph.fuse import GROWTH_MODES
+from morph.text import markup_safe
 
 from .common import (
     INIT_HELP,
@@ -68,7 +68,7 @@ def fuse(
     if json_out:
         print_json(summary)
         return
-    out.print(f"[green]fused[/] {escape(str(a))} + {escape(str(b))} -> [bold]{escape(str(output))}[/]",
+    out.print(f"[green]fused[/] {markup_safe(a)} + {markup_safe(b)} -> [bold]{markup_safe(output)}[/]",
               highlight=False)
     out.print(f"  {summary['model']} at width {summary['width']:g}, template sets {' + '.join(summary['set_ids'])}, "
               f"growth {summary['growth']}, init {summary['init']}, {summary['params']:,} parameters",

@@ -12,10 +12,10 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich.markup import escape
 
 import morph
 from morph.growth import get_growth_method, list_growth_methods
+from morph.text import markup_safe
 
 from .common import (
     INIT_HELP,
@@ -141,7 +141,7 @@ def grow(
     if json_out:
         print_json(summary)
         return
-    out.print(f"[green]grown[/] {escape(str(a))} -> [bold]{escape(str(output))}[/]", highlight=False)
+    out.print(f"[green]grown[/] {markup_safe(a)} -> [bold]{markup_safe(output)}[/]", highlight=False)
     if template:
         out.print(f"  {summary['model']} at width {summary['width']:g}, template set {summary['set_ids'][0]}, "
                   f"init {summary['init']}, {summary['params']:,} parameters", highlight=False, markup=False)

@@ -9,12 +9,12 @@ from typing import Annotated, Any
 import torch.nn as nn
 import typer
 from rich import box
-from rich.markup import escape
 from rich.table import Table
 
 import morph
 from morph.safety import AllocationBudget
 from morph.templates import mixed_layers
+from morph.text import markup_safe, printable
 from morph.zoo import build_recorded
 
 from .common import TrustCode, count_params, out, print_json, status
@@ -69,14 +69,14 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         shape = "x".join(map(str, r["weight_shape"]))
         if not r["mixed"]:
-            t.add_row(escape(r["layer"]), shape, "-", "-", "-", f"{r['params']:,}")
+            t.add_row(markup_safe(r["layer"]), shape, "-", "-", "-", f"{r['params']:,}")
             continue
         many = len(r["banks"]) > 1  # then banks are keyed A, B, ... and tiles/coefficients name their bank
 
         def key(i: int, many: bool = many) -> str:
             return f"{string.ascii_uppercase[i]} " if many else ""
 
-        banks = "\n".join(key(i) + b["set_id"] + ("" if b["name"] == r["layer"] else f"/{b['name']}")
+        banks = "\n".join(markup_safe(key(i) + b["set_id"] + ("" if b["name"] == r["layer"] else f"/{b['name']}"))
                           for i, b in enumerate(r["banks"]))
         rr, cc = r["grid"]
         tiles = f"{rr}x{cc}"
@@ -86,7 +86,7 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
         coefs = "\n".join(key(b) + " ".join(f"{v:+.3f}" for v in c)
                           for b, c in zip(r["tiles"], r["coefficients"], strict=True))
         fixed = "" if r["coefficients_train"] else "\n(fixed)"
-        t.add_row(escape(r["layer"]), shape, escape(banks), tiles, coefs + fixed, f"{r['params']:,}")
+        t.add_row(markup_safe(r["layer"]), shape, banks, tiles, coefs + fixed, f"{r['params']:,}")
     return t
 
 
@@ -151,7 +151,7 @@ def inspect(
     if isinstance(grown_by, dict):  # a plain model grown by morph.grow: the method and its options
         opts = ", ".join(f"{k} {v}" for k, v in grown_by.items() if k not in ("method", "rules"))
         what += f", grown by {grown_by.get('method')} ({opts})"
-    out.print(_table(f"{escape(str(file))}: {escape(what)}", rows))
+    out.print(_table(f"{markup_safe(file)}: {markup_safe(what)}", rows))
     if mixed:
         out.print("bank: template set (/bank name, when the bank is another layer's); tiles: grid out x in (and each "
                   "tile's bank); coefficients: one vector per tile, (fixed) = not trained", highlight=False)
@@ -163,9 +163,10 @@ def inspect(
         gen = f" = forward {si(f['forward'])} + weight generation {si(f['generation'])} / batch {batch_size}"
         out.print(f"FLOPs per {size} image (fvcore: 1 multiply-add = 1 flop):\n"
                   f"  this model  {si(f['per_image'])}{gen if f['generation'] else ''}\n"
-                  f"  original    {si(f['original'])} ({info.spec.spec} at full width, "
+                  f"  original    {si(f['original'])} ({printable(info.spec.spec)} at full width, "
                   f"{f['params_original']:,} parameters)\n"
-                  f"  ratio       {f['ratio']:.3f}x FLOPs, {f['params_ratio']:.3f}x parameters", highlight=False)
+                  f"  ratio       {f['ratio']:.3f}x FLOPs, {f['params_ratio']:.3f}x parameters", highlight=False,
+                  markup=False)
 
 
 def si(x: float) -> str:

@@ -11,15 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, MorphError
 from .info import FORMAT_VERSION, MorphInfo, get_info
-from .safety import check_info
+from .safety import (
+    AllocationBudget,
+    BuildError,
+    ModuleBudget,
+    base_limits,
+    check_info,
+    no_weights,
+    rebuild_budget,
+    show,
+)
+from .text import printable
 
 __all__ = ["save", "load", "read_info", "atomic_save_file"]
 
@@ -60,30 +73,38 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
     return atomic_save_file(lambda tmp: save_model(model, tmp, metadata=meta), path)
 
 
-def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """The safetensors header of ``path``: metadata and tensor shapes. No tensor is read."""
-    from safetensors import safe_open
+def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]], dict[str, str]]:
+    """The safetensors header of ``path``: metadata, tensor shapes and dtype names. No tensor is read."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{printable(path)}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
-    return meta, shapes
+            shapes, dtypes = {}, {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                shapes[k], dtypes[k] = tuple(sl.get_shape()), str(sl.get_dtype())
+    except (SafetensorError, OSError, ValueError) as e:  # what safetensors raises for a file it cannot read
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{printable(path)}: not a readable safetensors file ({printable(first)})") from e
+    return meta, shapes, dtypes
+
+
+_VERSION = re.compile(r"[0-9]{1,6}")
 
 
 def _parse_info(path: Path, meta: dict[str, str]) -> MorphInfo:
+    where = printable(path)
     if meta.get("format") != "morph" or "morph_info" not in meta:
-        raise CheckpointError(f"{path}: a safetensors file without morph metadata; it was not written by morph.save")
-    version = str(meta.get("format_version", "0"))
-    if not version.isdigit() or len(version) > 6:
-        raise CheckpointError(f"{path}: corrupt format_version {version[:20]!r} in morph metadata")
+        raise CheckpointError(f"{where}: a safetensors file without morph metadata; it was not written by morph.save")
+    version = meta.get("format_version", "0")
+    if not isinstance(version, str) or _VERSION.fullmatch(version) is None:  # ASCII digits: int() takes "١" too
+        raise CheckpointError(f"{where}: corrupt format_version {show(version, 20)} in morph metadata")
     if int(version) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {version} is newer than this morph's; upgrade morph")
-    return MorphInfo.from_json(meta["morph_info"], where=str(path))
+        raise CheckpointError(f"{where}: format version {version} is newer than this morph's; upgrade morph")
+    return MorphInfo.from_json(meta["morph_info"], where=where)
 
 
 def read_info(path: str | os.PathLike) -> tuple[MorphInfo, dict[str, str]]:
@@ -94,16 +115,56 @@ def read_info(path: str | os.PathLike) -> tuple[MorphInfo, dict[str, str]]:
             :func:`morph.safety.check_info_json` or does not fit the tensors in the file.
     """
     path = Path(path)
-    meta, shapes = _header(path)
+    meta, shapes, dtypes = _header(path)
     info = _parse_info(path, meta)
-    check_info(info, shapes, str(path))
+    check_info(info, shapes, printable(path), dtypes)
     return info, meta
 
 
+def _build_base(info: MorphInfo, shapes: dict[str, tuple[int, ...]] | None, build: Callable[[], nn.Module],
+                where: str) -> nn.Module:
+    """The base model of a record, bounded by what the file's tensors account for (:func:`base_limits`):
+    first on the meta device (no memory: refused by module and element count before anything is
+    allocated), then for real under the same module budget. A model that cannot be built on the meta
+    device (it computes on its tensors while it is built, as torchvision's RegNets do) is built for real
+    under the module budget and an allocation budget of twice the elements the file accounts for."""
+    if shapes is None:
+        return build()
+    limits = base_limits(shapes, info.width)
+    try:
+        with ModuleBudget(limits.modules, where), torch.device("meta"):
+            meta = build()
+    except BuildError:
+        meta = None  # it may build for real: the real build, under its budgets, decides
+    except MorphError:
+        raise
+    except Exception:  # noqa: BLE001  (a constructor that reads tensor values cannot run on meta)
+        meta = None
+    if meta is not None:
+        seen: set[int] = set()
+        n = 0
+        for t in (*meta.parameters(), *meta.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                n += t.numel()
+        if n > limits.elements:
+            raise CheckpointError(
+                f"{printable(where)}: the model it describes ({info.spec.spec if info.spec else 'model_fn'}) has "
+                f"{n:,} parameter and buffer elements, far more than the {limits.held:,} the file holds account "
+                f"for (at most {limits.elements:,}); its metadata is inconsistent")
+        del meta
+        with ModuleBudget(limits.modules, where):
+            return build()
+    # not buildable on meta: the real build allocates at most twice the elements the file accounts for
+    with ModuleBudget(limits.modules, where), AllocationBudget(2 * limits.elements, where):
+        return build()
+
+
 def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None, trust_code: bool = False,
-            where: str = "") -> nn.Module:
+            where: str = "", shapes: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
     """Build the (untrained) model a :class:`MorphInfo` describes (its base model through
-    :func:`morph.zoo.build_recorded`: see there what a record may name)."""
+    :func:`morph.zoo.build_recorded`: see there what a record may name). With ``shapes`` (the file's tensors),
+    the base model is bounded as :func:`_build_base` says."""
     from .convert import convert
     from .fuse import fuse, grow
     from .scale import scale_width
@@ -114,11 +175,16 @@ def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None
             raise CheckpointError(f"{where}: the model records no spec (it was not built by morph.build_model, nor "
                                   "is it a timm or torchvision model): load it from Python with morph.load(path, "
                                   "model_fn=<a function that builds it>)")
-        base = model_fn()
+        with ModuleBudget(base_limits(shapes, info.width).modules, where) if shapes is not None else nullcontext():
+            base = model_fn()
         if not isinstance(base, nn.Module):
             raise CheckpointError(f"{where}: model_fn returned {type(base).__name__}, not an nn.Module")
+    elif model_fn is not None:  # the caller's factory: its own code, built once
+        with ModuleBudget(base_limits(shapes, info.width).modules, where) if shapes is not None else nullcontext():
+            base = build_recorded(info.spec, model_fn=model_fn, trust_code=trust_code, where=where)
     else:
-        base = build_recorded(info.spec, model_fn=model_fn, trust_code=trust_code, where=where)
+        spec = info.spec
+        base = _build_base(info, shapes, lambda: build_recorded(spec, trust_code=trust_code, where=where), where)
 
     def half(set_id: str) -> nn.Module:
         return convert(base, info.width, info.templates, info.share, seed=0, set_id=set_id,
@@ -143,7 +209,7 @@ def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None
         return fuse(half(info.set_ids[0]), half(info.set_ids[1]), growth=info.growth, init="zero", inplace=True)
     if info.kind == "grown":
         return grow(half(info.set_ids[0]), init="zero", inplace=True)
-    raise CheckpointError(f"unknown model kind {info.kind!r} in checkpoint")
+    raise CheckpointError(f"{where}: unknown model kind {show(info.kind)} in checkpoint")
 
 
 def _with_info(model: nn.Module, info: MorphInfo) -> nn.Module:
@@ -152,13 +218,29 @@ def _with_info(model: nn.Module, info: MorphInfo) -> nn.Module:
     return set_info(model, info)
 
 
-def load_state(model: nn.Module, path: str | os.PathLike) -> None:
+def _kind(t: torch.Tensor) -> str:
+    return "complex" if t.is_complex() else "floating point" if t.is_floating_point() else \
+        "bool" if t.dtype == torch.bool else "integer"
+
+
+def load_state(model: nn.Module, path: str | os.PathLike, name: str = "the model") -> None:
     """Load a safetensors file into ``model`` strictly. A tensor the model shares between several keys
     (a template bank used by two layers) is stored once and fills all of them; the model's own
-    state-dict metadata (module versions, e.g. torchvision's MNASNet) is kept."""
+    state-dict metadata (module versions, e.g. torchvision's MNASNet) is kept.
+
+    Raises:
+        CheckpointError: the file cannot be read, or a tensor is missing, unexpected, or of another shape
+            or kind of dtype (an integer or bool tensor where the model has floating point) than the model's.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    sd = load_file(str(path))
+    where = printable(path)
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{where}: cannot read its tensors ({printable(str(e).splitlines()[0] if str(e) else e)})"
+                              ) from e
     own = model.state_dict(keep_vars=True)
     by_id: dict[int, str] = {}
     for k, v in own.items():
@@ -167,6 +249,21 @@ def load_state(model: nn.Module, path: str | os.PathLike) -> None:
     for k, v in own.items():
         if k not in sd and id(v) in by_id:
             sd[k] = sd[by_id[id(v)]]
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: tensors do not match {name}: {what}")
+
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        parts = [f"{len(names)} {what} (first {show(names[0], 120)})"
+                 for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
+        raise bad(", ".join(parts))
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise bad(f"{show(k, 120)} has shape {list(sd[k].shape)} in the file, {list(v.shape)} in the model")
+        if _kind(sd[k]) != _kind(v):
+            raise bad(f"{show(k, 120)} is stored as {_kind(sd[k])} ({sd[k].dtype}), the model's is {_kind(v)}")
     sd_meta = getattr(own, "_metadata", None)
     if sd_meta is not None:
         sd = type(own)(sd)
@@ -178,9 +275,10 @@ def load(path: str | os.PathLike, *, model_fn: Callable[..., nn.Module] | None =
          trust_code: bool = False) -> nn.Module:
     """Rebuild the model a morph checkpoint describes and load its tensors strictly.
 
-    Reading a checkpoint runs no code that the file names (see :mod:`morph.safety`): the model is
-    rebuilt from timm or torchvision by name, with checked constructor arguments, under an allocation
-    budget set by the file's own size. A model of your own is rebuilt only if you say how.
+    Reading a checkpoint runs no code that the file names, downloads nothing and unpickles nothing (see
+    :mod:`morph.safety`): the model is rebuilt from timm or torchvision by name, without weights, with
+    checked constructor arguments, bounded by what the file holds. A model of your own is rebuilt only if
+    you say how.
 
     Args:
         path: a file written by :func:`save`.
@@ -191,30 +289,25 @@ def load(path: str | os.PathLike, *, model_fn: Callable[..., nn.Module] | None =
 
     Raises:
         CheckpointError: missing, truncated, corrupt, foreign or hostile file, a callable you did not
-            allow, or tensors that do not match.
+            allow, or tensors that do not match. Any other exception is a bug (in morph, or in your
+            ``model_fn``) and propagates as it is.
     """
-    from .safety import AllocationBudget, rebuild_budget
-
     path = Path(path)
-    meta, shapes = _header(path)
+    where = printable(path)
+    meta, shapes, dtypes = _header(path)
     info = _parse_info(path, meta)
-    check_info(info, shapes, str(path))
-    name = info.spec.spec if info.spec is not None else "the model"
+    check_info(info, shapes, where, dtypes)
+    name = f"{info.spec.spec if info.spec is not None else 'the model'} ({info.kind})"
     try:
-        with AllocationBudget(rebuild_budget(shapes), str(path)):
-            model = rebuild(info, model_fn=model_fn, trust_code=trust_code, where=str(path))
+        with no_weights(where), AllocationBudget(rebuild_budget(shapes), where):
+            model = rebuild(info, model_fn=model_fn, trust_code=trust_code, where=where, shapes=shapes)
     except CheckpointError:
         raise
-    except MorphError as e:
-        raise CheckpointError(f"{path}: cannot rebuild {name}: {e}") from e
-    except Exception as e:  # the file's record does not describe a model that can be built
-        raise CheckpointError(f"{path}: cannot rebuild {name} ({info.kind}) from its metadata: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
-    try:
-        load_state(model, path)
-    except Exception as e:
-        raise CheckpointError(f"{path}: tensors do not match {name} ({info.kind}): "
-                              f"{str(e).splitlines()[0][:300]}") from e
+    except MorphError as e:  # the record describes a model morph cannot convert, fuse or grow
+        raise CheckpointError(f"{where}: cannot rebuild {name}: {e}") from e
+    except MemoryError:
+        raise CheckpointError(f"{where}: not enough memory to rebuild {name}") from None
+    load_state(model, path, name)
     from .info import set_info
 
     return set_info(model, info)  # the recorded provenance (fusion init, ...), not the rebuild's

@@ -67,7 +67,7 @@ class MorphInfo:
         d = parse_json(text, where, "morph metadata")
         check_info_json(d, where)
         spec = d.pop("spec")
-        d["spec"] = None if spec is None else ModelSpec(spec["source"], spec["name"], dict(spec["kwargs"]))
+        d["spec"] = None if spec is None else ModelSpec(spec["source"], spec["name"], dict(spec.get("kwargs", {})))
         d["set_ids"] = tuple(d.get("set_ids", ()))
         d["input_size"] = tuple(d.get("input_size", (3, 224, 224)))
         known = set(cls.__dataclass_fields__)

@@ -300,8 +300,8 @@ def verify_forward(original_out: tuple[int, ...], model: nn.Module, input_size: 
         raise MorphError(f"the rescaled {type(model).__name__} fails to run: {str(e).splitlines()[0]}") from e
     finally:
         model.train(was)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
+    while isinstance(out, (tuple, list, dict)):  # the first output (a segmentation model's "out")
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
     if tuple(out.shape[1:]) != tuple(original_out):
         raise MorphError(f"rescaled output shape {tuple(out.shape[1:])} differs from the original {original_out}")
 
@@ -309,8 +309,8 @@ def verify_forward(original_out: tuple[int, ...], model: nn.Module, input_size: 
 def output_shape(plan: ChannelPlan) -> tuple[int, ...]:
     out = [n for n in plan.gm.graph.nodes if n.op == "output"][0]
     node = out.args[0]
-    while isinstance(node, (tuple, list)):
-        node = node[0]
+    while isinstance(node, (tuple, list, dict)):  # the first output (a segmentation model's "out")
+        node = next(iter(node.values())) if isinstance(node, dict) else node[0]
     meta = node.meta["tensor_meta"]
     while not hasattr(meta, "shape"):
         meta = meta[0]

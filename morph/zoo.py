@@ -7,21 +7,25 @@ Specs, as users type them:
 - ``NAME``: timm first, then torchvision; the resolved spec is recorded on the model
 - ``package.module:callable``: a user's own model factory, called with ``**kwargs``
 
-Weights are never downloaded.
+Weights are never downloaded or read: every weights argument a builder has (``weights``,
+``weights_backbone``, ``pretrained``...) is passed ``None``/``False``, an argument that names weights or a
+file is refused, and every build runs under :func:`morph.safety.no_weights`.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
 
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError, ModelNotFoundError, MorphError
 
-__all__ = ["build_model", "build_recorded", "resolve_spec", "ModelSpec", "get_spec", "infer_spec", "TRUSTED_FACTORIES"]
+__all__ = ["build_model", "build_recorded", "resolve_spec", "ModelSpec", "get_spec", "infer_spec", "weightless",
+           "TRUSTED_FACTORIES"]
 
 # morph's own model factories: a file may name these, as it may name a timm or torchvision model. Each
 # recorded name (including the name earlier morph versions recorded) maps to the factory morph calls.
@@ -92,38 +96,84 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     )
 
 
+def _is_weights_arg(name: str) -> bool:
+    words = name.lower().split("_")
+    return words[0] == "weights" or "pretrained" in words
+
+
+def weightless(builder: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``None`` (``False`` where the default is a bool) for every weights argument in
+    ``builder``'s signature: ``weights``, ``weights_backbone``, ``pretrained``, ``pretrained_backbone``...
+    (15 torchvision detection and segmentation builders default ``weights_backbone`` to ImageNet weights)."""
+    out = dict(kwargs)
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # no signature to read: the backstop still holds
+        return out
+    for name, p in params.items():
+        if _is_weights_arg(name) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            out[name] = False if isinstance(p.default, bool) else None
+    return out
+
+
+def _build_library(source: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm or torchvision model ``name``, without weights, under the :func:`morph.safety.no_weights` guard."""
+    from .safety import no_weights
+
+    with no_weights(f"{source}/{name}", MorphError):
+        if source == "timm":
+            import timm
+
+            try:
+                builder = timm.models.model_entrypoint(name)
+            except (RuntimeError, KeyError, ValueError):  # a name timm resolves itself (a tag, an alias)
+                builder = None
+            extra = {k: v for k, v in weightless(builder, {}).items() if k != "pretrained"} if builder else {}
+            return timm.create_model(name, pretrained=False, **extra, **kwargs)
+        import torchvision.models as tvm
+
+        builder = tvm.get_model_builder(name)
+        return builder(**weightless(builder, kwargs))
+
+
 def build_model(spec: str, **kwargs: Any) -> nn.Module:
-    """Build a model from a spec, without pretrained weights.
+    """Build a model from a spec, without weights: nothing is downloaded or read (see the module's notes).
 
     Args:
         spec: ``timm/NAME``, ``torchvision/NAME``, a bare ``NAME`` (timm first, then torchvision) or
             ``package.module:callable``.
         **kwargs: constructor arguments such as ``num_classes``; ``None`` values are dropped so that
-            model defaults apply (as ``timm.create_model`` does).
+            model defaults apply (as ``timm.create_model`` does). An argument that loads weights or names a
+            file (``weights``, ``pretrained``, ``checkpoint_path``...) is refused.
 
     Returns:
         The model, with its :class:`ModelSpec` at ``model.morph_spec``.
+
+    Raises:
+        ModelNotFoundError: no library knows the name, or the arguments do not fit it.
+        MorphError: an argument that loads weights, or a build that tried to (the backstop).
     """
+    from .safety import names_weights_or_files, no_weights
+
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    for key in kwargs:
+        if names_weights_or_files(key):
+            raise MorphError(f"build_model builds models without weights and reads no file: argument {key!r} "
+                             "is not accepted (load weights into the model yourself)")
     source, name = resolve_spec(spec)
     try:
-        if source == "timm":
-            import timm
-
-            model = timm.create_model(name, pretrained=False, **kwargs)
-        elif source == "torchvision":
-            import torchvision.models as tvm
-
-            if name in ("googlenet", "inception_v3"):
+        if source in ("timm", "torchvision"):
+            if source == "torchvision" and name in ("googlenet", "inception_v3"):
                 kwargs.setdefault("init_weights", True)
-            model = tvm.get_model(name, weights=None, **kwargs)
+            model = _build_library(source, name, kwargs)
         else:
             mod_name, fn_name = name.split(":", 1)
             try:
                 fn = getattr(importlib.import_module(mod_name), fn_name)
             except (ImportError, AttributeError) as e:
                 raise ModelNotFoundError(f"cannot import {name!r}: {e}") from e
-            model = fn(**kwargs)
+            with no_weights(name, MorphError):
+                model = fn(**kwargs)
             if not isinstance(model, nn.Module):
                 raise ModelNotFoundError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
     except TypeError as e:
@@ -142,11 +192,16 @@ def build_recorded(
     (:data:`TRUSTED_FACTORIES`). A ``package.module:callable`` is called only through the caller's
     ``model_fn`` (called with the recorded kwargs) or, with ``trust_code=True``, imported by name.
 
+    An exception raised by the library (or factory) while it builds the recorded model with the recorded
+    arguments means the record describes no model it can build: it becomes a one-line
+    :class:`~morph.safety.BuildError` (a :class:`CheckpointError`). The caller's own ``model_fn`` is not
+    wrapped: its exceptions are its own.
+
     Raises:
-        CheckpointError: a refused kwarg, an unknown model, or a callable the caller did not allow.
-        ModelNotFoundError: the trusted callable cannot be imported or built.
+        CheckpointError: a refused kwarg, an unknown model, a callable the caller did not allow, or a
+            record the library cannot build.
     """
-    from .safety import check_kwargs
+    from .safety import BuildError, check_kwargs, show
 
     where = where or "checkpoint"
     kwargs = check_kwargs(spec.kwargs, where)
@@ -169,11 +224,18 @@ def build_recorded(
             f"code that the file names; if you trust this file, pass model_fn=<your factory> or trust_code=True "
             f"to morph.load (--trust-code on the command line), which will call {spec.name}(**{kwargs})"
         )
+    target = TRUSTED_FACTORIES.get(spec.name, spec.name) if spec.source == "callable" else spec.spec
+    try:
+        model = build_model(target, **kwargs)
+    except MorphError as e:
+        raise BuildError(f"{where}: {e}") from e
+    except Exception as e:  # the library's own check of the recorded arguments (or its failure on them)
+        text = str(e).splitlines()[0] if str(e) else ""
+        raise BuildError(f"{where}: {spec.spec} cannot be built with the recorded kwargs {show(kwargs, 200)}: "
+                         f"{type(e).__name__}: {show(text, 200)[1:-1]}") from e
     if spec.source == "callable" and spec.name in TRUSTED_FACTORIES:
-        model = build_model(TRUSTED_FACTORIES[spec.name], **kwargs)
-        model.morph_spec = ModelSpec(spec.source, TRUSTED_FACTORIES[spec.name], dict(kwargs))  # type: ignore[assignment]
-        return model
-    return build_model(spec.spec, **kwargs)
+        model.morph_spec = ModelSpec(spec.source, target, dict(kwargs))  # type: ignore[assignment]
+    return model
 
 
 def get_spec(model: nn.Module) -> ModelSpec | None:
@@ -192,8 +254,10 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def _same_on_meta(model: nn.Module, build: Callable[[], nn.Module]) -> bool:
     import torch
 
+    from .safety import no_weights
+
     try:
-        with torch.device("meta"):
+        with no_weights("inferring the spec of a model", MorphError), torch.device("meta"):
             ref = build()
     except Exception:  # a constructor that computes on tensors, or other arguments: not certain
         return False
@@ -233,7 +297,7 @@ def infer_spec(model: nn.Module) -> ModelSpec | None:
         for name in tvm.list_models():
             builder = tvm.get_model_builder(name)
             if getattr(builder, "__module__", "") == cls.__module__:
-                candidates.append(("torchvision", name, lambda b=builder, **kw: b(weights=None, **kw)))
+                candidates.append(("torchvision", name, lambda b=builder, **kw: b(**weightless(b, kw))))
     for source, name, build in candidates:
         for kwargs in ({}, {"num_classes": n}) if n is not None else ({},):
             if _same_on_meta(model, lambda build=build, kwargs=kwargs: build(**kwargs)):
