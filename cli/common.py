@@ -24,7 +24,7 @@ from morph.fuse import INIT_MODES
 from morph.text import printable
 
 __all__ = [
-    "CoefficientSeed", "Force", "TrustCode", "Init", "JsonSummary", "MorphGroup", "check_output", "count_params", "err", "fail", "grown_summary", "out", "parse_size",
+    "CoefficientSeed", "Force", "TrustCode", "Init", "JsonSummary", "MorphGroup", "count_params", "err", "fail", "grown_summary", "out", "parse_size",
     "print_json", "status",
 ]
 
@@ -112,17 +112,6 @@ def parse_size(text: str | None) -> tuple[int, int, int] | None:
     if len(parts) != 3 or min(parts) < 1:
         raise bad
     return parts[0], parts[1], parts[2]
-
-
-def check_output(path: Path, force: bool) -> None:
-    """Refuse an output that is not ``.safetensors``, is a folder, or exists (unless ``--force``)."""
-    hint = "'-o' / '--output'"
-    if path.suffix != ".safetensors":
-        raise typer.BadParameter(f"{path} must end in .safetensors", param_hint=hint)
-    if path.is_dir():
-        raise typer.BadParameter(f"{path} is a folder; name a .safetensors file", param_hint=hint)
-    if path.exists() and not force:
-        raise typer.BadParameter(f"{path} exists; pass --force to overwrite it", param_hint=hint)
 
 
 def count_params(model: nn.Module) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn as nn
 
 from .errors import CheckpointError, MorphError
 from .info import FORMAT_VERSION, MorphInfo, get_info
+from .paths import write_file
 from .safety import (
     AllocationBudget,
     BuildError,
@@ -38,19 +38,9 @@ __all__ = ["save", "load", "read_info", "atomic_save_file"]
 
 
 def atomic_save_file(write, path: str | os.PathLike) -> Path:
-    """Call ``write(tmp_path)``, then rename onto ``path``: no partial file on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Call ``write(tmp_path)``, then rename onto ``path``: no partial file on failure, never through a
+    symlink (:func:`morph.paths.write_file`, the one output rule)."""
+    return write_file(path, lambda tmp: write(str(tmp)))
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
