@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 import warnings
 from collections.abc import Iterator
@@ -21,10 +22,11 @@ from typer.core import TyperGroup
 
 import morph
 from morph.fuse import INIT_MODES
+from morph.safety import MAX_INPUT_CHANNELS, MAX_INPUT_PIXELS, MAX_INPUT_SIDE
 from morph.text import printable
 
 __all__ = [
-    "CoefficientSeed", "Force", "TrustCode", "Init", "JsonSummary", "MorphGroup", "count_params", "err", "fail", "grown_summary", "out", "parse_size",
+    "CoefficientSeed", "Force", "TrustCode", "Init", "JsonSummary", "MorphGroup", "count_params", "bounded", "err", "fail", "grown_summary", "out", "parse_size",
     "print_json", "status",
 ]
 
@@ -97,6 +99,19 @@ class MorphGroup(TyperGroup):
             raise fail(f"{printable(e.filename)}: {e.strerror or e}") from None
 
 
+def bounded(low: float, high: float, *, low_open: bool = False):
+    """A typer callback: the option's number is finite and within ``[low, high]`` (``(low, high]`` with
+    ``low_open``); NaN, infinities and absurd sizes are refused before any work, with the option named."""
+    def check(ctx: typer.Context, param: Any, value: float | None) -> float | None:
+        if value is None:
+            return value
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            lo = f"{'>' if low_open else '>='} {low:g}"
+            raise typer.BadParameter(f"{value!r} is not a number {lo} and <= {high:g}")
+        return value
+    return check
+
+
 def parse_size(text: str | None) -> tuple[int, int, int] | None:
     """``3,224,224`` (or ``3x224x224``, or ``224`` for 3x224x224) -> ``(3, 224, 224)``."""
     if text is None:
@@ -111,7 +126,11 @@ def parse_size(text: str | None) -> tuple[int, int, int] | None:
         parts = [3, parts[0], parts[0]]
     if len(parts) != 3 or min(parts) < 1:
         raise bad
-    return parts[0], parts[1], parts[2]
+    c, h, w = parts
+    if c > MAX_INPUT_CHANNELS or max(h, w) > MAX_INPUT_SIDE or c * h * w > MAX_INPUT_PIXELS:
+        raise typer.BadParameter(f"{text!r} is too large (at most {MAX_INPUT_CHANNELS} channels, sides of "
+                                 f"{MAX_INPUT_SIDE}, {MAX_INPUT_PIXELS:,} values)", param_hint="'--input-size'")
+    return c, h, w
 
 
 def count_params(model: nn.Module) -> int:

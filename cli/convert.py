@@ -13,9 +13,10 @@ from rich.markup import escape
 
 import morph
 from morph.convert import SHARE_MODES
+from morph.safety import MAX_KWARG_NUMBER, MAX_TEMPLATES, MAX_WIDTH
 from morph.templates import mixed_layers
 
-from .common import Force, JsonSummary, count_params, fail, out, parse_size, print_json, status
+from .common import Force, JsonSummary, bounded, count_params, fail, out, parse_size, print_json, status
 from .outputs import check_output
 
 __all__ = ["convert", "default_output"]
@@ -60,12 +61,13 @@ def convert(
         metavar="NAME", show_default=False)],
     half: Annotated[bool, typer.Option("--half", help="Half width, the paper's setting (same as --width 0.5, "
                                        "the default).")] = False,
-    width: Annotated[float, typer.Option(help="Width multiplier of the template model (> 0).")] = 0.5,
-    templates: Annotated[int, typer.Option(help="Templates per bank (paper: 2).", min=1)] = 2,
+    width: Annotated[float, typer.Option(help=f"Width multiplier of the template model (> 0, <= {MAX_WIDTH:g}).",
+                                         callback=bounded(0, MAX_WIDTH, low_open=True))] = 0.5,
+    templates: Annotated[int, typer.Option(help="Templates per bank (paper: 2).", min=1, max=MAX_TEMPLATES)] = 2,
     share: Annotated[Share, typer.Option(help="none: every layer has its own bank; consecutive: consecutive "
                                          "same-shape layers share one bank (at most two per bank).")] = Share["none"],
     num_classes: Annotated[int | None, typer.Option(help="Classes of the classifier (default: the model's).",
-                                                    min=1, show_default=False)] = None,
+                                                    min=1, max=MAX_KWARG_NUMBER, show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the templates and coefficients; also names the "
                                              "template set (seedN) and the default output.",
                                              show_default=False)] = None,

@@ -15,7 +15,9 @@ import typer
 
 import morph
 from morph.growth import get_growth_method, list_growth_methods
-from morph.text import markup_safe
+from morph.images import image_folder
+from morph.safety import MAX_WIDTH
+from morph.text import markup_safe, printable
 
 from .common import (
     INIT_HELP,
@@ -24,6 +26,7 @@ from .common import (
     Init,
     JsonSummary,
     TrustCode,
+    bounded,
     count_params,
     grown_summary,
     out,
@@ -42,7 +45,7 @@ def load_image_batch(folder: Path, input_size: tuple[int, ...], batch_size: int,
                      num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` images drawn (seeded) from an ImageFolder directory, resized to ``input_size``
     (C, H, W), ImageNet-normalized, with their class indices."""
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     c, h, w = input_size
     tf = transforms.Compose([
@@ -52,12 +55,12 @@ def load_image_batch(folder: Path, input_size: tuple[int, ...], batch_size: int,
         transforms.Normalize(_MEAN[:c] if c <= 3 else [0.5] * c, _STD[:c] if c <= 3 else [0.5] * c),
     ])
     try:
-        ds = datasets.ImageFolder(str(folder), transform=tf)
+        ds = image_folder(folder, transform=tf)  # a corrupt image names its file; looping links cannot hang
     except (FileNotFoundError, RuntimeError) as e:
-        raise morph.MorphError(f"--data {folder}: not an ImageFolder directory (one folder of images per class): "
+        raise morph.MorphError(f"--data {printable(folder)}: not an ImageFolder directory (one folder of images per class): "
                                f"{str(e).splitlines()[0]}") from None
     if num_classes is not None and len(ds.classes) > num_classes:
-        raise morph.MorphError(f"--data {folder} has {len(ds.classes)} classes, the model {num_classes} outputs")
+        raise morph.MorphError(f"--data {printable(folder)} has {len(ds.classes)} classes, the model {num_classes} outputs")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:batch_size]
     xs, ys = zip(*(ds[int(i)] for i in order), strict=True)
     return torch.stack(xs), torch.tensor(ys)
@@ -85,11 +88,12 @@ def grow(
     method: Annotated[str | None, typer.Option(
         help="Growth method: " + ", ".join(list_growth_methods()) + " (default: mixturegrowth for a template "
         "half; a plain checkpoint needs one).", show_default=False)] = None,
-    width: Annotated[float, typer.Option(help="Width ratio of the grown model to IN (mixturegrowth: 2).")] = 2.0,
+    width: Annotated[float, typer.Option(help="Width ratio of the grown model to IN (mixturegrowth: 2; at most "
+                                         f"{MAX_WIDTH:g}).", callback=bounded(1, MAX_WIDTH))] = 2.0,
     data: Annotated[Path | None, typer.Option(help="ImageFolder directory (one folder of images per class) for "
                                               "gradmax and firefly; images are resized to the checkpoint's input size.",
                                               exists=True, file_okay=False, show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Images read from --data (one batch).", min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images read from --data (one batch).", min=1, max=4096)] = 32,
     init: Annotated[Init | None, typer.Option(help="mixturegrowth only. " + INIT_HELP.format(
         zero="the grown model computes IN's function") + " [default: orthogonal]", show_default=False)] = None,
     seed: CoefficientSeed = None,
