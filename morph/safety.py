@@ -36,7 +36,8 @@ __all__ = [
     "check_info", "check_kwargs", "parse_json", "rebuild_budget",
 ]
 
-KINDS = {"plain": 0, "half": 1, "fused": 2, "grown": 1}  # kind -> number of template sets
+KINDS = {"plain": 0, "half": 1, "fused": 2, "grown": 1, "shared": 1, "ensemble": 1}  # kind -> number of template sets
+SHARED_KINDS = ("shared", "ensemble")  # morph.superweights: the sharing record is checked by superweights.record
 MAX_TEMPLATES = 64
 MAX_WIDTH = 8.0
 MAX_FACTOR = 8
@@ -139,7 +140,9 @@ def check_info_json(d: Any, where: str) -> None:
           f"templates {templates!r} is not an integer in [{lo}, {MAX_TEMPLATES}]")
     factor = d.get("factor", 1)
     _need(_int(factor) and 1 <= factor <= MAX_FACTOR, where, f"factor {factor!r} is not an integer in [1, {MAX_FACTOR}]")
-    _need(d.get("share", "none") in ("none", "consecutive"), where, f"share {d.get('share')!r} is not none or consecutive")
+    share = d.get("share", "none")
+    _need(share == "learned" if kind in SHARED_KINDS else share in ("none", "consecutive"), where,
+          f"share {share!r} is not {'learned' if kind in SHARED_KINDS else 'none or consecutive'}")
     set_ids = d.get("set_ids", [])
     _need(isinstance(set_ids, list) and all(isinstance(s, str) and _SET_ID.match(s) for s in set_ids), where,
           "set_ids must be a list of short ids")
@@ -190,6 +193,11 @@ def check_info(info: Any, shapes: Mapping[str, tuple[int, ...]], where: str) -> 
     Template banks (``*.templates``) hold ``info.templates`` templates each, coefficients
     (``*.coefficients``) mix that many, a plain model has neither, and a template model has some.
     """
+    if info.kind in SHARED_KINDS:
+        from .superweights.record import check_record
+
+        check_record(info, shapes, where)
+        return
     banks = {k: s for k, s in shapes.items() if k.endswith(".templates")}
     coefs = {k: s for k, s in shapes.items() if k.endswith(".mix.coefficients")}
     if info.kind == "plain":

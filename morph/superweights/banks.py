@@ -201,6 +201,10 @@ class SuperWeightMixing(nn.Module):
                 w.register_hook(lambda g, r=r: r.weight_grad(self, g.detach()))
         return w
 
+    def generation_flops(self) -> float:
+        """Multiply-adds of generating the weight once: ``K * piece`` per level (fvcore's count of the matmuls)."""
+        return float(sum(b.templates.numel() for b in self.banks))
+
     def extra_repr(self) -> str:
         return f"ref={self.ref}, levels={self.levels}, coef={self.coef}, shape={self.shape}"
 

@@ -305,29 +305,9 @@ def convert_shared(
     verify_forward(output_shape(cplan), half, cplan.input_size)
     if set_id is None:
         set_id = f"seed{seed}" if seed is not None else uuid.uuid4().hex[:12]
-    record = sharing_record(splan, clusters=mode, bins=bins, tie=tie, **(meta or {}))
+    record = sharing_record(splan, mode=mode, bins=bins, tie=tie, **(meta or {}))
     info = MorphInfo(kind="shared", spec=get_spec(model), width=float(width), templates=max(splan.allocation.templates),
                      share="learned", set_ids=(set_id,), input_size=tuple(cplan.input_size),
                      train_edge_coefficients=True, extra={"superweights": record}, original=original_layout(model))
     return set_info(half, info)
 
-
-def refresh_record(model: nn.Module, members: Sequence[nn.Module] | None = None) -> None:
-    """Update the model's recorded coefficient indices after :func:`~morph.superweights.npas.untie` (called by
-    ``morph.save``: the file always records the sharing the model has)."""
-    from morph.info import get_info
-
-    info = get_info(model)
-    if info is None or "superweights" not in info.extra:
-        return
-    rec = info.extra["superweights"]
-    members = list(members) if members is not None else [model]
-    ncoef: dict[tuple[int, int], int] = {}
-    coef = []
-    for m, name, _ in rec["coef"]:
-        mix = members[m].get_submodule(name).mix
-        coef.append([m, name, list(mix.coef)])
-        for w, bank in enumerate(mix.banks):
-            ncoef[(bank.cluster, w)] = len(bank.coefficients)
-    rec["coef"] = coef
-    rec["banks"] = [[c, w, p, k, ncoef.get((c, w), n)] for c, w, p, k, n in rec["banks"]]

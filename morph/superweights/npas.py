@@ -125,10 +125,14 @@ class WeightGradients(_Recorder):
 
 def cropped_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """``cos(vec a[:o, :c], vec b[:o, :c])``, ``o``/``c`` the smaller output/input sizes (float64; 0 when a
-    crop is all zero)."""
-    o, c = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
-    x = a[:o, :c].reshape(-1).to(torch.float64)
-    y = b[:o, :c].reshape(-1).to(torch.float64)
+    crop is all zero). Vectors (coefficient gradients) are compared whole."""
+    if a.dim() < 2:  # coefficient vectors
+        n = min(a.numel(), b.numel())
+        x, y = a.reshape(-1)[:n].to(torch.float64), b.reshape(-1)[:n].to(torch.float64)
+    else:
+        o, c = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+        x = a[:o, :c].reshape(-1).to(torch.float64)
+        y = b[:o, :c].reshape(-1).to(torch.float64)
     d = float(x.norm() * y.norm())
     return float(x @ y) / d if d > 0 else 0.0
 
