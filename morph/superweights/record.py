@@ -21,7 +21,7 @@ from morph.errors import CheckpointError, MorphError
 
 from .banks import MAX_TEMPLATES
 
-__all__ = ["check_record", "rebuild", "refresh", "MAX_LAYERS", "MAX_LEVELS"]
+__all__ = ["check_record", "describe", "rebuild", "refresh", "MAX_LAYERS", "MAX_LEVELS"]
 
 MAX_LAYERS = 100_000
 MAX_LEVELS = 64
@@ -189,3 +189,45 @@ def refresh(model: nn.Module) -> None:
             ncoef[(bank.cluster, w)] = len(bank.coefficients)
     rec["coef"] = coef
     rec["banks"] = [[c, w, p, k, ncoef.get((c, w), n)] for c, w, p, k, n in rec["banks"]]
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The sharing of a shared model or ensemble, for ``morph inspect``: clusters (layers, envelopes), banks
+    (key, piece size, templates, coefficient vectors, the layers that use them), the budget and the counts
+    (template parameters, what the budget counts; coefficients; everything)."""
+    from morph.info import get_info
+
+    from .banks import superweight_layers
+
+    info = get_info(model)
+    if info is None or info.kind not in ("shared", "ensemble"):
+        raise MorphError("not a template-sharing model (morph.convert with share='learned', or an ensemble)")
+    refresh(model)
+    rec = info.extra["superweights"]
+    layers = superweight_layers(model)
+    by_ref = {m.mix.ref: m.mix for _, m in layers}
+    banks: dict[tuple[int, int], Any] = {}
+    users: dict[tuple[int, int], list[str]] = {}
+    for _, m in layers:
+        for w, b in enumerate(m.mix.banks):
+            banks[(b.cluster, w)] = b
+            users.setdefault((b.cluster, w), []).append(f"{m.mix.ref[0]}:{m.mix.ref[1]}")
+    clusters = []
+    for ci, c in enumerate(rec["clusters"]):
+        mixes = [by_ref[(r[0], r[1])] for r in c]
+        env = max((mx.envelopes for mx in mixes), key=len)
+        clusters.append({
+            "cluster": ci, "layers": [{"member": mx.ref[0], "layer": mx.ref[1], "shape": list(mx.shape),
+                                       "levels": mx.levels, "coefficients": list(mx.coef)} for mx in mixes],
+            "envelopes": [list(e) for e in env],
+        })
+    bank_rows = [{"cluster": c, "level": w, "piece": b.piece, "templates": b.num_templates,
+                  "template_params": b.templates.numel(), "coefficient_vectors": len(b.coefficients),
+                  "pieces": len(users[(c, w)])} for (c, w), b in sorted(banks.items())]
+    template = sum(r["template_params"] for r in bank_rows)
+    coef = sum(b.num_templates * len(b.coefficients) for b in banks.values())
+    total = sum(p.numel() for p in model.parameters())
+    return {"kind": info.kind, "mode": rec.get("mode"), "budget": rec.get("budget"), "template_params": template,
+            "coefficient_params": coef, "other_params": total - template - coef, "params": total,
+            "clusters": clusters, "banks": bank_rows,
+            "members": info.extra.get("members", [{"spec": None, "width": info.width}])}
