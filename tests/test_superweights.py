@@ -433,3 +433,52 @@ def test_metrics_equal_an_independent_float64_computation():
     assert out["n"] == n and out["ensemble"]["top1"] == pytest.approx(acc)
     assert out["members"][1]["nll"] == pytest.approx(nll(probs[1], y))
     assert out["subsets"][1]["ece"] == pytest.approx(ece(probs[[0, 2]].mean(0), y))
+
+
+# ---------------------------------------------------------------------------------------------- the zoo
+
+
+def _zoo_specs() -> list[str]:
+    from zoo_list import TIMM_REFUSED, ci_specs
+
+    return [s for s in ci_specs() if s not in TIMM_REFUSED]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", _zoo_specs())
+def test_zoo_nested_blocks_at_three_budgets(spec, tmp_path):
+    """Every layer gets its stock shape, the template count is the one predicted before building and fits the
+    budget, bake loads ``strict=True`` into the stock model and computes the same outputs, and save/load is
+    bit-exact, at the least budget, halfway, and the stock layers' size (float64, tests/zoo_list.py inputs)."""
+    from zoo_list import spec_input_size
+
+    size = spec_input_size(spec)
+    base = morph.build_model(spec).double().eval()
+    cplan = morph.analyze(base, size)
+    layers = [((0, n), k, s) for n, k, s in template_layers(base, cplan)]
+    shapes = {r: s for r, _, s in layers}
+    clusters = initial_clusters(layers, "bins", 4)
+    floor = min_budget([[shapes[r] for r in c] for c in clusters])
+    stock_size = sum(math.prod(s) for s in shapes.values())
+    x = torch.randn(2, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for budget in (floor, (floor + stock_size) // 2, max(stock_size, floor)):
+        predicted = plan_sharing(clusters, shapes, budget).template_params
+        model = morph.convert(base, budget=budget, share="learned", seed=0, input_size=size, plan=cplan).eval()
+        for name, m in superweight_layers(model):
+            assert tuple(m.weight.shape) == shapes[(0, name)], name
+        assert len(superweight_layers(model)) == len(shapes)
+        assert sum(b.templates.numel() for b in _banks(model).values()) == predicted <= budget
+        stock = morph.build_model(spec).double().eval()
+        stock.load_state_dict(morph.bake(model).state_dict(), strict=True)
+        with torch.no_grad():
+            y = model(x)
+            torch.testing.assert_close(stock(x), y, rtol=1e-12, atol=1e-12)
+    # files hold the model in its own dtype; morph.load rebuilds in float32: round-trip a float32 one
+    model = morph.convert(morph.build_model(spec), budget=floor, share="learned", seed=1, input_size=size,
+                          plan=cplan).eval()
+    morph.save(model, tmp_path / "m.safetensors")
+    back = morph.load(tmp_path / "m.safetensors").eval()
+    sa, sb = model.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        assert torch.equal(back(x.float()), model(x.float()))
