@@ -482,3 +482,26 @@ def test_zoo_nested_blocks_at_three_budgets(spec, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     with torch.no_grad():
         assert torch.equal(back(x.float()), model(x.float()))
+
+
+def test_search_learns_clusters_under_the_budget():
+    from morph.superweights.learn import search
+
+    base = _tiny()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, *SIZE, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(4)]
+    copy, cplan = prepare(base, 1.0, SIZE)
+    layers = [((0, n), k, s) for n, k, s in template_layers(copy, cplan)]
+    shapes = {r: s for r, _, s in layers}
+    per_layer = min_budget([[s] for s in shapes.values()])
+    model, report = search(base, per_layer, data, warmup_steps=2, grad_batches=2, tau=0.99, seed=0,
+                           input_size=SIZE)
+    assert report["grad_batches"] == 2 and report["warmup_steps"] == 2
+    assert report["template_params"] <= per_layer and report["min_budget"] <= per_layer
+    learned = {tuple(sorted(c)) for c in report["clusters"]}
+    assert learned == {tuple(sorted(m.mix.ref[1] for _, m in superweight_layers(model) if m.mix.banks[0].cluster == i))
+                       for i in range(len(report["clusters"]))}
+    # every learned cluster lies inside one initial cluster
+    initial = [set(c) for c in report["initial_clusters"]]
+    assert all(any(set(c) <= b for b in initial) for c in report["clusters"])
+    assert morph.get_info(model).extra["superweights"]["tau"] == report["tau"]
