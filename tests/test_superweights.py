@@ -505,3 +505,33 @@ def test_search_learns_clusters_under_the_budget():
     initial = [set(c) for c in report["initial_clusters"]]
     assert all(any(set(c) <= b for b in initial) for c in report["clusters"])
     assert morph.get_info(model).extra["superweights"]["tau"] == report["tau"]
+
+
+def test_cli_convert_budget_and_inspect(tmp_path):
+    import json
+
+    from morph.cli.convert import parse_budget
+    from morph.cli.main import app
+    from typer.testing import CliRunner
+
+    assert parse_budget("2M") == 2_000_000 and parse_budget("500k") == 500_000 and parse_budget("1.5e6") == 1_500_000
+    runner = CliRunner()
+    out = tmp_path / "s.safetensors"
+    r = runner.invoke(app, ["convert", "timm/test_resnet", "--share", "learned", "--budget", "250K", "--bins", "2",
+                            "--input-size", "3,32,32", "--num-classes", "10", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["kind"] == "shared" and s["width"] == 1.0 and s["verified"]["ok"]
+    assert s["superweights"]["budget"] == 250_000 and s["superweights"]["template_params"] <= 250_000
+    r = runner.invoke(app, ["inspect", str(out), "--no-flops", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)["superweights"]
+    assert d["template_params"] == s["superweights"]["template_params"]
+    assert sum(b["template_params"] for b in d["banks"]) == d["template_params"]
+    assert sum(len(c["layers"]) for c in d["clusters"]) == s["template_layers"]
+    r = runner.invoke(app, ["inspect", str(out), "--no-flops"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "shared template banks" in r.stdout and "budget 250,000" in r.stdout, r.output
+    r = runner.invoke(app, ["convert", "timm/test_resnet", "--share", "learned", "--budget", "10",
+                            "--input-size", "3,32,32", "-o", str(tmp_path / "t.safetensors")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: budget 10 is below the minimum")
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "t.safetensors").exists()
