@@ -194,8 +194,8 @@ class SuperWeightMixing(nn.Module):
                 w = torch.cat([w, flat[:nc].view(cols)], 1)
             if math.prod(rows):
                 w = torch.cat([w, flat[nc:].view(rows)], 0)
-        if self._crop:
-            w = w[: self.shape[0], : self.shape[1]]
+        if self._crop:  # a shape the envelope exceeds: its top-left block (contiguous, as a stock weight)
+            w = w[: self.shape[0], : self.shape[1]].contiguous()
         for r in self.recorders:
             if r.weights and w.requires_grad:
                 w.register_hook(lambda g, r=r: r.weight_grad(self, g.detach()))
