@@ -535,3 +535,24 @@ def test_cli_convert_budget_and_inspect(tmp_path):
                             "--input-size", "3,32,32", "-o", str(tmp_path / "t.safetensors")])
     assert r.exit_code == 2 and r.stderr.startswith("error: budget 10 is below the minimum")
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "t.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ensemble_learned_clusters_attach_members_to_member_zero():
+    base = _tiny()
+    warm = ensemble([base, base], widths=[1.0, 0.5], clusters="bins", bins=2, tie=True, seed=0, input_size=SIZE)
+    rec = morph.get_info(warm).extra["superweights"]
+    initial = [[(m, n) for m, n in c] for c in rec["clusters"]]
+    with WeightGradients(warm, members=warm.members) as wg:
+        for _ in range(2):
+            warm.zero_grad()
+            warm.loss(warm(torch.randn(4, *SIZE)), torch.randint(0, 10, (4,))).backward()
+            wg.step()
+    shapes = {m.mix.ref: m.mix.shape for _, m in superweight_layers(warm)}
+    clusters, _ = learn_clusters(initial, wg.grads, shapes, None, tau=0.3)
+    for c in clusters:  # every cluster is led by member-0 layers; member 1 only attaches
+        assert c[0][0] == 0
+    assert sorted(r for c in clusters for r in c) == sorted(shapes)
+    ens = ensemble([base, base], widths=[1.0, 0.5], clusters=clusters, seed=1, input_size=SIZE)
+    assert morph.get_info(ens).extra["superweights"]["clusters"] == [[list(r) for r in c] for c in clusters]
+    assert ens(torch.randn(2, *SIZE)).shape == (2, 2, 10)
