@@ -9,9 +9,11 @@ once; save/load is bit-exact. The zoo sweep at three budgets is in the slow tier
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -97,10 +99,17 @@ def test_assembly_equals_float64_reference_and_stock_shapes():
     stock = {n: tuple(m.weight.shape) for n, m in base.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     layers = superweight_layers(model)
     assert len(layers) >= 5 and any(m.mix.levels > 1 for _, m in layers)  # nested blocks are exercised
-    for name, m in layers:
-        w = m.weight
-        assert tuple(w.shape) == stock[name]
-        torch.testing.assert_close(w.detach(), _reference_weight(m.mix), rtol=1e-13, atol=1e-13)
+    from morph import native
+    from morph.templates import grid_reference
+
+    for path in ("default", "pytorch", "reference"):  # native kernels where built, _Grid, the CUDA path
+        with native.disabled() if path != "default" else contextlib.nullcontext(), \
+                mock.patch("morph.superweights.banks.generate", grid_reference) if path == "reference" \
+                else contextlib.nullcontext():
+            for name, m in layers:
+                w = m.weight
+                assert tuple(w.shape) == stock[name]
+                torch.testing.assert_close(w.detach(), _reference_weight(m.mix), rtol=1e-13, atol=1e-13)
 
 
 def test_shared_banks_are_single_parameters_and_counts_are_predicted():
