@@ -125,6 +125,80 @@ class SharedBank(nn.Module):
                 f"coefficients={len(self.coefficients)}")
 
 
+def _regions(envelopes: Sequence[Shape], shape: Shape) -> list[list[tuple[int, int, int, int, int, int, int]]]:
+    """Per level, its blocks as ``(r0, r1, c0, c1, offset, rows, cols)``: rows ``r0:r1`` and columns ``c0:c1``
+    of the layer's weight (clipped to ``shape``), filled from the level's piece at ``offset`` where the block is
+    stored as ``rows x cols x k...`` (its unclipped size). Blocks clipped away entirely are left out."""
+    k = math.prod(envelopes[0][2:])
+    out = []
+    for w, env in enumerate(envelopes):
+        if w == 0:
+            blocks = [(0, env[0], 0, env[1])]
+        else:
+            prev = envelopes[w - 1]
+            blocks = [(0, prev[0], prev[1], env[1]), (prev[0], env[0], 0, env[1])]
+        level, off = [], 0
+        for r0, r1, c0, c1 in blocks:
+            n = (r1 - r0) * (c1 - c0) * k
+            rr, cc = min(r1, shape[0]), min(c1, shape[1])
+            if n and rr > r0 and cc > c0:
+                level.append((r0, rr, c0, cc, off, r1 - r0, c1 - c0))
+            off += n
+        out.append(level)
+    return out
+
+
+class _Nested(torch.autograd.Function):
+    """A nested-block weight in one pass: every block of every level written in place into one ``[out, in,
+    k...]`` tensor (no concatenation, no crop copy), and read in place by the backward:
+    ``dT_k = alpha_k dW_block``, ``dalpha_k = <dW_blocks, T_k>`` per level. Any device."""
+
+    @staticmethod
+    def forward(ctx, shape, regions, *args):
+        n = len(regions)
+        alphas, banks = args[:n], args[n:]
+        tail = tuple(shape[2:])
+        w = banks[0].new_empty(shape)
+        for lv, blocks in enumerate(regions):
+            t = banks[lv].view(alphas[lv].numel(), -1)
+            a = alphas[lv].reshape(-1)
+            for r0, r1, c0, c1, off, rows, cols in blocks:
+                tb = t[:, off:off + rows * cols * math.prod(tail)].view(-1, rows, cols, *tail)[:, : r1 - r0, : c1 - c0]
+                out = w[r0:r1, c0:c1]
+                torch.mul(tb[0], a[0], out=out)
+                for i in range(1, tb.shape[0]):
+                    out.addcmul_(tb[i], a[i])
+        ctx.shape, ctx.regions = tuple(shape), regions
+        ctx.save_for_backward(*alphas, *banks)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        n = len(ctx.regions)
+        alphas, banks = saved[:n], saved[n:]
+        tail = ctx.shape[2:]
+        grad = grad.contiguous()
+        d_alpha, d_bank = [], []
+        for lv, blocks in enumerate(ctx.regions):
+            a = alphas[lv].reshape(-1)
+            k = a.numel()
+            t = banks[lv].view(k, -1)
+            full = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, *_ in blocks) * math.prod(tail) == t.shape[1]
+            db = torch.empty_like(t) if full else torch.zeros_like(t)
+            da = torch.zeros(k, dtype=grad.dtype, device=grad.device)
+            for r0, r1, c0, c1, off, rows, cols in blocks:
+                g = grad[r0:r1, c0:c1]
+                tb = t[:, off:off + rows * cols * math.prod(tail)].view(k, rows, cols, *tail)[:, : r1 - r0, : c1 - c0]
+                dbb = db[:, off:off + rows * cols * math.prod(tail)].view(k, rows, cols, *tail)[:, : r1 - r0, : c1 - c0]
+                for i in range(k):
+                    torch.mul(g, a[i], out=dbb[i])
+                    da[i] += (g * tb[i]).sum()
+            d_alpha.append(da.view_as(alphas[lv]))
+            d_bank.append(db.view_as(banks[lv]))
+        return (None, None, *d_alpha, *d_bank)
+
+
 class _Recorder:
     """Receives the gradients of generated weights and coefficients (``morph.superweights.npas``)."""
 
@@ -162,6 +236,7 @@ class SuperWeightMixing(nn.Module):
         self.recorders: list[_Recorder] = []
         self._blocks = [piece_shapes(None if w == 0 else self.envelopes[w - 1], e) for w, e in enumerate(self.envelopes)]
         self._crop = self.shape[:2] != self.envelopes[-1][:2]
+        self._regions = _regions(self.envelopes, self.shape)
 
     @property
     def levels(self) -> int:
@@ -172,30 +247,25 @@ class SuperWeightMixing(nn.Module):
 
     def _piece(self, w: int) -> torch.Tensor:
         bank = self.banks[w]
-        alpha = bank.coefficients[self.coef[w]]
-        k = alpha.shape[0]
-        a = alpha.view(1, k)
+        a = self._alpha(w)
+        t = bank.templates.view(a.shape[1], *self._blocks[w][0]) if w == 0 else \
+            bank.templates.view(a.shape[1], 1, bank.piece)
+        return generate(a, [t], (1, 1), [0])
+
+    def _alpha(self, w: int) -> torch.Tensor:
+        alpha = self.banks[w].coefficients[self.coef[w]]
+        a = alpha.view(1, alpha.shape[0])
         for r in self.recorders:
             if r.coefficients:
                 a.register_hook(lambda g, r=r, w=w: r.coefficient_grad(self, w, g.detach().reshape(-1)))
-        if w == 0:  # the whole block, in its own shape: the same op as a MixtureGrowth tile
-            t = bank.templates.view(k, *self._blocks[0][0])
-            return generate(a, [t], (1, 1), [0])
-        t = bank.templates.view(k, 1, bank.piece)
-        return generate(a, [t], (1, 1), [0]).view(-1)
+        return a
 
     def forward(self) -> torch.Tensor:
-        w = self._piece(0)
-        for lv in range(1, self.levels):
-            cols, rows = self._blocks[lv]
-            flat = self._piece(lv)
-            nc = math.prod(cols)
-            if nc:
-                w = torch.cat([w, flat[:nc].view(cols)], 1)
-            if math.prod(rows):
-                w = torch.cat([w, flat[nc:].view(rows)], 0)
-        if self._crop:  # a shape the envelope exceeds: its top-left block (contiguous, as a stock weight)
-            w = w[: self.shape[0], : self.shape[1]].contiguous()
+        if self.levels == 1 and not self._crop:  # one piece: the MixtureGrowth tile op (native kernels on CPU)
+            w = self._piece(0)
+        else:  # nested blocks, written in place into one weight (a crop: its top-left block)
+            alphas = [self._alpha(lv) for lv in range(self.levels)]
+            w = _Nested.apply(self.shape, self._regions, *alphas, *[b.templates for b in self.banks])
         for r in self.recorders:
             if r.weights and w.requires_grad:
                 w.register_hook(lambda g, r=r: r.weight_grad(self, g.detach()))
