@@ -133,6 +133,7 @@ def test_nested_blocks_forward_and_gradients(shapes):
         w = mix()
         assert tuple(w.shape) == shp and w.is_contiguous()
         torch.testing.assert_close(w.detach(), _reference_weight(mix), rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(w.detach(), mix._concatenated().detach(), rtol=1e-14, atol=1e-14)
         params = [b.templates for b in banks[: lv + 1]] + [mix.coefficient(j) for j in range(lv + 1)]
 
         # central differences against the analytic gradient of <W, seed>
@@ -605,3 +606,12 @@ def test_ensemble_learned_clusters_attach_members_to_member_zero():
     ens = ensemble([base, base], widths=[1.0, 0.5], clusters=clusters, seed=1, input_size=SIZE)
     assert morph.get_info(ens).extra["superweights"]["clusters"] == [[list(r) for r in c] for c in clusters]
     assert ens(torch.randn(2, *SIZE)).shape == (2, 2, 10)
+
+
+def test_flops_forward_equals_the_stock_model_and_generation_is_counted():
+    model = morph.convert(_tiny(), share="learned", bins=2, templates=2, seed=0, input_size=SIZE)
+    assert any(m.mix.levels > 1 for _, m in superweight_layers(model))
+    rep = morph.flops(model, SIZE, batch_size=1)
+    stock = morph.flops(morph.bake(model), SIZE)
+    assert rep.forward == pytest.approx(stock.forward, rel=1e-9)
+    assert rep.generation == sum(b.templates.numel() for _, m in superweight_layers(model) for b in m.mix.banks)

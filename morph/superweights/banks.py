@@ -260,9 +260,25 @@ class SuperWeightMixing(nn.Module):
                 a.register_hook(lambda g, r=r, w=w: r.coefficient_grad(self, w, g.detach().reshape(-1)))
         return a
 
+    def _concatenated(self) -> torch.Tensor:
+        """The same weight from plain autograd ops: one mix per piece, then concatenations and a crop (the
+        reference of the in-place path, and what fvcore traces)."""
+        w = self._piece(0)
+        for lv in range(1, self.levels):
+            cols, rows = self._blocks[lv]
+            flat = self._piece(lv).reshape(-1)
+            nc = math.prod(cols)
+            if nc:
+                w = torch.cat([w, flat[:nc].view(cols)], 1)
+            if math.prod(rows):
+                w = torch.cat([w, flat[nc:].view(rows)], 0)
+        return w[: self.shape[0], : self.shape[1]].contiguous() if self._crop else w
+
     def forward(self) -> torch.Tensor:
         if self.levels == 1 and not self._crop:  # one piece: the MixtureGrowth tile op (native kernels on CPU)
             w = self._piece(0)
+        elif torch.jit.is_tracing():  # fvcore: one matmul per piece (K * piece multiply-adds), as it counts tiles
+            w = self._concatenated()
         else:  # nested blocks, written in place into one weight (a crop: its top-left block)
             alphas = [self._alpha(lv) for lv in range(self.levels)]
             w = _Nested.apply(self.shape, self._regions, *alphas, *[b.templates for b in self.banks])
