@@ -5,6 +5,7 @@
 - :mod:`.npas`: initial clusters, gradient similarity, Algorithm 1 (connected components), budget allocation,
   coefficient untying;
 - :mod:`.build`: plan and build shared models (``morph.convert(model, budget=N, share="learned")``);
+- :mod:`.learn`: :func:`search`, the learned-sharing search end to end;
 - :mod:`.ensemble`: members of different widths and depths sharing templates;
 - :mod:`.metrics`: top-1, NLL, ECE, diversity;
 - :mod:`.record`: the sharing record of a checkpoint, checked, and the rebuild.
@@ -12,6 +13,9 @@
 
 from .banks import MAX_TEMPLATES, SharedBank, SuperWeightMixing, cluster_layout, superweight_layers
 from .build import convert_shared, initial_clusters, plan_sharing, sharing_record, template_layers
+from .ensemble import SuperWeightEnsemble, anytime_subsets, bake_members, ensemble
+from .learn import search
+from .metrics import EnsembleMetrics
 from .npas import (
     CoefficientGradients,
     WeightGradients,
@@ -26,7 +30,8 @@ from .npas import (
 )
 
 __all__ = [
-    "MAX_TEMPLATES", "CoefficientGradients", "SharedBank", "SuperWeightMixing", "WeightGradients", "allocate",
+    "MAX_TEMPLATES", "CoefficientGradients", "EnsembleMetrics", "SharedBank", "SuperWeightEnsemble", "SuperWeightMixing",
+    "WeightGradients", "allocate", "anytime_subsets", "bake_members", "ensemble", "search",
     "cluster_layout", "connected_components", "convert_shared", "cropped_cosine", "depth_bins", "initial_clusters",
     "learn_clusters", "min_budget", "plan_sharing", "sharing_record", "similarity_matrix", "superweight_layers",
     "template_layers", "untie",
