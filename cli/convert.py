@@ -19,16 +19,20 @@ from morph.templates import mixed_layers
 from .common import Force, JsonSummary, bounded, count_params, fail, out, parse_size, print_json, status
 from .outputs import check_output
 
-__all__ = ["convert", "default_output"]
+__all__ = ["convert", "default_output", "parse_budget"]
 
 Share = Enum("Share", {m: m for m in SHARE_MODES}, type=str)  # type: ignore[misc]
 
 
-def default_output(name: str, width: float, seed: int | None, plain: bool = False) -> Path:
+def default_output(name: str, width: float, seed: int | None, plain: bool = False,
+                   budget: str | None = None) -> Path:
     """``resnet50`` -> ``resnet50-half.safetensors``; ``timm/resnet18``, width 0.25, seed 1 ->
-    ``resnet18-w0.25-seed1.safetensors``; with ``plain``, ``resnet50-half-plain.safetensors``."""
+    ``resnet18-w0.25-seed1.safetensors``; with ``plain``, ``resnet50-half-plain.safetensors``; shared banks
+    (``--share learned``) under ``--budget 2M`` -> ``resnet50-shared-2M.safetensors``."""
     stem = name.strip().split(":")[-1].split("/")[-1]
     tag = "half" if width == 0.5 else f"w{width:g}"
+    if budget is not None:
+        tag = ("shared" if width == 1 else f"shared-w{width:g}") + ("" if not budget else f"-{budget.strip()}")
     return Path(f"{stem}-{tag}" + ("-plain" if plain else "") + (f"-seed{seed}" if seed is not None else "")
                 + ".safetensors")
 
@@ -38,6 +42,22 @@ def _first(y: object) -> torch.Tensor:
     while isinstance(y, (tuple, list, dict)):
         y = next(iter(y.values())) if isinstance(y, dict) else y[0]
     return y  # type: ignore[return-value]
+
+
+def parse_budget(text: str | None) -> int | None:
+    """``2M`` -> 2000000, ``500K``/``500k`` -> 500000, ``1.5e6`` -> 1500000, ``1G``; ``None`` -> ``None``."""
+    if text is None:
+        return None
+    t = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        value = float("nan")
+    if not (value >= 1 and value < 1e15 and value == int(value)):
+        raise typer.BadParameter(f"expected a number of template parameters such as 2M, 500K or 1500000, got {text!r}",
+                                 param_hint="'--budget'")
+    return int(value)
 
 
 def verify(model: nn.Module, reloaded: nn.Module, input_size: tuple[int, ...]) -> dict:
@@ -61,11 +81,22 @@ def convert(
         metavar="NAME", show_default=False)],
     half: Annotated[bool, typer.Option("--half", help="Half width, the paper's setting (same as --width 0.5, "
                                        "the default).")] = False,
-    width: Annotated[float, typer.Option(help=f"Width multiplier of the template model (> 0, <= {MAX_WIDTH:g}).",
-                                         callback=bounded(0, MAX_WIDTH, low_open=True))] = 0.5,
-    templates: Annotated[int, typer.Option(help="Templates per bank (paper: 2).", min=1, max=MAX_TEMPLATES)] = 2,
+    width: Annotated[float | None, typer.Option(help="Width multiplier of the template model (> 0, <= "
+                                                f"{MAX_WIDTH:g}; default 0.5, or 1 with --share learned or --budget).",
+                                                callback=bounded(0, MAX_WIDTH, low_open=True),
+                                                show_default=False)] = None,
+    templates: Annotated[int, typer.Option(help="Templates per bank (paper: 2; with sharing, without --budget, at "
+                                           "most 8).", min=1, max=MAX_TEMPLATES)] = 2,
     share: Annotated[Share, typer.Option(help="none: every layer has its own bank; consecutive: consecutive "
-                                         "same-shape layers share one bank (at most two per bank).")] = Share["none"],
+                                         "same-shape layers share one bank (at most two per bank); learned: "
+                                         "SuperWeights, layers of any shape share banks in clusters (depth bins per "
+                                         "kernel shape, to refine with morph.superweights.learn_clusters).")
+                     ] = Share["none"],
+    budget: Annotated[str | None, typer.Option(help="Template parameters allowed (e.g. 2M, 500K, 1.5e6): templates "
+                                               "per bank are allocated under it (with --share learned or none).",
+                                               show_default=False)] = None,
+    bins: Annotated[int, typer.Option(help="Depth bins per kernel shape of --share learned (official 4).",
+                                      min=1, max=64)] = 4,
     num_classes: Annotated[int | None, typer.Option(help="Classes of the classifier (default: the model's).",
                                                     min=1, max=MAX_KWARG_NUMBER, show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the templates and coefficients; also names the "
@@ -93,11 +124,18 @@ def convert(
 
     Example: morph convert resnet50 --half --seed 1  (writes resnet50-half-seed1.safetensors)
     """
-    if half and width != 0.5:
+    if half and width is not None and width != 0.5:
         raise typer.BadParameter(f"--half means --width 0.5; drop one of them (got --width {width:g})",
                                  param_hint="'--half'")
+    n_budget = parse_budget(budget)
+    shared = share.value == "learned" or n_budget is not None
+    if shared and plain:
+        raise typer.BadParameter("--plain writes a model without templates; drop --share learned / --budget",
+                                 param_hint="'--plain'")
+    if width is None:
+        width = 0.5 if half or not shared else 1.0
     size = parse_size(input_size)
-    path = output if output is not None else default_output(name, width, seed, plain)
+    path = output if output is not None else default_output(name, width, seed, plain, (budget or "") if shared else None)
     check_output(path, force)
     with status(f"building {name}") as s:
         base = morph.build_model(name, num_classes=num_classes)
@@ -106,7 +144,8 @@ def convert(
             model = morph.scale_width(base, width, input_size=size, seed=seed)
         else:
             model = morph.convert(base, width=width, templates=templates, share=share.value, seed=seed, set_id=set_id,
-                                  train_edge_coefficients=train_edge_coefficients, input_size=size)
+                                  train_edge_coefficients=train_edge_coefficients, input_size=size,
+                                  budget=n_budget, bins=bins)
         s.update(f"saving {path}")
         morph.save(model, path)
         s.update(f"reloading {path}")
@@ -130,6 +169,12 @@ def convert(
         "input_size": list(info.input_size), "template_layers": len(mixed_layers(reloaded)),
         "params": n_new, "params_original": n_base, "params_ratio": n_new / n_base, "verified": check,
     }
+    if shared:
+        from morph.superweights.record import describe
+
+        d = describe(reloaded)
+        summary["superweights"] = {k: d[k] for k in ("budget", "template_params", "coefficient_params", "params")}
+        summary["superweights"].update(clusters=len(d["clusters"]), banks=len(d["banks"]))
     if json_out:
         print_json(summary)
         return
@@ -138,6 +183,13 @@ def convert(
     size_text = f"  width {info.width:g}, input {'x'.join(map(str, info.input_size))}"
     if plain:
         out.print(f"{size_text}, plain (no templates)", highlight=False, markup=False)
+    elif shared:
+        sw = summary["superweights"]
+        bud = "no budget" if sw["budget"] is None else f"budget {sw['budget']:,}"
+        out.print(f"{size_text}, template set {info.set_ids[0]!r}", highlight=False, markup=False)
+        out.print(f"  {summary['template_layers']} layers in {sw['clusters']} clusters share {sw['banks']} banks; "
+                  f"template parameters {sw['template_params']:,} ({bud}), coefficients "
+                  f"{sw['coefficient_params']:,}", highlight=False)
     else:
         out.print(f"{size_text}, template set {info.set_ids[0]!r}", highlight=False, markup=False)
         out.print(f"  {summary['template_layers']} template-mixed layers, {info.templates} templates per bank, share "

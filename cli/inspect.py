@@ -27,7 +27,7 @@ _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
     """One row per conv/linear layer. ``params`` counts each parameter once, at its first layer, so that a
     bank shared by two layers (``--share consecutive``) is not counted twice and the rows add up."""
-    mixed = dict(mixed_layers(model))
+    mixed = {n: m for n, m in mixed_layers(model) if hasattr(m.mix, "grid")}  # shared banks: superweights_table
     seen: set[int] = set()
     rows = []
     for name, m in model.named_modules():
@@ -138,6 +138,10 @@ def inspect(
             "convention": "fvcore: one multiply-add = one flop; weights are generated once per batch, amortized "
                           "over batch_size in per_image",
         }
+    if info.kind in ("shared", "ensemble"):
+        from morph.superweights.record import describe
+
+        result["superweights"] = describe(model)
     if json_out:
         print_json(result)
         return
@@ -157,6 +161,8 @@ def inspect(
                   "tile's bank); coefficients: one vector per tile, (fixed) = not trained", highlight=False)
     out.print(f"parameters: {total:,} = {in_layers:,} in {len(rows)} conv/linear layers + {total - in_layers:,} in "
               f"other modules; {len(banks)} template banks in {len(mixed)} template-mixed layers", highlight=False)
+    if "superweights" in result:
+        superweights_print(result["superweights"])
     if flops:
         f = result["flops"]
         size = "x".join(map(str, info.input_size))
@@ -175,3 +181,24 @@ def si(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.4g} {unit}"
     return f"{x:.4g}"
+
+
+def superweights_print(d: dict[str, Any]) -> None:
+    """The sharing of a shared model or ensemble: one row per bank, then clusters and the budget."""
+    t = Table(title="shared template banks (SuperWeights)", title_justify="left", highlight=False,
+              box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for col in ("cluster", "level", "piece", "K", "templates", "coef. vectors", "pieces"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for b in d["banks"]:
+        t.add_row(str(b["cluster"]), str(b["level"]), f"{b['piece']:,}", str(b["templates"]),
+                  f"{b['template_params']:,}", str(b["coefficient_vectors"]), str(b["pieces"]))
+    out.print(t)
+    for c in d["clusters"]:
+        env = " < ".join("x".join(map(str, e)) for e in c["envelopes"])
+        names = ", ".join(markup_safe(f"{x['member']}:{x['layer']}" if d["kind"] == "ensemble" else x["layer"])
+                          + (f" (L{x['levels'] - 1})" if x["levels"] > 1 else "") for x in c["layers"])
+        out.print(f"cluster {c['cluster']}: {len(c['layers'])} layers, envelopes {env}: {names}", highlight=False)
+    budget = "no budget" if d["budget"] is None else f"budget {d['budget']:,}"
+    out.print(f"sharing: {len(d['clusters'])} clusters, {len(d['banks'])} banks; template parameters "
+              f"{d['template_params']:,} ({budget}); coefficients {d['coefficient_params']:,}; other "
+              f"{d['other_params']:,}; total {d['params']:,}", highlight=False)

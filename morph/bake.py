@@ -22,6 +22,9 @@ def bake(model: nn.Module) -> nn.Module:
     a half model to ``morph.scale_width(original, 0.5)``.
     """
     info = get_info(model)
+    if info is not None and info.kind == "ensemble":
+        raise MorphError("bake makes one plain model; bake an ensemble's members with "
+                         "morph.superweights.ensemble.bake_members")
     if info is None or info.kind == "plain":
         raise MorphError("bake needs a template model (from morph.convert, fuse or grow); this one is plain")
     # copy everything but the template banks, which the copy only reads (each weight is generated
@@ -33,4 +36,5 @@ def bake(model: nn.Module) -> nn.Module:
     for p in new.parameters():
         p.requires_grad_(True)
     return set_info(new, dataclasses.replace(info, kind="plain", width=info.width * info.factor, templates=0, share="none",
-                                      set_ids=(), factor=1, growth="", init=""))
+                                      set_ids=(), factor=1, growth="", init="",
+                                      extra={k: v for k, v in info.extra.items() if k != "superweights"}))

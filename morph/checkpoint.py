@@ -54,6 +54,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
     from safetensors.torch import save_model
 
     info = get_info(model)
+    if info is not None and info.kind in ("shared", "ensemble"):  # the sharing as it is now (after untying)
+        from .superweights.record import refresh
+
+        refresh(model)
     if info is None:  # a plain model: from build_model, or built directly (then its spec is inferred if certain)
         from .zoo import get_spec
 
@@ -160,6 +164,10 @@ def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None
     from .scale import scale_width
     from .zoo import build_recorded
 
+    if info.kind in ("shared", "ensemble"):  # morph.superweights: members and banks from the sharing record
+        from .superweights.record import rebuild as rebuild_shared
+
+        return rebuild_shared(info, model_fn=model_fn, trust_code=trust_code, where=where)
     if info.spec is None:
         if model_fn is None:
             raise CheckpointError(f"{where}: the model records no spec (it was not built by morph.build_model, nor "

@@ -17,7 +17,7 @@ from .zoo import get_spec
 
 __all__ = ["convert", "SHARE_MODES", "edge_layers", "sharing_plan"]
 
-SHARE_MODES = ("none", "consecutive")
+SHARE_MODES = ("none", "consecutive", "learned")
 
 
 def edge_layers(plan: ChannelPlan) -> set[str]:
@@ -53,7 +53,7 @@ def _template_std(w: torch.Tensor, p: LayerPlan) -> float:
 
 def convert(
     model: nn.Module,
-    width: float = 0.5,
+    width: float | None = None,
     templates: int = 2,
     share: str = "none",
     seed: int | None = None,
@@ -62,12 +62,17 @@ def convert(
     train_edge_coefficients: bool = False,
     input_size: tuple[int, ...] | None = None,
     plan: ChannelPlan | None = None,
+    budget: int | None = None,
+    clusters: str | list[list[str]] = "bins",
+    bins: int = 4,
+    tie: bool = False,
 ) -> nn.Module:
     """Return ``model`` at ``width`` with every conv and linear weight generated as ``sum_k a_k T_k``.
 
     Args:
         model: any model :func:`morph.analyze` understands (left unchanged).
-        width: width multiplier of the template model (0.5: the paper's half-width networks).
+        width: width multiplier of the template model (default 0.5: the paper's half-width networks; 1 with
+            template sharing).
         templates: templates per bank (paper: 2).
         share: ``none`` (default; each layer its own templates, the official CIFAR code and the
             parameter budget of the supplementary) or ``consecutive`` (paper §3.1: consecutive layers
@@ -81,15 +86,34 @@ def convert(
         input_size: ``(C, H, W)`` used for tracing.
         plan: a precomputed :func:`morph.analyze` result.
 
+    Template sharing across layers (SuperWeights, :mod:`morph.superweights`; docs/superweights.md):
+    ``share="learned"`` (and ``share="none"`` with a ``budget``) returns a model at ``width`` (default 1, the
+    stock widths) whose conv/linear weights but the heads are nested blocks of template banks shared by the
+    layers of a cluster, with ``budget`` template parameters at most. ``clusters``: ``bins`` (``bins`` depth bins
+    per kernel shape, the start of learned sharing; with ``share="none"``, ``layer``: one cluster per layer),
+    ``shape``, or lists of layer paths (from :func:`morph.superweights.learn_clusters`); ``tie``: one coefficient
+    vector per bank (warm-up, or a start to untie from). ``templates`` is then the number per bank without a
+    budget (at most 8).
+
     Templates start with the initialization of the layer they replace (normal with the variance of
     the stock init at the new width); coefficients start orthogonal (``torch.nn.init.orthogonal_``
     over the layers of a bank x templates, as in the official code).
     """
-    width = check_width(width)
     if share not in SHARE_MODES:
         raise MorphError(f"share must be one of {', '.join(SHARE_MODES)}, got {share!r}")
     if int(templates) != templates or templates < 1:
         raise MorphError(f"templates must be a positive integer, got {templates}")
+    if share == "learned" or budget is not None:
+        if share == "consecutive":
+            raise MorphError("a budget applies to share learned or none, not consecutive")
+        if budget is not None and (isinstance(budget, bool) or int(budget) != budget or budget < 1):
+            raise MorphError(f"budget must be a positive number of template parameters, got {budget}")
+        from .superweights.build import convert_shared
+
+        return convert_shared(model, 1.0 if width is None else width, budget, clusters if share == "learned" else "layer",
+                              bins=bins, templates=templates, tie=tie, seed=seed, set_id=set_id,
+                              input_size=input_size, plan=plan)
+    width = check_width(0.5 if width is None else width)
     plan = plan or analyze(model, input_size)
     gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(
         int(torch.empty((), dtype=torch.int64).random_()))

@@ -56,6 +56,9 @@ def generation_flops(model: nn.Module) -> float:
     total = 0
     for _, m in mixed_layers(model):
         mix = m.mix
+        if hasattr(mix, "generation_flops"):  # shared banks (morph.superweights)
+            total += mix.generation_flops()
+            continue
         for b in mix.tile_banks:
             bank = mix.banks[b].templates
             total += bank.shape[0] * bank[0].numel()

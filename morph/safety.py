@@ -60,7 +60,8 @@ __all__ = [
     "check_kwargs", "names_weights_or_files", "no_weights", "parse_json", "rebuild_budget", "set_id_ok", "show",
 ]
 
-KINDS = {"plain": 0, "half": 1, "fused": 2, "grown": 1}  # kind -> number of template sets
+KINDS = {"plain": 0, "half": 1, "fused": 2, "grown": 1, "shared": 1, "ensemble": 1}  # kind -> number of template sets
+SHARED_KINDS = ("shared", "ensemble")  # morph.superweights: the sharing record is checked by superweights.record
 MAX_TEMPLATES = 64
 MAX_WIDTH = 8.0
 MAX_FACTOR = 8
@@ -211,8 +212,8 @@ def check_info_json(d: Any, where: str) -> None:
     _need(_int(factor) and 1 <= factor <= MAX_FACTOR, where,
           f"factor {show(factor)} is not an integer in [1, {MAX_FACTOR}]")
     share = d.get("share", "none")
-    _need(isinstance(share, str) and share in ("none", "consecutive"), where,
-          f"share {show(share)} is not none or consecutive")
+    _need(isinstance(share, str) and (share == "learned" if kind in SHARED_KINDS else share in ("none", "consecutive")),
+          where, f"share {show(share)} is not {'learned' if kind in SHARED_KINDS else 'none or consecutive'}")
     set_ids = d.get("set_ids", [])
     _need(isinstance(set_ids, list) and len(set_ids) <= MAX_LIST_ITEMS and all(set_id_ok(s) for s in set_ids), where,
           f"set_ids {show(set_ids)} must be a list of ids of 1 to 64 characters A-Z a-z 0-9 _ . -")
@@ -273,6 +274,11 @@ def check_info(info: Any, shapes: Mapping[str, tuple[int, ...]], where: str,
     (``*.coefficients``) mix that many, both in floating point; a plain model has neither, and a
     template model has some.
     """
+    if info.kind in SHARED_KINDS:
+        from .superweights.record import check_record
+
+        check_record(info, shapes, where)
+        return
     banks = {k: s for k, s in shapes.items() if k.endswith(".templates")}
     coefs = {k: s for k, s in shapes.items() if k.endswith(".mix.coefficients")}
     for k in (*banks, *coefs):
