@@ -225,10 +225,10 @@ def _resize_attr(plan: ChannelPlan, model: nn.Module, path: str, dims: tuple[Dim
         owner.register_buffer(name, new, persistent=name not in getattr(owner, "_non_persistent_buffers_set", ()))
 
 
-def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float) -> nn.Module:
+def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float, consts: list | None = None) -> nn.Module:
     graph = copy.deepcopy(plan.gm.graph)
     nodes = {n.name: n for n in graph.nodes}
-    for c in plan.consts:
+    for c in plan.consts if consts is None else consts:
         n = nodes[c.node]
         args = list(n.args)
         if c.kind == "groups":  # depthwise F.conv2d: groups follow the channels
@@ -283,9 +283,71 @@ def apply_width(
         _resize_layer(plan, p, new.get_submodule(name), shapes[name], width, init)
     for path, dims in plan.params.items():
         _resize_attr(plan, new, path, dims, width)
-    if plan.consts:
-        new = _rewrite_consts(plan, new, width)
+    consts = _attention_attributes(plan, new, width)
+    if consts:
+        new = _rewrite_consts(plan, new, width, consts)
     return new, shapes
+
+
+_HEAD_ATTRS = ("num_heads", "head_dim", "attn_dim")
+
+
+def _attention_attributes(plan: ChannelPlan, new: nn.Module, width: float) -> list:
+    """Set ``num_heads``, ``head_dim``, ``attn_dim`` (and ``scale = head_dim ** -0.5``) of every attention module
+    whose traced reshapes hard-code them (timm's ``Attention``: ``reshape(B, N, 3, self.num_heads,
+    self.head_dim)``), so that the module's own forward runs at the new width and the model keeps its classes;
+    returns the constants that no attribute explains (those need a rewritten graph).
+
+    Raises:
+        MorphError: the width leaves one head of several (heads mode), which cannot grow back into heads.
+    """
+    heads = plan.gm.meta.get("morph_heads") or {}
+    if not heads or not plan.consts:
+        return list(plan.consts)
+    nodes = {n.name: n for n in plan.gm.graph.nodes}
+    rest, changes = [], {}
+    for c in plan.consts:
+        mod = None
+        if c.kind == "shape" and c.qualname in heads:
+            try:
+                mod = new.get_submodule(c.qualname)
+            except AttributeError:
+                mod = None
+        literal = _shape_literal(nodes[c.node], c.index) if mod is not None else None
+        names = [n for n in _HEAD_ATTRS if literal is not None and getattr(mod, n, None) == literal]
+        if not names:
+            rest.append(c)
+            continue
+        value = plan.size(c.dims[0], width)
+        for n in names:
+            old = changes.setdefault(c.qualname, {}).get(n)
+            if old is not None and old != value:
+                raise MorphError(f"{c.qualname}.{n}: the channel analysis gives it two widths ({old} and {value})")
+            changes[c.qualname][n] = value
+    for path, attrs in changes.items():
+        mod = new.get_submodule(path)
+        h, hd = attrs.get("num_heads", mod.num_heads), attrs.get("head_dim", getattr(mod, "head_dim", None))
+        if h < 2 <= mod.num_heads and "num_heads" in attrs:
+            raise MorphError(
+                f"{path}: at width {width:g} the attention keeps 1 of its {mod.num_heads} heads, which cannot grow "
+                "back into heads; choose a width that keeps 2 or more, or scale the head size instead "
+                "(morph.graph.attention_width('head_dim'))")
+        if hd is not None and "attn_dim" in attrs and attrs["attn_dim"] != h * hd:
+            raise MorphError(f"{path}: attn_dim {attrs['attn_dim']} is not {h} heads x {hd}")
+        for n, v in attrs.items():
+            setattr(mod, n, v)
+        if hd is not None and hasattr(mod, "attn_dim"):
+            mod.attn_dim = h * hd
+        if hd is not None and isinstance(getattr(mod, "scale", None), float) and "head_dim" in attrs:
+            mod.scale = hd ** -0.5
+    return rest
+
+
+def _shape_literal(node: fx.Node, index: int):
+    args = list(node.args[1:])
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    return args[index] if index < len(args) and isinstance(args[index], int) else None
 
 
 def verify_forward(original_out: tuple[int, ...], model: nn.Module, input_size: tuple[int, ...]) -> None:

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..errors import MorphError
 from . import rules as _rules  # noqa: F401  (the built-in rules register themselves on import)
+from . import rules_transformer as _rules_transformer  # noqa: F401
 from .analyzer import Analyzer
 from .plan import TD, ChannelPlan, ConstSite, LayerPlan
 from .trace import trace
@@ -48,16 +49,27 @@ def analyze(
     p = next(iter(model.parameters()), None)
     example = torch.zeros((batch_size, *input_size), dtype=p.dtype if p is not None else torch.float32)
     gm = trace(model, example)
+    _record_heads(model, gm)
     a = Analyzer(gm)
     a.run()
     if not _covered(model, a):
         # heads that run only in training (googlenet and inception aux logits): trace in train mode
         gm = trace(model, example, train=True)
+        _record_heads(model, gm)
         a = Analyzer(gm)
         a.run()
         _check_coverage(model, a)
     node_dims = {n.name: a.env.get(n) for n in gm.graph.nodes}
     return ChannelPlan(a.g, a.layers, a.params, a.consts, gm, input_size, node_dims)
+
+
+def _record_heads(model: nn.Module, gm) -> None:
+    """The attention modules' head counts by module path (``num_heads``), which the reshape rule reads to tell
+    heads from head channels (the traced graph keeps only the leaves, not the attention modules' attributes)."""
+    gm.meta["morph_heads"] = {
+        name: int(m.num_heads) for name, m in model.named_modules()
+        if isinstance(getattr(m, "num_heads", None), int) and not isinstance(m, nn.MultiheadAttention)
+    }
 
 
 def _covered(model: nn.Module, a: Analyzer) -> bool:

@@ -194,6 +194,17 @@ class Groups:
                     )
             return
 
+    def repeat(self, g: int, size: int, inner: int) -> int:
+        """Make root ``g`` (``size * inner`` channels) the channels of a new group of ``size`` channels, each
+        repeated ``inner`` times (the heads of an attention projection, each ``inner = head_dim`` wide);
+        returns the new group."""
+        r = self.find(g)
+        if r in self.children or r in self.alias or self.size[r] != size * inner:
+            raise CouplingError(f"a group of {self.size[r]} channels cannot be read as {size} blocks of {inner}")
+        h = self.new(size, source=self.source[r], fixed=self.fixed[r])
+        self._alias(r, Seg(h, inner))
+        return h
+
     def _alias(self, g: int, target: Seg) -> None:
         """Make root ``g`` an alias of ``target.group`` with each channel repeated ``target.inner`` times
         (channel shuffle: a conv output coupled with an interleaved view of another group)."""
