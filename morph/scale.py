@@ -218,9 +218,13 @@ def _resize_attr(plan: ChannelPlan, model: nn.Module, path: str, dims: tuple[Dim
     mod_path, _, name = path.rpartition(".")
     owner = model.get_submodule(mod_path) if mod_path else model
     t = getattr(owner, name)
+    if all(plan.size(d, width) == n for d, n in zip(dims, t.shape, strict=True)):
+        return  # nothing scales (index tables, fx's constants of tensors a forward builds)
     new = _take(t.detach(), [dim_index(plan, d, width) for d in dims]).clone()
     if isinstance(t, nn.Parameter):
         setattr(owner, name, nn.Parameter(new, requires_grad=t.requires_grad))
+    elif name not in owner._buffers:
+        setattr(owner, name, new)
     else:
         owner.register_buffer(name, new, persistent=name not in getattr(owner, "_non_persistent_buffers_set", ()))
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import GatedMlp
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 import morph
@@ -35,6 +36,16 @@ def _vit4():  # 4 heads of 16 channels: halves to 2 heads, grows back to 4 (head
 def _vit3():  # 3 heads of 16, layer scale, no class token: head_dim mode (3 heads cannot halve)
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2, num_classes=10,
                              init_values=0.1, class_token=False, global_pool="avg")
+
+
+def _swin():  # windows of 4x4 tokens, shifted windows, relative-position bias tables; 4 and 8 heads of 8
+    return SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 1), num_heads=(4, 8),
+                           num_classes=10)
+
+
+def _swin3():  # 3 and 6 heads: head_dim mode
+    return SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 1), num_heads=(3, 6),
+                           num_classes=10)
 
 
 def _mixer():
@@ -58,7 +69,14 @@ MODELS = {
     "mixer": (_mixer, "heads", False),
     "resmlp": (_resmlp, "heads", False),  # no LayerNorm, but one token-mixing weight serves a's and b's channels
     "gmlp": (_gmlp, "heads", False),
+    "swin": (_swin, "heads", False),
+    "swin3_head_dim": (_swin3, "head_dim", False),
 }
+SLOW = {"swin", "swin3_head_dim"}  # 4-7 s each on one core
+
+
+def _params(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +154,7 @@ def test_attention_width_rejects_unknown_mode():
         attention_width("tokens")
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", _params(sorted(MODELS)))
 def test_convert_fuse_bake_strict(name):
     build, mode, exact = MODELS[name]
     with attention_width(mode):
@@ -179,7 +197,7 @@ def _grow(name: str, method: str):
 
 
 @pytest.mark.parametrize("method", GROWTH)
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", _params(sorted(MODELS)))
 def test_growth_strict_function_and_gradient(name, method):
     build, mode, _ = MODELS[name]
     with attention_width(mode):
@@ -200,8 +218,8 @@ def test_growth_strict_function_and_gradient(name, method):
             assert err > 1e-3, "now function-preserving: move resmlp to the exact branch"
         elif mode == "heads":
             assert err <= 1e-6, err
-        else:  # head_dim mode: replicated head channels add their q.k products, and 1/sqrt(head_dim) changes
-            assert 1e-9 < err < 0.2, err
+        else:  # head_dim mode (no claim): replicated head channels add their q.k products (measured, < 0.2)
+            assert err < 0.2, err
         # new neurons train: the fresh or replicated rows of every grown hidden layer get gradient
         grown.train()
         loss = nn.functional.cross_entropy(grown(x), y)
@@ -209,13 +227,16 @@ def test_growth_strict_function_and_gradient(name, method):
         fc1 = grown.get_submodule(fc1_name(grown))
         n_old = half.get_submodule(fc1_name(grown)).out_features
         assert fc1.weight.grad[n_old:].abs().sum() > 0
-        if name.startswith("vit"):
-            qkv, hq = grown.blocks[0].attn.qkv, half.blocks[0].attn.qkv.out_features // 3
+        if name.startswith(("vit", "swin")):
+            attn = "layers.0.blocks.0.attn.qkv" if name.startswith("swin") else "blocks.0.attn.qkv"
+            qkv, hq = grown.get_submodule(attn), half.get_submodule(attn).out_features // 3
             v_new = qkv.weight.grad[2 * qkv.out_features // 3 + hq:]  # the new heads' (or channels') value rows
             assert v_new.abs().sum() > 0
 
 
 def fc1_name(model: nn.Module) -> str:
+    if isinstance(model, SwinTransformer):
+        return "layers.0.blocks.0.mlp.fc1"
     return "blocks.0.mlp_channels.fc1" if hasattr(model.blocks[0], "mlp_channels") else "blocks.0.mlp.fc1"
 
 

@@ -59,8 +59,21 @@ def analyze(
         a = Analyzer(gm)
         a.run()
         _check_coverage(model, a)
+    _drop_traced_constants(model, a)
     node_dims = {n.name: a.env.get(n) for n in gm.graph.nodes}
     return ChannelPlan(a.g, a.layers, a.params, a.consts, gm, input_size, node_dims)
+
+
+def _drop_traced_constants(model: nn.Module, a: Analyzer) -> None:
+    """Tensors the forward builds from constants (Swin's window masks and index tables) are read through
+    ``get_attr`` of fx's ``_tensor_constant*`` attributes: not model state, so no pass resizes or fuses them;
+    one that would have to change width is an error."""
+    state = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    for path in [p for p in a.params if p not in state]:
+        dims = a.params.pop(path)
+        if any(a.g.scales(s.group) for d in dims for s in a.g.atoms(d)):
+            raise MorphError(f"{path}: a tensor built inside the forward has channels that change width; "
+                             "register it as a buffer of its module")
 
 
 def _record_heads(model: nn.Module, gm) -> None:

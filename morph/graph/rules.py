@@ -439,6 +439,10 @@ def _index(a: Analyzer, node: fx.Node, x: TD, idx: Any) -> TD:
         if isinstance(i, int):
             if not a.g.is_structural(src):
                 raise a.fail("integer index into a channel dim")
+        elif isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)):
+            if not a.g.is_structural(src):  # bounds read from the graph (Swin crops its padded windows)
+                raise a.fail("slice of a channel dim with traced bounds", "use slices with constant bounds")
+            dims.append(src if out_shape[len(dims)] == size else a.structural(out_shape[len(dims)]))
         elif isinstance(i, slice):
             start, stop, step = i.indices(size)
             if (start, stop, step) == (0, size, 1):
@@ -636,8 +640,10 @@ def _view(a: Analyzer, node: fx.Node) -> TD:
             if isinstance(s, int) and s > 1 and not a.g.is_structural(y.dims[k]):
                 a.consts.append(ConstSite(node.name, "shape", k, (y.dims[k],), node_qualname(node)))
             sv = a.value(s) if isinstance(s, fx.Node) else None
-            if isinstance(sv, SizeOf) and sv.size == out_shape[k] > 1:
-                couple(a, y.dims[k], sv.dim)  # the axis has the length of another tensor's dim
+            if isinstance(sv, SizeOf) and sv.size == out_shape[k] > 1 and not any(
+                    s.group in a.g.derived for s in a.g.atoms(y.dims[k]) + a.g.atoms(sv.dim)):
+                # the axis has the length of another tensor's dim (a shuffled view only its length: left alone)
+                couple(a, y.dims[k], sv.dim)
     return y
 
 

@@ -11,6 +11,7 @@ What they add to :mod:`.rules` (which holds the reshape into heads, :func:`~.rul
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
@@ -72,3 +73,62 @@ try:  # timm is optional
     _function(_timm_resample)(_resample_pos_embed)
 except ImportError:
     pass
+
+
+def _channels_last_reverse(a: Analyzer, node: fx.Node) -> TD:
+    """timm's ``window_reverse`` / ``grid_reverse`` (Swin, MaxViT): windows ``[B * nW, wh, ww, C]`` back to the
+    image ``[B, H, W, C]``; the channels (last dim) stay, the positions are rearranged."""
+    x = a.value(node.args[0] if node.args else node.kwargs["windows"])
+    out_shape = _shape(a)
+    if not isinstance(x, TD) or out_shape[-1] != x.shape[-1]:
+        raise a.fail("expected channels-last windows with the image's channels")
+    for d in x.dims[:-1]:
+        if not a.g.is_structural(d):
+            raise a.fail("window reverse over a channel dim")
+    return TD((*(a.structural(n) for n in out_shape[:-1]), x.dims[-1]), out_shape)
+
+
+def _channels_first_reverse(a: Analyzer, node: fx.Node) -> TD:
+    """MaxViT's ``window_reverse_nchw`` / ``grid_reverse_nchw``: ``[B * nW, C, wh, ww]`` -> ``[B, C, H, W]``."""
+    x = a.value(node.args[0] if node.args else node.kwargs["windows"])
+    out_shape = _shape(a)
+    if not isinstance(x, TD) or out_shape[1] != x.shape[1]:
+        raise a.fail("expected channels-first windows with the image's channels")
+    return TD((a.structural(out_shape[0]), x.dims[1], *(a.structural(n) for n in out_shape[2:])), out_shape)
+
+
+def _register_timm_windows() -> None:
+    import importlib
+
+    for mod, names, rule in (
+        ("timm.models.swin_transformer", ("window_reverse",), _channels_last_reverse),
+        ("timm.models.swin_transformer_v2", ("window_reverse",), _channels_last_reverse),
+        ("timm.models.swin_transformer_v2_cr", ("window_reverse",), _channels_last_reverse),
+        ("timm.models.maxxvit", ("window_reverse", "grid_reverse"), _channels_last_reverse),
+        ("timm.models.maxxvit", ("window_reverse_nchw", "grid_reverse_nchw"), _channels_first_reverse),
+    ):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:  # timm absent, or a version without the model
+            continue
+        for n in names:
+            f = getattr(m, n, None)
+            if f is not None:
+                _function(f)(rule)
+
+
+_register_timm_windows()
+
+
+@_function(torch.roll)
+def _roll(a: Analyzer, node: fx.Node) -> TD:
+    """``torch.roll(x, shifts, dims)`` over positions (Swin's shifted windows): the dims stay."""
+    x = a.value(node.args[0])
+    dims = _arg(node, 2, "dims", None)
+    if not isinstance(x, TD):
+        raise a.fail("expected a tensor")
+    rolled = range(len(x.shape)) if dims is None else [d % len(x.shape) for d in (
+        dims if isinstance(dims, (list, tuple)) else [dims])]
+    if any(not a.g.is_structural(x.dims[d]) for d in rolled):
+        raise a.fail("roll along a channel dim")
+    return TD(x.dims, _shape(a))
