@@ -318,7 +318,8 @@ def _attention_attributes(plan: ChannelPlan, new: nn.Module, width: float) -> li
             except AttributeError:
                 mod = None
         literal = _shape_literal(nodes[c.node], c.index) if mod is not None else None
-        names = [n for n in _HEAD_ATTRS if literal is not None and getattr(mod, n, None) == literal]
+        names = [n for n in _HEAD_ATTRS if literal is not None and getattr(mod, n, None) == literal
+                 and _head_attr_fits(plan, c.dims[0], n)]
         if not names:
             rest.append(c)
             continue
@@ -345,6 +346,19 @@ def _attention_attributes(plan: ChannelPlan, new: nn.Module, width: float) -> li
         if hd is not None and isinstance(getattr(mod, "scale", None), float) and "head_dim" in attrs:
             mod.scale = hd ** -0.5
     return rest
+
+
+def _head_attr_fits(plan: ChannelPlan, dim: Dim, name: str) -> bool:
+    """Whether a hard-coded size of ``dim`` can be the attention attribute ``name``: the number of heads is a
+    dim of heads groups (heads mode); the head size a dim of channels (head_dim mode); ``attn_dim`` either."""
+    heads = {plan.groups.find(h) for h in plan.groups.heads}
+    atoms = plan.atoms(dim)
+    of_heads = bool(atoms) and all(plan.groups.find(s.group) in heads for s in atoms)
+    if name == "num_heads":
+        return of_heads and all(s.inner == 1 for s in atoms)
+    if name == "head_dim":
+        return not of_heads
+    return True
 
 
 def _shape_literal(node: fx.Node, index: int):

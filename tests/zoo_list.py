@@ -257,14 +257,18 @@ TIMM_TRANSFORMERS = {
     "mixer": "mixer_s32_224",
     "resmlp": "resmlp_12_224",
     "gmlp": "gmlp_ti16_224",
+    "vit (debug, RmsNorm)": "test_vit4",
+    "swin": "swin_tiny_patch4_window7_224",
     "coatnet (debug)": "test_coatnet",
+    "maxvit (debug)": "test_maxvit",
 }
 
 # attention modules that cannot halve their number of heads (3 heads, or 2 -> 1) change their head size
 # (morph.graph.attention_width("head_dim")); all others grow the number of heads, each head keeping its size
 ATTENTION_WIDTH: dict[str, str] = {
-    **{f"timm/{n}": "head_dim" for n in ("test_vit", "test_vit2", "test_vit3", "vit_tiny_patch16_224",
-                                          "deit_tiny_patch16_224")},
+    **{f"timm/{n}": "head_dim" for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4", "vit_tiny_patch16_224",
+                                          "deit_tiny_patch16_224", "test_coatnet", "test_maxvit",
+                                          "swin_tiny_patch4_window7_224")},
 }
 
 # timm attention/hybrid families morph refuses at analysis, with the op named in the one-line error
@@ -274,9 +278,8 @@ TIMM_TRANSFORMERS_REFUSED: dict[str, str] = {
     "timm/mobilevit_xxs": "MobileVitBlock",
     "timm/edgenext_xx_small": "PositionalEncodingFourier",
     "timm/efficientvit_b0": "LiteMLA",
-    "timm/maxvit_nano_rw_256": "window_reverse",
-    "timm/test_vit4": "rms_norm",
     "timm/test_vit_relpos": "reshape merges two channel dims into one",
+    "timm/maxvit_nano_rw_256": "keeps 1 of its 2 heads",
 }
 
 INPUT_SIZE.update({f"timm/{n}": (3, 160, 160) for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4",
@@ -286,7 +289,7 @@ INPUT_SIZE.update({f"timm/{n}": (3, 224, 224) for n in ("vit_tiny_patch16_224", 
                                                          "gmlp_ti16_224", "swin_tiny_patch4_window7_224",
                                                          "levit_128s", "mobilevit_xxs", "edgenext_xx_small",
                                                          "efficientvit_b0")})
-INPUT_SIZE.update({"timm/test_coatnet": (3, 128, 128), "timm/maxvit_nano_rw_256": (3, 256, 256)})
+INPUT_SIZE.update({"timm/test_coatnet": (3, 160, 160), "timm/test_maxvit": (3, 160, 160)})
 
 _TOKENS = "a token-mixing Linear is one weight shared by a's and b's channels"
 NOT_BLOCKWISE.update({
@@ -296,7 +299,17 @@ NOT_BLOCKWISE.update({
     "timm/resmlp_12_224": _TOKENS,
     "timm/gmlp_ti16_224": f"{_LN}; {_TOKENS} (spatial gating unit)",
     "timm/test_coatnet": f"{_LN}; relative-position bias tables are shared by a's and b's heads",
+    "timm/test_maxvit": f"{_LN}; relative-position bias tables are shared by a's and b's heads",
+    "timm/test_vit4": "RMSNorm over channels: the fused statistics mix a's and b's channels",
+    "timm/swin_tiny_patch4_window7_224": f"{_LN}; relative-position bias tables are shared by a's and b's heads",
 })
+
+# attention products (q k^T, attn v: no weights) scale linearly with the width in heads mode (fewer heads) and in
+# head_dim mode (shorter heads), and token-mixing Linears have one side fixed: ratios above 0.25 (other/edge columns)
+_ATTN = "attention products (q k^T, attn v) and token-mixing Linears halve instead of quartering (other, edge columns)"
+FLOPS_DEVIATIONS.update({f"timm/{n}": _ATTN for n in (
+    "test_vit", "test_vit2", "test_vit4", "gmlp_ti16_224", "test_coatnet", "test_maxvit", "swin_tiny_patch4_window7_224",
+    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224")})
 
 
 def transformer_specs() -> list[str]:

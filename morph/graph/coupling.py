@@ -50,6 +50,7 @@ class Groups:
         self.children: dict[int, list[int]] = {}
         self.alias: dict[int, Seg] = {}  # root -> the group it repeats ``inner`` times
         self.derived: dict[int, list[Seg]] = {}  # root -> atoms it scales with (channel shuffle)
+        self.heads: set[int] = set()  # groups made by :meth:`repeat`: attention heads
 
     # -- creation -------------------------------------------------------------------------------
     def new(self, size: int, *, source: bool = False, fixed: bool = False, structural: bool = False) -> int:
@@ -203,6 +204,7 @@ class Groups:
             raise CouplingError(f"a group of {self.size[r]} channels cannot be read as {size} blocks of {inner}")
         h = self.new(size, source=self.source[r], fixed=self.fixed[r])
         self._alias(r, Seg(h, inner))
+        self.heads.add(h)
         return h
 
     def _alias(self, g: int, target: Seg) -> None:

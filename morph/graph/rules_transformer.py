@@ -132,3 +132,29 @@ def _roll(a: Analyzer, node: fx.Node) -> TD:
     if any(not a.g.is_structural(x.dims[d]) for d in rolled):
         raise a.fail("roll along a channel dim")
     return TD(x.dims, _shape(a))
+
+
+def _rms_norm(a: Analyzer, node: fx.Node) -> TD:
+    """timm's ``RmsNorm`` (channels last): a LayerNorm-like layer over its last ``len(normalized_shape)`` dims,
+    with a weight only; its channels grow by uniform replication like LayerNorm's (the RMS of ``k`` equal
+    copies is the RMS of the original)."""
+    from .plan import LayerPlan
+
+    x = a.value(node.args[0])
+    m = a.modules[str(node.target)]
+    k = len(m.normalized_shape)
+    if not isinstance(x, TD):
+        raise a.fail("expected a tensor")
+    ln_dims = x.dims[-k:]
+    a.add_layer(LayerPlan(str(node.target), "layernorm", ln_dims[0], ln_dims[0], ln_dims=ln_dims))
+    return TD(x.dims, _shape(a))
+
+
+try:
+    from timm.layers import RmsNorm as _TimmRmsNorm
+
+    from .registry import register_module_rule as _module
+
+    _module(_TimmRmsNorm)(_rms_norm)
+except ImportError:
+    pass
