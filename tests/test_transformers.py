@@ -21,6 +21,7 @@ from timm.layers import GatedMlp
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
+from zoo_list import TIMM_TRANSFORMERS_REFUSED, spec_input_size
 
 import morph
 from morph.graph import analyze
@@ -257,3 +258,22 @@ def test_timm_test_vits(spec, mode, tmp_path):
     assert r.strict_load and r.stock_relerr <= 1e-10 and r.bake_relerr <= 1e-10 and r.save_load_exact
     assert r.params_half == r.params_half_predicted and r.params_fused == r.params_fused_predicted
     assert timm.create_model(spec).blocks[0].attn.num_heads in (2, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", sorted(TIMM_TRANSFORMERS_REFUSED))
+def test_refused_transformers_say_why(spec):
+    """Attention families morph cannot analyze yet keep one clear error naming the op (tests/zoo_list.py)."""
+    m = timm.create_model(spec.split("/", 1)[1]).eval()
+    with pytest.raises(morph.MorphError) as e:
+        morph.scale_width(m, 0.5, input_size=spec_input_size(spec))
+    msg = str(e.value)
+    assert TIMM_TRANSFORMERS_REFUSED[spec] in msg and "\n" not in msg, msg
+
+
+def test_torchvision_vit_is_refused_with_the_reason():
+    from torchvision.models.vision_transformer import VisionTransformer as TvViT
+
+    m = TvViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
+    with pytest.raises(morph.UnsupportedOpError, match="MultiheadAttention keeps q, k and v in one raw in_proj_weight"):
+        morph.scale_width(m.eval(), 0.5, input_size=SIZE)

@@ -16,8 +16,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .analyzer import Analyzer
-from .plan import TD
+from .plan import TD, LayerPlan
 from .registry import register_function_rule as _function
+from .registry import register_module_rule as _module
 from .rules import broadcast, couple
 
 __all__: list[str] = []
@@ -138,8 +139,6 @@ def _rms_norm(a: Analyzer, node: fx.Node) -> TD:
     """timm's ``RmsNorm`` (channels last): a LayerNorm-like layer over its last ``len(normalized_shape)`` dims,
     with a weight only; its channels grow by uniform replication like LayerNorm's (the RMS of ``k`` equal
     copies is the RMS of the original)."""
-    from .plan import LayerPlan
-
     x = a.value(node.args[0])
     m = a.modules[str(node.target)]
     k = len(m.normalized_shape)
@@ -153,8 +152,20 @@ def _rms_norm(a: Analyzer, node: fx.Node) -> TD:
 try:
     from timm.layers import RmsNorm as _TimmRmsNorm
 
-    from .registry import register_module_rule as _module
-
     _module(_TimmRmsNorm)(_rms_norm)
 except ImportError:
     pass
+
+
+def _multihead_attention(a: Analyzer, node: fx.Node) -> TD:
+    """Refused, with the reason: ``nn.MultiheadAttention`` (torchvision's ViT) holds q, k and v in one raw
+    ``in_proj_weight`` parameter and runs ``F.multi_head_attention_forward``, not Linear modules and traceable
+    ops, so neither its heads nor its projections are visible to the analysis, templates or tiling."""
+    raise a.fail(
+        "torch.nn.MultiheadAttention keeps q, k and v in one raw in_proj_weight parameter inside an untraceable "
+        "forward: morph's width surgery, templates and tiling work on Linear modules",
+        "use timm's vision transformers (timm.layers.Attention), which morph grows",
+    )
+
+
+_module(torch.nn.MultiheadAttention)(_multihead_attention)
