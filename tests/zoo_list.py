@@ -273,7 +273,6 @@ ATTENTION_WIDTH: dict[str, str] = {
 
 # timm attention/hybrid families morph refuses at analysis, with the op named in the one-line error
 TIMM_TRANSFORMERS_REFUSED: dict[str, str] = {
-    "timm/swin_tiny_patch4_window7_224": "window_reverse",
     "timm/levit_128s": "tensor or traced indices",
     "timm/mobilevit_xxs": "MobileVitBlock",
     "timm/edgenext_xx_small": "PositionalEncodingFourier",
@@ -289,7 +288,8 @@ INPUT_SIZE.update({f"timm/{n}": (3, 224, 224) for n in ("vit_tiny_patch16_224", 
                                                          "gmlp_ti16_224", "swin_tiny_patch4_window7_224",
                                                          "levit_128s", "mobilevit_xxs", "edgenext_xx_small",
                                                          "efficientvit_b0")})
-INPUT_SIZE.update({"timm/test_coatnet": (3, 160, 160), "timm/test_maxvit": (3, 160, 160)})
+INPUT_SIZE.update({"timm/test_coatnet": (3, 160, 160), "timm/test_maxvit": (3, 160, 160),
+                   "timm/maxvit_nano_rw_256": (3, 256, 256)})
 
 _TOKENS = "a token-mixing Linear is one weight shared by a's and b's channels"
 NOT_BLOCKWISE.update({
@@ -308,7 +308,7 @@ NOT_BLOCKWISE.update({
 # fvcore counts no FLOPs for scaled_dot_product_attention, so attention products are not in the ratios
 _ATTN = "patch embedding, head and token-mixing Linears (one side fixed) halve instead of quartering (edge column)"
 FLOPS_DEVIATIONS.update({f"timm/{n}": _ATTN for n in (
-    "test_vit", "test_vit2", "gmlp_ti16_224", "test_coatnet", "test_maxvit", "swin_tiny_patch4_window7_224",
+    "test_vit", "test_vit2", "gmlp_ti16_224", "swin_tiny_patch4_window7_224",
     "vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224")})
 
 
