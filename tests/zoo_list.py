@@ -15,7 +15,8 @@ from __future__ import annotations
 
 __all__ = [
     "TORCHVISION_MODELS", "TIMM_MODELS", "TIMM_CI", "TIMM_EXTRA", "TIMM_REFUSED", "TIMM_NOT_CNN", "NOT_CNN", "INPUT_SIZE", "FLOPS_INPUT_SIZE", "NOT_BLOCKWISE",
-    "FLOPS_DEVIATIONS", "TIMM_TRANSFORMERS", "TIMM_TRANSFORMERS_REFUSED", "ATTENTION_WIDTH", "transformer_specs",
+    "FLOPS_DEVIATIONS", "TIMM_TRANSFORMERS", "TIMM_TRANSFORMERS_REFUSED", "TORCHVISION_TRANSFORMERS_REFUSED",
+    "ATTENTION_WIDTH", "transformer_specs",
     "spec_input_size", "flops_input_size", "ci_specs", "all_specs", "torchvision_all",
 ]
 
@@ -281,6 +282,12 @@ TIMM_TRANSFORMERS_REFUSED: dict[str, str] = {
     "timm/maxvit_nano_rw_256": "keeps 1 of its 2 heads",
 }
 
+# torchvision's attention models, refused with the op named in the one-line error
+TORCHVISION_TRANSFORMERS_REFUSED: dict[str, str] = {
+    "torchvision/vit_b_16": "MultiheadAttention",
+    "torchvision/swin_t": "_get_relative_position_bias",
+}
+
 INPUT_SIZE.update({f"timm/{n}": (3, 160, 160) for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4",
                                                          "test_vit_relpos")})
 INPUT_SIZE.update({f"timm/{n}": (3, 224, 224) for n in ("vit_tiny_patch16_224", "deit_tiny_patch16_224",
@@ -288,6 +295,7 @@ INPUT_SIZE.update({f"timm/{n}": (3, 224, 224) for n in ("vit_tiny_patch16_224", 
                                                          "gmlp_ti16_224", "swin_tiny_patch4_window7_224",
                                                          "levit_128s", "mobilevit_xxs", "edgenext_xx_small",
                                                          "efficientvit_b0")})
+INPUT_SIZE.update({"torchvision/vit_b_16": (3, 224, 224), "torchvision/swin_t": (3, 224, 224)})
 INPUT_SIZE.update({"timm/test_coatnet": (3, 160, 160), "timm/test_maxvit": (3, 160, 160),
                    "timm/maxvit_nano_rw_256": (3, 256, 256)})
 
@@ -308,8 +316,7 @@ NOT_BLOCKWISE.update({
 # fvcore counts no FLOPs for scaled_dot_product_attention, so attention products are not in the ratios
 _ATTN = "patch embedding, head and token-mixing Linears (one side fixed) halve instead of quartering (edge column)"
 FLOPS_DEVIATIONS.update({f"timm/{n}": _ATTN for n in (
-    "test_vit", "test_vit2", "gmlp_ti16_224", "swin_tiny_patch4_window7_224",
-    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224")})
+    "test_vit", "test_vit2", "gmlp_ti16_224")})
 
 
 def transformer_specs() -> list[str]:
