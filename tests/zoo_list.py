@@ -240,8 +240,10 @@ def ci_specs() -> list[str]:
 
 
 def all_specs() -> list[str]:
+    """Everything the coverage table runs: the CNNs, then the attention and token-mixing models (defined below)."""
     timm = list(TIMM_MODELS.values()) + [n for n in TIMM_EXTRA if n not in TIMM_MODELS.values()]
-    return [f"torchvision/{n}" for n in torchvision_all()] + [f"timm/{n}" for n in timm]
+    return ([f"torchvision/{n}" for n in torchvision_all()] + [f"timm/{n}" for n in timm] + transformer_specs()
+            + list(TIMM_TRANSFORMERS_REFUSED) + list(TORCHVISION_TRANSFORMERS_REFUSED))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,4 +322,5 @@ FLOPS_DEVIATIONS.update({f"timm/{n}": _ATTN for n in (
 
 
 def transformer_specs() -> list[str]:
+    """The attention and token-mixing models that pass (the refused ones: ``*_TRANSFORMERS_REFUSED``)."""
     return [f"timm/{n}" for n in TIMM_TRANSFORMERS.values()]
