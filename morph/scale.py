@@ -24,7 +24,7 @@ from .graph.analyze import ChannelPlan, LayerPlan, analyze
 from .graph.coupling import Dim
 from .zoo import get_spec
 
-__all__ = ["scale_width", "LayerShape", "WeightInit", "apply_width", "check_width", "dim_index", "layer_shapes", "stock_init"]
+__all__ = ["scale_width", "attention_record", "LayerShape", "WeightInit", "apply_width", "check_width", "dim_index", "layer_shapes", "stock_init"]
 
 
 @dataclass(frozen=True)
@@ -422,4 +422,15 @@ def scale_width(
     from .info import MorphInfo, original_layout, set_info
 
     return set_info(new, MorphInfo(kind="plain", spec=get_spec(model), width=width,
-                                   input_size=tuple(plan.input_size), original=original_layout(model)))
+                                   input_size=tuple(plan.input_size), original=original_layout(model),
+                                   extra=attention_record(plan)))
+
+
+def attention_record(plan: ChannelPlan) -> dict:
+    """``{"attention_width": mode}`` for a model with attention modules (recorded in its ``MorphInfo.extra`` so
+    that fusing or growing it analyzes its heads the same way), else ``{}``."""
+    if not plan.gm.meta.get("morph_heads"):
+        return {}
+    from .graph.rules import current_attention_width
+
+    return {"attention_width": current_attention_width()}

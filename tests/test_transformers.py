@@ -277,3 +277,29 @@ def test_torchvision_vit_is_refused_with_the_reason():
     m = TvViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
     with pytest.raises(morph.UnsupportedOpError, match="MultiheadAttention keeps q, k and v in one raw in_proj_weight"):
         morph.scale_width(m.eval(), 0.5, input_size=SIZE)
+
+
+def test_the_attention_mode_sticks_to_the_model():
+    """A half made in head_dim mode records it: fusing and growing it later, in the default heads mode, analyze
+    its heads the same way (a 4-head model whose halves have 4 heads of 8 must not fuse into 8 heads of 8)."""
+    def build():
+        return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, num_classes=10)
+
+    torch.manual_seed(0)
+    m = _randomize(build().eval())
+    with attention_width("head_dim"):
+        a = morph.convert(m, 0.5, seed=1, input_size=SIZE).eval()
+        b = morph.convert(m, 0.5, seed=2, input_size=SIZE).eval()
+        plain = morph.scale_width(m, 0.5, input_size=SIZE).eval()
+    assert morph.get_info(a).extra["attention_width"] == "head_dim"
+    assert (a.blocks[0].attn.num_heads, a.blocks[0].attn.head_dim) == (4, 8)
+    f = morph.fuse(a, b, init="zero", seed=0).eval()  # default (heads) mode around it
+    stock = build().eval()
+    stock.load_state_dict(morph.bake(f).state_dict(), strict=True)
+    grown = morph.grow(plain, "net2net", 2.0, seed=0, input_size=SIZE).eval()
+    x = _x()
+    with torch.no_grad():
+        assert (f.blocks[0].attn.num_heads, f.blocks[0].attn.head_dim) == (4, 16)
+        assert _rel(stock(x), f(x)) <= 1e-12
+        assert (grown.blocks[0].attn.num_heads, grown.blocks[0].attn.head_dim) == (4, 16)
+    assert morph.get_info(morph.scale_width(m, 0.5, input_size=SIZE)).extra["attention_width"] == "heads"

@@ -45,6 +45,17 @@ def analyze(
     Raises:
         UnsupportedOpError: an op the analysis does not understand, naming the node and module path.
     """
+    from ..info import get_info
+
+    info = get_info(model)
+    mode = info.extra.get("attention_width") if info is not None and info.extra else None
+    if mode is not None:  # the mode the model was made in (scale_width, convert record it): halves fuse and grow alike
+        with _rules.attention_width(mode):
+            return _analyze(model, input_size, batch_size)
+    return _analyze(model, input_size, batch_size)
+
+
+def _analyze(model: nn.Module, input_size: tuple[int, ...] | None, batch_size: int) -> ChannelPlan:
     input_size = tuple(input_size or default_input_size(model))
     p = next(iter(model.parameters()), None)
     example = torch.zeros((batch_size, *input_size), dtype=p.dtype if p is not None else torch.float32)

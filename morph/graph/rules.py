@@ -23,7 +23,7 @@ from .registry import register_method_rule as _method
 from .registry import register_module_rule as _module
 from .trace import node_qualname
 
-__all__ = ["ATTENTION_WIDTHS", "SizeOf", "attention_width", "broadcast", "couple", "reshape"]
+__all__ = ["ATTENTION_WIDTHS", "SizeOf", "attention_width", "current_attention_width", "broadcast", "couple", "reshape"]
 
 
 def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
@@ -578,6 +578,11 @@ class attention_width:  # noqa: N801 - used like a function: ``with attention_wi
 
     def __exit__(self, *exc: object) -> None:
         _ATTENTION["width"] = self.prev
+
+
+def current_attention_width() -> str:
+    """The attention width mode analyses use now (:class:`attention_width`)."""
+    return _ATTENTION["width"]
 
 
 def _heads_of(a: Analyzer) -> int | None:
