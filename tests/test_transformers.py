@@ -25,7 +25,7 @@ from zoo_list import TIMM_TRANSFORMERS_REFUSED, spec_input_size
 
 import morph
 from morph.graph import analyze
-from morph.graph.rules import attention_width
+from morph.graph import attention_width
 
 SIZE = (3, 32, 32)
 
