@@ -293,7 +293,7 @@ def apply_width(
     return new, shapes
 
 
-_HEAD_ATTRS = ("num_heads", "head_dim", "attn_dim")
+_HEAD_ATTRS = ("num_heads", "head_dim", "attn_dim", "val_attn_dim")
 
 
 def _attention_attributes(plan: ChannelPlan, new: nn.Module, width: float) -> list:

@@ -24,8 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from zoo_list import TIMM_TRANSFORMERS_REFUSED, spec_input_size
 
 import morph
-from morph.graph import analyze
-from morph.graph import attention_width
+from morph.graph import analyze, attention_width
 
 SIZE = (3, 32, 32)
 
@@ -242,10 +241,12 @@ def fc1_name(model: nn.Module) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec,mode", [("test_vit3", "head_dim"), ("test_vit2", "head_dim"), ("test_vit", "head_dim")])
+@pytest.mark.parametrize("spec,mode", [("test_vit3", "head_dim"), ("test_vit2", "head_dim"), ("test_vit", "head_dim"),
+                                       ("levit_128s", "heads")])
 def test_timm_test_vits(spec, mode, tmp_path):
     """timm's own debug ViTs (register tokens, q/k norm, layer scale, latent attention pooling, dynamic image
-    size) at 3x160x160 through the zoo check: fuse, bake, strict load, save/load."""
+    size) at 3x160x160, and LeViT-128S (BatchNorm, per-head attention bias tables read through an index buffer)
+    at 3x224x224, through the zoo check: fuse, bake, strict load, save/load; LeViT's fusion is the ensemble."""
     import sys
     from pathlib import Path
 
@@ -253,11 +254,14 @@ def test_timm_test_vits(spec, mode, tmp_path):
     from zoo_check import check_model
 
     with attention_width(mode):
-        r = check_model(f"timm/{spec}", (3, 160, 160), tmpdir=tmp_path, direct=True, full=False)
+        r = check_model(f"timm/{spec}", spec_input_size(f"timm/{spec}"), tmpdir=tmp_path, direct=True, full=False)
     assert r.status == "ok", f"{r.stage}: {r.error}"
     assert r.strict_load and r.stock_relerr <= 1e-10 and r.bake_relerr <= 1e-10 and r.save_load_exact
     assert r.params_half == r.params_half_predicted and r.params_fused == r.params_fused_predicted
-    assert timm.create_model(spec).blocks[0].attn.num_heads in (2, 3)
+    if spec.startswith("levit"):
+        assert r.ensemble_relerr <= 1e-10
+    else:
+        assert timm.create_model(spec).blocks[0].attn.num_heads in (2, 3)
 
 
 @pytest.mark.slow

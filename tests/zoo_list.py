@@ -264,6 +264,7 @@ TIMM_TRANSFORMERS = {
     "swin": "swin_tiny_patch4_window7_224",
     "coatnet (debug)": "test_coatnet",
     "maxvit (debug)": "test_maxvit",
+    "levit": "levit_128s",  # BatchNorm, per-head bias tables: the fusion is the ensemble exactly
 }
 
 # attention modules that cannot halve their number of heads (3 heads, or 2 -> 1) change their head size
@@ -276,7 +277,6 @@ ATTENTION_WIDTH: dict[str, str] = {
 
 # timm attention/hybrid families morph refuses at analysis, with the op named in the one-line error
 TIMM_TRANSFORMERS_REFUSED: dict[str, str] = {
-    "timm/levit_128s": "tensor or traced indices",
     "timm/mobilevit_xxs": "MobileVitBlock",
     "timm/edgenext_xx_small": "PositionalEncodingFourier",
     "timm/efficientvit_b0": "LiteMLA",

@@ -389,6 +389,11 @@ def _getitem(a: Analyzer, node: fx.Node) -> Any:
         return base[idx]
     if isinstance(idx, fx.Node) and isinstance(base, TD) and isinstance(a.value(idx), TD):
         return _take_rows(a, base, a.value(idx))
+    if isinstance(idx, tuple) and isinstance(base, TD):
+        nodes = [k for k, i in enumerate(idx) if isinstance(i, fx.Node)]
+        if len(nodes) == 1 and isinstance(a.value(idx[nodes[0]]), TD) and all(
+                i == slice(None) for k, i in enumerate(idx) if k != nodes[0]):
+            return _take_rows(a, base, a.value(idx[nodes[0]]), nodes[0])
     if not isinstance(base, TD):
         return None
     return _index(a, node, base, idx)
@@ -404,15 +409,16 @@ class SizeOf:
         self.dim, self.size = dim, size
 
 
-def _take_rows(a: Analyzer, x: TD, idx: TD) -> TD:
-    """``table[index]`` with an integer tensor (a relative-position bias table read through its index buffer):
-    the first dim of ``table`` holds positions, which keep their count; the index's dims replace it."""
+def _take_rows(a: Analyzer, x: TD, idx: TD, at: int = 0) -> TD:
+    """``table[index]`` (or ``table[:, index]``, ``at = 1``) with an integer tensor (a relative-position bias table
+    read through its index buffer): that dim of ``table`` holds positions, which keep their count; the index's
+    dims replace it."""
     out_shape = _out_shape(a)
-    a.g.mark_fixed(x.dims[0])
-    for s in a.g.atoms(x.dims[0]):
+    a.g.mark_fixed(x.dims[at])
+    for s in a.g.atoms(x.dims[at]):
         a.g.structural[s.group] = True
-    dims = tuple(a.structural(n) for n in idx.shape) + x.dims[1:]
-    if tuple(n for n in idx.shape) + x.shape[1:] != tuple(out_shape):
+    dims = x.dims[:at] + tuple(a.structural(n) for n in idx.shape) + x.dims[at + 1:]
+    if x.shape[:at] + tuple(idx.shape) + x.shape[at + 1:] != tuple(out_shape):
         raise a.fail(f"tensor index of shape {idx.shape} into {x.shape} gave {out_shape}")
     return TD(dims, out_shape)
 
