@@ -211,8 +211,25 @@ def build_direct(spec: str, **kwargs) -> nn.Module:
     return tvm.get_model(name, weights=None, **kwargs)
 
 
-def check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, flops_size=None,
-                tmpdir=None, templates: int = 2, direct: bool = False, full: bool = True) -> ZooResult:
+def attention_mode(spec: str) -> str:
+    """How ``spec``'s attention changes width (``tests/zoo_list.py`` ``ATTENTION_WIDTH``; default: heads)."""
+    try:
+        from zoo_list import ATTENTION_WIDTH
+    except ImportError:
+        return "heads"
+    return ATTENTION_WIDTH.get(spec, "heads")
+
+
+def check_model(spec: str, input_size: tuple[int, ...], **kwargs) -> ZooResult:
+    """:func:`_check_model` under the model's attention width mode (:func:`attention_mode`)."""
+    from morph.graph.rules import attention_width
+
+    with attention_width(attention_mode(spec)):
+        return _check_model(spec, input_size, **kwargs)
+
+
+def _check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, flops_size=None,
+                 tmpdir=None, templates: int = 2, direct: bool = False, full: bool = True) -> ZooResult:
     """Run every morph pass on ``spec``; a MorphError is recorded as ``status="error"``, anything else
     as ``status="crash"`` (a bug: morph must explain every failure with a MorphError).
 
@@ -371,8 +388,16 @@ def _old_entries_kept(grown: nn.Module, start: nn.Module) -> bool:
     return True
 
 
-def check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, direct: bool = False,
-                 methods: tuple[str, ...] = GROWTH_METHODS, firefly_steps: int = 5) -> dict:
+def check_growth(spec: str, input_size: tuple[int, ...], **kwargs) -> dict:
+    """:func:`_check_growth` under the model's attention width mode (:func:`attention_mode`)."""
+    from morph.graph.rules import attention_width
+
+    with attention_width(attention_mode(spec)):
+        return _check_growth(spec, input_size, **kwargs)
+
+
+def _check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64, direct: bool = False,
+                  methods: tuple[str, ...] = GROWTH_METHODS, firefly_steps: int = 5) -> dict:
     """Grow ``scale_width(model, 0.5)`` (norms randomized) back to full width with each method.
 
     Per method: ``eval`` / ``train`` = relative error of the grown model against the half (eval mode; train

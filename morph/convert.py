@@ -11,7 +11,7 @@ import torch.nn as nn
 from .errors import MorphError
 from .graph.analyze import ChannelPlan, LayerPlan, analyze
 from .info import MorphInfo, original_layout, set_info
-from .scale import apply_width, check_width, output_shape, stock_init, verify_forward
+from .scale import apply_width, attention_record, check_width, output_shape, stock_init, verify_forward
 from .templates import TemplateBank, TemplateMixing, attach
 from .zoo import get_spec
 
@@ -139,6 +139,6 @@ def convert(
     info = MorphInfo(
         kind="half", spec=get_spec(model), width=width, templates=int(templates), share=share,
         set_ids=(set_id,), input_size=tuple(plan.input_size), train_edge_coefficients=train_edge_coefficients,
-        original=original_layout(model),
+        original=original_layout(model), extra=attention_record(plan),
     )
     return set_info(half, info)

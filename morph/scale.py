@@ -24,7 +24,7 @@ from .graph.analyze import ChannelPlan, LayerPlan, analyze
 from .graph.coupling import Dim
 from .zoo import get_spec
 
-__all__ = ["scale_width", "LayerShape", "WeightInit", "apply_width", "check_width", "dim_index", "layer_shapes", "stock_init"]
+__all__ = ["scale_width", "attention_record", "LayerShape", "WeightInit", "apply_width", "check_width", "dim_index", "layer_shapes", "stock_init"]
 
 
 @dataclass(frozen=True)
@@ -218,17 +218,21 @@ def _resize_attr(plan: ChannelPlan, model: nn.Module, path: str, dims: tuple[Dim
     mod_path, _, name = path.rpartition(".")
     owner = model.get_submodule(mod_path) if mod_path else model
     t = getattr(owner, name)
+    if all(plan.size(d, width) == n for d, n in zip(dims, t.shape, strict=True)):
+        return  # nothing scales (index tables, fx's constants of tensors a forward builds)
     new = _take(t.detach(), [dim_index(plan, d, width) for d in dims]).clone()
     if isinstance(t, nn.Parameter):
         setattr(owner, name, nn.Parameter(new, requires_grad=t.requires_grad))
+    elif name not in owner._buffers:
+        setattr(owner, name, new)
     else:
         owner.register_buffer(name, new, persistent=name not in getattr(owner, "_non_persistent_buffers_set", ()))
 
 
-def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float) -> nn.Module:
+def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float, consts: list | None = None) -> nn.Module:
     graph = copy.deepcopy(plan.gm.graph)
     nodes = {n.name: n for n in graph.nodes}
-    for c in plan.consts:
+    for c in plan.consts if consts is None else consts:
         n = nodes[c.node]
         args = list(n.args)
         if c.kind == "groups":  # depthwise F.conv2d: groups follow the channels
@@ -283,9 +287,85 @@ def apply_width(
         _resize_layer(plan, p, new.get_submodule(name), shapes[name], width, init)
     for path, dims in plan.params.items():
         _resize_attr(plan, new, path, dims, width)
-    if plan.consts:
-        new = _rewrite_consts(plan, new, width)
+    consts = _attention_attributes(plan, new, width)
+    if consts:
+        new = _rewrite_consts(plan, new, width, consts)
     return new, shapes
+
+
+_HEAD_ATTRS = ("num_heads", "head_dim", "attn_dim", "val_attn_dim")
+
+
+def _attention_attributes(plan: ChannelPlan, new: nn.Module, width: float) -> list:
+    """Set ``num_heads``, ``head_dim``, ``attn_dim`` (and ``scale = head_dim ** -0.5``) of every attention module
+    whose traced reshapes hard-code them (timm's ``Attention``: ``reshape(B, N, 3, self.num_heads,
+    self.head_dim)``), so that the module's own forward runs at the new width and the model keeps its classes;
+    returns the constants that no attribute explains (those need a rewritten graph).
+
+    Raises:
+        MorphError: the width leaves one head of several (heads mode), which cannot grow back into heads.
+    """
+    heads = plan.gm.meta.get("morph_heads") or {}
+    if not heads or not plan.consts:
+        return list(plan.consts)
+    nodes = {n.name: n for n in plan.gm.graph.nodes}
+    rest, changes = [], {}
+    for c in plan.consts:
+        mod = None
+        if c.kind == "shape" and c.qualname in heads:
+            try:
+                mod = new.get_submodule(c.qualname)
+            except AttributeError:
+                mod = None
+        literal = _shape_literal(nodes[c.node], c.index) if mod is not None else None
+        names = [n for n in _HEAD_ATTRS if literal is not None and getattr(mod, n, None) == literal
+                 and _head_attr_fits(plan, c.dims[0], n)]
+        if not names:
+            rest.append(c)
+            continue
+        value = plan.size(c.dims[0], width)
+        for n in names:
+            old = changes.setdefault(c.qualname, {}).get(n)
+            if old is not None and old != value:
+                raise MorphError(f"{c.qualname}.{n}: the channel analysis gives it two widths ({old} and {value})")
+            changes[c.qualname][n] = value
+    for path, attrs in changes.items():
+        mod = new.get_submodule(path)
+        h, hd = attrs.get("num_heads", mod.num_heads), attrs.get("head_dim", getattr(mod, "head_dim", None))
+        if h < 2 <= mod.num_heads and "num_heads" in attrs:
+            raise MorphError(
+                f"{path}: at width {width:g} the attention keeps 1 of its {mod.num_heads} heads, which cannot grow "
+                "back into heads; choose a width that keeps 2 or more, or scale the head size instead "
+                "(morph.graph.attention_width('head_dim'))")
+        if hd is not None and "attn_dim" in attrs and attrs["attn_dim"] != h * hd:
+            raise MorphError(f"{path}: attn_dim {attrs['attn_dim']} is not {h} heads x {hd}")
+        for n, v in attrs.items():
+            setattr(mod, n, v)
+        if hd is not None and hasattr(mod, "attn_dim"):
+            mod.attn_dim = h * hd
+        if hd is not None and isinstance(getattr(mod, "scale", None), float) and "head_dim" in attrs:
+            mod.scale = hd ** -0.5
+    return rest
+
+
+def _head_attr_fits(plan: ChannelPlan, dim: Dim, name: str) -> bool:
+    """Whether a hard-coded size of ``dim`` can be the attention attribute ``name``: the number of heads is a
+    dim of heads groups (heads mode); the head size a dim of channels (head_dim mode); ``attn_dim`` either."""
+    heads = {plan.groups.find(h) for h in plan.groups.heads}
+    atoms = plan.atoms(dim)
+    of_heads = bool(atoms) and all(plan.groups.find(s.group) in heads for s in atoms)
+    if name == "num_heads":
+        return of_heads and all(s.inner == 1 for s in atoms)
+    if name == "head_dim":
+        return not of_heads
+    return True
+
+
+def _shape_literal(node: fx.Node, index: int):
+    args = list(node.args[1:])
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    return args[index] if index < len(args) and isinstance(args[index], int) else None
 
 
 def verify_forward(original_out: tuple[int, ...], model: nn.Module, input_size: tuple[int, ...]) -> None:
@@ -342,4 +422,15 @@ def scale_width(
     from .info import MorphInfo, original_layout, set_info
 
     return set_info(new, MorphInfo(kind="plain", spec=get_spec(model), width=width,
-                                   input_size=tuple(plan.input_size), original=original_layout(model)))
+                                   input_size=tuple(plan.input_size), original=original_layout(model),
+                                   extra=attention_record(plan)))
+
+
+def attention_record(plan: ChannelPlan) -> dict:
+    """``{"attention_width": mode}`` for a model with attention modules (recorded in its ``MorphInfo.extra`` so
+    that fusing or growing it analyzes its heads the same way), else ``{}``."""
+    if not plan.gm.meta.get("morph_heads"):
+        return {}
+    from .graph.rules import current_attention_width
+
+    return {"attention_width": current_attention_width()}

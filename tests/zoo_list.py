@@ -15,7 +15,9 @@ from __future__ import annotations
 
 __all__ = [
     "TORCHVISION_MODELS", "TIMM_MODELS", "TIMM_CI", "TIMM_EXTRA", "TIMM_REFUSED", "TIMM_NOT_CNN", "NOT_CNN", "INPUT_SIZE", "FLOPS_INPUT_SIZE", "NOT_BLOCKWISE",
-    "FLOPS_DEVIATIONS", "spec_input_size", "flops_input_size", "ci_specs", "all_specs", "torchvision_all",
+    "FLOPS_DEVIATIONS", "TIMM_TRANSFORMERS", "TIMM_TRANSFORMERS_REFUSED", "TORCHVISION_TRANSFORMERS_REFUSED",
+    "ATTENTION_WIDTH", "transformer_specs",
+    "spec_input_size", "flops_input_size", "ci_specs", "all_specs", "torchvision_all",
 ]
 
 # torchvision: the cheapest representative of each family the issue names
@@ -238,5 +240,87 @@ def ci_specs() -> list[str]:
 
 
 def all_specs() -> list[str]:
+    """Everything the coverage table runs: the CNNs, then the attention and token-mixing models (defined below)."""
     timm = list(TIMM_MODELS.values()) + [n for n in TIMM_EXTRA if n not in TIMM_MODELS.values()]
-    return [f"torchvision/{n}" for n in torchvision_all()] + [f"timm/{n}" for n in timm]
+    return ([f"torchvision/{n}" for n in torchvision_all()] + [f"timm/{n}" for n in timm] + transformer_specs()
+            + list(TIMM_TRANSFORMERS_REFUSED) + list(TORCHVISION_TRANSFORMERS_REFUSED))
+
+
+# ------------------------------------------------------------------------------------------------
+# attention and token-mixing models (issue 23): timm's smallest configurations (``test_*`` debug models where
+# timm has them), at their own input size (ViTs without dynamic image size assert it). Coverage table only.
+# ------------------------------------------------------------------------------------------------
+TIMM_TRANSFORMERS = {
+    "vit (debug, dynamic size, avg pool)": "test_vit",
+    "vit (debug, 2 heads)": "test_vit2",
+    "vit (debug, reg token, q/k norm, layer scale, latent attention pool)": "test_vit3",
+    "vit": "vit_tiny_patch16_224",
+    "deit": "deit_tiny_patch16_224",
+    "vit (6 heads: heads mode)": "vit_small_patch16_224",
+    "mixer": "mixer_s32_224",
+    "resmlp": "resmlp_12_224",
+    "gmlp": "gmlp_ti16_224",
+    "vit (debug, RmsNorm)": "test_vit4",
+    "swin": "swin_tiny_patch4_window7_224",
+    "coatnet (debug)": "test_coatnet",
+    "maxvit (debug)": "test_maxvit",
+    "levit": "levit_128s",  # BatchNorm, per-head bias tables: the fusion is the ensemble exactly
+}
+
+# attention modules that cannot halve their number of heads (3 heads, or 2 -> 1) change their head size
+# (morph.graph.attention_width("head_dim")); all others grow the number of heads, each head keeping its size
+ATTENTION_WIDTH: dict[str, str] = {
+    **{f"timm/{n}": "head_dim" for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4", "vit_tiny_patch16_224",
+                                          "deit_tiny_patch16_224", "test_coatnet", "test_maxvit",
+                                          "swin_tiny_patch4_window7_224")},
+}
+
+# timm attention/hybrid families morph refuses at analysis, with the op named in the one-line error
+TIMM_TRANSFORMERS_REFUSED: dict[str, str] = {
+    "timm/mobilevit_xxs": "MobileVitBlock",
+    "timm/edgenext_xx_small": "PositionalEncodingFourier",
+    "timm/efficientvit_b0": "LiteMLA",
+    "timm/test_vit_relpos": "reshape merges two channel dims into one",
+    "timm/maxvit_nano_rw_256": "keeps 1 of its 2 heads",
+}
+
+# torchvision's attention models, refused with the op named in the one-line error
+TORCHVISION_TRANSFORMERS_REFUSED: dict[str, str] = {
+    "torchvision/vit_b_16": "MultiheadAttention",
+    "torchvision/swin_t": "_get_relative_position_bias",
+}
+
+INPUT_SIZE.update({f"timm/{n}": (3, 160, 160) for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4",
+                                                         "test_vit_relpos")})
+INPUT_SIZE.update({f"timm/{n}": (3, 224, 224) for n in ("vit_tiny_patch16_224", "deit_tiny_patch16_224",
+                                                         "vit_small_patch16_224", "mixer_s32_224", "resmlp_12_224",
+                                                         "gmlp_ti16_224", "swin_tiny_patch4_window7_224",
+                                                         "levit_128s", "mobilevit_xxs", "edgenext_xx_small",
+                                                         "efficientvit_b0")})
+INPUT_SIZE.update({"torchvision/vit_b_16": (3, 224, 224), "torchvision/swin_t": (3, 224, 224)})
+INPUT_SIZE.update({"timm/test_coatnet": (3, 160, 160), "timm/test_maxvit": (3, 160, 160),
+                   "timm/maxvit_nano_rw_256": (3, 256, 256)})
+
+_TOKENS = "a token-mixing Linear is one weight shared by a's and b's channels"
+NOT_BLOCKWISE.update({
+    **{f"timm/{n}": _LN for n in ("test_vit", "test_vit2", "test_vit3", "vit_tiny_patch16_224",
+                                   "deit_tiny_patch16_224", "vit_small_patch16_224")},
+    "timm/mixer_s32_224": f"{_LN}; {_TOKENS}",
+    "timm/resmlp_12_224": _TOKENS,
+    "timm/gmlp_ti16_224": f"{_LN}; {_TOKENS} (spatial gating unit)",
+    "timm/test_coatnet": f"{_LN}; relative-position bias tables are shared by a's and b's heads",
+    "timm/test_maxvit": f"{_LN}; relative-position bias tables are shared by a's and b's heads",
+    "timm/test_vit4": "RMSNorm over channels: the fused statistics mix a's and b's channels",
+    "timm/swin_tiny_patch4_window7_224": f"{_LN}; relative-position bias tables are shared by a's and b's heads",
+})
+
+# small transformers: the patch embedding and the head (one side fixed) halve instead of quartering (edge column);
+# fvcore counts no FLOPs for scaled_dot_product_attention, so attention products are not in the ratios
+_ATTN = "patch embedding, head and token-mixing Linears (one side fixed) halve instead of quartering (edge column)"
+FLOPS_DEVIATIONS.update({f"timm/{n}": _ATTN for n in (
+    "test_vit", "test_vit2", "gmlp_ti16_224")})
+
+
+def transformer_specs() -> list[str]:
+    """The attention and token-mixing models that pass (the refused ones: ``*_TRANSFORMERS_REFUSED``)."""
+    return [f"timm/{n}" for n in TIMM_TRANSFORMERS.values()]

@@ -10,9 +10,10 @@ from .analyze import analyze, default_input_size
 from .analyzer import Analyzer
 from .plan import TD, ChannelPlan, ConstSite, LayerPlan
 from .registry import register_function_rule, register_method_rule, register_module_rule
+from .rules import ATTENTION_WIDTHS, attention_width
 from .trace import MorphTracer, node_qualname, trace
 
 __all__ = [
-    "Analyzer", "ChannelPlan", "ConstSite", "LayerPlan", "MorphTracer", "TD", "analyze", "default_input_size",
+    "ATTENTION_WIDTHS", "attention_width", "Analyzer", "ChannelPlan", "ConstSite", "LayerPlan", "MorphTracer", "TD", "analyze", "default_input_size",
     "node_qualname", "register_function_rule", "register_method_rule", "register_module_rule", "trace",
 ]

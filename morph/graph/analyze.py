@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..errors import MorphError
 from . import rules as _rules  # noqa: F401  (the built-in rules register themselves on import)
+from . import rules_transformer as _rules_transformer  # noqa: F401
 from .analyzer import Analyzer
 from .plan import TD, ChannelPlan, ConstSite, LayerPlan
 from .trace import trace
@@ -44,20 +45,55 @@ def analyze(
     Raises:
         UnsupportedOpError: an op the analysis does not understand, naming the node and module path.
     """
+    from ..info import get_info
+
+    info = get_info(model)
+    mode = info.extra.get("attention_width") if info is not None and info.extra else None
+    if mode is not None:  # the mode the model was made in (scale_width, convert record it): halves fuse and grow alike
+        with _rules.attention_width(mode):
+            return _analyze(model, input_size, batch_size)
+    return _analyze(model, input_size, batch_size)
+
+
+def _analyze(model: nn.Module, input_size: tuple[int, ...] | None, batch_size: int) -> ChannelPlan:
     input_size = tuple(input_size or default_input_size(model))
     p = next(iter(model.parameters()), None)
     example = torch.zeros((batch_size, *input_size), dtype=p.dtype if p is not None else torch.float32)
     gm = trace(model, example)
+    _record_heads(model, gm)
     a = Analyzer(gm)
     a.run()
     if not _covered(model, a):
         # heads that run only in training (googlenet and inception aux logits): trace in train mode
         gm = trace(model, example, train=True)
+        _record_heads(model, gm)
         a = Analyzer(gm)
         a.run()
         _check_coverage(model, a)
+    _drop_traced_constants(model, a)
     node_dims = {n.name: a.env.get(n) for n in gm.graph.nodes}
     return ChannelPlan(a.g, a.layers, a.params, a.consts, gm, input_size, node_dims)
+
+
+def _drop_traced_constants(model: nn.Module, a: Analyzer) -> None:
+    """Tensors the forward builds from constants (Swin's window masks and index tables) are read through
+    ``get_attr`` of fx's ``_tensor_constant*`` attributes: not model state, so no pass resizes or fuses them;
+    one that would have to change width is an error."""
+    state = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    for path in [p for p in a.params if p not in state]:
+        dims = a.params.pop(path)
+        if any(a.g.scales(s.group) for d in dims for s in a.g.atoms(d)):
+            raise MorphError(f"{path}: a tensor built inside the forward has channels that change width; "
+                             "register it as a buffer of its module")
+
+
+def _record_heads(model: nn.Module, gm) -> None:
+    """The attention modules' head counts by module path (``num_heads``), which the reshape rule reads to tell
+    heads from head channels (the traced graph keeps only the leaves, not the attention modules' attributes)."""
+    gm.meta["morph_heads"] = {
+        name: int(m.num_heads) for name, m in model.named_modules()
+        if isinstance(getattr(m, "num_heads", None), int) and not isinstance(m, nn.MultiheadAttention)
+    }
 
 
 def _covered(model: nn.Module, a: Analyzer) -> bool:

@@ -50,6 +50,7 @@ class Groups:
         self.children: dict[int, list[int]] = {}
         self.alias: dict[int, Seg] = {}  # root -> the group it repeats ``inner`` times
         self.derived: dict[int, list[Seg]] = {}  # root -> atoms it scales with (channel shuffle)
+        self.heads: set[int] = set()  # groups made by :meth:`repeat`: attention heads
 
     # -- creation -------------------------------------------------------------------------------
     def new(self, size: int, *, source: bool = False, fixed: bool = False, structural: bool = False) -> int:
@@ -193,6 +194,18 @@ class Groups:
                         f"dims with different block structure ({s1.inner} vs {s2.inner} repeated channels)"
                     )
             return
+
+    def repeat(self, g: int, size: int, inner: int) -> int:
+        """Make root ``g`` (``size * inner`` channels) the channels of a new group of ``size`` channels, each
+        repeated ``inner`` times (the heads of an attention projection, each ``inner = head_dim`` wide);
+        returns the new group."""
+        r = self.find(g)
+        if r in self.children or r in self.alias or self.size[r] != size * inner:
+            raise CouplingError(f"a group of {self.size[r]} channels cannot be read as {size} blocks of {inner}")
+        h = self.new(size, source=self.source[r], fixed=self.fixed[r])
+        self._alias(r, Seg(h, inner))
+        self.heads.add(h)
+        return h
 
     def _alias(self, g: int, target: Seg) -> None:
         """Make root ``g`` an alias of ``target.group`` with each channel repeated ``target.inner`` times

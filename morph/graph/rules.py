@@ -23,7 +23,7 @@ from .registry import register_method_rule as _method
 from .registry import register_module_rule as _module
 from .trace import node_qualname
 
-__all__ = ["broadcast", "reshape"]
+__all__ = ["ATTENTION_WIDTHS", "SizeOf", "attention_width", "current_attention_width", "broadcast", "couple", "reshape"]
 
 
 def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
@@ -214,6 +214,19 @@ def _shuffle_module(a: Analyzer, node: fx.Node) -> TD:
 # ------------------------------------------------------------------------------------------------
 # elementwise
 # ------------------------------------------------------------------------------------------------
+def couple(a: Analyzer, d0: Dim, d1: Dim) -> None:
+    """Couple two dims element by element. Where one is structural (positions: spatial, tokens) and the other
+    a channel dim (a token-mixing Linear's output added to the token axis: MLP-Mixer, ResMLP, gMLP), the
+    channels are positions and keep their count."""
+    s0, s1 = a.g.is_structural(d0), a.g.is_structural(d1)
+    if s0 != s1:
+        other = d1 if s0 else d0
+        a.g.mark_fixed(other)
+        for s in a.g.atoms(other):
+            a.g.structural[s.group] = True
+    a.g.unify(d0, d1)
+
+
 def broadcast(a: Analyzer, inputs: list[Any], out_shape: tuple[int, ...]) -> TD:
     tds = [v for v in inputs if isinstance(v, TD)]
     dims: list[Dim] = []
@@ -228,7 +241,7 @@ def broadcast(a: Analyzer, inputs: list[Any], out_shape: tuple[int, ...]) -> TD:
             if chosen is None:
                 chosen = t.dims[j]
             elif size > 1:
-                a.g.unify(chosen, t.dims[j])
+                couple(a, chosen, t.dims[j])
         dims.append(chosen if chosen is not None else a.structural(size))
     return TD(tuple(dims), out_shape)
 
@@ -374,9 +387,40 @@ def _getitem(a: Analyzer, node: fx.Node) -> Any:
         if isinstance(idx, fx.Node):
             raise a.fail("indexing a tuple with a traced value")
         return base[idx]
+    if isinstance(idx, fx.Node) and isinstance(base, TD) and isinstance(a.value(idx), TD):
+        return _take_rows(a, base, a.value(idx))
+    if isinstance(idx, tuple) and isinstance(base, TD):
+        nodes = [k for k, i in enumerate(idx) if isinstance(i, fx.Node)]
+        if len(nodes) == 1 and isinstance(a.value(idx[nodes[0]]), TD) and all(
+                i == slice(None) for k, i in enumerate(idx) if k != nodes[0]):
+            return _take_rows(a, base, a.value(idx[nodes[0]]), nodes[0])
     if not isinstance(base, TD):
         return None
     return _index(a, node, base, idx)
+
+
+class SizeOf:
+    """The value of ``x.shape[i]`` / ``x.size(i)`` in the traced graph: a reshape that takes it as an argument
+    (``x.reshape(B, N, C)`` with ``B, N, C = x.shape``) gives that axis the length of ``x``'s dim."""
+
+    __slots__ = ("dim", "size")
+
+    def __init__(self, dim: Dim, size: int) -> None:
+        self.dim, self.size = dim, size
+
+
+def _take_rows(a: Analyzer, x: TD, idx: TD, at: int = 0) -> TD:
+    """``table[index]`` (or ``table[:, index]``, ``at = 1``) with an integer tensor (a relative-position bias table
+    read through its index buffer): that dim of ``table`` holds positions, which keep their count; the index's
+    dims replace it."""
+    out_shape = _out_shape(a)
+    a.g.mark_fixed(x.dims[at])
+    for s in a.g.atoms(x.dims[at]):
+        a.g.structural[s.group] = True
+    dims = x.dims[:at] + tuple(a.structural(n) for n in idx.shape) + x.dims[at + 1:]
+    if x.shape[:at] + tuple(idx.shape) + x.shape[at + 1:] != tuple(out_shape):
+        raise a.fail(f"tensor index of shape {idx.shape} into {x.shape} gave {out_shape}")
+    return TD(dims, out_shape)
 
 
 def _index(a: Analyzer, node: fx.Node, x: TD, idx: Any) -> TD:
@@ -401,6 +445,10 @@ def _index(a: Analyzer, node: fx.Node, x: TD, idx: Any) -> TD:
         if isinstance(i, int):
             if not a.g.is_structural(src):
                 raise a.fail("integer index into a channel dim")
+        elif isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)):
+            if not a.g.is_structural(src):  # bounds read from the graph (Swin crops its padded windows)
+                raise a.fail("slice of a channel dim with traced bounds", "use slices with constant bounds")
+            dims.append(src if out_shape[len(dims)] == size else a.structural(out_shape[len(dims)]))
         elif isinstance(i, slice):
             start, stop, step = i.indices(size)
             if (start, stop, step) == (0, size, 1):
@@ -479,6 +527,9 @@ def _reshape_block(
     if len(dims) == 1:  # split one channel dim into several
         d = dims[0]
         big = [t for t, s in enumerate(out_sizes) if s > 1]
+        heads = _heads_of(a)
+        if heads is not None and len(big) >= 2 and out_sizes[big[-2]] == heads:
+            return _split_heads(a, d, out_sizes, big)
         if len(big) != 2:
             raise a.fail(f"reshape splits a channel dim into {out_sizes}")
         p, q = out_sizes[big[0]], out_sizes[big[1]]
@@ -507,6 +558,87 @@ def _reshape_block(
     raise a.fail(f"reshape {in_sizes} -> {out_sizes} regroups channel dims")
 
 
+# ------------------------------------------------------------------------------------------------
+# attention heads
+# ------------------------------------------------------------------------------------------------
+ATTENTION_WIDTHS = ("heads", "head_dim")
+_ATTENTION = {"width": "heads"}
+
+
+class attention_width:  # noqa: N801 - used like a function: ``with attention_width("head_dim"): ...``
+    """How attention projections change width, for every analysis in the block (or from now on when called
+    without ``with``): ``"heads"`` (default: the number of heads scales, each head keeps its ``head_dim``
+    channels; DeiT-Tiny -> DeiT-Small, 3 -> 6 heads of 64) or ``"head_dim"`` (every head keeps its place and
+    its channels scale; the number of heads stays). A model with a single head always scales its head size."""
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ATTENTION_WIDTHS:
+            from ..errors import MorphError
+
+            raise MorphError(f"attention width must be one of {', '.join(ATTENTION_WIDTHS)}, got {mode!r}")
+        self.prev = _ATTENTION["width"]
+        _ATTENTION["width"] = mode
+
+    def __enter__(self) -> attention_width:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ATTENTION["width"] = self.prev
+
+
+def current_attention_width() -> str:
+    """The attention width mode analyses use now (:class:`attention_width`)."""
+    return _ATTENTION["width"]
+
+
+def _heads_of(a: Analyzer) -> int | None:
+    """``num_heads`` of the attention module the current node runs in (innermost first), if any."""
+    node = a.node
+    table = a.gm.meta.get("morph_heads") if node is not None else None
+    if not table:
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    for path in reversed(list(stack.values())):
+        name = path[0] if isinstance(path, tuple) else str(path)
+        if name in table:
+            return table[name]
+    return None
+
+
+def _split_heads(a: Analyzer, d: Dim, out_sizes: tuple[int, ...], big: list[int]) -> list[Dim]:
+    """A projection's channels viewed as ``(..., parts, heads, head_dim)`` (timm's qkv: ``(3, heads, head_dim)``):
+    the parts (q, k, v) are structural; ``heads`` and ``head_dim`` follow the attention width mode. In
+    ``heads`` mode each part's channels become a group of heads, each repeated ``head_dim`` times, and the
+    parts' heads couple (head ``h`` of q, k and v change together); in ``head_dim`` mode every head's
+    channels couple with every other head's and the number of heads is fixed."""
+    h, hd = out_sizes[big[-2]], out_sizes[big[-1]]
+    n_parts = math.prod(out_sizes[t] for t in big[:-2])
+    out: list[Dim] = [a.structural(s) for s in out_sizes]
+    if _ATTENTION["width"] == "head_dim":
+        pieces = a.g.split(d, [hd] * (n_parts * h))
+        for piece in pieces[1:]:
+            a.g.unify(pieces[0], piece)
+        out[big[-1]] = pieces[0]
+        return out
+    parts = a.g.split(d, [h * hd] * n_parts) if n_parts > 1 else [d]
+    head_dims: list[Dim] = []
+    for part in parts:
+        segs: list[Seg] = []
+        for s in a.g.atoms(part):
+            n = a.g.size[a.g.find(s.group)]
+            if s.inner % hd == 0:
+                segs.append(Seg(s.group, s.inner // hd))
+            elif s.inner == 1 and n % hd == 0:
+                segs.append(Seg(a.g.repeat(s.group, n // hd, hd), 1))
+            else:
+                raise a.fail(f"attention heads of {hd} channels cut a channel group of {n} channels")
+        head_dims.append(tuple(segs))
+    for hd_dim in head_dims[1:]:
+        a.g.unify(head_dims[0], hd_dim)
+    out[big[-2]] = head_dims[0]
+    return out
+
+
 def _view(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
     out_shape = _out_shape(a)
@@ -518,6 +650,11 @@ def _view(a: Analyzer, node: fx.Node) -> TD:
         for k, s in enumerate(shape_args):
             if isinstance(s, int) and s > 1 and not a.g.is_structural(y.dims[k]):
                 a.consts.append(ConstSite(node.name, "shape", k, (y.dims[k],), node_qualname(node)))
+            sv = a.value(s) if isinstance(s, fx.Node) else None
+            if isinstance(sv, SizeOf) and sv.size == out_shape[k] > 1 and not any(
+                    s.group in a.g.derived for s in a.g.atoms(y.dims[k]) + a.g.atoms(sv.dim)):
+                # the axis has the length of another tensor's dim (a shuffled view only its length: left alone)
+                couple(a, y.dims[k], sv.dim)
     return y
 
 
@@ -612,10 +749,15 @@ def _pool_fn(a: Analyzer, node: fx.Node) -> TD:
 @_function(F.pad)
 def _pad(a: Analyzer, node: fx.Node) -> TD:
     x = _x(a, node)
-    pad = _arg(node, 1, "pad")
-    if len(pad) // 2 > len(x.shape) - 2:
+    pad = list(_arg(node, 1, "pad"))
+    nd = len(x.shape)
+    out_shape = _out_shape(a)
+    padded = {nd - 1 - i // 2 for i, p in enumerate(pad) if not (isinstance(p, int) and p == 0)}
+    if any(not a.g.is_structural(x.dims[d]) for d in padded):
         raise a.fail("padding a channel dim")
-    return _pool(a, node)
+    # zero padding leaves a dim as it is (Swin pads its channels-last windows with (0, 0, ...))
+    return TD(tuple(x.dims[d] if d not in padded and x.shape[d] == out_shape[d] else a.structural(out_shape[d])
+                    for d in range(nd)), out_shape)
 
 
 @_function(torch.matmul, operator.matmul, torch.bmm)
@@ -623,7 +765,7 @@ def _matmul(a: Analyzer, node: fx.Node) -> TD:
     x, y = a.value(node.args[0]), a.value(node.args[1])
     if len(x.shape) < 2 or len(y.shape) < 2:
         raise a.fail("matmul of vectors")
-    a.g.unify(x.dims[-1], y.dims[-2])
+    couple(a, x.dims[-1], y.dims[-2])
     out_shape = _out_shape(a)
     batch = broadcast(a, [TD(x.dims[:-2], x.shape[:-2]), TD(y.dims[:-2], y.shape[:-2])], out_shape[:-2])
     return TD((*batch.dims, x.dims[-2], y.dims[-1]), out_shape)
@@ -631,12 +773,22 @@ def _matmul(a: Analyzer, node: fx.Node) -> TD:
 
 @_function(getattr)
 def _getattr(a: Analyzer, node: fx.Node) -> Any:
+    base = a.value(node.args[0])
+    if isinstance(base, TD) and len(node.args) > 1 and node.args[1] == "shape":
+        return tuple(SizeOf(d, n) for d, n in zip(base.dims, base.shape, strict=True))
     return None
 
 
 @_method("size", "dim", "numel", "nelement")
-def _size(a: Analyzer, node: fx.Node) -> None:
-    return None
+def _size(a: Analyzer, node: fx.Node) -> Any:
+    base = a.value(node.args[0])
+    if node.target != "size" or not isinstance(base, TD):
+        return None
+    sizes = tuple(SizeOf(d, n) for d, n in zip(base.dims, base.shape, strict=True))
+    dim = _arg(node, 1, "dim", None)
+    if dim is None:
+        return sizes
+    return sizes[dim] if isinstance(dim, int) else None
 
 
 @_function(F.channel_shuffle, torch.channel_shuffle)

@@ -1,0 +1,171 @@
+"""The built-in channel rules of attention and token-mixing models (timm's ViT, DeiT, Swin, MLP-Mixer
+families and their hybrids, torchvision's ViT and Swin).
+
+What they add to :mod:`.rules` (which holds the reshape into heads, :func:`~.rules.attention_width`):
+
+- ``F.scaled_dot_product_attention``: q and k share their head channels, k and v their tokens, and the
+  batch and head dims of all three couple (the explicit ``q @ k.transpose(-2, -1)`` path couples the same
+  through the matmul rule);
+- timm's ``resample_abs_pos_embed``: the position table keeps its channels, its token count follows the grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .analyzer import Analyzer
+from .plan import TD, LayerPlan
+from .registry import register_function_rule as _function
+from .registry import register_module_rule as _module
+from .rules import broadcast, couple
+
+__all__: list[str] = []
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _shape(a: Analyzer) -> tuple[int, ...]:
+    s = a.shape()
+    if s is None or isinstance(s, list):
+        raise a.fail("expected a single tensor output")
+    return s
+
+
+@_function(F.scaled_dot_product_attention)
+def _sdpa(a: Analyzer, node: fx.Node) -> TD:
+    """``softmax(q k^T / sqrt(d) + mask) v`` over the last two dims; the leading dims broadcast."""
+    q, k, v = (a.value(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    if not all(isinstance(t, TD) for t in (q, k, v)):
+        raise a.fail("expected tensors for query, key and value")
+    if _arg(node, 7, "enable_gqa", False):
+        raise a.fail("grouped-query attention (fewer key/value heads than query heads)")
+    out_shape = _shape(a)
+    couple(a, q.dims[-1], k.dims[-1])
+    couple(a, k.dims[-2], v.dims[-2])
+    lead = [TD(t.dims[:-2], t.shape[:-2]) for t in (q, k, v)]
+    batch = broadcast(a, lead, out_shape[:-2])
+    mask = a.value(_arg(node, 3, "attn_mask"))
+    if isinstance(mask, TD):
+        broadcast(a, [TD((*batch.dims, q.dims[-2], k.dims[-2]), (*batch.shape, q.shape[-2], k.shape[-2])), mask],
+                  (*batch.shape, q.shape[-2], k.shape[-2]))
+    return TD((*batch.dims, q.dims[-2], v.dims[-1]), out_shape)
+
+
+def _resample_pos_embed(a: Analyzer, node: fx.Node) -> TD:
+    """``resample_abs_pos_embed(posemb [1, tokens, C], new_size, ...)``: interpolates the table over the patch
+    grid; the channels stay, the token count follows the grid."""
+    x = a.value(node.args[0] if node.args else node.kwargs["posemb"])
+    out_shape = _shape(a)
+    if not isinstance(x, TD) or len(out_shape) != 3:
+        raise a.fail("expected a [1, tokens, channels] position table")
+    tokens = x.dims[1] if out_shape[1] == x.shape[1] else a.structural(out_shape[1])
+    return TD((x.dims[0], tokens, x.dims[2]), out_shape)
+
+
+try:  # timm is optional
+    from timm.layers import resample_abs_pos_embed as _timm_resample
+
+    _function(_timm_resample)(_resample_pos_embed)
+except ImportError:
+    pass
+
+
+def _channels_last_reverse(a: Analyzer, node: fx.Node) -> TD:
+    """timm's ``window_reverse`` / ``grid_reverse`` (Swin, MaxViT): windows ``[B * nW, wh, ww, C]`` back to the
+    image ``[B, H, W, C]``; the channels (last dim) stay, the positions are rearranged."""
+    x = a.value(node.args[0] if node.args else node.kwargs["windows"])
+    out_shape = _shape(a)
+    if not isinstance(x, TD) or out_shape[-1] != x.shape[-1]:
+        raise a.fail("expected channels-last windows with the image's channels")
+    for d in x.dims[:-1]:
+        if not a.g.is_structural(d):
+            raise a.fail("window reverse over a channel dim")
+    return TD((*(a.structural(n) for n in out_shape[:-1]), x.dims[-1]), out_shape)
+
+
+def _channels_first_reverse(a: Analyzer, node: fx.Node) -> TD:
+    """MaxViT's ``window_reverse_nchw`` / ``grid_reverse_nchw``: ``[B * nW, C, wh, ww]`` -> ``[B, C, H, W]``."""
+    x = a.value(node.args[0] if node.args else node.kwargs["windows"])
+    out_shape = _shape(a)
+    if not isinstance(x, TD) or out_shape[1] != x.shape[1]:
+        raise a.fail("expected channels-first windows with the image's channels")
+    return TD((a.structural(out_shape[0]), x.dims[1], *(a.structural(n) for n in out_shape[2:])), out_shape)
+
+
+def _register_timm_windows() -> None:
+    import importlib
+
+    for mod, names, rule in (
+        ("timm.models.swin_transformer", ("window_reverse",), _channels_last_reverse),
+        ("timm.models.swin_transformer_v2", ("window_reverse",), _channels_last_reverse),
+        ("timm.models.swin_transformer_v2_cr", ("window_reverse",), _channels_last_reverse),
+        ("timm.models.maxxvit", ("window_reverse", "grid_reverse"), _channels_last_reverse),
+        ("timm.models.maxxvit", ("window_reverse_nchw", "grid_reverse_nchw"), _channels_first_reverse),
+    ):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:  # timm absent, or a version without the model
+            continue
+        for n in names:
+            f = getattr(m, n, None)
+            if f is not None:
+                _function(f)(rule)
+
+
+_register_timm_windows()
+
+
+@_function(torch.roll)
+def _roll(a: Analyzer, node: fx.Node) -> TD:
+    """``torch.roll(x, shifts, dims)`` over positions (Swin's shifted windows): the dims stay."""
+    x = a.value(node.args[0])
+    dims = _arg(node, 2, "dims", None)
+    if not isinstance(x, TD):
+        raise a.fail("expected a tensor")
+    rolled = range(len(x.shape)) if dims is None else [d % len(x.shape) for d in (
+        dims if isinstance(dims, (list, tuple)) else [dims])]
+    if any(not a.g.is_structural(x.dims[d]) for d in rolled):
+        raise a.fail("roll along a channel dim")
+    return TD(x.dims, _shape(a))
+
+
+def _rms_norm(a: Analyzer, node: fx.Node) -> TD:
+    """timm's ``RmsNorm`` (channels last): a LayerNorm-like layer over its last ``len(normalized_shape)`` dims,
+    with a weight only; its channels grow by uniform replication like LayerNorm's (the RMS of ``k`` equal
+    copies is the RMS of the original)."""
+    x = a.value(node.args[0])
+    m = a.modules[str(node.target)]
+    k = len(m.normalized_shape)
+    if not isinstance(x, TD):
+        raise a.fail("expected a tensor")
+    ln_dims = x.dims[-k:]
+    a.add_layer(LayerPlan(str(node.target), "layernorm", ln_dims[0], ln_dims[0], ln_dims=ln_dims))
+    return TD(x.dims, _shape(a))
+
+
+try:
+    from timm.layers import RmsNorm as _TimmRmsNorm
+
+    _module(_TimmRmsNorm)(_rms_norm)
+except ImportError:
+    pass
+
+
+def _multihead_attention(a: Analyzer, node: fx.Node) -> TD:
+    """Refused, with the reason: ``nn.MultiheadAttention`` (torchvision's ViT) holds q, k and v in one raw
+    ``in_proj_weight`` parameter and runs ``F.multi_head_attention_forward``, not Linear modules and traceable
+    ops, so neither its heads nor its projections are visible to the analysis, templates or tiling."""
+    raise a.fail(
+        "torch.nn.MultiheadAttention keeps q, k and v in one raw in_proj_weight parameter inside an untraceable "
+        "forward: morph's width surgery, templates and tiling work on Linear modules",
+        "use timm's vision transformers (timm.layers.Attention), which morph grows",
+    )
+
+
+_module(torch.nn.MultiheadAttention)(_multihead_attention)
