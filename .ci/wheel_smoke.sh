@@ -29,9 +29,10 @@ python3 -m venv "$WORK/tools"
 "$WORK/tools/bin/python" -m build --outdir "$WORK/dist" "$WORK/src"
 SDIST=$(ls "$WORK"/dist/morph-*.tar.gz)
 WHEEL=$(ls "$WORK"/dist/morph-*.whl)
-tar -tzf "$SDIST" | grep -q '/recipes/configs/cifar10-smoke.yaml$'
-tar -tzf "$SDIST" | grep -q '/morph/csrc/grid.cpp$'
-tar -tzf "$SDIST" | grep -q '/morph/growth/__init__.py$'
+LISTING=$(tar -tzf "$SDIST")
+for f in recipes/configs/cifar10-smoke.yaml morph/csrc/grid.cpp morph/py.typed morph/growth/__init__.py setup.py; do
+  grep -qx "morph-[^/]*/$f" <<<"$LISTING" || { echo "the sdist has no $f" >&2; exit 1; }
+done
 
 step "install the wheel with its dependencies into a fresh venv"
 python3 -m venv "$WORK/venv"
