@@ -136,7 +136,7 @@ def _one_cycle(graph: dict[str, dict[str, int]], comp: set[str]) -> list[str]:
 
 
 def _describe(cycle: list[str], graph: dict[str, dict[str, int]], modules: dict[str, Path]) -> str:
-    steps = [f"{a} -> {b} ({modules[a].relative_to(ROOT)}:{graph[a][b]})" for a, b in zip(cycle, cycle[1:])]
+    steps = [f"{a} -> {b} ({modules[a].relative_to(ROOT)}:{graph[a][b]})" for a, b in zip(cycle[:-1], cycle[1:], strict=True)]
     return "\n  ".join(steps)
 
 
