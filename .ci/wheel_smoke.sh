@@ -26,7 +26,7 @@ mkdir "$WORK/src"
 step "build the sdist, then the wheel from the sdist (python -m build)"
 python3 -m venv "$WORK/tools"
 "$WORK/tools/bin/pip" install -q build
-"$WORK/tools/bin/python" -m build --outdir "$WORK/dist" "$WORK/src"
+"$WORK/tools/bin/python" -m build --outdir "$WORK/dist" "$WORK/src" >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
 SDIST=$(ls "$WORK"/dist/morph-*.tar.gz)
 WHEEL=$(ls "$WORK"/dist/morph-*.whl)
 LISTING=$(tar -tzf "$SDIST")
@@ -38,7 +38,9 @@ step "install the wheel with its dependencies into a fresh venv"
 python3 -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 MORPH="$WORK/venv/bin/morph"
-"$WORK/venv/bin/pip" install -q "$WHEEL"
+# --no-compile: no .pyc for torch's thousands of files (minutes on 2 cores); Python compiles what it imports
+"$WORK/venv/bin/pip" install --no-compile "$WHEEL" >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
+grep -E "^Successfully installed" "$WORK/install.log"
 "$WORK/venv/bin/pip" check
 
 mkdir "$WORK/run"
@@ -115,7 +117,8 @@ test -s report/report.md && test -s report/top1_vs_flops.png
 "$MORPH" --help >/dev/null
 
 step "pip install git+file:// of the repository (HEAD), into the same venv"
-"$WORK/venv/bin/pip" install -q --force-reinstall --no-deps "git+file://$ROOT"
+"$WORK/venv/bin/pip" install --force-reinstall --no-deps "git+file://$ROOT" >"$WORK/git.log" 2>&1 || { cat "$WORK/git.log"; exit 1; }
+grep -E "^Successfully installed" "$WORK/git.log"
 "$WORK/venv/bin/pip" check
 check_imports
 "$MORPH" inspect resnet18-half-seed1.safetensors --no-flops >/dev/null
