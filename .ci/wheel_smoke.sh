@@ -62,7 +62,7 @@ names = [m.name for m in pkgutil.walk_packages(morph.__path__, "morph.", onerror
 for name in names:
     if not name.endswith(".__main__"):  # importing it runs the command line (checked below: python -m morph.cli)
         importlib.import_module(name)
-packages = sorted(n for n in names if hasattr(sys.modules[n], "__path__"))
+packages = sorted(n for n in names if n in sys.modules and hasattr(sys.modules[n], "__path__"))
 for need in ("morph.cli", "morph.graph", "morph.growth", "morph.recipes"):
     assert need in packages, (need, packages)
 data = resources.files("morph")
@@ -79,7 +79,7 @@ step "README command 1: morph convert resnet50 --half --force && morph inspect r
 "$MORPH" convert resnet50 --half --force
 "$MORPH" inspect resnet50-half.safetensors >/dev/null
 
-step "every command on a tiny model (resnet18 at 3x32x32, 10 classes)"
+step "every command on a tiny model (timm test_resnet, 374K parameters, at 3x32x32, 10 classes)"
 "$PY" - <<'PY'
 # a tiny ImageFolder: train/ and test/, 2 classes x 8 random 32x32 PNGs
 import os
@@ -93,19 +93,19 @@ for split in ("train", "test"):
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(f"imgs/{split}/{c}/{i}.png")
 PY
 T="--input-size 3,32,32 --num-classes 10"
-"$MORPH" convert resnet18 --half $T --seed 1
-"$MORPH" convert resnet18 --half $T --seed 2
-"$MORPH" inspect resnet18-half-seed1.safetensors --batch-size 8 >/dev/null
-"$MORPH" fuse resnet18-half-seed1.safetensors resnet18-half-seed2.safetensors -o fused.safetensors --seed 0
+"$MORPH" convert test_resnet --half $T --seed 1
+"$MORPH" convert test_resnet --half $T --seed 2
+"$MORPH" inspect test_resnet-half-seed1.safetensors --batch-size 8 >/dev/null
+"$MORPH" fuse test_resnet-half-seed1.safetensors test_resnet-half-seed2.safetensors -o fused.safetensors --seed 0
 "$MORPH" inspect fused.safetensors --no-flops >/dev/null
 "$MORPH" bake fused.safetensors -o fused-plain.safetensors
-"$MORPH" grow resnet18-half-seed1.safetensors -o grown-mixturegrowth.safetensors --seed 0
-"$MORPH" convert resnet18 --half --plain $T
+"$MORPH" grow test_resnet-half-seed1.safetensors -o grown-mixturegrowth.safetensors --seed 0
+"$MORPH" convert test_resnet --half --plain $T
 for m in random net2net gradmax firefly; do
-  "$MORPH" grow resnet18-half-plain.safetensors -o "grown-$m.safetensors" --method "$m" --data imgs --batch-size 8 --seed 0
+  "$MORPH" grow test_resnet-half-plain.safetensors -o "grown-$m.safetensors" --method "$m" --data imgs --batch-size 8 --seed 0
 done
 "$MORPH" inspect grown-firefly.safetensors --no-flops >/dev/null
-"$MORPH" cka resnet18-half-seed1.safetensors fused.safetensors --data imgs --batches 1 --batch-size 8 -o cka.png >/dev/null
+"$MORPH" cka test_resnet-half-seed1.safetensors fused.safetensors --data imgs --batches 1 --batch-size 8 -o cka.png >/dev/null
 "$MORPH" inspect fused-plain.safetensors --json --no-flops >/dev/null
 ls fused.safetensors fused-plain.safetensors grown-*.safetensors cka.png >/dev/null
 
@@ -123,6 +123,6 @@ step "pip install git+file:// of the repository (HEAD), into the same venv"
 grep -E "^Successfully installed" "$WORK/git.log"
 "$WORK/venv/bin/pip" check
 check_imports
-"$MORPH" inspect resnet18-half-seed1.safetensors --no-flops >/dev/null
+"$MORPH" inspect test_resnet-half-seed1.safetensors --no-flops >/dev/null
 
 step "passed"
