@@ -122,3 +122,46 @@ def test_sdist_holds_the_source_tests_and_docs(built):
     want |= {f for top in ("tests", "docs") for f in _source_files(top)}
     assert sorted(want - sdist_files) == [], "missing from the sdist"
     assert not [f for f in sdist_files if f.endswith((".pyc", ".safetensors")) or "__pycache__" in f]
+
+
+# What ships speaks to users: the configs find their data relative to where the user runs them, and the docs
+# name no folder of one particular machine.
+USER_TEXT = ["README.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))),
+             *(f"recipes/configs/{p.name}" for p in sorted((ROOT / "recipes" / "configs").glob("*.yaml")))]
+MACHINE_PATHS = ("/work/", "/root/", "/home/", "shared/data", "/data/")
+
+
+@pytest.mark.parametrize("path", USER_TEXT)
+def test_user_docs_name_no_machine_path(path):
+    text = (ROOT / path).read_text()
+    found = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if any(m in line for m in MACHINE_PATHS)]
+    assert not found, f"{path} names a folder of one machine: {found}"
+
+
+def test_shipped_configs_read_a_relative_data_root():
+    """Every shipped config that reads a data set has a relative ``data.root`` default (``--data-dir`` replaces
+    it); the smoke config alone makes its data."""
+    from morph.recipes.config import list_configs, load_config
+
+    for name in list_configs():
+        data = load_config(name).data
+        if data.synthetic:
+            assert data.root is None, name
+            continue
+        assert data.root and not Path(data.root).is_absolute() and not data.root.startswith("~"), (name, data.root)
+        assert Path(data.root).parts[0] == "data", (name, data.root)
+
+
+def test_a_missing_data_root_is_one_error_line(tmp_path, monkeypatch):
+    """Run from a folder without the data, a recipe stops before it trains: exit 2, one line naming the folder
+    and how to point elsewhere, and no run directory."""
+    from morph.cli.main import app
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["train", "cifar10-wrn10-2-cpu"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.splitlines() == ["error: data root data/cifar10 does not exist (from --data-dir or data.root)"]
+    r = CliRunner().invoke(app, ["train", "cifar10-wrn10-2-cpu", "--data-dir", str(tmp_path / "elsewhere")])
+    assert r.stderr.splitlines() == [f"error: data root {tmp_path / 'elsewhere'} does not exist (from --data-dir or data.root)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
