@@ -97,14 +97,12 @@ T="--input-size 3,32,32 --num-classes 10"
 "$MORPH" convert test_resnet --half $T --seed 2
 "$MORPH" inspect test_resnet-half-seed1.safetensors --batch-size 8 >/dev/null
 "$MORPH" fuse test_resnet-half-seed1.safetensors test_resnet-half-seed2.safetensors -o fused.safetensors --seed 0
-"$MORPH" inspect fused.safetensors --no-flops >/dev/null
 "$MORPH" bake fused.safetensors -o fused-plain.safetensors
 "$MORPH" grow test_resnet-half-seed1.safetensors -o grown-mixturegrowth.safetensors --seed 0
 "$MORPH" convert test_resnet --half --plain $T
 for m in random net2net gradmax firefly; do
   "$MORPH" grow test_resnet-half-plain.safetensors -o "grown-$m.safetensors" --method "$m" --data imgs --batch-size 8 --seed 0
 done
-"$MORPH" inspect grown-firefly.safetensors --no-flops >/dev/null
 "$MORPH" cka test_resnet-half-seed1.safetensors fused.safetensors --data imgs --batches 1 --batch-size 8 -o cka.png >/dev/null
 "$MORPH" inspect fused-plain.safetensors --json --no-flops >/dev/null
 ls fused.safetensors fused-plain.safetensors grown-*.safetensors cka.png >/dev/null
