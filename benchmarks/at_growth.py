@@ -5,7 +5,7 @@ the same figure for runs made before it did, by redoing each growth step exactly
 same checkpoints, seeds, growth batches and options; every method is deterministic) and testing the result
 on the run's test set::
 
-    python benchmarks/at_growth.py runs/cmp-s0 runs/cmp-s1 --data-dir ../shared/data/cifar10 --out at_growth.json
+    python benchmarks/at_growth.py runs/cmp-s0 runs/cmp-s1 --data-dir data/cifar10 --out at_growth.json
 
 Per seed it reports the test top-1 of the models growth starts from (the plain small model at the growth
 point, nets 1 and 2) and of each grown model before training: Random, Net2Net, Firefly, GradMax, MixtureGrowth

@@ -1,6 +1,6 @@
 """Benchmark of ``morph.cka`` against torch_cka: a 20 x 20 layer matrix of two resnet18s on CIFAR-10 images.
 
-Run: ``python benchmarks/bench_cka.py [--data ../shared/data/cifar10] [--images 2000] [--batch-size 200]
+Run: ``python benchmarks/bench_cka.py [--data data/cifar10] [--images 2000] [--batch-size 200]
 [--size 32] [--out docs/cka/bench_cka.json]``
 
 - Two torchvision resnet18 with different random initializations (weights are never downloaded), 20 layers
@@ -103,7 +103,7 @@ def run_forward(a, b, loader) -> tuple[float, None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10")
+    ap.add_argument("--data", type=Path, default=Path("data/cifar10"))
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--size", type=int, default=32)

@@ -2,7 +2,8 @@
 DataLoader) against the ``tensor`` path (a decoded ``uint8`` cache, batched augmentation with tensor
 ops), side by side in one process, on the same CPU.
 
-Run: ``python benchmarks/bench_data.py --data-dir /work/shared/data/cifar10 [--out docs/results/bench_data.json]``
+Run: ``python benchmarks/bench_data.py --data-dir data/cifar10 [--out docs/results/bench_data.json]`` (CIFAR-10 as an
+ImageFolder: docs/recipes.md, "CIFAR-10 on disk")
 
 What it measures, per path (CIFAR-10 ImageFolder, batch 128, crop 32 + pad 4, flip, cutout 16):
 
@@ -107,7 +108,7 @@ def _time_train(make, steps: int, batch: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default="/work/shared/data/cifar10")
+    ap.add_argument("--data-dir", default="data/cifar10", help="CIFAR-10 ImageFolder (train/ and test/)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=1, help="epochs of the data-only timing per round")
     ap.add_argument("--steps", type=int, default=20, help="WRN-16-1 training steps per round")

@@ -1,4 +1,4 @@
-"""The GPU check of the recipes, prepared before any GPU was lent: one script, under 8 minutes on one H100.
+"""The GPU check of the recipes: one script, under 8 minutes on one H100 (an estimate).
 
 Run (GPU): ``python benchmarks/gpu_check.py --data-dir /path/to/cifar10 --out docs/results/gpu_check.json``
 Run (CPU, tiny, what ``tests/test_gpu_check.py`` runs): ``python benchmarks/gpu_check.py --device cpu --out X.json``

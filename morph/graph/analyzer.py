@@ -15,10 +15,13 @@ import torch.fx as fx
 from ..errors import UnsupportedOpError
 from .coupling import CouplingError, Dim, Groups
 from .plan import TD, ConstSite, LayerPlan
-from .registry import apply_rule
+from .registry import function_rule, method_rule, module_rule
 from .trace import node_qualname
 
-__all__ = ["Analyzer"]
+__all__ = ["Analyzer", "apply_rule"]
+
+_HOW = ("teach the analysis this op with morph.graph.register_{kind}_rule (docs/design.md, "
+        "'Adding a rule')")
 
 
 class Analyzer:
@@ -125,3 +128,62 @@ class Analyzer:
         else:
             self.params[target] = dims
         return TD(dims, tuple(obj.shape))
+
+
+def apply_rule(a: Analyzer, node: fx.Node) -> Any:
+    """The value of ``node``: its rule applied, or an ``UnsupportedOpError`` where there is none."""
+    if node.op == "call_module":
+        mod = a.modules[str(node.target)]
+        rule = module_rule(mod)
+        if rule is not None:
+            return rule(a, node)
+        if type(mod).__module__.startswith("torch.nn") and not any(True for _ in mod.parameters(recurse=False)):
+            return _same_shape_module(a, node)
+        raise a.fail(
+            f"no channel rule for module {type(mod).__module__}.{type(mod).__qualname__}",
+            _HOW.format(kind="module") + ", or make it traceable",
+        )
+    if node.op == "call_function":
+        rule = function_rule(node.target)
+        if rule is None and isinstance(node.target, type) and issubclass(node.target, tuple):
+            return list(a.value(list(node.args)))  # namedtuple outputs (GoogLeNetOutputs)
+        if rule is None:
+            if not _any_tensor(a, node):
+                return None
+            name = getattr(node.target, "__qualname__", str(node.target))
+            raise a.fail(f"no channel rule for function {name}", _HOW.format(kind="function"))
+        return rule(a, node)
+    if node.op == "call_method":
+        rule = method_rule(str(node.target))
+        if rule is None:
+            if not isinstance(a.value(node.args[0]), TD):
+                return None
+            raise a.fail(f"no channel rule for Tensor.{node.target}", _HOW.format(kind="method"))
+        return rule(a, node)
+    raise a.fail(f"unexpected node op {node.op}")
+
+
+def _same_shape_module(a: Analyzer, node: fx.Node) -> TD:
+    """A parameter-free ``torch.nn`` module (activation, dropout, identity) that keeps its input's shape."""
+    x = a.value(node.args[0] if node.args else next(iter(node.kwargs.values())))
+    out_shape = a.shape()
+    if not isinstance(x, TD) or out_shape is None or isinstance(out_shape, list):
+        raise a.fail("expected one tensor in and one tensor out")
+    if tuple(out_shape) != x.shape:
+        raise a.fail(f"module {type(a.modules[str(node.target)]).__name__} changes the shape {x.shape} -> {out_shape}")
+    return TD(x.dims, out_shape)
+
+
+def _any_tensor(a: Analyzer, node: fx.Node) -> bool:
+    found = False
+
+    def visit(v: Any) -> None:
+        nonlocal found
+        if isinstance(v, TD):
+            found = True
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+
+    visit(a.value(list(node.args) + list(node.kwargs.values())))
+    return found

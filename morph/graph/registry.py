@@ -20,30 +20,23 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.fx as fx
 import torch.nn as nn
 
-from .plan import TD
-
-if TYPE_CHECKING:
-    from .analyzer import Analyzer
-
 __all__ = [
     "Rule", "register_module_rule", "register_function_rule", "register_method_rule", "has_module_rule",
-    "autowrap_functions", "apply_rule",
+    "autowrap_functions", "module_rule", "function_rule", "method_rule",
 ]
 
-Rule = Callable[["Analyzer", fx.Node], Any]
+Rule = Callable[[Any, fx.Node], Any]
+"""``rule(a, node)``: ``a`` is the :class:`~.analyzer.Analyzer` (which calls the rules; this module only files them)."""
 
 _MODULE_RULES: dict[type, Rule] = {}
 _MODULE_NAME_RULES: dict[str, Rule] = {}  # "package.module.Class": classes of optional libraries (timm)
 _FUNCTION_RULES: dict[Any, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
-
-_HOW = ("teach the analysis this op with morph.graph.register_{kind}_rule (docs/design.md, "
-        "'Adding a rule')")
 
 
 def register_module_rule(*classes: type | str) -> Callable[[Rule], Rule]:
@@ -107,7 +100,8 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _module_rule(mod: nn.Module) -> Rule | None:
+def module_rule(mod: nn.Module) -> Rule | None:
+    """The rule of ``mod``: the most specific class in its MRO that has one; ``None`` where none has."""
     for cls in type(mod).__mro__:
         rule = _MODULE_NAME_RULES.get(_qualname(cls)) or _MODULE_RULES.get(cls)
         if rule is not None:
@@ -117,7 +111,7 @@ def _module_rule(mod: nn.Module) -> Rule | None:
 
 def has_module_rule(mod: nn.Module) -> bool:
     """Whether a rule handles ``mod`` (the tracer keeps such modules as leaves)."""
-    return _module_rule(mod) is not None
+    return module_rule(mod) is not None
 
 
 def autowrap_functions() -> tuple[Callable, ...]:
@@ -128,60 +122,11 @@ def autowrap_functions() -> tuple[Callable, ...]:
     )
 
 
-def apply_rule(a: Analyzer, node: fx.Node) -> Any:
-    """The value of ``node``: its rule applied, or an ``UnsupportedOpError`` where there is none."""
-    if node.op == "call_module":
-        mod = a.modules[str(node.target)]
-        rule = _module_rule(mod)
-        if rule is not None:
-            return rule(a, node)
-        if type(mod).__module__.startswith("torch.nn") and not any(True for _ in mod.parameters(recurse=False)):
-            return _same_shape_module(a, node)
-        raise a.fail(
-            f"no channel rule for module {_qualname(type(mod))}",
-            _HOW.format(kind="module") + ", or make it traceable",
-        )
-    if node.op == "call_function":
-        rule = _FUNCTION_RULES.get(node.target)
-        if rule is None and isinstance(node.target, type) and issubclass(node.target, tuple):
-            return list(a.value(list(node.args)))  # namedtuple outputs (GoogLeNetOutputs)
-        if rule is None:
-            if not _any_tensor(a, node):
-                return None
-            name = getattr(node.target, "__qualname__", str(node.target))
-            raise a.fail(f"no channel rule for function {name}", _HOW.format(kind="function"))
-        return rule(a, node)
-    if node.op == "call_method":
-        rule = _METHOD_RULES.get(str(node.target))
-        if rule is None:
-            if not isinstance(a.value(node.args[0]), TD):
-                return None
-            raise a.fail(f"no channel rule for Tensor.{node.target}", _HOW.format(kind="method"))
-        return rule(a, node)
-    raise a.fail(f"unexpected node op {node.op}")
+def function_rule(fn: Any) -> Rule | None:
+    """The rule of a ``call_function`` node's target, or ``None``."""
+    return _FUNCTION_RULES.get(fn)
 
 
-def _same_shape_module(a: Analyzer, node: fx.Node) -> TD:
-    """A parameter-free ``torch.nn`` module (activation, dropout, identity) that keeps its input's shape."""
-    x = a.value(node.args[0] if node.args else next(iter(node.kwargs.values())))
-    out_shape = a.shape()
-    if not isinstance(x, TD) or out_shape is None or isinstance(out_shape, list):
-        raise a.fail("expected one tensor in and one tensor out")
-    if tuple(out_shape) != x.shape:
-        raise a.fail(f"module {type(a.modules[str(node.target)]).__name__} changes the shape {x.shape} -> {out_shape}")
-    return TD(x.dims, out_shape)
-
-
-def _any_tensor(a: Analyzer, node: fx.Node) -> bool:
-    found = False
-
-    def visit(v: Any) -> None:
-        nonlocal found
-        if isinstance(v, TD):
-            found = True
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-
-    visit(a.value(list(node.args) + list(node.kwargs.values())))
-    return found
+def method_rule(name: str) -> Rule | None:
+    """The rule of a ``call_method`` node's ``Tensor`` method name, or ``None``."""
+    return _METHOD_RULES.get(name)
