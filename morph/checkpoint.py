@@ -23,6 +23,7 @@ from .errors import CheckpointError, MorphError
 from .info import FORMAT_VERSION, MorphInfo, get_info
 from .paths import write_file
 from .safety import (
+    SHARED_KINDS,
     AllocationBudget,
     BuildError,
     ModuleBudget,
@@ -35,6 +36,16 @@ from .safety import (
 from .text import printable
 
 __all__ = ["save", "load", "read_info", "atomic_save_file"]
+
+
+def _check_tensors(info: MorphInfo, shapes: dict, where: str, dtypes: dict) -> None:
+    """The record against the tensors in the file: SuperWeights' sharing record, or template banks."""
+    if info.kind in SHARED_KINDS:
+        from .superweights.record import check_record
+
+        check_record(info, shapes, where)
+    else:
+        check_info(info, shapes, where, dtypes)
 
 
 def atomic_save_file(write, path: str | os.PathLike) -> Path:
@@ -111,7 +122,7 @@ def read_info(path: str | os.PathLike) -> tuple[MorphInfo, dict[str, str]]:
     path = Path(path)
     meta, shapes, dtypes = _header(path)
     info = _parse_info(path, meta)
-    check_info(info, shapes, printable(path), dtypes)
+    _check_tensors(info, shapes, printable(path), dtypes)
     return info, meta
 
 
@@ -294,7 +305,7 @@ def load(path: str | os.PathLike, *, model_fn: Callable[..., nn.Module] | None =
     where = printable(path)
     meta, shapes, dtypes = _header(path)
     info = _parse_info(path, meta)
-    check_info(info, shapes, where, dtypes)
+    _check_tensors(info, shapes, where, dtypes)
     name = f"{info.spec.spec if info.spec is not None else 'the model'} ({info.kind})"
     try:
         with no_weights(where), AllocationBudget(rebuild_budget(shapes), where):

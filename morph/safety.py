@@ -268,17 +268,13 @@ def check_info_json(d: Any, where: str) -> None:
 def check_info(info: Any, shapes: Mapping[str, tuple[int, ...]], where: str,
                dtypes: Mapping[str, str] | None = None) -> None:
     """Check a parsed :class:`~morph.info.MorphInfo` against the tensors in the file (names -> shapes, and
-    names -> safetensors dtype names such as ``F32``).
+    names -> safetensors dtype names such as ``F32``). The sharing record of SuperWeights files
+    (:data:`SHARED_KINDS`) is checked by :func:`morph.superweights.record.check_record` instead.
 
     Template banks (``*.templates``) hold ``info.templates`` templates each, coefficients
     (``*.coefficients``) mix that many, both in floating point; a plain model has neither, and a
     template model has some.
     """
-    if info.kind in SHARED_KINDS:
-        from .superweights.record import check_record
-
-        check_record(info, shapes, where)
-        return
     banks = {k: s for k, s in shapes.items() if k.endswith(".templates")}
     coefs = {k: s for k, s in shapes.items() if k.endswith(".mix.coefficients")}
     for k in (*banks, *coefs):
