@@ -124,8 +124,11 @@ def run(name: str, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch
     grow_batch = (x[:b], y[:b])
     rows = []
     for method in args.methods:
-        for relu, gamma in [("one", g) for g in args.new_gamma] + [("stock", 1.0)]:
-            opts = {"relu_grad": relu, "new_gamma": gamma}
+        configs = [("one", g, "auto") for g in args.new_gamma] + [("stock", 1.0, "auto")] * (not args.no_stock)
+        if method in args.bn_keep:
+            configs.append(("one", 0.1, "keep"))
+        for relu, gamma, bn_stats in configs:
+            opts = {"relu_grad": relu, "new_gamma": gamma, "bn_stats": bn_stats}
             if method == "firefly":
                 opts["steps"] = args.firefly_steps
             t0 = time.perf_counter()
@@ -154,7 +157,7 @@ def run(name: str, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch
                         old_r.append(float(d[old].norm(dim=1).mean() / ref))
             total, zero, same = row_stats(grown, layers, replicas=True)
             row = {
-                "model": name, "method": method, "relu_grad": relu, "new_gamma": gamma, "grow_s": round(wall, 2),
+                "model": name, "method": method, "relu_grad": relu, "new_gamma": gamma, "bn_stats": bn_stats, "grow_s": round(wall, 2),
                 "small_eval": base["eval"], "small_train": base["train"],
                 "at_growth_eval": at["eval"], "at_growth_train": at["train"],
                 "step1_new_update_median": statistics.median(new_r) if new_r else None,
@@ -183,6 +186,8 @@ def main() -> None:
     ap.add_argument("--firefly-steps", type=int, default=100)
     ap.add_argument("--new-gamma", type=float, nargs="+", default=[1.0],
                     help="BatchNorm weight of new channels (new_gamma) to compare, with relu_grad=one")
+    ap.add_argument("--bn-keep", nargs="*", default=[], help="methods to run also with bn_stats=keep (stale statistics)")
+    ap.add_argument("--no-stock", action="store_true", help="skip the relu_grad=stock rows")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
