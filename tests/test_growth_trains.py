@@ -59,9 +59,9 @@ def _new_rows(model: nn.Module) -> dict[str, torch.Tensor]:
 def _stuck_rows(model: nn.Module, new_rows: dict[str, torch.Tensor],
                 before: dict[str, torch.Tensor] | None = None) -> tuple[int, int, int]:
     """(new rows, rows still zero, rows still equal to an old row up to 1e-9 of the row norms). With ``before``
-    (the weights before training), a row counts as a replica only when it equals an old row that moved: the
-    replica of a neuron that got no gradient (a ReLU off on every image) cannot part from it, whatever the
-    growth method did."""
+    (the weights before training), a row counts as a replica only when it equals an old row that moved (by more
+    than 1e-7 of the row norms, so that an uneven split shows): the replica of a neuron that got no gradient (a
+    ReLU off on every image) cannot part from it, whatever the growth method did."""
     sd = model.state_dict()
     total = zero = same = 0
     for k, new in new_rows.items():
@@ -73,7 +73,7 @@ def _stuck_rows(model: nn.Module, new_rows: dict[str, torch.Tensor],
             old = w[~new]
             d = torch.cdist(w[new], old, compute_mode="donot_use_mm_for_euclid_dist")
             if before is not None:
-                moved = (old - before[k].flatten(1).double()[~new]).norm(dim=1) > 1e-12 * ref
+                moved = (old - before[k].flatten(1).double()[~new]).norm(dim=1) > 1e-7 * ref
                 d = d[:, moved]
             if d.shape[1]:
                 same += int((d.min(1).values <= 1e-9 * ref).sum())

@@ -321,10 +321,11 @@ def _block_widening_groups(model: nn.Module, ref: nn.Module, plan: ChannelPlan, 
 
 def split_unevenly(layout: Layout, spread: float, gen: torch.Generator) -> None:
     """Replicated channels and their source take uneven shares of the source's fan-out weights (LEMON, Wang et
-    al. 2024): position ``p`` draws ``w_p = 1 + spread * U[-1, 1]`` and takes ``w_p / sum(w)`` over the positions
-    of its source, instead of Net2Net's ``1 / count``. The function is kept exactly (the shares sum to 1), and
-    replicas, whose incoming weights are equal, get gradients in proportion to their shares, so they part
-    after the first step instead of staying copies of their source forever."""
+    al. 2024) instead of Net2Net's ``1 / count``: the ``c`` positions of a source take weights ``1 + spread x t``
+    with ``t`` evenly spaced over ``[-1, 1]`` (``c = 2``: ``1 -+ spread``), in a random order, normalized to sum
+    to 1. The function is kept exactly (the shares sum to 1), and replicas, whose incoming weights are equal,
+    get gradients in proportion to their shares (at ``spread = 0.5`` at least a third apart), so they part after
+    the first step instead of staying copies of their source forever."""
     if not 0 <= spread < 1:
         raise MorphError(f"split must be in [0, 1), got {spread:g}")
     if spread == 0:
@@ -332,7 +333,12 @@ def split_unevenly(layout: Layout, spread: float, gen: torch.Generator) -> None:
     for g in layout.growing():
         if g.rule != "replicate":
             continue
-        w = 1 + spread * (2 * torch.rand(g.new, generator=gen, dtype=torch.float64) - 1)
+        w = torch.ones(g.new, dtype=torch.float64)
+        counts = torch.bincount(g.mapping, minlength=g.old)
+        for src in (counts > 1).nonzero().flatten().tolist():
+            pos = (g.mapping == src).nonzero().flatten()
+            t = torch.linspace(-1.0, 1.0, len(pos), dtype=torch.float64)
+            w[pos] = 1 + spread * t[torch.randperm(len(pos), generator=gen)]
         total = torch.zeros(g.old, dtype=torch.float64).index_add_(0, g.mapping, w)
         g.share = w / total[g.mapping]
     layout._dims.clear()
