@@ -13,6 +13,7 @@ morph's default) and PyTorch's 0 (``stock``). Per grown model it reports:
   grown layers are still exactly zero or still equal to an old row (a replica that never parted).
 
     python benchmarks/first_step.py --data-dir ../shared/data/cifar10 --out docs/results/first_step.json
+    python benchmarks/first_step.py --table docs/results/first_step.json     # the markdown table
 """
 
 from __future__ import annotations
@@ -172,7 +173,27 @@ def run(name: str, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch
     return rows
 
 
+def table(paths: list[Path]) -> str:
+    """The markdown table of one or more ``--out`` files."""
+    f = lambda v, d=3: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = ["| model | method | relu_grad | new_gamma | bn_stats | eval / train loss: small | at growth | step 1: "
+             "new rows' update (median, max) | old rows' | loss: step 1 | max | last | eval after | new rows zero |",
+             "| --- | --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for path in paths:
+        for r in json.loads(path.read_text())["rows"]:
+            lines.append(
+                f"| {r['model']} | {r['method']} | {r['relu_grad']} | {r['new_gamma']:g} | {r.get('bn_stats', 'auto')} | "
+                f"{f(r['small_eval'])} / {f(r['small_train'])} | {f(r['at_growth_eval'])} / {f(r['at_growth_train'])} | "
+                f"{f(r['step1_new_update_median'])}, {f(r['step1_new_update_max'])} | {f(r['step1_old_update_median'], 4)} | "
+                f"{f(r['loss_first'])} | {f(r['loss_max'])} | {f(r['loss_last'])} | {f(r['eval_after'])} | "
+                f"{r['zero_rows']}/{r['new_rows']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--table"]:
+        print(table([Path(p) for p in sys.argv[2:]]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default="../shared/data/cifar10")
     ap.add_argument("--models", nargs="+", default=["wrn10_2", "torchvision/resnet18"])
