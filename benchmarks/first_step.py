@@ -122,7 +122,7 @@ def run(name: str, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch
         opt.step()
     print(f"{name}: small model trained {args.pretrain} steps in {time.perf_counter() - t0:.0f} s", flush=True)
     base = {"eval": loss_of(small, xt, yt, False), "train": loss_of(small, xt, yt, True)}
-    grow_batch = (x[:b], y[:b])
+    grow_batch = [(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]) for i in range(args.growth_batches)]
     rows = []
     for method in args.methods:
         configs = [("one", g, "auto") for g in args.new_gamma] + [("stock", 1.0, "auto")] * (not args.no_stock)
@@ -208,6 +208,7 @@ def main() -> None:
     ap.add_argument("--new-gamma", type=float, nargs="+", default=[1.0],
                     help="BatchNorm weight of new channels (new_gamma) to compare, with relu_grad=one")
     ap.add_argument("--bn-keep", nargs="*", default=[], help="methods to run also with bn_stats=keep (stale statistics)")
+    ap.add_argument("--growth-batches", type=int, default=1, help="batches given to morph.grow (data=)")
     ap.add_argument("--no-stock", action="store_true", help="skip the relu_grad=stock rows")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)

@@ -47,6 +47,11 @@ class FireflyGrowth(RandomGrowth):
     def keeps_function(self) -> bool:
         return False
 
+    def stats_batches(self, batches):
+        # the new neurons were fitted to the first batch: their statistics there are biased (measured on
+        # resnet18: eval loss 5.07 on held-out images with statistics from the fitted batch, 3.03 in train mode)
+        return batches[1:] if len(batches) > 1 else batches
+
     @classmethod
     def recipe_options(cls, growth):
         return {"steps": int(growth.firefly_steps)}

@@ -30,7 +30,8 @@ Options of every plain method, so that what ``morph.grow`` returns trains in an 
   source's fan-out weights unevenly (:func:`.layout.split_unevenly`), so that replicas part.
 - ``bn_stats`` (``"auto"``): after a step that changes the function and read data (Firefly; GradMax or Random
   with epsilon > 0), BatchNorm running statistics are re-estimated on the growth batches
-  (:func:`reestimate_norm_stats`), so the model is usable in eval mode right away; a function-preserving
+  (:func:`reestimate_norm_stats`; Firefly: on the batches it did not fit, when there are any), so the model
+  is usable in eval mode right away; a function-preserving
   step keeps the (exact) statistics of the model grown. ``"reestimate"``: whenever data is given;
   ``"keep"``: never.
 """
@@ -143,6 +144,10 @@ class PlainGrowth(GrowthMethod):
         """Whether the step keeps the function (then the norm statistics are exact and stay)."""
         return True
 
+    def stats_batches(self, batches: list) -> list:
+        """The batches the norm statistics are re-estimated on (all of them)."""
+        return batches
+
     def step_flops(self, f_small: float, f_grown: float, images: int) -> float:
         """The method's own passes (:meth:`data_flops`), plus one forward pass of the grown model per image where
         the norm statistics are re-estimated."""
@@ -203,7 +208,7 @@ class PlainGrowth(GrowthMethod):
         activation.restore(new, {"relu_grad": self.opts["relu_grad"]})
         self.finish(new, model, layout, data)
         if self._reestimates(data):
-            reestimate_norm_stats(new, iterate_batches(data))
+            reestimate_norm_stats(new, self.stats_batches(list(iterate_batches(data))))
         new.growth_report = self.report(layout)
         new.growth_record = GrowthRecord(record)
         spec = info.spec if info is not None else get_spec(model)
