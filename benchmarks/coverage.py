@@ -52,7 +52,8 @@ def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...
                  steps: int = TRAINS_STEPS, lr: float = TRAINS_LR, firefly_steps: int = 5) -> dict:
     """Do the grown models train? ``scale_width(model, 0.5)`` (norms randomized) grown back with each method's
     defaults, then ``steps`` plain SGD steps (lr ``lr``, float32, train mode, a batch of ``TRAINS_BATCH`` random
-    images). Per method: ``rows`` = new output rows (fresh or replica) of conv/linear layers, ``zero`` = those
+    images). Per method: ``rows`` = new output rows (fresh or replica) of conv/linear layers whose old rows moved
+    (layers the loss reaches: not auxiliary heads, whose outputs the first output leaves out), ``zero`` = those
     still exactly zero, ``replica`` = those still equal (to 1e-6 of the old rows' mean norm) to an old row of their
     layer that moved by more than 1e-4 of it during the steps (the replica of a neuron that got no gradient cannot
     part; float32 rounding must not pass for parting), ``loss`` = the training loss at the first and the last step. A method that raises records
@@ -105,10 +106,12 @@ def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...
                 for k, new in masks.items():
                     w = sd[k].detach().flatten(1).double()
                     ref = w[~new].norm(dim=1).mean() if (~new).any() else w.norm(dim=1).mean()
-                    total += int(new.sum())
-                    zero += int((w[new].norm(dim=1) <= 1e-12 * ref).sum())
                     old = w[~new]
                     moved = (old - before[k].flatten(1).double()[~new]).norm(dim=1) > 1e-4 * ref
+                    if (~new).any() and torch.equal(old, before[k].flatten(1).double()[~new]):
+                        continue  # a layer the loss does not reach (an auxiliary head in train mode)
+                    total += int(new.sum())
+                    zero += int((w[new].norm(dim=1) <= 1e-12 * ref).sum())
                     if moved.any():  # a replica of a neuron that got no gradient cannot part from it
                         d = torch.cdist(w[new], old[moved], compute_mode="donot_use_mm_for_euclid_dist").min(1).values
                         same += int((d <= 1e-6 * ref).sum())
@@ -448,7 +451,8 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         "`morph.grow(half, method, 2.0, data=(x, y), seed=0)` with each method's defaults (ReLU sub-gradient 1 at 0,",
         "new BatchNorm weights 0.1, Net2Net's uneven split) on `scale_width(model, 0.5)` with randomized norms, then",
         f"{TRAINS_STEPS} plain SGD steps (lr {TRAINS_LR}, float32, train mode, {TRAINS_BATCH} random images at the"
-        " model's input size). **trains**: no new output row of a conv/linear layer (fresh or replica) is still",
+        " model's input size; the loss on the first output). **trains**: in every conv/linear layer the loss reaches"
+        " (an old row moves), no new output row (fresh or replica) is still",
         "exactly zero or still equal (to 1e-6 of the old rows' mean norm) to an old row of its layer that moved by more"
         " than 1e-4 of it, and the loss"
         f" stays finite. {len(ran)} models (`python benchmarks/coverage.py --add trains [--only SPEC ...]`);"
