@@ -86,24 +86,33 @@ def pair_matrix(producer: nn.Module, consumer: nn.Module, x: torch.Tensor, grad:
 
 
 def growth_directions(a: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """The top-``k`` right singular vectors of ``a`` (rows of the result), by singular value; beyond the
-    rank, further orthonormal directions (random where the space runs out)."""
+    """The top-``k`` right singular vectors of ``a`` (rows of the result), by singular value, as far as its
+    numerical rank goes; beyond it, random unit directions. A singular vector of singular value 0 is a direction
+    the loss does not see (the all-ones direction of the logits of a classifier pair, whose cross-entropy
+    gradient sums to 0 over the classes): a neuron with those outgoing weights would never get a gradient,
+    while a random direction has a component where the gradient is."""
     n = a.shape[1]
-    _, _, vh = torch.linalg.svd(a, full_matrices=k > min(a.shape))
-    if k <= vh.shape[0]:
-        return vh[:k]
-    extra = torch.randn(k - vh.shape[0], n, generator=gen, dtype=vh.dtype)
-    return torch.cat([vh, extra / extra.norm(dim=1, keepdim=True)])
+    _, s, vh = torch.linalg.svd(a, full_matrices=False)
+    rank = int((s > 1e-10 * float(s.max())).sum()) if s.numel() and float(s.max()) > 0 else 0
+    top = vh[:min(k, rank)]
+    if k <= top.shape[0]:
+        return top
+    extra = torch.randn(k - top.shape[0], n, generator=gen, dtype=vh.dtype)
+    return torch.cat([top, extra / extra.norm(dim=1, keepdim=True)])
 
 
 @register_growth
 class GradMaxGrowth(RandomGrowth):
     name = "gradmax"
+    label, baseline, order = "GradMax", True, 4
     summary = "GradMax: zero incoming; outgoing = top singular vectors of E[dL/dz_{l+1} h_{l-1}^T] (needs data)"
     needs_data = True
     options: ClassVar[dict[str, Any]] = {
         **PlainGrowth.options, "epsilon": 0.0, "scale": 0.5, "scale_method": "mean_norm", "train_mode": True,
     }
+
+    def data_flops(self, f_small, f_grown, images):
+        return 3.0 * f_small * images  # a forward and a backward pass of the small model per image
 
     def prepare(self, model, layout, data):
         self.chains: dict[int, tuple[str, str]] = {}

@@ -9,10 +9,31 @@
   **Fresh rows** are the incoming weights of new neurons (:meth:`PlainGrowth.incoming`); **fresh
   columns** of kept rows are the outgoing weights of new neurons (:meth:`PlainGrowth.outgoing`); fresh
   rows of a grouped or depthwise conv read only new channels and are free (:meth:`PlainGrowth.free`).
-- biases of new neurons are 0; norm layers get identity channels (weight and running variance 1, bias
-  and running mean 0); every other per-channel tensor (layer scales, timm's conv gains) is gathered.
+- biases of new neurons are 0; norm layers get identity channels (running variance 1, bias and running
+  mean 0, weight 1), except the weight of a BatchNorm/GroupNorm channel of new neurons: ``new_gamma``
+  (0.1); every other per-channel tensor (layer scales, timm's conv gains) is gathered.
 
 ``model.growth_report`` lists, per growing channel group, the rule that ran and why.
+
+Options of every plain method, so that what ``morph.grow`` returns trains in an ordinary loop:
+
+- ``relu_grad`` (``"one"``): the grown model's ReLUs get sub-gradient 1 at 0 (:mod:`.activation`), without
+  which new neurons with zero incoming weights never receive a gradient; ``"stock"``: PyTorch's 0.
+- ``new_gamma`` (0.1): the norm weight of new channels. Behind an all-zero channel BatchNorm multiplies the
+  gradient by ``1/sqrt(eps)`` (GradMax App. C): the first step moves new incoming weights by about a fifth
+  of an old neuron's norm (180x the old rows' update, ``benchmarks/first_step.py``), and from then on BatchNorm
+  scales the channel to unit variance, so new neurons enter at full strength through untrained outgoing
+  weights and the loss jumps. growneuron grows norms as identity (weight 1) and takes that jump; a weight of
+  0.1 lets new neurons enter at a tenth of that strength, the weight itself learning how much of them the
+  network uses. The function at growth does not depend on it (a zero channel normalizes to 0).
+- ``split`` (0.5): replicated channels (Net2Net; LayerNorm-normalized groups of every method) share their
+  source's fan-out weights unevenly (:func:`.layout.split_unevenly`), so that replicas part.
+- ``bn_stats`` (``"auto"``): after a step that changes the function and read data (Firefly; GradMax or Random
+  with epsilon > 0), BatchNorm running statistics are re-estimated on the growth batches
+  (:func:`reestimate_norm_stats`; Firefly: on the batches it did not fit, when there are any), so the model
+  is usable in eval mode right away; a function-preserving
+  step keeps the (exact) statistics of the model grown. ``"reestimate"``: whenever data is given;
+  ``"keep"``: never.
 """
 
 from __future__ import annotations
@@ -27,11 +48,13 @@ import torch.nn as nn
 from ..errors import MorphError
 from ..info import MorphInfo, get_info, set_info
 from ..zoo import get_spec
-from .layout import FRESH, OLD, DimMap, Layout, build_layout
+from . import activation
+from .layout import FRESH, OLD, DimMap, Layout, build_layout, split_unevenly
 from .optim import GrowthRecord
 from .registry import GrowthMethod
 
-__all__ = ["PlainGrowth", "fresh_mask", "iterate_batches", "mean_norm", "random_directions"]
+__all__ = ["BN_STATS", "PlainGrowth", "fresh_mask", "iterate_batches", "mean_norm", "random_directions",
+           "reestimate_norm_stats"]
 
 
 def random_directions(n: int, shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -50,6 +73,42 @@ def mean_norm(w: torch.Tensor, axis: int) -> float:
 
 _IDENTITY_ONE = ("weight", "running_var")
 
+#: ``bn_stats``: ``auto`` (re-estimate the BatchNorm statistics on the growth batches when the step changed the
+#: function), ``reestimate`` (whenever data is given), ``keep``.
+BN_STATS = ("auto", "reestimate", "keep")
+
+
+def reestimate_norm_stats(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Replace every BatchNorm's running statistics by their average over ``batches`` (forward passes in
+    training mode, cumulative average: ``momentum=None``), as ``torch.optim.swa_utils.update_bn`` does;
+    everything else (``num_batches_tracked``, momentum, the training flag) is left as it was. Returns the
+    number of batches read."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and m.running_mean is not None]
+    batches = list(batches)
+    if not norms or not batches:
+        return 0
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    was = model.training
+    p0 = next(iter(model.parameters()))
+    n = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x.to(p0))
+                n += 1
+    finally:
+        model.train(was)
+        for m, (momentum, tracked) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+    return n
+
 
 class PlainGrowth(GrowthMethod):
     """Base of the methods on plain models (see the module docstring). Subclasses set the class attributes
@@ -57,7 +116,8 @@ class PlainGrowth(GrowthMethod):
 
     rule: ClassVar[str] = "fresh"
     mapping: ClassVar[str] = "cycle"
-    options: ClassVar[dict[str, Any]] = {"which": "all", "plan": None, "input_size": None}
+    options: ClassVar[dict[str, Any]] = {"which": "all", "plan": None, "input_size": None, "relu_grad": "one",
+                                         "split": 0.5, "bn_stats": "auto", "new_gamma": 0.1}
 
     # -- value hooks ------------------------------------------------------------------------------
     def incoming(self, name: str, w: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> None:
@@ -80,6 +140,38 @@ class PlainGrowth(GrowthMethod):
     def finish(self, new: nn.Module, model: nn.Module, layout: Layout, data) -> None:
         """Called after assembly (Firefly optimizes the new weights here)."""
 
+    def keeps_function(self) -> bool:
+        """Whether the step keeps the function (then the norm statistics are exact and stay)."""
+        return True
+
+    def stats_batches(self, batches: list) -> list:
+        """The batches the norm statistics are re-estimated on (all of them)."""
+        return batches
+
+    def step_flops(self, f_small: float, f_grown: float, images: int) -> float:
+        """The method's own passes (:meth:`data_flops`), plus one forward pass of the grown model per image where
+        the norm statistics are re-estimated."""
+        extra = f_grown * images if self.needs_data and self._reestimates(True) else 0.0
+        return self.data_flops(f_small, f_grown, images) + extra
+
+    def data_flops(self, f_small: float, f_grown: float, images: int) -> float:
+        """FLOPs of the passes the method itself runs on its data (none)."""
+        return 0.0
+
+    def _reestimates(self, data) -> bool:
+        mode = self.opts["bn_stats"]
+        if data is None or mode == "keep":
+            return False
+        return mode == "reestimate" or not self.keeps_function()
+
+    def _check_options(self) -> None:
+        if self.opts["relu_grad"] not in activation.RELU_GRAD:
+            raise MorphError(f"relu_grad must be one of {', '.join(activation.RELU_GRAD)}, got {self.opts['relu_grad']!r}")
+        if not float(self.opts["new_gamma"]) > 0:
+            raise MorphError(f"new_gamma must be > 0 (a zero norm weight cuts new neurons off), got {self.opts['new_gamma']}")
+        if self.opts["bn_stats"] not in BN_STATS:
+            raise MorphError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {self.opts['bn_stats']!r}")
+
     def rule_of(self, layout: Layout, root: int) -> str:
         """The rule reported for one growing group."""
         g = layout.groups[root]
@@ -94,9 +186,11 @@ class PlainGrowth(GrowthMethod):
                 f"method {self.name!r} grows plain models; this is a {info.kind} template model: bake it first "
                 "(morph.bake), or grow it with mixturegrowth"
             )
+        self._check_options()
         self.gen = gen
         layout = build_layout(model, width, rule=self.rule, mapping=self.mapping, which=self.opts["which"], gen=gen,
                               plan=self.opts["plan"], input_size=self.opts["input_size"])
+        split_unevenly(layout, float(self.opts["split"]), gen)
         self.layout = layout
         p0 = next(iter(model.parameters()))
         new = layout.skeleton().to(dtype=p0.dtype, device=p0.device)
@@ -111,7 +205,10 @@ class PlainGrowth(GrowthMethod):
         for prm in new.parameters():
             prm.requires_grad_(True)
         new.train(model.training)
+        activation.restore(new, {"relu_grad": self.opts["relu_grad"]})
         self.finish(new, model, layout, data)
+        if self._reestimates(data):
+            reestimate_norm_stats(new, self.stats_batches(list(iterate_batches(data))))
         new.growth_report = self.report(layout)
         new.growth_record = GrowthRecord(record)
         spec = info.spec if info is not None else get_spec(model)
@@ -150,6 +247,8 @@ class PlainGrowth(GrowthMethod):
                 fresh = maps[0].fresh
                 if fresh.any():
                     new[fresh] = 1.0 if tname in _IDENTITY_ONE else 0.0
+                    if tname == "weight" and isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+                        new[fresh] = float(self.opts["new_gamma"])  # see the module docstring
             t.data = new.to(t.dtype)
             record[_pname(p.name, tname)] = [(0, _pname(p.name, tname), [_old_index(a) for a in axes])]
 
@@ -170,7 +269,7 @@ class PlainGrowth(GrowthMethod):
             grouped = False
         if not grouped:
             w = w.index_select(1, cols.src)
-            w = w / cols.count.to(w).view(1, -1, *([1] * (w.dim() - 2)))
+            w = w * cols.fanout.to(w).view(1, -1, *([1] * (w.dim() - 2)))
         if tuple(w.shape) != want:
             raise MorphError(
                 f"{p.name}: a grouped conv whose groups widen ({tuple(w_old.shape)} -> {want}) cannot keep its "
@@ -215,7 +314,8 @@ def _first_block(a: DimMap, width: int, blocks: int) -> DimMap:
     """The first of ``blocks`` equal blocks of ``a``, as the per-group input map of a grouped conv whose
     groups widen (every block has the same pattern: old channels first, then new ones of the same kinds)."""
     n_old = a.n_old // blocks
-    return DimMap(a.src[:width] % max(n_old, 1), a.kind[:width], a.count[:width], a.group[:width], n_old)
+    return DimMap(a.src[:width] % max(n_old, 1), a.kind[:width], a.count[:width], a.group[:width], n_old,
+                  a.fanout[:width])
 
 
 def _pname(mod: str, t: str) -> str:
