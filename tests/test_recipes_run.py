@@ -12,7 +12,7 @@ from morph.recipes.metrics import read_metrics
 from morph.recipes.trainer import Trainer
 
 # cifar10-smoke at 16x16 and 128 images (4 steps per epoch) to keep the test short
-SMALL = ["data.image_size=16", "data.train_subset=128", "data.test_subset=64"]
+SMALL = ["data.image_size=16", "data.train_subset=128", "data.test_subset=64", "growth.firefly_steps=1"]
 
 
 @pytest.fixture(scope="module")
