@@ -228,6 +228,10 @@ class RunConfig:
         keep_every: also keep the model of every N-th epoch of each stage, and the model it starts
             from (epoch 0), as ``RUN_DIR/<stage key>/epochs/epoch-NNN.safetensors`` (``morph.load``
             reads them; ``morph cka --run`` compares them); 0 keeps none.
+        bn_batches: a grown model is tested before its first step twice: as growth left it (the
+            BatchNorm running statistics of its sources, stale for new channels) and with every
+            BatchNorm's running statistics re-estimated on this many training batches (a copy of the
+            model; training is unchanged); 0 skips the second test.
         native_kernels: on CPU, build morph's native template-mixing kernels at the start of the run if
             they are not built yet (once per machine, about 40 s, with a message; ``morph build-kernels``
             does the same): about 10% off a template-mixing step at small inputs (docs/benchmarks.md).
@@ -250,6 +254,7 @@ class RunConfig:
     keep_every: int = 0
     native_kernels: bool = False
     keep_freed_memory: bool = False
+    bn_batches: int = 8
 
 
 @dataclass
@@ -320,6 +325,7 @@ class Config:
             "data.num_workers": self.data.num_workers,
             "run.log_every": self.run.log_every,
             "run.keep_every": self.run.keep_every,
+            "run.bn_batches": self.run.bn_batches,
         }
         for key, value in non_negative.items():
             if value < 0:
