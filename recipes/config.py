@@ -185,6 +185,10 @@ class GrowthConfig:
         growth_batches: training batches (of ``optim.batch_size``) that ``gradmax`` and ``firefly``
             read at the growth step (GradMax: one batch of 128).
         firefly_steps: Adam steps of Firefly-Opt on its batch (growneuron: 100).
+        device: where ``morph.grow`` runs the growth baselines' growth step: ``train`` (the training
+            device: on a GPU, GradMax's gradients and Firefly's Adam steps run there) or ``cpu``. Random
+            draws come from seeded CPU generators either way; MixtureGrowth's fusion (copies and new
+            coefficients, no data) always runs on the CPU.
     """
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -205,6 +209,7 @@ class GrowthConfig:
     cycles: int = 4
     growth_batches: int = 1
     firefly_steps: int = 100
+    device: str = "train"
 
     @property
     def carries_optimizer(self) -> bool:
@@ -291,6 +296,7 @@ class Config:
         _choice("growth.share", self.growth.share, SHARE_MODES)
         _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
         _choice("growth.after", self.growth.after, AFTER_GROWTH)
+        _choice("growth.device", self.growth.device, ("train", "cpu"))
         for m in self.growth.methods:
             _choice("growth.methods", m, tuple(METHODS))
         if not self.growth.methods:

@@ -48,7 +48,8 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
     """Refuse to resume a run directory that was trained with a different config.
 
     Only settings that change what is trained are compared: ``run.*`` (seeds, device, logging),
-    the data root and the method list may change between invocations.
+    the data root and the method list may change between invocations, and an option the recipes gained
+    after the run was started is accepted at its default value.
 
     Raises:
         RecipeError: naming the first differing key.
@@ -58,9 +59,12 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
         return
     old = _flatten(yaml.safe_load(path.read_text()) or {})
     new = _flatten(cfg.to_dict())
+    defaults = _flatten(Config().to_dict())
     for key in sorted(set(old) | set(new)):
         if key in _FREE_KEYS or key.startswith("run."):
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # an option added to the recipes after the run started, at its default: nothing changed
         if old.get(key) != new.get(key):
             raise RecipeError(
                 f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "

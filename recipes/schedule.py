@@ -23,7 +23,8 @@ Methods (``growth.methods``):
   grown to the target with ``morph.grow(method=...)``, then trained until the budget is spent. The
   growth step's own cost counts in the budget and is reported on its own (``growth`` stage):
   GradMax's gradient batches (``3 x F_small x images``), Firefly-Opt's Adam steps on its batch
-  (``(3 x steps + 1) x F_target x images``); Random and Net2Net cost nothing.
+  (``(3 x steps + 1) x F_target x images``); Random and Net2Net cost nothing. The growth step runs on
+  the training device (``growth.device=train``; ``cpu`` keeps it on the CPU).
 
 After growth (every growing method) the training follows ``growth.after``: ``paper`` (a fresh
 cosine from ``optim.lr``) or ``official`` (the official code's cycles from ``growth.lr_growing``),
@@ -364,13 +365,16 @@ def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
     else:
         t0 = time.perf_counter()
         data = p.trainer.growth_batches(derive_seed(seed, "growth-data"), g.growth_batches)
-        small = _cpu(r1.model)
+        small = _cpu(r1.model) if g.device == "cpu" else r1.model  # the growth step on the training device
         grown = morph.grow(small, method=method, width=1.0 / g.width, data=data if method in ("gradmax", "firefly")
                            else None, seed=derive_seed(seed, method, "grow"), **_growth_options(p, method))
         carried = _carry(p, [r1], grown)
+        if p.trainer.device.type == "cuda":
+            torch.cuda.synchronize(p.trainer.device)
         wall = time.perf_counter() - t0
         if p.trainer.dist.is_main:
-            atomic_write_text(record_path, json.dumps({"flops": cost, "wall_time": wall}))
+            atomic_write_text(record_path, json.dumps({"flops": cost, "wall_time": wall,
+                                                       "device": str(next(grown.parameters()).device)}))
     labels = {"seed": seed, "method": method}
     growth = _growth_record(p, method, seed, r1.flops, cost, wall)
     gkey = f"seed{seed}/{method}/growth"
