@@ -32,35 +32,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "cifar10-wrn10-1-cpu"
-BASE_ROWS = "[small,small-match,large,large-match,mixturegrowth-nofusion,mixturegrowth]"
 BASELINES = "[random,net2net,firefly,gradmax]"
+_SHARED = ["net1", "mixturegrowth/net2"]
 
-# (part, overrides, copy-from part, stage keys copied), in the order they run for every seed of a round
+# (part, overrides, copy-from part, stage keys copied), in the order they run for every seed of a round;
+# the rounds are ordered by what the comparison needs most (this machine is shared and slow)
 ROUNDS: list[list[tuple[str, list[str], str | None, list[str]]]] = [
     [
-        ("base", [f"growth.methods={BASE_ROWS}"], None, []),
-        ("init-zero", ["growth.methods=[mixturegrowth]", "growth.init=zero"], "base",
-         ["net1", "mixturegrowth/net2"]),
+        ("base", ["growth.methods=[small,small-match,mixturegrowth]"], None, []),
+        ("baselines", [f"growth.methods={BASELINES}"], None, []),
+        ("init-zero", ["growth.methods=[mixturegrowth]", "growth.init=zero"], "base", _SHARED),
         ("init-orthogonal-official", ["growth.methods=[mixturegrowth]", "growth.init=orthogonal-official"], "base",
-         ["net1", "mixturegrowth/net2"]),
-        ("after-official", ["growth.methods=[mixturegrowth]", "growth.after=official"], "base",
-         ["net1", "mixturegrowth/net2"]),
+         _SHARED),
+        ("after-official", ["growth.methods=[mixturegrowth]", "growth.after=official"], "base", _SHARED),
     ],
     [
-        ("baselines", [f"growth.methods={BASELINES}"], None, []),
+        ("base", ["growth.methods=[mixturegrowth-nofusion,large-match,large]"], None, []),
+    ],
+    [
+        ("budget-0.70", ["growth.methods=[small-match,random,net2net,gradmax,firefly]", "growth.budget=0.70"],
+         "baselines", ["grow-from-small/train"]),
     ],
     [
         ("one-cosine", ["growth.methods=[mixturegrowth]", "optim.restart_at_growth=false"], "base", ["net1"]),
         ("init-zero-one-cosine", ["growth.methods=[mixturegrowth]", "optim.restart_at_growth=false",
-                                  "growth.init=zero"], "one-cosine", ["net1", "mixturegrowth/net2"]),
+                                  "growth.init=zero"], "one-cosine", _SHARED),
         ("init-zero-after-official", ["growth.methods=[mixturegrowth]", "growth.init=zero", "growth.after=official"],
-         "base", ["net1", "mixturegrowth/net2"]),
+         "base", _SHARED),
         ("official", ["growth.methods=[mixturegrowth]", "growth.init=orthogonal-official", "growth.after=official"],
-         "base", ["net1", "mixturegrowth/net2"]),
-    ],
-    [
-        ("budget-0.70", ["growth.methods=[small-match,random,net2net,gradmax,firefly,large-match]",
-                         "growth.budget=0.70"], "baselines", ["grow-from-small/train"]),
+         "base", _SHARED),
     ],
 ]
 
@@ -109,8 +109,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--rounds", type=int, nargs="+", default=list(range(len(ROUNDS))),
-                    help="which rounds to run (0: base rows and the init/after variants, 1: the growth baselines, "
-                         "2: the one-cosine and combined variants, 3: the equal-compute control)")
+                    help="which rounds to run (0: Small, Small Match, MixtureGrowth, the growth baselines and the "
+                         "init/after variants; 1: MixtureGrowth w/o fusion, Large Match, Large; 2: the equal-compute "
+                         "control at 0.70X; 3: one cosine across growth and the combined variants)")
     ap.add_argument("--collect", type=Path, default=None, help="copy the finished parts' summaries here and stop")
     args = ap.parse_args()
     if args.collect is not None:

@@ -38,7 +38,7 @@ _METHOD_STAGES = {
     "mixturegrowth": (("mixturegrowth/net2", "net2"), ("mixturegrowth/grown", "grown")),
     "mixturegrowth-nofusion": (("net1", "net1"), ("mixturegrowth-nofusion/grown", "grown")),
     # the growth baselines (Random, Net2Net, Firefly, GradMax: the paper's Fig. 4b) share a small model
-    **{m: (("grow-from-small/train", "small"), (f"{m}/grown", "grown")) for m in ("random", "net2net", "firefly", "gradmax")},
+    **{m: (("grow-from-small/train", "small"), (f"{m}/grown", "grown")) for m in morph.growth.baseline_methods()},
 }
 
 

@@ -147,9 +147,10 @@ def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None
 
 
 def _with_info(model: nn.Module, info: MorphInfo) -> nn.Module:
+    from .growth.activation import restore
     from .info import set_info
 
-    return set_info(model, info)
+    return restore(set_info(model, info), info.extra.get("growth"))  # a grown model's activations
 
 
 def load_state(model: nn.Module, path: str | os.PathLike) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+import morph.growth as _growth
+
 from .errors import RecipeError
 
 __all__ = [
@@ -47,16 +49,13 @@ METHODS: dict[str, str] = {
     "large-match": "Large Match",
     "small": "Small",
     "small-match": "Small Match",
-    "random": "Random",
-    "net2net": "Net2Net",
-    "firefly": "Firefly",
-    "gradmax": "GradMax",
+    **{m: _growth.get_growth_method(m).label for m in _growth.baseline_methods()},  # the registry's baselines
     "mixturegrowth-nofusion": "MixtureGrowth w/o fusion",
     "mixturegrowth": "MixtureGrowth",
 }
 
 #: The rows that grow the plain small model with a ``morph.grow`` method (growth-methods issue).
-GROWTH_BASELINES = ("random", "net2net", "firefly", "gradmax")
+GROWTH_BASELINES = tuple(_growth.baseline_methods())
 
 #: Post-growth training (``growth.after``).
 AFTER_GROWTH = ("paper", "official")

@@ -22,9 +22,10 @@ Methods (``growth.methods``):
   model trained to the growth point (``net2_epochs``, the same as MixtureGrowth's net 2, counted),
   grown to the target with ``morph.grow(method=...)``, then trained until the budget is spent. The
   growth step's own cost counts in the budget and is reported on its own (``growth`` stage):
-  GradMax's gradient batches (``3 x F_small x images``), Firefly-Opt's Adam steps on its batch
-  (``(3 x steps + 1) x F_target x images``); Random and Net2Net cost nothing. The growth step runs on
-  the training device (``growth.device=train``; ``cpu`` keeps it on the CPU).
+  what the method's class says (``GrowthMethod.step_flops``): GradMax's gradient batches
+  (``3 x F_small x images``), Firefly-Opt's Adam steps on its batch and the re-estimation of the norm
+  statistics (``(3 x steps + 2) x F_target x images``); Random and Net2Net cost nothing. The growth
+  step runs on the training device (``growth.device=train``; ``cpu`` keeps it on the CPU).
 
 After growth (every growing method) the training follows ``growth.after``: ``paper`` (a fresh
 cosine from ``optim.lr``) or ``official`` (the official code's cycles from ``growth.lr_growing``),
@@ -322,18 +323,21 @@ def _train_small_to_growth(p: Planner, seed: int, span: int | None) -> StageResu
 
 
 def growth_cost(p: Planner, method: str) -> float:
-    """Training FLOPs of the growth step itself (see the module docstring)."""
-    g = p.cfg.growth
-    images = g.growth_batches * p.batch
-    if method == "gradmax":  # a forward and a backward pass of the small model per image
-        return 3.0 * p.flops("small", lambda: p.small(0)) * images
-    if method == "firefly":  # every Adam step a forward and a backward of the grown model, then one forward
-        return (3.0 * g.firefly_steps + 1.0) * p.flops("target", lambda: p.target(0, "flops")) * images
-    return 0.0
+    """Training FLOPs of the growth step itself: what the method says it costs
+    (:meth:`morph.growth.GrowthMethod.step_flops`) on ``growth_batches`` batches."""
+    import morph.growth
+
+    impl = morph.growth.get_growth_method(method)(**_growth_options(p, method))
+    if not impl.needs_data:
+        return impl.step_flops(0.0, 0.0, 0)
+    images = p.cfg.growth.growth_batches * p.batch
+    return impl.step_flops(p.flops("small", lambda: p.small(0)), p.flops("target", lambda: p.target(0, "flops")), images)
 
 
 def _growth_options(p: Planner, method: str) -> dict[str, Any]:
-    return {"steps": p.cfg.growth.firefly_steps} if method == "firefly" else {}
+    import morph.growth
+
+    return morph.growth.get_growth_method(method).recipe_options(p.cfg.growth)
 
 
 def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
@@ -359,15 +363,16 @@ def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
     if p.trainer.checkpoint_path(key).exists() and record_path.exists():
         # resumed: the grown stage's checkpoint holds the weights and the optimizer; a target-shaped
         # model receives them, and the growth step (deterministic) is not redone
-        grown = p.target(seed, "large")
+        grown = morph.growth.restore(p.target(seed, "large"), method, **_growth_options(p, method))
         carried = None
         wall = float(json.loads(record_path.read_text()).get("wall_time", 0.0))
     else:
         t0 = time.perf_counter()
         data = p.trainer.growth_batches(derive_seed(seed, "growth-data"), g.growth_batches)
         small = _cpu(r1.model) if g.device == "cpu" else r1.model  # the growth step on the training device
-        grown = morph.grow(small, method=method, width=1.0 / g.width, data=data if method in ("gradmax", "firefly")
-                           else None, seed=derive_seed(seed, method, "grow"), **_growth_options(p, method))
+        reads = morph.growth.get_growth_method(method).needs_data
+        grown = morph.grow(small, method=method, width=1.0 / g.width, data=data if reads else None,
+                           seed=derive_seed(seed, method, "grow"), **_growth_options(p, method))
         carried = _carry(p, [r1], grown)
         if p.trainer.device.type == "cuda":
             torch.cuda.synchronize(p.trainer.device)

@@ -10,9 +10,19 @@ from . import firefly, gradmax, mixturegrowth, net2net, random  # noqa: F401  (r
 from .api import grow
 from .layout import Layout, build_layout
 from .optim import carry_optimizer_state
-from .registry import GrowthMethod, get_growth_method, list_growth_methods, register_growth
+from .registry import GrowthMethod, baseline_methods, get_growth_method, list_growth_methods, register_growth
 
 __all__ = [
-    "GrowthMethod", "Layout", "build_layout", "carry_optimizer_state", "get_growth_method", "grow",
-    "list_growth_methods", "register_growth",
+    "GrowthMethod", "Layout", "baseline_methods", "build_layout", "carry_optimizer_state", "get_growth_method",
+    "grow", "list_growth_methods", "register_growth", "restore",
 ]
+
+
+def restore(model, method: str, **options):
+    """What ``morph.grow(method=..., **options)`` leaves on a model besides its values (the activations'
+    sub-gradient, :mod:`.activation`), applied to ``model`` of the grown shape: a resumed training stage
+    that rebuilt the grown model and loaded its weights. Returns ``model``."""
+    from . import activation
+
+    impl = get_growth_method(method)(**options)
+    return activation.restore(model, {"relu_grad": impl.opts.get("relu_grad", "stock")}, where=f"growth method {method}")

@@ -26,7 +26,8 @@ def grow(
         method: a name from :func:`morph.list_growth_methods`; default ``mixturegrowth`` for a template
             model (MixtureGrowth without fusion) and required for a plain one.
         width: the width ratio (any ratio >= 1 the shapes allow; ``mixturegrowth``: 2).
-        data: an ``(inputs, targets)`` batch or an iterable of them (``gradmax``, ``firefly``).
+        data: an ``(inputs, targets)`` batch or an iterable of them (``gradmax``, ``firefly``); read once. A plain
+            model is traced at the images' size (unless ``input_size=`` is given).
         seed: seed of every random draw of the method.
         **options: the method's options (``epsilon``, ``mapping``, ``which``, ``init`` ...).
 
@@ -51,5 +52,13 @@ def grow(
     impl = cls(**options)
     if cls.needs_data and data is None:
         raise MorphError(f"growth method {method!r} reads data: pass data=(inputs, targets) or an iterable of batches")
+    if data is not None and not cls.template:
+        from .plain import iterate_batches
+
+        data = list(iterate_batches(data))  # read once: the method, the input size and the norm statistics use it
+        if data and "input_size" in cls.options and impl.opts.get("input_size") is None:
+            x = data[0][0]
+            if isinstance(x, torch.Tensor) and x.dim() == 4:  # images: (C, H, W)
+                impl.opts["input_size"] = tuple(int(s) for s in x.shape[1:])
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     return impl.grow(model, width, data, gen)

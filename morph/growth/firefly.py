@@ -36,12 +36,24 @@ def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
 @register_growth
 class FireflyGrowth(RandomGrowth):
     name = "firefly"
+    label, baseline, order = "Firefly", True, 3
     summary = "Firefly-Opt: random new neurons, then Adam steps on one batch on the new weights only (needs data)"
     needs_data = True
     options: ClassVar[dict[str, Any]] = {
         **PlainGrowth.options, "epsilon": 0.01, "scale": 0.5, "scale_method": "mean_norm", "outgoing_zero": False,
         "steps": 100, "lr": 1e-3, "train_mode": True,
     }
+
+    def keeps_function(self) -> bool:
+        return False
+
+    @classmethod
+    def recipe_options(cls, growth):
+        return {"steps": int(growth.firefly_steps)}
+
+    def data_flops(self, f_small, f_grown, images):
+        # every Adam step a forward and a backward pass of the grown model, then one forward for the final loss
+        return (3.0 * int(self.opts["steps"]) + 1.0) * f_grown * images
 
     def finish(self, new, model, layout, data):
         if float(self.opts["epsilon"]) <= 0 and not self.opts["outgoing_zero"]:

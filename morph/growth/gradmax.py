@@ -99,11 +99,15 @@ def growth_directions(a: torch.Tensor, k: int, gen: torch.Generator) -> torch.Te
 @register_growth
 class GradMaxGrowth(RandomGrowth):
     name = "gradmax"
+    label, baseline, order = "GradMax", True, 4
     summary = "GradMax: zero incoming; outgoing = top singular vectors of E[dL/dz_{l+1} h_{l-1}^T] (needs data)"
     needs_data = True
     options: ClassVar[dict[str, Any]] = {
         **PlainGrowth.options, "epsilon": 0.0, "scale": 0.5, "scale_method": "mean_norm", "train_mode": True,
     }
+
+    def data_flops(self, f_small, f_grown, images):
+        return 3.0 * f_small * images  # a forward and a backward pass of the small model per image
 
     def prepare(self, model, layout, data):
         self.chains: dict[int, tuple[str, str]] = {}

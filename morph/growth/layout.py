@@ -46,9 +46,11 @@ class DimMap:
         src: index into the old dim: the channel itself (old), its source (replica), or a cycling
             stand-in (fresh; methods overwrite those).
         kind: ``OLD``, ``REPLICA`` or ``FRESH``.
-        count: how many old-or-replica positions share ``src`` (net2net divides fan-out weights by it).
+        count: how many old-or-replica positions share ``src``.
         group: the atom group (plan root) of each position.
         n_old: length of the old dim.
+        share: the fraction of ``src``'s fan-out weights each position takes (Net2Net's rule: ``1 / count``
+            for an even split; the shares of one source's positions sum to 1); ``None``: ``1 / count``.
     """
 
     src: torch.Tensor
@@ -56,6 +58,12 @@ class DimMap:
     count: torch.Tensor
     group: torch.Tensor
     n_old: int
+    share: torch.Tensor | None = None
+
+    @property
+    def fanout(self) -> torch.Tensor:
+        """Per position, the factor its fan-out weights are multiplied by (``share``, else ``1 / count``)."""
+        return self.share if self.share is not None else 1.0 / self.count
 
     @property
     def fresh(self) -> torch.Tensor:
@@ -80,6 +88,7 @@ class GroupGrowth:
     mapping: torch.Tensor  # [new]: source channel of each position (old: itself)
     note: str = ""  # why a non-default rule ran (reported per group)
     blocks: int = 1  # equal blocks (the groups of a grouped conv that keeps its group count), each old-then-new
+    share: torch.Tensor | None = None  # [new]: fan-out share of each kept position (None: 1 / replica count)
 
     @property
     def old_mask(self) -> torch.Tensor:
@@ -104,7 +113,7 @@ class Layout:
     def dim(self, dim: Dim) -> DimMap:
         key = tuple(dim)
         if key not in self._dims:
-            src, kind, count, group = [], [], [], []
+            src, kind, count, group, share = [], [], [], [], []
             base = 0
             for s in self.plan.atoms(dim):
                 g = self.groups[self.plan.groups.find(s.group)]
@@ -114,15 +123,17 @@ class Layout:
                 kept = k != FRESH
                 cnt = torch.bincount(ch[kept], minlength=g.old).to(torch.float64)[ch].clamp_min(1)
                 cnt[~kept] = 1
+                sh = g.share.to(torch.float64) if g.share is not None else 1.0 / cnt
                 r = torch.arange(s.inner)
                 src.append((base + ch[:, None] * s.inner + r[None, :]).reshape(-1))
                 kind.append(k.repeat_interleave(s.inner))
                 count.append(cnt.repeat_interleave(s.inner))
+                share.append(sh.repeat_interleave(s.inner))
                 group.append(torch.full((g.new * s.inner,), g.root, dtype=torch.long))
                 base += g.old * s.inner
             cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt)  # noqa: E731
             self._dims[key] = DimMap(cat(src, torch.long), cat(kind, torch.int8), cat(count, torch.float64),
-                                     cat(group, torch.long), base)
+                                     cat(group, torch.long), base, cat(share, torch.float64))
         return self._dims[key]
 
     # -- graph queries ----------------------------------------------------------------------------
@@ -306,3 +317,22 @@ def _block_widening_groups(model: nn.Module, ref: nn.Module, plan: ChannelPlan, 
             src = block * ob + pos % ob  # old positions: themselves; new ones: a channel of their own block
             note = f"grouped conv {p.name} widens its {old_g} groups: grown block by block"
             groups[g.root] = dataclasses.replace(g, mapping=src, blocks=old_g, note=note)
+
+
+def split_unevenly(layout: Layout, spread: float, gen: torch.Generator) -> None:
+    """Replicated channels and their source take uneven shares of the source's fan-out weights (LEMON, Wang et
+    al. 2024): position ``p`` draws ``w_p = 1 + spread * U[-1, 1]`` and takes ``w_p / sum(w)`` over the positions
+    of its source, instead of Net2Net's ``1 / count``. The function is kept exactly (the shares sum to 1), and
+    replicas, whose incoming weights are equal, get gradients in proportion to their shares, so they part
+    after the first step instead of staying copies of their source forever."""
+    if not 0 <= spread < 1:
+        raise MorphError(f"split must be in [0, 1), got {spread:g}")
+    if spread == 0:
+        return
+    for g in layout.growing():
+        if g.rule != "replicate":
+            continue
+        w = 1 + spread * (2 * torch.rand(g.new, generator=gen, dtype=torch.float64) - 1)
+        total = torch.zeros(g.old, dtype=torch.float64).index_add_(0, g.mapping, w)
+        g.share = w / total[g.mapping]
+    layout._dims.clear()

@@ -26,9 +26,13 @@ __all__ = ["Net2NetGrowth"]
 @register_growth
 class Net2NetGrowth(PlainGrowth):
     name = "net2net"
+    label, baseline, order = "Net2Net", True, 2
     summary = "Net2WiderNet: replicate channels, divide fan-out by replica count (one mapping per channel group)"
     rule = "replicate"
     options: ClassVar[dict[str, Any]] = {**PlainGrowth.options, "mapping": "random", "noise": 0.0}
+
+    def keeps_function(self) -> bool:
+        return float(self.opts["noise"]) == 0
 
     def grow(self, model, width, data, gen):
         self.mapping = self.opts["mapping"]

@@ -27,11 +27,13 @@ import torch.nn as nn
 from ..errors import MorphError
 from ..info import MorphInfo, get_info, set_info
 from ..zoo import get_spec
-from .layout import FRESH, OLD, DimMap, Layout, build_layout
+from . import activation
+from .layout import FRESH, OLD, DimMap, Layout, build_layout, split_unevenly
 from .optim import GrowthRecord
 from .registry import GrowthMethod
 
-__all__ = ["PlainGrowth", "fresh_mask", "iterate_batches", "mean_norm", "random_directions"]
+__all__ = ["BN_STATS", "PlainGrowth", "fresh_mask", "iterate_batches", "mean_norm", "random_directions",
+           "reestimate_norm_stats"]
 
 
 def random_directions(n: int, shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -50,6 +52,42 @@ def mean_norm(w: torch.Tensor, axis: int) -> float:
 
 _IDENTITY_ONE = ("weight", "running_var")
 
+#: ``bn_stats``: ``auto`` (re-estimate the BatchNorm statistics on the growth batches when the step changed the
+#: function), ``reestimate`` (whenever data is given), ``keep``.
+BN_STATS = ("auto", "reestimate", "keep")
+
+
+def reestimate_norm_stats(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Replace every BatchNorm's running statistics by their average over ``batches`` (forward passes in
+    training mode, cumulative average: ``momentum=None``), as ``torch.optim.swa_utils.update_bn`` does;
+    everything else (``num_batches_tracked``, momentum, the training flag) is left as it was. Returns the
+    number of batches read."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and m.running_mean is not None]
+    batches = list(batches)
+    if not norms or not batches:
+        return 0
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    was = model.training
+    p0 = next(iter(model.parameters()))
+    n = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x.to(p0))
+                n += 1
+    finally:
+        model.train(was)
+        for m, (momentum, tracked) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+    return n
+
 
 class PlainGrowth(GrowthMethod):
     """Base of the methods on plain models (see the module docstring). Subclasses set the class attributes
@@ -57,7 +95,8 @@ class PlainGrowth(GrowthMethod):
 
     rule: ClassVar[str] = "fresh"
     mapping: ClassVar[str] = "cycle"
-    options: ClassVar[dict[str, Any]] = {"which": "all", "plan": None, "input_size": None}
+    options: ClassVar[dict[str, Any]] = {"which": "all", "plan": None, "input_size": None, "relu_grad": "one",
+                                         "split": 0.5, "bn_stats": "auto"}
 
     # -- value hooks ------------------------------------------------------------------------------
     def incoming(self, name: str, w: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> None:
@@ -80,6 +119,32 @@ class PlainGrowth(GrowthMethod):
     def finish(self, new: nn.Module, model: nn.Module, layout: Layout, data) -> None:
         """Called after assembly (Firefly optimizes the new weights here)."""
 
+    def keeps_function(self) -> bool:
+        """Whether the step keeps the function (then the norm statistics are exact and stay)."""
+        return True
+
+    def step_flops(self, f_small: float, f_grown: float, images: int) -> float:
+        """The method's own passes (:meth:`data_flops`), plus one forward pass of the grown model per image where
+        the norm statistics are re-estimated."""
+        extra = f_grown * images if self.needs_data and self._reestimates(True) else 0.0
+        return self.data_flops(f_small, f_grown, images) + extra
+
+    def data_flops(self, f_small: float, f_grown: float, images: int) -> float:
+        """FLOPs of the passes the method itself runs on its data (none)."""
+        return 0.0
+
+    def _reestimates(self, data) -> bool:
+        mode = self.opts["bn_stats"]
+        if data is None or mode == "keep":
+            return False
+        return mode == "reestimate" or not self.keeps_function()
+
+    def _check_options(self) -> None:
+        if self.opts["relu_grad"] not in activation.RELU_GRAD:
+            raise MorphError(f"relu_grad must be one of {', '.join(activation.RELU_GRAD)}, got {self.opts['relu_grad']!r}")
+        if self.opts["bn_stats"] not in BN_STATS:
+            raise MorphError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {self.opts['bn_stats']!r}")
+
     def rule_of(self, layout: Layout, root: int) -> str:
         """The rule reported for one growing group."""
         g = layout.groups[root]
@@ -94,9 +159,11 @@ class PlainGrowth(GrowthMethod):
                 f"method {self.name!r} grows plain models; this is a {info.kind} template model: bake it first "
                 "(morph.bake), or grow it with mixturegrowth"
             )
+        self._check_options()
         self.gen = gen
         layout = build_layout(model, width, rule=self.rule, mapping=self.mapping, which=self.opts["which"], gen=gen,
                               plan=self.opts["plan"], input_size=self.opts["input_size"])
+        split_unevenly(layout, float(self.opts["split"]), gen)
         self.layout = layout
         p0 = next(iter(model.parameters()))
         new = layout.skeleton().to(dtype=p0.dtype, device=p0.device)
@@ -111,7 +178,10 @@ class PlainGrowth(GrowthMethod):
         for prm in new.parameters():
             prm.requires_grad_(True)
         new.train(model.training)
+        activation.restore(new, {"relu_grad": self.opts["relu_grad"]})
         self.finish(new, model, layout, data)
+        if self._reestimates(data):
+            reestimate_norm_stats(new, iterate_batches(data))
         new.growth_report = self.report(layout)
         new.growth_record = GrowthRecord(record)
         spec = info.spec if info is not None else get_spec(model)
@@ -170,7 +240,7 @@ class PlainGrowth(GrowthMethod):
             grouped = False
         if not grouped:
             w = w.index_select(1, cols.src)
-            w = w / cols.count.to(w).view(1, -1, *([1] * (w.dim() - 2)))
+            w = w * cols.fanout.to(w).view(1, -1, *([1] * (w.dim() - 2)))
         if tuple(w.shape) != want:
             raise MorphError(
                 f"{p.name}: a grouped conv whose groups widen ({tuple(w_old.shape)} -> {want}) cannot keep its "
@@ -215,7 +285,8 @@ def _first_block(a: DimMap, width: int, blocks: int) -> DimMap:
     """The first of ``blocks`` equal blocks of ``a``, as the per-group input map of a grouped conv whose
     groups widen (every block has the same pattern: old channels first, then new ones of the same kinds)."""
     n_old = a.n_old // blocks
-    return DimMap(a.src[:width] % max(n_old, 1), a.kind[:width], a.count[:width], a.group[:width], n_old)
+    return DimMap(a.src[:width] % max(n_old, 1), a.kind[:width], a.count[:width], a.group[:width], n_old,
+                  a.fanout[:width])
 
 
 def _pname(mod: str, t: str) -> str:

@@ -23,10 +23,14 @@ __all__ = ["RandomGrowth"]
 @register_growth
 class RandomGrowth(PlainGrowth):
     name = "random"
+    label, baseline, order = "Random", True, 1
     summary = "random new neurons: incoming x epsilon (0), outgoing at 0.5 x the mean norm (growneuron AddRandom)"
     options: ClassVar[dict[str, Any]] = {
         **PlainGrowth.options, "epsilon": 0.0, "scale": 0.5, "scale_method": "mean_norm", "outgoing_zero": False,
     }
+
+    def keeps_function(self) -> bool:
+        return float(self.opts["epsilon"]) == 0
 
     def _scales(self) -> tuple[float, float]:
         eps, s = float(self.opts["epsilon"]), float(self.opts["scale"])

@@ -1,8 +1,10 @@
 """The growth-method registry: one class per method, filed under its CLI word (timm's ``register_model``).
 
 A method is a :class:`GrowthMethod` subclass with a ``name``; :func:`register_growth` files it when its
-module is imported (``morph.growth`` imports them all). :func:`morph.grow` looks methods up here, so a
-new method is one new module and nothing else: no CLI enum, no recipe table, no loader branch.
+module is imported (``morph.growth`` imports them all). :func:`morph.grow` looks methods up here, and so do
+the recipes (:func:`baseline_methods`: the rows that grow the plain small model, their labels, their options
+from the recipe config and the FLOPs of their growth step), ``morph cka --run`` and the loader, so a new
+method is one new module and nothing else: no CLI enum, no recipe table, no loader branch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn as nn
 
 from ..errors import MorphError
 
-__all__ = ["GrowthMethod", "register_growth", "list_growth_methods", "get_growth_method"]
+__all__ = ["GrowthMethod", "baseline_methods", "register_growth", "list_growth_methods", "get_growth_method"]
 
 _METHODS: dict[str, type[GrowthMethod]] = {}
 
@@ -29,6 +31,9 @@ class GrowthMethod:
         needs_data: the method reads a batch of the user's data.
         template: the method grows template-mixing models (MixtureGrowth) instead of plain ones.
         options: option name -> default; :func:`morph.grow` passes ``**options`` through.
+        label: the method's name in result tables (MixtureGrowth Table 1: ``GradMax``).
+        baseline: a recipe row that grows the plain small model with this method (``morph train``).
+        order: position among the baseline rows (Table 1's order).
     """
 
     name: ClassVar[str] = ""
@@ -36,6 +41,20 @@ class GrowthMethod:
     needs_data: ClassVar[bool] = False
     template: ClassVar[bool] = False
     options: ClassVar[dict[str, Any]] = {}
+    label: ClassVar[str] = ""
+    baseline: ClassVar[bool] = False
+    order: ClassVar[int] = 100
+
+    @classmethod
+    def recipe_options(cls, growth: Any) -> dict[str, Any]:
+        """The method's options from a recipe's ``growth`` config section (:class:`recipes.config.GrowthConfig`)."""
+        return {}
+
+    def step_flops(self, f_small: float, f_grown: float, images: int) -> float:
+        """Training FLOPs of one growth step (``3 x F`` per image for a forward and a backward pass, ``F`` per
+        forward), with ``f_small``/``f_grown`` the forward FLOPs per image of the model grown and of the result,
+        and ``images`` the images of the data it reads. Default: nothing (no data read)."""
+        return 0.0
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))
@@ -63,6 +82,11 @@ def register_growth(cls: type[GrowthMethod]) -> type[GrowthMethod]:
         raise ValueError(f"growth method name {cls.name!r} is empty or taken")
     _METHODS[cls.name] = cls
     return cls
+
+
+def baseline_methods() -> list[str]:
+    """Names of the methods that are recipe baseline rows (``baseline``), in their ``order``."""
+    return sorted((n for n, c in _METHODS.items() if c.baseline), key=lambda n: (_METHODS[n].order, n))
 
 
 def list_growth_methods() -> list[str]:
