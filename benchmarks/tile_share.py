@@ -52,49 +52,65 @@ def _loaded(model, path: Path):
     return model
 
 
+def tile_shares(fused, start: dict[int, dict[str, torch.Tensor]]) -> dict[str, dict[str, list[float]]]:
+    """Per 2x2 layer of ``fused`` (``morph.fuse``), the share and magnitude of each new tile (see above).
+
+    Args:
+        fused: the fused template model.
+        start: for bank 0 (net 1) and bank 1 (net 2), each layer's templates at the start of training.
+    """
+    from morph.templates import mixed_layers
+
+    layers: dict[str, dict[str, list[float]]] = {}
+    for name, mod in mixed_layers(fused):
+        mix = mod.mix
+        if tuple(mix.grid) != (2, 2):
+            continue  # edge layers get no new tiles
+        c = mix.coefficients.detach().double()
+        tb = list(mix.tile_banks)
+        old = {tb[0]: 0, tb[3]: 3}  # the two carried tiles, one per bank
+        rec: dict[str, list[float]] = {"share": [], "magnitude": []}
+        for t in (1, 2):
+            bank = tb[t]
+            t_end = mix.banks[bank].templates.detach().double()
+            delta = t_end - start[0 if bank == tb[0] else 1][name].double()
+            learned_old = torch.tensordot(c[old[bank]], delta, dims=1).norm()
+            learned_new = torch.tensordot(c[t], delta, dims=1).norm()
+            w_old = torch.tensordot(c[old[bank]], t_end, dims=1).norm()
+            w_new = torch.tensordot(c[t], t_end, dims=1).norm()
+            rec["share"].append(float(learned_new / learned_old))
+            rec["magnitude"].append(float(w_new / w_old))
+        layers[name] = rec
+    return layers
+
+
+def templates_of(model) -> dict[str, torch.Tensor]:
+    """Each mixed layer's templates (a half network: one bank per layer)."""
+    from morph.templates import mixed_layers
+
+    return {name: mod.mix.banks[0].templates.detach().clone() for name, mod in mixed_layers(model)}
+
+
 def layer_shares(run_dir: Path, seed: int, inits: list[str]) -> dict[str, dict[str, dict[str, list[float]]]]:
     """``{init: {layer: {"share": [...], "magnitude": [...]}}}``, one value per new tile of the layer."""
     from morph.recipes.config import load_config
     from morph.recipes.data import derive_seed
 
     import morph
-    from morph.templates import mixed_layers
 
     cfg = load_config(run_dir / "config.yaml")
     num_classes = 100 if cfg.data.dataset == "cifar100" else 1000 if cfg.data.dataset == "imagenet" else 10
     size = cfg.data.image_size or (224 if cfg.data.dataset == "imagenet" else 32)
     shape = (3, size, size)
-    start = {role: dict(mixed_layers(_half(cfg, seed, role, num_classes, shape))) for role in ("net1", "net2")}
+    start = {i: templates_of(_half(cfg, seed, role, num_classes, shape)) for i, role in enumerate(("net1", "net2"))}
     end = {"net1": _loaded(_half(cfg, seed, "net1", num_classes, shape), run_dir / f"seed{seed}/net1/checkpoint.safetensors"),
            "net2": _loaded(_half(cfg, seed, "net2", num_classes, shape),
                            run_dir / f"seed{seed}/mixturegrowth/net2/checkpoint.safetensors")}
-    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    out = {}
     for init in inits:
         fused = morph.fuse(end["net1"], end["net2"], growth=cfg.growth.growth, init=init,
                            seed=derive_seed(seed, "fuse"))
-        layers: dict[str, dict[str, list[float]]] = {}
-        for name, mod in mixed_layers(fused):
-            mix = mod.mix
-            if tuple(mix.grid) != (2, 2):
-                continue  # edge layers get no new tiles
-            c = mix.coefficients.detach().double()
-            tb = list(mix.tile_banks)
-            old = {tb[0]: 0, tb[3]: 3}  # the two carried tiles, one per bank
-            rec: dict[str, list[float]] = {"share": [], "magnitude": []}
-            for t in (1, 2):
-                bank = tb[t]
-                role = "net1" if bank == tb[0] else "net2"
-                t_end = mix.banks[bank].templates.detach().double()
-                t_start = start[role][name].mix.banks[0].templates.detach().double()
-                delta = t_end - t_start
-                learned_old = torch.tensordot(c[old[bank]], delta, dims=1).norm()
-                learned_new = torch.tensordot(c[t], delta, dims=1).norm()
-                w_old = torch.tensordot(c[old[bank]], t_end, dims=1).norm()
-                w_new = torch.tensordot(c[t], t_end, dims=1).norm()
-                rec["share"].append(float(learned_new / learned_old))
-                rec["magnitude"].append(float(w_new / w_old))
-            layers[name] = rec
-        out[init] = layers
+        out[init] = tile_shares(fused, start)
     return out
 
 
