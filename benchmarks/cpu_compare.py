@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "cifar10-wrn10-1-cpu"
-BASELINES = "[random,net2net,firefly,gradmax]"
+BASELINES = "[random,net2net,gradmax,firefly]"
 _SHARED = ["net1", "mixturegrowth/net2"]
 
 # (part, overrides, copy-from part, stage keys copied), in the order they run for every seed of a round;
