@@ -48,5 +48,5 @@ def report(
     if json_out:
         print_json({"markdown": str(files.markdown), "plot": str(files.plot), "json": str(files.json), **files.data})
     else:
-        out.print(files.text, markup=False, highlight=False)
+        out.print(files.text, markup=False, highlight=False, soft_wrap=True)
         out.print(f"wrote {files.markdown}, {files.json} and {files.plot}", markup=False, highlight=False)
