@@ -328,7 +328,7 @@ def plot_paired(data: dict[str, Any], path: Path) -> None:
             ax.plot([p["mean"]], [y], "o", color="tab:blue")
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_yticks(ys, [row["label"] for row in rows], fontsize=7)
-        ax.set_xlabel(f"top-1 minus {label} (points), paired by seed, 95% t-interval")
+        ax.set_xlabel(f"minus {label} (top-1 points, by seed; 95% t-interval)", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     _save_fig(fig, path)
