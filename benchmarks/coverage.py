@@ -42,8 +42,106 @@ from zoo_list import (  # noqa: E402
 FLOAT64_MAX_PARAMS = 30e6
 LAST = ("torchvision/regnet_y_128gf",)
 TOL = 1e-5
-PARTS = ("main", "direct", "growth")  # check_model via morph.build_model; the same built directly; growth methods
+PARTS = ("main", "direct", "growth", "trains")  # check_model via morph.build_model; the same built directly;
+# growth methods (function); the grown models train (new rows move)
 GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
+TRAINS_STEPS, TRAINS_LR, TRAINS_BATCH = 3, 0.1, 4
+
+
+def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...] = GROWTH_METHODS,
+                 steps: int = TRAINS_STEPS, lr: float = TRAINS_LR, firefly_steps: int = 5) -> dict:
+    """Do the grown models train? ``scale_width(model, 0.5)`` (norms randomized) grown back with each method's
+    defaults, then ``steps`` plain SGD steps (lr ``lr``, float32, train mode, a batch of ``TRAINS_BATCH`` random
+    images). Per method: ``rows`` = new output rows (fresh or replica) of conv/linear layers, ``zero`` = those
+    still exactly zero, ``replica`` = those still equal to an old row of their layer (to 1e-6 of the old rows'
+    mean norm), ``loss`` = the training loss at the first and the last step. A method that raises records
+    ``status`` ``error`` (MorphError) or ``crash``."""
+    import gc
+
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from zoo_check import randomize_norms
+
+    import morph
+
+    out: dict[str, dict] = {}
+    try:
+        torch.manual_seed(0)
+        half = morph.scale_width(morph.build_model(spec), 0.5, input_size=input_size).eval()
+        randomize_norms(half)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((TRAINS_BATCH, *input_size), generator=g)
+        with torch.no_grad():
+            out_half = half(x)
+        classes = (out_half[0] if isinstance(out_half, (tuple, list)) else out_half).shape[-1]
+        y = torch.randint(0, classes, (TRAINS_BATCH,), generator=g)
+        for method in methods:
+            t0 = time.perf_counter()
+            try:
+                opts = {"steps": firefly_steps} if method == "firefly" else {}
+                grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=input_size, **opts)
+                masks = {}
+                for k, entries in grown.growth_record.params.items():
+                    mod = grown.get_submodule(k.rpartition(".")[0]) if "." in k else grown
+                    rows = entries[0][2][0] if entries[0][2] else None
+                    if (k.endswith("weight") and isinstance(mod, (nn.Conv2d, nn.Linear)) and rows is not None
+                            and not getattr(mod, "transposed", False) and (rows < 0).any()):
+                        masks[k] = rows < 0
+                grown.train()
+                opt = torch.optim.SGD(grown.parameters(), lr=lr)
+                losses = []
+                for _ in range(steps):
+                    opt.zero_grad()
+                    o = grown(x)
+                    loss = F.cross_entropy(o[0] if isinstance(o, (tuple, list)) else o, y)
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss.detach()))
+                sd = grown.state_dict()
+                total = zero = same = 0
+                for k, new in masks.items():
+                    w = sd[k].detach().flatten(1).double()
+                    ref = w[~new].norm(dim=1).mean() if (~new).any() else w.norm(dim=1).mean()
+                    total += int(new.sum())
+                    zero += int((w[new].norm(dim=1) <= 1e-12 * ref).sum())
+                    if (~new).any():
+                        d = torch.cdist(w[new], w[~new], compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+                        same += int((d <= 1e-6 * ref).sum())
+                r = {"status": "ok", "rows": total, "zero": zero, "replica": same, "loss": [losses[0], losses[-1]],
+                     "layers": len(masks)}
+                del grown, opt
+            except morph.MorphError as e:
+                r = {"status": "error", "error": str(e).splitlines()[0][:300]}
+            except Exception as e:  # noqa: BLE001 - recorded, reported as a crash
+                r = {"status": "crash", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+            r["seconds"] = time.perf_counter() - t0
+            out[method] = r
+            gc.collect()
+    except morph.MorphError as e:
+        out = {m: {"status": "error", "error": str(e).splitlines()[0][:300]} for m in methods}
+    except Exception as e:  # noqa: BLE001
+        out = {m: {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]} for m in methods}
+    return out
+
+
+def trains_verdict(r: dict, method: str) -> str:
+    """The grown model trains: after the SGD steps no new row is still zero or still a replica, the loss finite."""
+    t = r.get("trains", {}).get(method)
+    if t is None:
+        return "—"
+    if t["status"] != "ok":
+        return f"**{t['status']}**: {t['error'][:70]}"
+    bad = []
+    if t["zero"]:
+        bad.append(f"{t['zero']}/{t['rows']} rows zero")
+    if t["replica"]:
+        bad.append(f"{t['replica']}/{t['rows']} replicas")
+    if not all(math.isfinite(v) for v in t["loss"]):
+        bad.append("loss not finite")
+    if not t["rows"]:
+        bad.append("no new rows")
+    return "yes" if not bad else "**no**: " + ", ".join(bad)
 
 
 def growth_verdict(r: dict, method: str) -> str:
@@ -107,6 +205,8 @@ def _child(spec: str, mem_gb: float, threads: int = 1, parts: tuple[str, ...] = 
     if "growth" in parts:
         row["growth"] = check_growth(spec, spec_input_size(spec), dtype=dtype)
         row["growth_dtype"] = str(dtype).replace("torch.", "")
+    if "trains" in parts:
+        row["trains"] = check_trains(spec, spec_input_size(spec))
     print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -276,6 +376,7 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
             f"{'yes' if r['save_load_exact'] else '**no**'} | {_cell(direct_verdict(r))} | {r['dtype']} | {r['seconds']:.0f} | {_cell('; '.join(notes))} |"
         )
     lines += _growth_table(rows, summary)
+    lines += _trains_table(rows, summary)
     out.write_text("\n".join(lines) + "\n")
     return summary
 
@@ -326,6 +427,42 @@ def _growth_table(rows: list[dict], summary: dict) -> list[str]:
     return lines
 
 
+def _trains_table(rows: list[dict], summary: dict) -> list[str]:
+    """The "trains" section: per method, whether the grown model's new neurons move under plain SGD."""
+    ran = [r for r in rows if r["status"] == "ok" and "trains" in r]
+    if not ran:
+        return []
+    counts = []
+    for m in GROWTH_METHODS:
+        n_ok = len([r for r in ran if trains_verdict(r, m) == "yes"])
+        summary[f"trains_{m}"] = f"{n_ok}/{len(ran)}"
+        counts.append(f"`{m}` **{n_ok}/{len(ran)}**")
+    lines = [
+        "",
+        "## Grown models train",
+        "",
+        "`morph.grow(half, method, 2.0, data=(x, y), seed=0)` with each method's defaults (ReLU sub-gradient 1 at 0,",
+        "new BatchNorm weights 0.1, Net2Net's uneven split) on `scale_width(model, 0.5)` with randomized norms, then",
+        f"{TRAINS_STEPS} plain SGD steps (lr {TRAINS_LR}, float32, train mode, {TRAINS_BATCH} random images at the"
+        " model's input size). **trains**: no new output row of a conv/linear layer (fresh or replica) is still",
+        "exactly zero or still equal to an old row of its layer (to 1e-6 of the old rows' mean norm), and the loss"
+        f" stays finite. {len(ran)} models (`python benchmarks/coverage.py --add trains [--only SPEC ...]`);"
+        " trains on: " + ", ".join(counts) + ".",
+        "",
+        "| model | net2net | random | gradmax | firefly | new rows | loss (random) | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in ran:
+        t = r["trains"]
+        cells = [_cell(trains_verdict(r, m)) for m in GROWTH_METHODS]
+        rows_n = next((t[m]["rows"] for m in GROWTH_METHODS if t.get(m, {}).get("status") == "ok"), None)
+        rd = t.get("random", {})
+        loss = f"{rd['loss'][0]:.2f} -> {rd['loss'][1]:.2f}" if rd.get("status") == "ok" else ""
+        secs = sum(x.get("seconds", 0.0) for x in t.values())
+        lines.append(f"| {r['spec']} | {' | '.join(cells)} | {rows_n if rows_n is not None else ''} | {loss} | {secs:.0f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
@@ -336,7 +473,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model (1 is fastest on a shared CPU)")
     ap.add_argument("--resume", action="store_true", help="keep rows of <out>.json, run the missing models")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
-    ap.add_argument("--add", nargs="+", choices=("direct", "growth"), default=None,
+    ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains"), default=None,
                     help="run only these parts for the passing rows of <out>.json that lack them, and merge them in")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), help=argparse.SUPPRESS)
     ap.add_argument("--child", default="")
@@ -422,6 +559,7 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
             r.update({k: err if k == "direct" else {m: err for m in GROWTH_METHODS} for k in missing})
         msg = [f"direct {direct_verdict(r)}"] if "direct" in missing else []
         msg += [f"{m} {growth_verdict(r, m)}" for m in GROWTH_METHODS] if "growth" in missing else []
+        msg += [f"{m} trains {trains_verdict(r, m)}" for m in GROWTH_METHODS] if "trains" in missing else []
         print(f"{r['spec']}: {'; '.join(msg)}", flush=True)
         jpath.write_text(json.dumps(rows, indent=1))
         write_table(rows, out, meta.get("seconds", 0.0))

@@ -9,10 +9,30 @@
   **Fresh rows** are the incoming weights of new neurons (:meth:`PlainGrowth.incoming`); **fresh
   columns** of kept rows are the outgoing weights of new neurons (:meth:`PlainGrowth.outgoing`); fresh
   rows of a grouped or depthwise conv read only new channels and are free (:meth:`PlainGrowth.free`).
-- biases of new neurons are 0; norm layers get identity channels (weight and running variance 1, bias
-  and running mean 0); every other per-channel tensor (layer scales, timm's conv gains) is gathered.
+- biases of new neurons are 0; norm layers get identity channels (running variance 1, bias and running
+  mean 0, weight 1), except the weight of a BatchNorm/GroupNorm channel of new neurons: ``new_gamma``
+  (0.1); every other per-channel tensor (layer scales, timm's conv gains) is gathered.
 
 ``model.growth_report`` lists, per growing channel group, the rule that ran and why.
+
+Options of every plain method, so that what ``morph.grow`` returns trains in an ordinary loop:
+
+- ``relu_grad`` (``"one"``): the grown model's ReLUs get sub-gradient 1 at 0 (:mod:`.activation`), without
+  which new neurons with zero incoming weights never receive a gradient; ``"stock"``: PyTorch's 0.
+- ``new_gamma`` (0.1): the norm weight of new channels. Behind an all-zero channel BatchNorm multiplies the
+  gradient by ``1/sqrt(eps)`` (GradMax App. C): the first step moves new incoming weights by about a fifth
+  of an old neuron's norm (180x the old rows' update, ``benchmarks/first_step.py``), and from then on BatchNorm
+  scales the channel to unit variance, so new neurons enter at full strength through untrained outgoing
+  weights and the loss jumps. growneuron grows norms as identity (weight 1) and takes that jump; a weight of
+  0.1 lets new neurons enter at a tenth of that strength, the weight itself learning how much of them the
+  network uses. The function at growth does not depend on it (a zero channel normalizes to 0).
+- ``split`` (0.5): replicated channels (Net2Net; LayerNorm-normalized groups of every method) share their
+  source's fan-out weights unevenly (:func:`.layout.split_unevenly`), so that replicas part.
+- ``bn_stats`` (``"auto"``): after a step that changes the function and read data (Firefly; GradMax or Random
+  with epsilon > 0), BatchNorm running statistics are re-estimated on the growth batches
+  (:func:`reestimate_norm_stats`), so the model is usable in eval mode right away; a function-preserving
+  step keeps the (exact) statistics of the model grown. ``"reestimate"``: whenever data is given;
+  ``"keep"``: never.
 """
 
 from __future__ import annotations
@@ -96,7 +116,7 @@ class PlainGrowth(GrowthMethod):
     rule: ClassVar[str] = "fresh"
     mapping: ClassVar[str] = "cycle"
     options: ClassVar[dict[str, Any]] = {"which": "all", "plan": None, "input_size": None, "relu_grad": "one",
-                                         "split": 0.5, "bn_stats": "auto"}
+                                         "split": 0.5, "bn_stats": "auto", "new_gamma": 0.1}
 
     # -- value hooks ------------------------------------------------------------------------------
     def incoming(self, name: str, w: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> None:
@@ -142,6 +162,8 @@ class PlainGrowth(GrowthMethod):
     def _check_options(self) -> None:
         if self.opts["relu_grad"] not in activation.RELU_GRAD:
             raise MorphError(f"relu_grad must be one of {', '.join(activation.RELU_GRAD)}, got {self.opts['relu_grad']!r}")
+        if not float(self.opts["new_gamma"]) > 0:
+            raise MorphError(f"new_gamma must be > 0 (a zero norm weight cuts new neurons off), got {self.opts['new_gamma']}")
         if self.opts["bn_stats"] not in BN_STATS:
             raise MorphError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {self.opts['bn_stats']!r}")
 
@@ -220,6 +242,8 @@ class PlainGrowth(GrowthMethod):
                 fresh = maps[0].fresh
                 if fresh.any():
                     new[fresh] = 1.0 if tname in _IDENTITY_ONE else 0.0
+                    if tname == "weight" and isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+                        new[fresh] = float(self.opts["new_gamma"])  # see the module docstring
             t.data = new.to(t.dtype)
             record[_pname(p.name, tname)] = [(0, _pname(p.name, tname), [_old_index(a) for a in axes])]
 

@@ -1,0 +1,403 @@
+"""Grown models train: what ``morph.grow`` returns learns with its new neurons in an ordinary training loop.
+
+- ReLU with sub-gradient 1 at 0 (``morph.growth.activation``): forward bit-identical to PyTorch's for every
+  ReLU-family call, gradient 1 at 0, scoped to the grown model's forward, kept by ``morph.save``/``morph.load``
+  and by :func:`morph.growth.restore`; state dict and strict load into the stock model unchanged;
+- on 12 architectures, every method: the function is kept at growth where the method claims it, and after a
+  few SGD steps in train mode no new row of a grown layer is still zero or still equal to an old row; with
+  PyTorch's ReLU (``relu_grad="stock"``) new rows stay exactly zero, and Net2Net with an even split
+  (``split=0``) keeps replicas, so these checks can fail;
+- eval mode right after a data-driven step (BatchNorm statistics re-estimated); the input size from the data;
+- the registry: labels, recipe rows, growth-step FLOPs and recipe options come from the method classes.
+"""
+
+from __future__ import annotations
+
+import motifs  # tests/motifs.py: tiny models
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from test_growth import ARCHS, _randomize_norms
+
+import morph
+from morph.errors import CheckpointError, MorphError
+from morph.growth import activation
+from morph.growth.plain import reestimate_norm_stats
+
+X = (3, 32, 32)
+S = (3, 16, 16)  # the fast tier's inputs
+METHODS = ("random", "gradmax", "net2net", "firefly")
+PRESERVING = ("random", "gradmax", "net2net")  # epsilon 0 / replicas with shares that sum to 1
+
+
+def _batch(n=8, classes=5, seed=0, size=X, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *size), generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+def _relerr(a, b):
+    return float((a - b).norm() / a.norm().clamp_min(1e-30))
+
+
+def _new_rows(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Conv/linear weights with new output rows (fresh or replica): name -> mask of those rows."""
+    out = {}
+    for k, entries in model.growth_record.params.items():
+        mod = model.get_submodule(k.rpartition(".")[0]) if "." in k else model
+        if not k.endswith("weight") or not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        rows = entries[0][2][0]
+        if isinstance(mod, nn.Conv2d) and mod.transposed:
+            continue
+        if rows is not None and (rows < 0).any():
+            out[k] = rows < 0
+    return out
+
+
+def _stuck_rows(model: nn.Module, new_rows: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(new rows, rows still zero, rows still equal to an old row up to 1e-9 of the row norms)."""
+    sd = model.state_dict()
+    total = zero = same = 0
+    for k, new in new_rows.items():
+        w = sd[k].flatten(1).double()
+        ref = w[~new].norm(dim=1).mean()
+        total += int(new.sum())
+        zero += int((w[new].norm(dim=1) <= 1e-12 * ref).sum())
+        if (~new).any():
+            d = torch.cdist(w[new], w[~new], compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+            same += int((d <= 1e-9 * ref).sum())
+    return total, zero, same
+
+
+def _train(model: nn.Module, x, y, steps=3, lr=0.1):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        F.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, y).backward()
+        opt.step()
+
+
+def _opts(method, **kw):
+    return {**({"steps": 3} if method == "firefly" else {}), **kw}
+
+
+def _check_arch(arch: str, methods=METHODS, size=X) -> None:
+    torch.manual_seed(0)
+    model = ARCHS[arch]().double()
+    with torch.no_grad():
+        _randomize_norms(model)
+    model.eval()
+    plan = morph.analyze(model, size)
+    x, y = _batch(size=size)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    for method in methods:
+        grown = morph.grow(model, method, 2.0, data=(x, y), seed=0, plan=plan, **_opts(method))
+        assert activation.enabled(grown)
+        if method in PRESERVING:
+            for mode in ("eval", "train") if has_bn else ("eval",):
+                model.train(mode == "train")
+                grown.train(mode == "train")
+                with torch.no_grad():
+                    err = _relerr(model(x), grown(x))
+                assert err <= 1e-6, (arch, method, mode, err)
+            model.eval()
+        rows = _new_rows(grown)
+        assert rows, (arch, method)
+        _train(grown, x, y)
+        total, zero, same = _stuck_rows(grown, rows)
+        assert total > 0 and zero == 0 and same == 0, (arch, method, total, zero, same)
+
+
+# -- the activation ------------------------------------------------------------------------------------------
+
+class _Calls(nn.Module):
+    """Every ReLU-family form, in-place ones included, on one zero-initialized linear layer."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+        self.form = form
+        self.mods = nn.ModuleDict({"ReLU": nn.ReLU(), "ReLU_inplace": nn.ReLU(inplace=True), "ReLU6": nn.ReLU6(),
+                                   "ReLU6_inplace": nn.ReLU6(inplace=True)})
+
+    def forward(self, x):
+        z = self.fc(x)
+        f = self.form
+        if f in self.mods:
+            h = self.mods[f](z)
+        else:
+            h = {"F.relu": lambda: F.relu(z), "F.relu_inplace": lambda: F.relu(z, inplace=True),
+                 "F.relu_": lambda: F.relu_(z), "torch.relu": lambda: torch.relu(z), "torch.relu_": lambda: torch.relu_(z),
+                 "Tensor.relu": lambda: z.relu(), "Tensor.relu_": lambda: z.relu_(), "F.relu6": lambda: F.relu6(z),
+                 "F.hardtanh_0_6": lambda: F.hardtanh(z, 0.0, 6.0)}[f]()
+        return self.out(h)
+
+
+FORMS = ["ReLU", "ReLU_inplace", "ReLU6", "ReLU6_inplace", "F.relu", "F.relu_inplace", "F.relu_", "torch.relu",
+         "torch.relu_", "Tensor.relu", "Tensor.relu_", "F.relu6", "F.hardtanh_0_6"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_relu_one_forms(form):
+    torch.manual_seed(0)
+    m = _Calls(form).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        m.fc.weight.zero_()
+        m.fc.bias.zero_()
+    ref = m(x)
+    ref.sum().backward()
+    assert float(m.fc.weight.grad.abs().sum()) == 0  # PyTorch: gradient 0 at 0, the zero neurons are dead
+    m.zero_grad()
+    activation.enable(m)
+    out = m(x)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    # sub-gradient 1 at 0: the zero neurons' incoming gradient is W_out^T 1 x^T
+    expect = m.out.weight.t() @ torch.ones(3, 5, dtype=torch.float64) @ x
+    assert torch.allclose(m.fc.weight.grad, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_relu_one_forward_bit_identical_and_gradient_elsewhere_unchanged():
+    x = torch.randn(4096, dtype=torch.float64) * 8
+    x[:16] = 0.0
+    x[16:32] = 6.0
+    x[32] = -0.0
+    for fn, upper in ((F.relu, None), (F.relu6, 6.0)):
+        a = x.clone().requires_grad_(True)
+        b = x.clone().requires_grad_(True)
+        ya, yb = fn(a), activation.ReLUOne.apply(b, upper, False)
+        assert torch.equal(ya.view(torch.int64), yb.view(torch.int64))
+        g = torch.randn_like(x)
+        ya.backward(g)
+        yb.backward(g)
+        nz = x != 0
+        assert torch.equal(a.grad[nz], b.grad[nz])  # elsewhere PyTorch's gradient, bit for bit
+        assert torch.equal(b.grad[~nz], g[~nz])  # 1 at 0
+    # float32: the same clamp
+    y = torch.randn(1000)
+    assert torch.equal(torch.relu(y), activation.ReLUOne.apply(y.clone().requires_grad_(), None, False))
+
+
+def test_relu_one_is_scoped_to_the_model_and_survives_exceptions():
+    m = activation.enable(_Calls("F.relu").double())
+    z = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    F.relu(z).sum().backward()
+    assert float(z.grad.abs().sum()) == 0  # outside the model's forward: PyTorch's ReLU
+    with pytest.raises(RuntimeError):
+        m(torch.zeros(2, 5, dtype=torch.float64))  # wrong input width: raises inside the forward
+    z.grad = None
+    F.relu(z).sum().backward()
+    assert float(z.grad.abs().sum()) == 0  # the mode did not leak out of the failed forward
+    activation.disable(m)
+    assert not activation.enabled(m)
+
+
+def test_relu_grad_option_and_record():
+    model = motifs.Residual().double()
+    x, y = _batch(size=S)
+    on = morph.grow(model, "random", 2.0, seed=0, input_size=S)
+    off = morph.grow(model, "random", 2.0, seed=0, input_size=S, relu_grad="stock")
+    assert activation.enabled(on) and not activation.enabled(off)
+    assert morph.get_info(on).extra["growth"]["relu_grad"] == "one"
+    assert morph.get_info(off).extra["growth"]["relu_grad"] == "stock"
+    # new BatchNorm channels start at new_gamma, the rest of the norm is identity
+    bn = on.get_submodule("bn1")
+    assert torch.equal(bn.weight[8:], torch.full((8,), 0.1, dtype=torch.float64))
+    assert torch.equal(bn.bias[8:], torch.zeros(8, dtype=torch.float64))
+    assert torch.equal(bn.running_var[8:], torch.ones(8, dtype=torch.float64))
+    rows = _new_rows(on)
+    _train(on, x, y)
+    _train(off, x, y)
+    assert float(on.get_submodule("bn1").weight.detach()[8:].sub(0.1).abs().min()) > 0  # the new channels' weight learns
+    assert _stuck_rows(on, rows)[1] == 0
+    total, zero, _ = _stuck_rows(off, rows)
+    # PyTorch's ReLU: every new neuron behind a ReLU (stem, conv1, conv2: 8 each) is dead; the 16 of ``down``
+    # (no ReLU before the classifier) learn
+    assert (zero, total) == (24, 40)
+    with pytest.raises(MorphError, match="relu_grad"):
+        morph.grow(model, "random", 2.0, input_size=S, relu_grad="yes")
+    with pytest.raises(MorphError, match="new_gamma"):
+        morph.grow(model, "random", 2.0, input_size=S, new_gamma=0)
+    with pytest.raises(MorphError, match="bn_stats"):
+        morph.grow(model, "random", 2.0, input_size=S, bn_stats="sometimes")
+
+
+def test_relu_grad_does_not_change_net2net_or_firefly_gradients():
+    """Where no pre-activation is exactly 0 (replicas; Firefly's epsilon > 0) the choice changes nothing."""
+    model = motifs.Residual().double()
+    x, y = _batch(size=S)
+    for method in ("net2net", "firefly"):
+        grads = []
+        for rg in ("one", "stock"):
+            g = morph.grow(model, method, 2.0, data=(x, y), seed=0, relu_grad=rg, **_opts(method))
+            g.train()
+            F.cross_entropy(g(x), y).backward()
+            grads.append([p.grad.clone() for p in g.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True)), method
+
+
+def test_save_load_keeps_the_activation(tmp_path):
+    x, y = _batch(4, size=S, dtype=torch.float32)
+    for rg in ("one", "stock"):
+        grown = morph.grow(motifs.Residual(), "random", 2.0, seed=0, input_size=S, relu_grad=rg)
+        path = tmp_path / f"r-{rg}.safetensors"
+        morph.save(grown, path)
+        back = morph.load(path, model_fn=motifs.Residual)
+        assert activation.enabled(back) == (rg == "one")
+        for m in (grown, back):
+            m.train()
+            F.cross_entropy(m(x), y).backward()
+        for (k, a), b in zip(grown.named_parameters(), back.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad), k
+
+
+@pytest.mark.slow
+def test_save_load_keeps_the_activation_and_strict_stock_load(tmp_path):
+    half = morph.scale_width(timm.create_model("resnet10t", num_classes=5), 0.5, input_size=(3, 32, 32))
+    x, y = _batch(4, dtype=torch.float32)
+    for rg in ("one", "stock"):
+        grown = morph.grow(half, "gradmax", 2.0, data=(x, y), seed=0, relu_grad=rg)
+        path = tmp_path / f"g-{rg}.safetensors"
+        morph.save(grown, path)
+        back = morph.load(path)
+        assert activation.enabled(back) == (rg == "one")
+        stock = timm.create_model("resnet10t", num_classes=5)
+        stock.load_state_dict(back.state_dict(), strict=True)
+        assert set(stock.state_dict()) == set(grown.state_dict())
+        for m in (grown, back):
+            m.train()
+            F.cross_entropy(m(x), y).backward()
+        for (k, a), b in zip(grown.named_parameters(), back.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad), k  # the same gradients: the substitution came back
+    # the recipes' resume path: the method's activation on a rebuilt model of the grown shape
+    fresh = timm.create_model("resnet10t", num_classes=5)
+    assert activation.enabled(morph.growth.restore(fresh, "gradmax"))
+    assert not activation.enabled(morph.growth.restore(fresh, "gradmax", relu_grad="stock"))
+
+
+def test_a_bad_relu_grad_in_a_file_is_refused(tmp_path):
+    import dataclasses
+
+    from morph.info import set_info
+
+    grown = morph.grow(motifs.Residual(), "random", 2.0, input_size=S)
+    info = morph.get_info(grown)
+    bad = dataclasses.replace(info, extra={**info.extra, "growth": {**info.extra["growth"], "relu_grad": "maybe"}})
+    path = tmp_path / "bad.safetensors"
+    morph.save(set_info(grown, bad), path)
+    with pytest.raises(CheckpointError, match="relu_grad"):
+        morph.load(path, model_fn=motifs.Residual)
+
+
+# -- symmetry, eval mode, input size -------------------------------------------------------------------------
+
+def test_net2net_even_split_keeps_replicas_uneven_split_parts_them():
+    model = motifs.Residual().double()
+    x, y = _batch(size=S)
+    even = morph.grow(model, "net2net", 2.0, seed=0, input_size=S, split=0.0)
+    uneven = morph.grow(model, "net2net", 2.0, seed=0, input_size=S)
+    rows = _new_rows(even)
+    _train(even, x, y)
+    _train(uneven, x, y)
+    total, _, same = _stuck_rows(even, rows)
+    assert same == total > 0  # Net2Net as published: every replica still a copy of its source
+    assert _stuck_rows(uneven, rows)[2] == 0
+    with pytest.raises(MorphError, match="split"):
+        morph.grow(model, "net2net", 2.0, input_size=S, split=1.5)
+
+
+def test_eval_mode_right_after_data_driven_growth():
+    """Firefly changes the train-mode function; with the norm statistics re-estimated on its batches the
+    eval-mode loss is the train-mode one (the stale identity statistics of new channels are not)."""
+    torch.manual_seed(0)
+    model = motifs.Residual().double()
+    with torch.no_grad():
+        _randomize_norms(model)
+    x, y = _batch(16, size=S)
+
+    def losses(m):
+        out = {}
+        for mode in ("train", "eval"):
+            state = {k: v.clone() for k, v in m.state_dict().items()}
+            m.train(mode == "train")
+            with torch.no_grad():
+                out[mode] = float(F.cross_entropy(m(x), y))
+            m.load_state_dict(state)
+        return out
+
+    fresh = morph.grow(model, "firefly", 2.0, data=(x, y), seed=0, steps=10)
+    stale = morph.grow(model, "firefly", 2.0, data=(x, y), seed=0, steps=10, bn_stats="keep")
+    a, b = losses(fresh), losses(stale)
+    assert a["train"] == pytest.approx(b["train"], rel=1e-12)  # the same step
+    assert abs(a["eval"] - a["train"]) <= 0.02 * a["train"], a
+    assert abs(b["eval"] - b["train"]) > 10 * abs(a["eval"] - a["train"]), (a, b)
+    # GradMax keeps the function: statistics exact, not re-estimated (auto); eval = the small model's
+    model.eval()
+    g = morph.grow(model, "gradmax", 2.0, data=(x, y), seed=0).eval()
+    with torch.no_grad():
+        assert _relerr(model(x), g(x)) <= 1e-12
+    assert morph.get_info(g).extra["growth"]["bn_stats"] == "auto"
+
+
+def test_reestimate_norm_stats_is_the_batch_average():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    m[1].momentum = 0.3
+    batches = [_batch(6, seed=s, size=(3, 8, 8)) for s in range(3)]
+    assert reestimate_norm_stats(m, batches) == 3
+    z = [m[0](x).detach() for x, _ in batches]
+    mean = torch.stack([t.mean((0, 2, 3)) for t in z]).mean(0)
+    var = torch.stack([t.var((0, 2, 3), unbiased=True) for t in z]).mean(0)
+    assert torch.allclose(m[1].running_mean, mean, rtol=1e-12) and torch.allclose(m[1].running_var, var, rtol=1e-12)
+    assert m[1].momentum == 0.3 and int(m[1].num_batches_tracked) == 0 and m.training
+
+
+def test_input_size_comes_from_the_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    x = torch.randn(4, 6, 12, 20)
+    y = torch.randint(0, 3, (4,))
+    grown = morph.grow(model, "gradmax", 2.0, data=(x, y), seed=0)
+    assert morph.get_info(grown).input_size == (6, 12, 20)
+    assert grown(x).shape == (4, 3)
+    batches = iter([(x, y), (x, y)])  # an iterator is read once
+    assert morph.grow(model, "firefly", 2.0, data=batches, seed=0, steps=1)(x).shape == (4, 3)
+
+
+# -- registry ------------------------------------------------------------------------------------------------
+
+def test_methods_declare_label_rows_cost_and_recipe_options():
+    from morph.recipes.config import GROWTH_BASELINES, METHODS, GrowthConfig
+
+    from morph.growth import baseline_methods, get_growth_method
+
+    assert baseline_methods() == ["random", "net2net", "firefly", "gradmax"] == list(GROWTH_BASELINES)
+    assert [METHODS[m] for m in GROWTH_BASELINES] == ["Random", "Net2Net", "Firefly", "GradMax"]
+    cfg = GrowthConfig(firefly_steps=7)
+    opts = {m: get_growth_method(m).recipe_options(cfg) for m in GROWTH_BASELINES}
+    assert opts == {"random": {}, "net2net": {}, "firefly": {"steps": 7}, "gradmax": {}}
+    fs, fg, n = 10.0, 40.0, 3
+    cost = {m: get_growth_method(m)(**opts[m]).step_flops(fs, fg, n) for m in GROWTH_BASELINES}
+    # Firefly: 7 Adam steps (forward + backward), a final forward, and the norm statistics' forward
+    assert cost == {"random": 0.0, "net2net": 0.0, "firefly": (3 * 7 + 1 + 1) * fg * n, "gradmax": 3 * fs * n}
+    assert get_growth_method("gradmax")(epsilon=0.1).step_flops(fs, fg, n) == 3 * fs * n + fg * n
+    assert get_growth_method("firefly")(steps=7, bn_stats="keep").step_flops(fs, fg, n) == 22 * fg * n
+
+
+# -- every method on every architecture ----------------------------------------------------------------------
+
+def test_grown_models_train_fast():
+    _check_arch("residual", size=S)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_grown_models_train(arch):
+    _check_arch(arch)
