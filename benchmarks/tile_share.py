@@ -12,7 +12,7 @@ for each coefficient rule of ``morph.fuse`` asked for (``orthogonal``, ``orthogo
 from a finished MixtureGrowth run's net 1 and net 2 checkpoints (``T(start)`` is rebuilt from the run's seed,
 as the recipe built it). Nothing is written into the run directory::
 
-    python benchmarks/tile_share.py runs/cmp --seeds 0 1 2 --out docs/results/tile_share.json
+    python benchmarks/tile_share.py runs/cmp/base/s* --out docs/results/cifar10-wrn10-1-cpu/tile_share.json
 """
 
 from __future__ import annotations
@@ -116,18 +116,26 @@ def layer_shares(run_dir: Path, seed: int, inits: list[str]) -> dict[str, dict[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="a run directory with MixtureGrowth's net 1 and net 2 checkpoints")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("runs", type=Path, nargs="+",
+                    help="run directories with MixtureGrowth's net 1 and net 2 checkpoints (every seed in them)")
     ap.add_argument("--inits", nargs="+", default=["orthogonal", "orthogonal-official", "zero"])
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args()
-    per_seed = {seed: layer_shares(args.run, seed, args.inits) for seed in args.seeds}
+    per_seed = {}
+    for run in args.runs:
+        for net2 in sorted(run.glob("seed*/mixturegrowth/net2/checkpoint.safetensors")):
+            seed = int(net2.parents[2].name[4:])
+            if seed in per_seed:
+                raise SystemExit(f"error: seed {seed} is in two run directories")
+            per_seed[seed] = layer_shares(run, seed, args.inits)
+    if not per_seed:
+        raise SystemExit("error: no seed*/mixturegrowth/net2/checkpoint.safetensors in the run directories")
     summary: dict[str, dict[str, dict[str, float]]] = {}
     print("| init | layer | share of the learned change (mean over seeds and new tiles) | magnitude ||W_new|| / ||W_old|| |")
     print("|---|---|---|---|")
     for init in args.inits:
         summary[init] = {}
-        layers = list(per_seed[args.seeds[0]][init])
+        layers = list(next(iter(per_seed.values()))[init])
         for layer in [*layers, "all layers"]:
             pick = layers if layer == "all layers" else [layer]
             share = [v for s in per_seed.values() for ly in pick for v in s[init][ly]["share"]]
@@ -142,6 +150,7 @@ def main() -> None:
                                     "at the start of the half network's training, old = the carried tile of the same bank",
                            "magnitude": "||sum_k c_new,k T_k|| / ||sum_k c_old,k T_k|| at fusion"},
             "summary": summary,
+            "seeds": sorted(per_seed),
             "per_seed": {str(k): v for k, v in per_seed.items()},
         }, indent=1) + "\n")
 
