@@ -217,7 +217,9 @@ def _per_seed(values: list[tuple[Any, float]], where: str) -> dict[int, float]:
 def comparison(runs: dict[str, _Run], base: str | None = None) -> dict[str, Any]:
     """Every row of every config: final top-1 per seed, mean ± std, at-growth top-1 (stale and
     re-estimated BatchNorm statistics), and the paired difference from the base config's
-    MixtureGrowth and Small Match rows with its 95% Student-t interval.
+    MixtureGrowth and Small Match rows with its 95% Student-t interval. Rows follow the paper's
+    Table 1 order; a method's row of the base config comes first, then the other configs' in the
+    order given.
 
     Args:
         runs: from :func:`collect`.
@@ -258,6 +260,8 @@ def comparison(runs: dict[str, _Run], base: str | None = None) -> dict[str, Any]
         rows.append({"config": name, "method": method, "label": _label(name, method, base),
                      "flops_norm": statistics.fmean(flops), "top1": summary(top).to_dict(), "at_growth": at,
                      "vs": vs})
+    order = list(METHODS)
+    rows.sort(key=lambda r: (order.index(r["method"]), r["config"] != base, names.index(r["config"])))
     return {
         "statistic": "final test top-1 (%) over seeds: mean and sample std; each row minus a reference row "
                      "(the base config's MixtureGrowth and Small Match), paired by seed, with the two-sided 95% "

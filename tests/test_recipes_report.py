@@ -153,3 +153,11 @@ def test_comparison_paired_by_seed(tmp_path):
         report.main([a, c], tmp_path / "out3", base="nope")
     with pytest.raises(MorphError, match="seed 0 is in two run directories"):
         report.main([a, a], tmp_path / "out4")
+
+
+def test_comparison_rows_in_table_order_base_first(tmp_path):
+    v = make_run(tmp_path / "v", "variant", [("mixturegrowth", 0, 40.0, 0.45)])
+    b = make_run(tmp_path / "b", "base", [("mixturegrowth", 0, 41.0, 0.45), ("small", 0, 39.0, 0.25)])
+    data = report.main([v, b], tmp_path / "out", base="base").data
+    assert [r["label"] for r in data["rows"]] == ["Small", "MixtureGrowth", "MixtureGrowth [variant]"]
+    assert data["rows"][2]["vs"]["mixturegrowth"]["mean"] == pytest.approx(-1.0)
