@@ -8,7 +8,8 @@ on the run's test set::
     python benchmarks/at_growth.py runs/cmp-s0 runs/cmp-s1 --data-dir data/cifar10 --out at_growth.json
 
 Per seed it reports the test top-1 of the models growth starts from (the plain small model at the growth
-point, nets 1 and 2) and of each grown model before training: Random, Net2Net, Firefly, GradMax, MixtureGrowth
+point, nets 1 and 2) and of each grown model before training, as growth left it and (``<row>-bn``) with its
+BatchNorm statistics re-estimated on ``run.bn_batches`` training batches, as ``morph train`` records both: Random, Net2Net, Firefly, GradMax, MixtureGrowth
 (fusion of nets 1 and 2) and MixtureGrowth without fusion (net 1 grown alone). Nothing is written into the run
 directories.
 """
@@ -54,6 +55,13 @@ def at_growth(run_dir: Path, data_dir: str | None) -> dict[int, dict[str, float]
         def top1(model) -> float:
             return float(trainer.evaluate(model.to(trainer.device).eval())["top1"])
 
+        def top1_bn(model, seed: int, method: str) -> float:
+            """With BatchNorm statistics re-estimated as ``morph train`` does it for the grown stage."""
+            stage_seed = derive_seed(seed, f"seed{seed}/{method}/grown")
+            fresh = trainer.reestimate_bn(model.to(trainer.device), derive_seed(stage_seed, "bn-batches"),
+                                          cfg.run.bn_batches)
+            return float(trainer.evaluate(fresh)["top1"])
+
         for seed_dir in sorted(run_dir.glob("seed*")):
             seed = int(seed_dir.name[4:])
             row: dict[str, float] = {}
@@ -69,18 +77,21 @@ def at_growth(run_dir: Path, data_dir: str | None) -> dict[int, dict[str, float]
                                        data=batches if method in ("gradmax", "firefly") else None,
                                        seed=derive_seed(seed, method, "grow"), **_growth_options(p, method))
                     row[method] = top1(grown)
+                    row[f"{method}-bn"] = top1_bn(grown, seed, method)
             if methods & {"mixturegrowth", "mixturegrowth-nofusion"}:
                 net1 = loaded(p.half(seed, "net1"), f"seed{seed}/net1")
                 row["net1"] = top1(net1)
                 if "mixturegrowth-nofusion" in methods:
-                    row["mixturegrowth-nofusion"] = top1(morph.grow(_cpu(net1), init=g.init,
-                                                                    seed=derive_seed(seed, "grow")))
+                    grown = morph.grow(_cpu(net1), init=g.init, seed=derive_seed(seed, "grow"))
+                    row["mixturegrowth-nofusion"] = top1(grown)
+                    row["mixturegrowth-nofusion-bn"] = top1_bn(grown, seed, "mixturegrowth-nofusion")
                 if "mixturegrowth" in methods:
                     net2 = loaded(p.half(seed, "net2"), f"seed{seed}/mixturegrowth/net2")
                     row["net2"] = top1(net2)
                     fused = morph.fuse(_cpu(net1), _cpu(net2), growth=g.growth, init=g.init,
                                        seed=derive_seed(seed, "fuse"))
                     row["mixturegrowth"] = top1(fused)
+                    row["mixturegrowth-bn"] = top1_bn(fused, seed, "mixturegrowth")
                     if g.init != "zero":  # what the zero-initialized fusion (the ensemble) would start from
                         row["mixturegrowth-zero-init"] = top1(morph.fuse(_cpu(net1), _cpu(net2), growth=g.growth,
                                                                           init="zero", seed=0))

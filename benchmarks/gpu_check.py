@@ -18,7 +18,11 @@ Parts (each timed; JSON written after every part, so a cut-off run keeps what it
     WRN-16-4 from WRN-16-2, 6 epochs = 1X, growth at 6, budget 0.45X, one seed) on the tensor data
     path, post-growth training as in the paper (``growth.after=paper``); then Net2Net and MixtureGrowth
     again with the official code's post-growth training (``growth.after=official``, optimizer state
-    carried). Without ``--data-dir`` it runs on synthetic data and says so.
+    carried), and MixtureGrowth with ``growth.init=zero`` (the fused model starts as the ensemble of
+    its halves). The growth baselines' growth step runs on the GPU (``growth.device=train``; each row
+    records the device, the step's wall time and its cost), and every grown row its top-1 before its
+    first step with BatchNorm statistics stale and re-estimated on training batches. Without
+    ``--data-dir`` it runs on synthetic data and says so.
 
 ``--device cpu`` shrinks everything (WRN-10-1 at 32x32 only, batch 4, two timed steps;
 the smoke (Large and MixtureGrowth) and the rows as WRN-10-1 on 32 synthetic 8x8 images) so the whole
@@ -70,13 +74,24 @@ def _write(out: Path | None, result: dict[str, Any]) -> None:
 
 
 def _run_dir_results(run_dir: Path) -> list[dict[str, Any]]:
+    """Every finished row: final top-1, FLOPs, parameters, the growth step (cost, wall time, the device it ran
+    on), the grown model's top-1 before its first step (BatchNorm statistics stale and re-estimated), stages."""
+    from morph.recipes.metrics import read_metrics
+
+    starts = {(m.get("method"), m.get("seed")): m for m in read_metrics(run_dir / "metrics.jsonl")
+              if isinstance(m, dict) and m.get("kind") == "start" and m.get("stage") == "grown"}
     rows = []
     for p in sorted(run_dir.glob("seed*/*/result.json")):
         r = json.loads(p.read_text())
-        growth = [s.get("growth_flops_norm") for s in r["stages"] if s.get("stage") == "growth"]
+        growth = [s for s in r["stages"] if s.get("stage") == "growth"]
+        record = p.parent / "growth.json"
+        start = starts.get((r["method"], r["seed"]), {})
         rows.append({"method": r["method"], "label": r["label"], "seed": r["seed"], "top1": r["top1"],
                      "flops_norm": r["flops_norm"], "params": r["params"],
-                     "growth_flops_norm": growth[0] if growth else None,
+                     "growth_flops_norm": growth[0].get("growth_flops_norm") if growth else None,
+                     "growth_wall_s": growth[0].get("wall_time") if growth else None,
+                     "growth_device": json.loads(record.read_text()).get("device") if record.exists() else None,
+                     "at_growth": {"stale": start.get("test_top1"), "bn": start.get("test_top1_bn")} if start else None,
                      "stages": [{k: s.get(k) for k in ("stage", "top1", "steps", "wall_time")} for s in r["stages"]]})
     return rows
 
@@ -203,7 +218,20 @@ def part_rows(device: str, tiny: bool, data_dir: str | None, tmp: Path) -> dict:
     run_dir = train("cifar10-gpu-check", data_dir=None if tiny else data_dir, out_dir=tmp / "rows-official",
                     overrides=official)
     out["official"] = {"wall_s": time.perf_counter() - t0, "results": _run_dir_results(run_dir)}
+    t0 = time.perf_counter()
+    zero = [*over, "name=cifar10-gpu-check-init-zero", "growth.init=zero", "growth.methods=[mixturegrowth]"]
+    run_dir = train("cifar10-gpu-check", data_dir=None if tiny else data_dir, out_dir=tmp / "rows-init-zero",
+                    overrides=zero)
+    out["init_zero"] = {"wall_s": time.perf_counter() - t0, "results": _run_dir_results(run_dir)}
     return out
+
+
+def _at(r: dict) -> str:
+    at = r.get("at_growth")
+    if not at:
+        return ""
+    bn = f"{at['bn']:.2f}" if at.get("bn") is not None else "–"
+    return f"{at['stale']:.2f} / {bn}"
 
 
 def _table(result: dict) -> str:
@@ -221,13 +249,18 @@ def _table(result: dict) -> str:
     if "rows" in result:
         syn = " (synthetic data)" if result["rows"]["synthetic"] else ""
         lines.append(f"(c) rows{syn}, {result['rows']['wall_s']:.0f} s | top-1 | FLOPs | params | growth step")
+        lines[-1] += " | at growth: stale / BN re-estimated"
         for r in result["rows"]["results"]:
-            g = f"{r['growth_flops_norm']:.4f}X" if r["growth_flops_norm"] is not None else ""
-            lines.append(f"    {r['label']} | {r['top1']:.2f} | {r['flops_norm']:.3f}X | {r['params']:,} | {g}")
-        off = result["rows"]["official"]
-        lines.append(f"(c) growth.after=official (optimizer state carried), {off['wall_s']:.0f} s")
-        for r in off["results"]:
-            lines.append(f"    {r['label']} | {r['top1']:.2f} | {r['flops_norm']:.3f}X | {r['params']:,}")
+            g = (f"{r['growth_flops_norm']:.4f}X, {r['growth_wall_s']:.1f} s on {r['growth_device']}"
+                 if r["growth_flops_norm"] is not None else "")
+            lines.append(f"    {r['label']} | {r['top1']:.2f} | {r['flops_norm']:.3f}X | {r['params']:,} | {g} | "
+                         f"{_at(r)}")
+        for key, what in (("official", "growth.after=official (optimizer state carried)"),
+                          ("init_zero", "MixtureGrowth with growth.init=zero (the ensemble start)")):
+            part = result["rows"][key]
+            lines.append(f"(c) {what}, {part['wall_s']:.0f} s")
+            for r in part["results"]:
+                lines.append(f"    {r['label']} | {r['top1']:.2f} | {r['flops_norm']:.3f}X | {r['params']:,} | {_at(r)}")
     return "\n".join(lines)
 
 

@@ -38,19 +38,22 @@ def train(
 
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by morph train.")],
-    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Where report.md and top1_vs_flops.png go.")] = Path("report"),
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Where report.md, report.json and the plots go.")] = Path("report"),
+    base: Annotated[str | None, typer.Option(help="Config whose MixtureGrowth and Small Match rows every row is paired with (default: the first run directory's).")] = None,
     force: Force = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the written file paths as JSON.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the statistics (report.json) and the written file paths as JSON.")] = False,
 ) -> None:
-    """Write a Table-1-style markdown report (top-1 mean ± std, FLOPs norm) and a top-1 vs FLOPs plot.
+    """Write a Table-1-style markdown report (top-1 per seed, mean ± std, FLOPs, paired differences from
+    MixtureGrowth and Small Match with 95% t-intervals), report.json and the plots.
 
     The run directories' files are read as data: names in them are printed as text, never as markup.
     """
     from morph.recipes.report import main
 
-    files = main(run_dirs, out_dir, force=force)
+    files = main(run_dirs, out_dir, base=base, force=force)
     if json_out:
-        print_json({"markdown": str(files.markdown), "plot": str(files.plot)})
+        print_json({"markdown": str(files.markdown), "plot": str(files.plot), "json": str(files.json), **files.data})
     else:
-        out.print(files.text, markup=False, highlight=False, emoji=False)
-        out.print(f"wrote {printable(files.markdown)} and {printable(files.plot)}", markup=False, highlight=False)
+        out.print(files.text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+        out.print(f"wrote {printable(files.markdown)}, {printable(files.json)} and {printable(files.plot)}",
+                  markup=False, highlight=False)

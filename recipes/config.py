@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import morph.growth as _growth
 from morph.inputs import InputError, load_yaml, read_text
 from morph.paths import check_name
 from morph.text import printable
-
-import morph.growth as _growth
 
 from .errors import RecipeError
 
@@ -198,6 +197,10 @@ class GrowthConfig:
         growth_batches: training batches (of ``optim.batch_size``) that ``gradmax`` and ``firefly``
             read at the growth step (GradMax: one batch of 128).
         firefly_steps: Adam steps of Firefly-Opt on its batch (growneuron: 100).
+        device: where ``morph.grow`` runs the growth baselines' growth step: ``train`` (the training
+            device: on a GPU, GradMax's gradients and Firefly's Adam steps run there) or ``cpu``. Random
+            draws come from seeded CPU generators either way; MixtureGrowth's fusion (copies and new
+            coefficients, no data) always runs on the CPU.
     """
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -218,6 +221,7 @@ class GrowthConfig:
     cycles: int = 4
     growth_batches: int = 1
     firefly_steps: int = 100
+    device: str = "train"
 
     @property
     def carries_optimizer(self) -> bool:
@@ -241,6 +245,10 @@ class RunConfig:
         keep_every: also keep the model of every N-th epoch of each stage, and the model it starts
             from (epoch 0), as ``RUN_DIR/<stage key>/epochs/epoch-NNN.safetensors`` (``morph.load``
             reads them; ``morph cka --run`` compares them); 0 keeps none.
+        bn_batches: a grown model is tested before its first step twice: as growth left it (the
+            BatchNorm running statistics of its sources, stale for new channels) and with every
+            BatchNorm's running statistics re-estimated on this many training batches (a copy of the
+            model; training is unchanged); 0 skips the second test.
         native_kernels: on CPU, build morph's native template-mixing kernels at the start of the run if
             they are not built yet (once per machine, about 40 s, with a message; ``morph build-kernels``
             does the same): about 10% off a template-mixing step at small inputs (docs/benchmarks.md).
@@ -263,6 +271,7 @@ class RunConfig:
     keep_every: int = 0
     native_kernels: bool = False
     keep_freed_memory: bool = False
+    bn_batches: int = 8
 
 
 @dataclass
@@ -299,6 +308,7 @@ class Config:
         _choice("growth.share", self.growth.share, SHARE_MODES)
         _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
         _choice("growth.after", self.growth.after, AFTER_GROWTH)
+        _choice("growth.device", self.growth.device, ("train", "cpu"))
         for m in self.growth.methods:
             _choice("growth.methods", m, tuple(METHODS))
         if not self.growth.methods:
@@ -333,6 +343,7 @@ class Config:
             "data.num_workers": self.data.num_workers,
             "run.log_every": self.run.log_every,
             "run.keep_every": self.run.keep_every,
+            "run.bn_batches": self.run.bn_batches,
         }
         for key, value in non_negative.items():
             if value < 0:

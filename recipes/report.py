@@ -3,10 +3,17 @@
 Runs are grouped by config name, so seeds trained into separate run directories of the same config
 are pooled. Each table cell is the final test top-1, mean ± sample std over seeds (the number of
 seeds in parentheses), next to the FLOPs spent relative to the target trained from scratch (1X).
+
+The comparison section lists every row of every config with its per-seed values, mean ± std, and its
+difference from the base config's MixtureGrowth and Small Match rows, paired by seed, with a two-sided
+95% Student-t interval (:mod:`recipes.stats`); the base config is the first run directory's, or
+``base=``. The same figures, and the at-growth accuracies (stale and re-estimated BatchNorm
+statistics), go to ``report.json``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -25,8 +32,12 @@ from morph.text import printable
 from .config import METHODS
 from .errors import RecipeError, RecipePathError
 from .metrics import read_metrics
+from .stats import paired, summary
 
-__all__ = ["ReportFiles", "collect", "main", "markdown_table", "plot"]
+__all__ = ["ReportFiles", "collect", "comparison", "comparison_table", "main", "markdown_table", "plot"]
+
+#: The rows every other row is compared with (paired by seed), in the base config.
+REFERENCES = ("mixturegrowth", "small-match")
 
 
 @dataclass(frozen=True)
@@ -37,11 +48,15 @@ class ReportFiles:
         markdown: the table, ``report.md``.
         plot: the figure, ``top1_vs_flops.png``.
         text: the markdown text (for printing).
+        json: the statistics, ``report.json`` (:func:`comparison`).
+        data: what ``report.json`` holds.
     """
 
     markdown: Path
     plot: Path
     text: str
+    json: Path
+    data: dict[str, Any]
 
 
 @dataclass
@@ -212,7 +227,8 @@ def stage_table(runs: dict[str, _Run]) -> list[str]:
     then the grown model), mean ± std over seeds, with the stage's optimizer steps."""
     lines = ["Per stage: test top-1 (%) at the end of each stage, mean ± std (seeds), [optimizer steps]; "
              "`small` is the plain small model at the growth point that the four baselines share; "
-             "`at growth`: the grown model's test top-1 before its first step (runs since it was recorded).", "",
+             "`at growth`: the grown model's test top-1 before its first step (runs since it was recorded), with the "
+             "BatchNorm statistics growth left and (`BN re-estimated`) re-estimated on training batches.", "",
              "| Method | config | stages |", "|---|---|---|"]
     for method, label in METHODS.items():
         for name, run in runs.items():
@@ -229,13 +245,164 @@ def stage_table(runs: dict[str, _Run]) -> list[str]:
                 sts = [st for r in rs for st in r.get("stages", []) if isinstance(st, dict)
                        and st.get("stage") == stage and isinstance(st.get("top1"), (int, float))]
                 steps = sorted({st.get("steps") for st in sts if isinstance(st.get("steps"), int)})
-                start = [m["test_top1"] for m in run.metrics if m.get("kind") == "start" and m.get("method") == method
-                         and m.get("stage") == stage and m.get("seed") in seeds
-                         and isinstance(m.get("test_top1"), (int, float))]
-                at = f"(at growth {_cell(start)}) " if start else ""
+                starts = [m for m in run.metrics if m.get("kind") == "start" and m.get("method") == method
+                          and m.get("stage") == stage and m.get("seed") in seeds]
+                start = [m["test_top1"] for m in starts if isinstance(m.get("test_top1"), (int, float))]
+                bn = [m["test_top1_bn"] for m in starts if isinstance(m.get("test_top1_bn"), (int, float))]
+                bn_cell = f"; BN re-estimated {_cell(bn)}" if bn else ""
+                at = f"(at growth {_cell(start)}{bn_cell}) " if start else ""
                 cells.append(f"{_label(stage)} {at}{_cell([st['top1'] for st in sts])} [{'/'.join(map(str, steps))}]")
             lines.append(f"| {label} | {_label(name)} | {' → '.join(cells)} |")
     return lines
+
+
+def _row_label(config: str, method: str, base: str) -> str:
+    return METHODS[method] if config == base else f"{METHODS[method]} [{config}]"
+
+
+def _per_seed(values: list[tuple[Any, float]], where: str) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for seed, v in values:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise MorphError(f"{where}: a result without an integer 'seed'; delete it or rerun that method")
+        if seed in out:
+            raise MorphError(f"{where}: seed {seed} is in two run directories; give each seed once")
+        out[seed] = v
+    return out
+
+
+def comparison(runs: dict[str, _Run], base: str | None = None) -> dict[str, Any]:
+    """Every row of every config: final top-1 per seed, mean ± std, at-growth top-1 (stale and
+    re-estimated BatchNorm statistics), and the paired difference from the base config's
+    MixtureGrowth and Small Match rows with its 95% Student-t interval. Rows follow the paper's
+    Table 1 order; a method's row of the base config comes first, then the other configs' in the
+    order given.
+
+    Args:
+        runs: from :func:`collect`.
+        base: the config whose MixtureGrowth and Small Match rows are the references (default: the first).
+
+    Raises:
+        RecipeError: ``base`` is not one of the configs.
+        MorphError: a result without a seed, or one seed of a row in two run directories.
+    """
+    names = list(runs)
+    base = names[0] if base is None else base
+    if base not in runs:
+        raise RecipeError(f"base={base!r} is not one of the configs reported: {', '.join(names)}")
+    tops: dict[tuple[str, str], dict[int, float]] = {}
+    for name, run in runs.items():
+        for method in METHODS:
+            rs = [(r.get("seed"), float(r["top1"])) for r in run.results if r["method"] == method]
+            if rs:
+                tops[(name, method)] = _per_seed(rs, f"{name}, {METHODS[method]}")
+    refs = {m: tops.get((base, m)) for m in REFERENCES}
+    rows = []
+    for (name, method), top in tops.items():
+        run = runs[name]
+        starts = [m for m in run.metrics if m.get("kind") == "start" and m.get("method") == method
+                  and m.get("stage") == "grown" and isinstance(m.get("seed"), int)]
+        at: dict[str, Any] = {}
+        for key, field_ in (("stale", "test_top1"), ("bn", "test_top1_bn")):
+            # a rerun's record replaces an earlier one of the same seed
+            vals = {m["seed"]: float(m[field_]) for m in starts if isinstance(m.get(field_), (int, float))
+                    and m["seed"] in top}
+            at[key] = summary(vals).to_dict() if vals else None
+        flops = [r["flops_norm"] for r in run.results if r["method"] == method]
+        vs = {}
+        for ref, ref_top in refs.items():
+            same = name == base and method == ref
+            p = None if ref_top is None or same else paired(top, ref_top)
+            vs[ref] = p.to_dict() if p is not None else None
+        rows.append({"config": name, "method": method, "label": _row_label(name, method, base),
+                     "flops_norm": statistics.fmean(flops), "top1": summary(top).to_dict(), "at_growth": at,
+                     "vs": vs})
+    order = list(METHODS)
+    rows.sort(key=lambda r: (order.index(r["method"]), r["config"] != base, names.index(r["config"])))
+    return {
+        "statistic": "final test top-1 (%) over seeds: mean and sample std; each row minus a reference row "
+                     "(the base config's MixtureGrowth and Small Match), paired by seed, with the two-sided 95% "
+                     "Student-t interval mean ± t(0.975, n-1) · std / sqrt(n) over the n common seeds",
+        "base": base,
+        "references": {m: METHODS[m] for m in REFERENCES},
+        "rows": rows,
+    }
+
+
+def _fmt_summary(s: dict[str, Any] | None) -> str:
+    if s is None:
+        return "–"
+    if s["std"] is None:
+        return f"{s['mean']:.2f} (1)"
+    return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['n']})"
+
+
+def _fmt_paired(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "–"
+    if p["low"] is None:
+        return f"{p['mean']:+.2f} (1 pair, no interval)"
+    return f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] ({p['n']})"
+
+
+def comparison_table(data: dict[str, Any]) -> list[str]:
+    """The :func:`comparison` as markdown lines."""
+    refs = data["references"]
+    lines = [
+        f"Comparison: final test top-1 (%) per seed and mean ± std (seeds); at growth: the grown model before its "
+        f"first step, BatchNorm statistics stale / re-estimated on training batches; the last columns: the row minus "
+        f"{' and minus '.join(refs.values())} of `{_label(data['base'])}`, paired by seed, mean "
+        f"[two-sided 95% Student-t interval] (pairs).",
+        "",
+        "| Row | top-1 per seed | mean ± std | FLOPs | at growth: stale / BN re-estimated | "
+        + " | ".join(f"− {label}" for label in refs.values()) + " |",
+        "|" + "---|" * (5 + len(refs)),
+    ]
+    for row in data["rows"]:
+        per_seed = ", ".join(f"{k}: {v:.2f}" for k, v in row["top1"]["per_seed"].items())
+        at = row["at_growth"]
+        at_cell = "–" if at["stale"] is None else f"{_fmt_summary(at['stale'])} / {_fmt_summary(at['bn'])}"
+        cells = [_label(row["label"]), per_seed, _fmt_summary(row["top1"]), f"{row['flops_norm']:.2f}X", at_cell]
+        cells += [_fmt_paired(row["vs"][m]) for m in refs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_paired(data: dict[str, Any], path: Path) -> None:
+    """The paired differences from each reference with their 95% intervals, one panel per reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    refs = data["references"]
+    rows = data["rows"]
+    fig, axes = plt.subplots(1, len(refs), figsize=(6 * len(refs), 0.35 * len(rows) + 1.5), squeeze=False)
+    for ax, (ref, label) in zip(axes[0], refs.items(), strict=True):
+        ys = list(range(len(rows)))[::-1]
+        for y, row in zip(ys, rows, strict=True):
+            p = row["vs"][ref]
+            if p is None:
+                continue
+            if p["low"] is not None:
+                ax.plot([p["low"], p["high"]], [y, y], color="tab:blue", linewidth=2)
+            ax.plot([p["mean"]], [y], "o", color="tab:blue")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(ys, [row["label"] for row in rows], fontsize=7)
+        ax.set_xlabel(f"minus {label} (top-1 points, by seed; 95% t-interval)", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    """Write ``fig`` as PNG to ``path`` (a temporary name of :class:`morph.paths.Outputs`, whatever its suffix)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def plot(runs: dict[str, _Run], path: Path) -> None:
@@ -277,36 +444,40 @@ def plot(runs: dict[str, _Run], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    _save_fig(fig, path)
 
 
-def main(run_dirs: Sequence[str | Path], out: str | Path = "report", *, force: bool = False) -> ReportFiles:
-    """Entry point of ``morph report RUN_DIR... [--out DIR] [--force]``.
+def main(run_dirs: Sequence[str | Path], out: str | Path = "report", base: str | None = None, *,
+         force: bool = False) -> ReportFiles:
+    """Entry point of ``morph report RUN_DIR... [--out DIR] [--base CONFIG] [--force]``.
 
-    Both files are written all or nothing (:class:`morph.paths.Outputs`): atomically, never through a
+    The files are written all or nothing (:class:`morph.paths.Outputs`): atomically, never through a
     symbolic link, never over an existing file unless ``force``; a failure leaves no file and no new folder.
 
     Args:
         run_dirs: run directories written by ``morph train``.
-        out: directory for ``report.md`` and ``top1_vs_flops.png`` (created).
-        force: replace an existing ``report.md`` / ``top1_vs_flops.png``.
+        out: directory for ``report.md``, ``report.json``, ``top1_vs_flops.png`` and
+            ``paired_differences.png`` (created).
+        base: the config whose MixtureGrowth and Small Match rows the comparison pairs every row with
+            (default: the first run directory's).
+        force: replace existing report files.
 
     Raises:
         RecipePathError: a run directory is missing or has no finished method.
-        RecipeError: no run directory given.
+        RecipeError: no run directory given, or ``base`` is not among the configs.
         MorphError: a run's file that is not what ``morph train`` writes (one line naming it and the field);
             an output that is a symbolic link, or exists without ``force``.
     """
     out = Path(out)
-    md, png = out / "report.md", out / "top1_vs_flops.png"
-    for path in (md, png):  # before any work
+    md, js, png, paired = out / "report.md", out / "report.json", out / "top1_vs_flops.png", out / "paired_differences.png"
+    for path in (md, js, png, paired):  # before any work
         check_output(path, force=force, option="'-o' / '--out'")
     runs = collect(run_dirs)
-    text = markdown_table(runs)
+    data = comparison(runs, base)
+    text = markdown_table(runs) + "\n" + "\n".join(comparison_table(data)) + "\n"
     with Outputs(force=force, option="'-o' / '--out'") as files:
         files.write(png, lambda tmp: plot(runs, tmp))
+        files.write(paired, lambda tmp: plot_paired(data, tmp))
+        files.write_bytes(js, (json.dumps(data, indent=1) + "\n").encode())
         files.write_bytes(md, text.encode())
-    return ReportFiles(markdown=md, plot=png, text=text)
+    return ReportFiles(markdown=md, plot=png, text=text, json=js, data=data)

@@ -52,7 +52,8 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
     """Refuse to resume a run directory that was trained with a different config.
 
     Only settings that change what is trained are compared: ``run.*`` (seeds, device, logging),
-    the data root and the method list may change between invocations.
+    the data root and the method list may change between invocations, and an option the recipes gained
+    after the run was started is accepted at its default value.
 
     Raises:
         RecipeError: naming the first differing key.
@@ -68,11 +69,14 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
         raise RecipeError(f"{printable(path)}: not a config (a mapping of sections); pass another --out-dir")
     old = _flatten(data)
     new = _flatten(cfg.to_dict())
+    defaults = _flatten(Config().to_dict())
     for key in sorted(set(old) | set(new), key=str):
         if not isinstance(key, str):
             raise RecipeError(f"{printable(path)}: config key {printable(repr(key))[:40]} is not a name")
         if key in _FREE_KEYS or key.startswith("run."):
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # an option added to the recipes after the run started, at its default: nothing changed
         if old.get(key) != new.get(key):
             raise RecipeError(
                 f"{printable(run_dir)} holds a run with {printable(key)[:80]}={printable(repr(old.get(key)))[:80]}, "

@@ -24,7 +24,8 @@ Methods (``growth.methods``):
   growth step's own cost counts in the budget and is reported on its own (``growth`` stage):
   what the method's class says (``GrowthMethod.step_flops``): GradMax's gradient batches
   (``3 x F_small x images``), Firefly-Opt's Adam steps on its batch and the re-estimation of the norm
-  statistics (``(3 x steps + 2) x F_target x images``); Random and Net2Net cost nothing.
+  statistics (``(3 x steps + 2) x F_target x images``); Random and Net2Net cost nothing. The growth
+  step runs on the training device (``growth.device=train``; ``cpu`` keeps it on the CPU).
 
 After growth (every growing method) the training follows ``growth.after``: ``paper`` (a fresh
 cosine from ``optim.lr``) or ``official`` (the official code's cycles from ``growth.lr_growing``),
@@ -370,14 +371,17 @@ def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
     else:
         t0 = time.perf_counter()
         data = p.trainer.growth_batches(derive_seed(seed, "growth-data"), g.growth_batches)
-        small = _cpu(r1.model)
+        small = _cpu(r1.model) if g.device == "cpu" else r1.model  # the growth step on the training device
         reads = morph.growth.get_growth_method(method).needs_data
         grown = morph.grow(small, method=method, width=1.0 / g.width, data=data if reads else None,
                            seed=derive_seed(seed, method, "grow"), **_growth_options(p, method))
         carried = _carry(p, [r1], grown)
+        if p.trainer.device.type == "cuda":
+            torch.cuda.synchronize(p.trainer.device)
         wall = time.perf_counter() - t0
         if p.trainer.dist.is_main:
-            atomic_write_text(record_path, json.dumps({"flops": cost, "wall_time": wall}))
+            atomic_write_text(record_path, json.dumps({"flops": cost, "wall_time": wall,
+                                                       "device": str(next(grown.parameters()).device)}))
     labels = {"seed": seed, "method": method}
     growth = _growth_record(p, method, seed, r1.flops, cost, wall)
     gkey = f"seed{seed}/{method}/growth"

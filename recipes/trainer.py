@@ -386,9 +386,16 @@ class Trainer:
             if stage.evaluate_start:  # the model as growth left it (evaluation draws no random numbers)
                 self.metrics.truncate(stage.key, -1)  # a start record of a run that crashed before its checkpoint
                 ev = self.evaluate(model, model)
-                self.metrics.write({"kind": "start", **stage.labels, "stage_key": stage.key, "step": 0,
-                                    "test_loss": ev["loss"], "test_top1": ev["top1"], "flops": state.flops})
-                self.console.print(f"{stage.key}: test top-1 {ev['top1']:.2f}% before its first step")
+                rec = {"kind": "start", **stage.labels, "stage_key": stage.key, "step": 0,
+                       "test_loss": ev["loss"], "test_top1": ev["top1"], "flops": state.flops}
+                bn = ""
+                n_bn = self.cfg.run.bn_batches
+                if n_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                    ev_bn = self.evaluate(self.reestimate_bn(model, derive_seed(stage.seed, "bn-batches"), n_bn))
+                    rec.update(test_loss_bn=ev_bn["loss"], test_top1_bn=ev_bn["top1"], bn_batches=n_bn)
+                    bn = f" ({ev_bn['top1']:.2f}% with BatchNorm statistics re-estimated on {n_bn} training batches)"
+                self.metrics.write(rec)
+                self.console.print(f"{stage.key}: test top-1 {ev['top1']:.2f}% before its first step{bn}")
         # records of work lost in a crash (after the checkpoint, or before the first one) are redone
         self.metrics.truncate(stage.key, state.step)
 
@@ -552,6 +559,33 @@ class Trainer:
             "images_per_s": (state.images - images0) / dt,
             "wall_time": state.wall_time + dt,
         }
+
+    @torch.no_grad()
+    def reestimate_bn(self, model: nn.Module, seed: int, n: int) -> nn.Module:
+        """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``n`` training
+        batches (augmented as in training, from an epoch order seeded by ``seed`` that no stage uses).
+
+        Every BatchNorm's statistics are reset and averaged over the batches with equal weight
+        (``momentum=None``), in train mode and without gradients; the weights are unchanged and
+        ``model`` itself is not touched. Every rank sees the same batches (``growth_batches``).
+        """
+        import copy
+
+        net = copy.deepcopy(model)
+        norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m, m.momentum) for m in norms]
+        for m in norms:
+            if m.track_running_stats:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the batches
+        net.train()
+        for x, y in self.growth_batches(seed, n):
+            x, _ = self._batch_to_device(x, y)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                net(x)
+        for m, momentum in saved:
+            m.momentum = momentum
+        return net.eval()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, net: nn.Module | None = None) -> dict[str, float]:

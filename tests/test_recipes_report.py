@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 from morph.recipes import report
+
+from morph.errors import MorphError
 
 
 def make_run(root, name, rows):
@@ -87,3 +90,74 @@ def test_per_stage_accuracies(tmp_path):
     text = report.main([a, b], tmp_path / "out").text
     assert "| MixtureGrowth | c10 | net1 51.00 ± 1.41 (2) [780] → net2 53.00 ± 1.41 (2) [780] → grown (at growth 55.00 (1)) 61.00 ± 1.41 (2) [156] |" in text
     assert "| Random | c10 | small 51.00 (1) [780] → grown 58.00 (1) [156] |" in text  # the growth step has no top-1
+
+
+def test_comparison_paired_by_seed(tmp_path):
+    """Per-seed values, mean ± std and the paired 95% t-intervals against MixtureGrowth and Small Match
+    of the base config, against a float64 computation by hand; report.json holds the same figures."""
+    mg = {0: 50.0, 1: 51.5, 2: 49.0, 3: 52.5, 4: 50.5}
+    sm = {0: 51.0, 1: 51.0, 2: 50.5, 3: 51.5, 4: 52.0}
+    rnd = {0: 48.0, 1: 50.0, 2: 47.5, 3: 49.0, 4: 48.5}
+    var = {0: 53.0, 1: 52.0, 2: 51.0}  # another config (a MixtureGrowth variant), three seeds
+    rows = [(m, s, v, 0.45) for m, vals in (("mixturegrowth", mg), ("small-match", sm), ("random", rnd))
+            for s, v in vals.items()]
+    a = make_run(tmp_path / "a", "base", [r for r in rows if r[1] < 3])
+    b = make_run(tmp_path / "b", "base", [r for r in rows if r[1] >= 3])
+    c = make_run(tmp_path / "c", "base-zero", [("mixturegrowth", s, v, 0.45) for s, v in var.items()])
+    with open(c / "metrics.jsonl", "a") as f:  # at growth: stale, then BN re-estimated; seed 1 recorded twice
+        for seed, stale, bn in ((0, 40.0, 50.0), (1, 10.0, 11.0), (1, 42.0, 51.0), (2, 44.0, 49.0)):
+            f.write(json.dumps({"kind": "start", "seed": seed, "method": "mixturegrowth", "stage": "grown",
+                                "test_top1": stale, "test_top1_bn": bn}) + "\n")
+    files = report.main([a, b, c], tmp_path / "out")
+    data = json.loads(files.json.read_text())
+    assert data == json.loads(json.dumps(files.data)) and data["base"] == "base"
+    by = {r["label"]: r for r in data["rows"]}
+    assert list(by) == ["Small Match", "Random", "MixtureGrowth", "MixtureGrowth [base-zero]"]  # Table 1 order
+
+    def interval(x, y):
+        seeds = sorted(set(x) & set(y))
+        d = np.array([x[s] - y[s] for s in seeds], dtype=np.float64)
+        t = {2: 4.302652729749464, 4: 2.7764451051977987}[len(d) - 1]  # t(0.975, n - 1)
+        h = t * d.std(ddof=1) / np.sqrt(len(d))
+        return d.mean(), d.mean() - h, d.mean() + h, len(d)
+
+    for label, vals in (("Random", rnd), ("Small Match", sm), ("MixtureGrowth", mg), ("MixtureGrowth [base-zero]", var)):
+        r = by[label]
+        assert r["top1"]["per_seed"] == {str(s): v for s, v in vals.items()}
+        assert r["top1"]["mean"] == pytest.approx(np.mean(list(vals.values())), abs=1e-12)
+        assert r["top1"]["std"] == pytest.approx(np.std(list(vals.values()), ddof=1), abs=1e-12)
+        for ref, ref_vals in (("mixturegrowth", mg), ("small-match", sm)):
+            p = r["vs"][ref]
+            if ref_vals is vals:
+                assert p is None  # a reference is not compared with itself
+                continue
+            mean, low, high, n = interval(vals, ref_vals)
+            assert (p["mean"], p["low"], p["high"], p["n"]) == (pytest.approx(mean, abs=1e-12),
+                                                               pytest.approx(low, abs=1e-9),
+                                                               pytest.approx(high, abs=1e-9), n)
+    at = by["MixtureGrowth [base-zero]"]["at_growth"]
+    assert at["stale"]["per_seed"] == {"0": 40.0, "1": 42.0, "2": 44.0}  # the later record of seed 1 wins
+    assert at["bn"]["mean"] == pytest.approx(50.0)
+    assert by["Random"]["at_growth"] == {"stale": None, "bn": None}
+    # the markdown row, and the interval as printed
+    m, lo, hi, _ = interval(rnd, mg)
+    line = next(x for x in files.text.splitlines() if x.startswith("| Random | 0: 48.00"))
+    assert line == (f"| Random | 0: 48.00, 1: 50.00, 2: 47.50, 3: 49.00, 4: 48.50 | 48.60 ± 0.96 (5) | 0.45X | – | "
+                    f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] (5) | {interval(rnd, sm)[0]:+.2f} [{interval(rnd, sm)[1]:+.2f}, "
+                    f"{interval(rnd, sm)[2]:+.2f}] (5) |")
+    assert "| MixtureGrowth [base-zero] | 0: 53.00, 1: 52.00, 2: 51.00 | 52.00 ± 1.00 (3) | 0.45X | 42.00 ± 2.00 (3) / 50.00 ± 1.00 (3) |" in files.text
+    assert (tmp_path / "out" / "paired_differences.png").read_bytes()[:4] == b"\x89PNG"
+    # another base; a base that is not a config; one seed twice
+    assert report.main([a, b, c], tmp_path / "out2", base="base-zero").data["base"] == "base-zero"
+    with pytest.raises(ValueError, match="base='nope' is not one of the configs"):
+        report.main([a, c], tmp_path / "out3", base="nope")
+    with pytest.raises(MorphError, match="seed 0 is in two run directories"):
+        report.main([a, a], tmp_path / "out4")
+
+
+def test_comparison_rows_in_table_order_base_first(tmp_path):
+    v = make_run(tmp_path / "v", "variant", [("mixturegrowth", 0, 40.0, 0.45)])
+    b = make_run(tmp_path / "b", "base", [("mixturegrowth", 0, 41.0, 0.45), ("small", 0, 39.0, 0.25)])
+    data = report.main([v, b], tmp_path / "out", base="base").data
+    assert [r["label"] for r in data["rows"]] == ["Small", "MixtureGrowth", "MixtureGrowth [variant]"]
+    assert data["rows"][2]["vs"]["mixturegrowth"]["mean"] == pytest.approx(-1.0)

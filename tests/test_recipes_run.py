@@ -133,3 +133,18 @@ def test_train_cli_user_errors_one_line_bugs_traceback(monkeypatch, tmp_path):
     res = runner.invoke(app, ["train", "cifar10-smoke", "--out-dir", str(tmp_path / "r3")])
     assert isinstance(res.exception, ValueError) and str(res.exception) == "an internal bug"
     assert res.exit_code == 1
+
+
+def test_option_added_after_the_run_started_is_accepted_at_its_default(tmp_path):
+    """A run directory whose config.yaml predates an option resumes when the option is at its default, and
+    is refused when it is not."""
+    import yaml
+    from morph.recipes.config import load_config
+
+    cfg = load_config("cifar10-smoke")
+    old = cfg.to_dict()
+    del old["growth"]["device"]  # a run made before growth.device existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    run.check_run_dir(tmp_path, cfg)
+    with pytest.raises(ValueError, match="holds a run with growth.device=None, not 'cpu'"):
+        run.check_run_dir(tmp_path, load_config("cifar10-smoke", ["growth.device=cpu"]))

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from morph.recipes.checkpoint import load_checkpoint, model_tensors
 from morph.recipes.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
-from morph.recipes.data import build_data
+from morph.recipes.data import build_data, derive_seed
 from morph.recipes.distributed import setup
 from morph.recipes.metrics import read_metrics
 from morph.recipes.models import wrn
@@ -265,3 +265,58 @@ def test_cpu_process_settings_only_when_asked(tmp_path, monkeypatch):
     cfg.run.keep_freed_memory = cfg.run.native_kernels = True
     make_trainer(tmp_path / "asked", cfg)
     assert calls == ["build", "mallopt"]
+
+
+def test_batchnorm_reestimated_on_training_batches(tmp_path):
+    """reestimate_bn: a copy whose BatchNorm statistics are the average over the batches of each batch's
+    statistics (checked against a float64 computation from the layers' inputs); the model is untouched."""
+    trainer = make_trainer(tmp_path)
+    model = make_model().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-3, 3)
+            m.running_var.uniform_(5, 9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = trainer.reestimate_bn(model, seed=3, n=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
+    ref = make_model().double().train()
+    ref.load_state_dict(model.state_dict())
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name, m in ref.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_pre_hook(lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0]))
+    with torch.no_grad():
+        for x, _ in trainer.growth_batches(3, 2):
+            ref(x.double())
+    norms = dict(fresh.named_modules())
+    assert inputs and not fresh.training
+    for name, xs in inputs.items():
+        assert len(xs) == 2
+        mean = torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in xs]).mean(0)
+        bn = norms[name]
+        assert torch.allclose(bn.running_mean.double(), mean, atol=1e-5), name
+        assert torch.allclose(bn.running_var.double(), var, rtol=1e-4, atol=1e-5), name
+        assert int(bn.num_batches_tracked) == 2 and bn.momentum == 0.1
+
+
+def test_start_record_has_stale_and_reestimated_batchnorm(tmp_path):
+    """A grown stage's start record holds both at-growth figures; measuring them changes no training."""
+    def run(tmp, bn_batches):
+        cfg = tiny_config()
+        cfg.run.bn_batches = bn_batches
+        trainer = make_trainer(tmp, cfg)
+        stage = Stage(**{**make_stage(trainer, 4).__dict__, "evaluate_start": True})
+        model = make_model()
+        expect = trainer.evaluate(trainer.reestimate_bn(model, derive_seed(stage.seed, "bn-batches"), 3))
+        res = trainer.fit(model, stage)
+        start = [r for r in read_metrics(tmp / "metrics.jsonl") if r["kind"] == "start"]
+        return res, start, expect
+
+    res, start, expect = run(tmp_path / "a", 3)
+    assert len(start) == 1 and start[0]["bn_batches"] == 3
+    assert start[0]["test_top1_bn"] == expect["top1"] and start[0]["test_loss_bn"] == expect["loss"]
+    res0, start0, _ = run(tmp_path / "b", 0)
+    assert "test_top1_bn" not in start0[0] and start0[0]["test_top1"] == start[0]["test_top1"]
+    assert all(torch.equal(a, b) for a, b in zip(model_tensors(res.model).values(), model_tensors(res0.model).values(),
+                                                   strict=True))
