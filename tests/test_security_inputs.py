@@ -384,17 +384,18 @@ def resume_corpus(work: Path, app) -> dict[str, dict]:
     def first_momentum(t):
         return next(k for k in t if k.startswith("optim.") and k.endswith("momentum_buffer"))
 
-    case("nan-epoch", "progress.epoch", meta(lambda m: m["progress"].update(epoch=float("nan"))))
-    case("inf-flops", "progress.flops", meta(lambda m: m["progress"].update(flops=float("inf"))))
+    # the metadata is strict JSON (morph.safety.parse_json): a non-finite number is refused as it is parsed
+    case("nan-epoch", "NaN is not a number JSON allows", meta(lambda m: m["progress"].update(epoch=float("nan"))))
+    case("inf-flops", "Infinity is not a number JSON allows", meta(lambda m: m["progress"].update(flops=float("inf"))))
     case("float-epoch", "progress.epoch", meta(lambda m: m["progress"].update(epoch=1.5)))
     case("step-past-end", "progress.step", meta(lambda m: m["progress"].update(step=10**6)))
     case("maximize", "maximize", meta(lambda m: m["optim"]["param_groups"][0].update(maximize=True)))
     case("weight-decay", "weight_decay", meta(lambda m: m["optim"]["param_groups"][0].update(weight_decay=0.5)))
     case("momentum", "momentum", meta(lambda m: m["optim"]["param_groups"][0].update(momentum=-3)))
     case("nesterov-string", "nesterov", meta(lambda m: m["optim"]["param_groups"][0].update(nesterov="yes")))
-    case("lr-nan", "lr", meta(lambda m: m["optim"]["param_groups"][0].update(lr=float("nan"))))
+    case("lr-nan", "NaN is not a number JSON allows", meta(lambda m: m["optim"]["param_groups"][0].update(lr=float("nan"))))
     case("extra-group-key", "keys", meta(lambda m: m["optim"]["param_groups"][0].update(evil=1)))
-    case("result-nan", "result", meta(lambda m: m["result"].update(top1=float("nan"))))
+    case("result-nan", "NaN is not a number JSON allows", meta(lambda m: m["result"].update(top1=float("nan"))))
     case("rng-missing", "rng", meta(lambda m: m.update(rng=[])))
     case("momentum-wrong-shape", "momentum_buffer",
          tensors(lambda t: t.update({first_momentum(t): torch.zeros(3, 1, 1, 1)})))
