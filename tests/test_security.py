@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import resource
 import socket
 import subprocess
 import sys
@@ -34,9 +33,11 @@ import time
 from pathlib import Path
 
 import pytest
+from procstat import peak_rss
 
 MARKER = "PWNED"
 GB = 1 << 30
+
 READERS = ("load", "inspect", "bake", "fuse", "grow", "cka")
 # torch hub cache names of the backbone weights torchvision's detection/segmentation builders default to
 HUB_FILES = ("mobilenet_v3_large-8738ca79.pth", "resnet50-0676ba61.pth", "resnet101-63fe2227.pth",
@@ -316,9 +317,9 @@ def _child(work: Path) -> None:
                 "connections": connections[n_conn:], "events": events[n_events:],
                 "imported": sorted(m for m in set(sys.modules) - mods if m.split(".")[0] in ("secmod", "antigravity",
                                                                                             "this", "webbrowser")),
-                "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "rss": peak_rss(),
             })
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(json.dumps({"results": results, "peak_rss": peak}))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -23,8 +22,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+from procstat import peak_rss
 
 GB = 1 << 30
+
 VICTIM = b"the user's own file\n"
 
 TINY = """\
@@ -478,7 +479,7 @@ def _child(work: Path) -> None:
     cases = fast_corpus(work)
     cases.update(resume_corpus(work, app))
     results = {name: run_case(app, work, spec) for name, spec in cases.items()}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(json.dumps({"cases": cases, "results": results, "peak_rss": peak}))
 
 
@@ -558,7 +559,6 @@ def test_representative_case(fast_cases, name):
 
     work, cases = fast_cases
     check(name, cases[name], run_case(app, work, cases[name]))
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 2 * GB
 
 
 def test_report_table_shows_names_as_text(tmp_path):
