@@ -6,7 +6,7 @@ control, one ``morph train`` at a time, seed by seed, resumable.
     python benchmarks/cpu_compare.py --runs runs/cmp --collect docs/results/cifar10-wrn10-1-cpu
     morph report docs/results/cifar10-wrn10-1-cpu/*/s* -o docs/results/cifar10-wrn10-1-cpu
 
-Every part is a run directory ``RUNS/<part>/s<seed>`` of the config ``CONFIG`` (``cifar10-wrn10-1-cpu``) with
+Every part is a run directory ``RUNS/<part>/s<seed>`` of the config ``--config`` (``cifar10-wrn10-1-cpu``) with
 overrides and its own ``name`` (so that ``morph report`` keeps the variants apart and pools the seeds).
 Rerunning the command resumes every part from its checkpoints; finished parts are skipped by the trainer.
 
@@ -65,12 +65,12 @@ ROUNDS: list[list[tuple[str, list[str], str | None, list[str]]]] = [
 ]
 
 
-def name_of(part: str) -> str:
-    return CONFIG if part in ("base", "baselines") else f"{CONFIG}-{part}"
+def name_of(part: str, config: str = CONFIG) -> str:
+    return config if part in ("base", "baselines") else f"{config}-{part}"
 
 
 def run_part(runs: Path, part: str, overrides: list[str], source: str | None, keys: list[str], seed: int,
-             data_dir: str) -> int:
+             data_dir: str, config: str = CONFIG) -> int:
     out = runs / part / f"s{seed}"
     if source is not None:
         for key in keys:
@@ -82,8 +82,8 @@ def run_part(runs: Path, part: str, overrides: list[str], source: str | None, ke
                     return 1
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
-    cmd = [str(Path(sys.executable).parent / "morph"), "train", CONFIG, "--data-dir", data_dir, "--out-dir", str(out),
-           f"run.seeds=[{seed}]", f"name={name_of(part)}", *overrides]
+    cmd = [str(Path(sys.executable).parent / "morph"), "train", config, "--data-dir", data_dir, "--out-dir", str(out),
+           f"run.seeds=[{seed}]", f"name={name_of(part, config)}", *overrides]
     print("$ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -105,6 +105,8 @@ def collect(runs: Path, dest: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=CONFIG, help=f"the recipe config every part runs (default {CONFIG}; "
+                    "cifar10-wrn10-1-sat-cpu: the saturated regime)")
     ap.add_argument("--runs", type=Path, default=Path("runs/cmp"))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -112,6 +114,10 @@ def main() -> None:
                     help="which rounds to run (0: Small, Small Match, MixtureGrowth, the growth baselines and the "
                          "init/after variants; 1: MixtureGrowth w/o fusion, Large Match, Large; 2: the equal-compute "
                          "control at 0.70X; 3: one cosine across growth and the combined variants)")
+    ap.add_argument("--parts", nargs="+", default=None,
+                    help="run only these parts (e.g. base baselines init-zero); default: every part of the rounds")
+    ap.add_argument("--no-control-small-match", action="store_true",
+                    help="leave Small Match out of the equal-compute control (budget-0.70: the baselines only)")
     ap.add_argument("--collect", type=Path, default=None, help="copy the finished parts' summaries here and stop")
     args = ap.parse_args()
     if args.collect is not None:
@@ -122,7 +128,11 @@ def main() -> None:
     for r in args.rounds:
         for seed in args.seeds:
             for part, overrides, source, keys in ROUNDS[r]:
-                rc = run_part(args.runs, part, overrides, source, keys, seed, args.data_dir)
+                if args.parts is not None and part not in args.parts:
+                    continue
+                if part == "budget-0.70" and args.no_control_small_match:
+                    overrides = [f"growth.methods={BASELINES}", *overrides[1:]]
+                rc = run_part(args.runs, part, overrides, source, keys, seed, args.data_dir, args.config)
                 if rc:
                     print(f"{part} seed {seed}: exit {rc}", flush=True)
 
