@@ -518,18 +518,25 @@ def test_weightless_sets_every_weights_argument():
     assert len(defaulted) == 15, defaulted  # the builders that would download ImageNet weights by default
 
 
-def test_building_a_detection_model_downloads_nothing(tmp_path, monkeypatch):
-    """morph.build_model of a builder whose weights_backbone defaults to ImageNet weights: no connection, the
-    pickle planted at the hub cache path is not read, and an argument asking for weights is refused."""
-    import morph
-
+def _plant_hub_and_trap_sockets(tmp_path, monkeypatch) -> list:
+    """TORCH_HOME at ``tmp_path`` with a code-running pickle at every hub cache path a weights download would
+    read, and ``socket.connect`` recording (and refusing) every attempt; returns the list of attempts."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     hub = tmp_path / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     for name in HUB_FILES:
         (hub / name).write_bytes(pickle.dumps(_Payload(str(tmp_path / MARKER))))
-    tried = []
+    tried: list = []
     monkeypatch.setattr(socket.socket, "connect", lambda *a: tried.append(a) or (_ for _ in ()).throw(OSError("no")))
+    return tried
+
+
+def test_building_a_detection_model_downloads_nothing(tmp_path, monkeypatch):
+    """morph.build_model of a builder whose weights_backbone defaults to ImageNet weights: no connection, the
+    pickle planted at the hub cache path is not read, and an argument asking for weights is refused."""
+    import morph
+
+    tried = _plant_hub_and_trap_sockets(tmp_path, monkeypatch)
     model = morph.build_model("torchvision/lraspp_mobilenet_v3_large", num_classes=3)
     assert type(model).__name__ == "LRASPP" and model.morph_spec.kwargs == {"num_classes": 3}
     assert tried == [] and not (tmp_path / MARKER).exists()
@@ -870,13 +877,7 @@ def test_convert_of_a_model_that_defaults_to_backbone_weights_downloads_nothing(
 
     import morph
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    hub = tmp_path / "hub" / "checkpoints"
-    hub.mkdir(parents=True)
-    for f in HUB_FILES:
-        (hub / f).write_bytes(pickle.dumps(_Payload(str(tmp_path / MARKER))))
-    tried = []
-    monkeypatch.setattr(socket.socket, "connect", lambda *a: tried.append(a) or (_ for _ in ()).throw(OSError("no")))
+    tried = _plant_hub_and_trap_sockets(tmp_path, monkeypatch)
     out = tmp_path / "half.safetensors"
     r = CliRunner().invoke(app, ["convert", name, "--input-size", "3,32,32", "-o", str(out)])
     assert r.exit_code == 0, (r.output, r.exception)
