@@ -110,6 +110,10 @@ def train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
     trainer = Trainer(cfg, data, dist, run_dir)
     planner = Planner(cfg, trainer, data.num_classes, data.input_size)
     trainer.flops_unit = planner.unit  # builds and counts the target: a bad model spec fails here
+    if cfg.superweights.rows:  # every budget fits its rows, before anything trains
+        from .superweights import check_budgets
+
+        check_budgets(planner)
     if dist.is_main:  # written only once the config, the data and the model are known to be good
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_text(run_dir / "provenance.yaml", yaml.safe_dump(_provenance(cfg)))

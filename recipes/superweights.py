@@ -49,7 +49,7 @@ from .models import build_model
 from .schedule import Planner, count_params
 from .trainer import LRSchedule, Stage, StageHook, StageResult, Trainer, make_schedule
 
-__all__ = ["Members", "SharingHook", "SWResult", "narrowed_width", "row_keys", "run_rows", "test_metrics"]
+__all__ = ["Members", "SharingHook", "SWResult", "check_budgets", "narrowed_width", "row_keys", "run_rows", "test_metrics"]
 
 MAX_CLUSTERS_BYTES = 1 << 22
 
@@ -247,12 +247,24 @@ def narrowed_width(base: nn.Module, budget: int, input_size: tuple[int, ...]) ->
     return lo
 
 
-def _member_base(p: Planner, seed: int, role: str, i: int) -> nn.Module:
+def _member_widths(p: Planner) -> list[float]:
+    """Widths :func:`~morph.superweights.ensemble.ensemble` scales the member bases to: 1 for WRN members (built
+    at their own widen factor), ``superweights.members`` otherwise."""
     sw = p.cfg.superweights
-    if sw.member_depths is None:
-        return p.target(seed, f"{role}-{i}")
+    return [1.0] * len(sw.members) if p.cfg.model.arch == "wrn" else list(sw.members)
+
+
+def _member_base(p: Planner, seed: int, role: str, i: int) -> nn.Module:
+    """Member ``i``'s architecture, freshly initialized: a WRN member is WRN-d-k itself (``d`` from
+    ``member_depths``, ``k`` = the model's widen factor x its width: WRN-28-[7,4,3] from WRN-28-7 and widths
+    [1, 4/7, 3/7], the 16-channel stem kept as in the paper's networks); another model is the recipe's model
+    (scaled to its width later)."""
+    sw = p.cfg.superweights
     m = p.cfg.model
-    cfg = ModelConfig(arch=m.arch, depth=sw.member_depths[i], widen_factor=m.widen_factor, norm=m.norm)
+    if m.arch != "wrn":
+        return p.target(seed, f"{role}-{i}")
+    depth = m.depth if sw.member_depths is None else sw.member_depths[i]
+    cfg = ModelConfig(arch=m.arch, depth=depth, widen_factor=m.widen_factor * sw.members[i], norm=m.norm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, role, i, "init"))
         return build_model(cfg, p.num_classes, p.input_size)
@@ -262,7 +274,7 @@ def _plain_member(p: Planner, seed: int, role: str, i: int) -> nn.Module:
     import morph
 
     base = _member_base(p, seed, role, i)
-    w = p.cfg.superweights.members[i]
+    w = _member_widths(p)[i]
     if w == 1.0:
         return base
     with torch.random.fork_rng(devices=[]):
@@ -468,20 +480,20 @@ class _Rows:
         elif row == "sw-ensemble":
             n = len(sw.members)
             bases = [_member_base(p, seed, key, i) for i in range(n)]
-            budget = sw.ensemble_budget or _layer_weights(p.target(0, "flops") if sw.member_depths is None
-                                                          else _member_base(p, 0, "flops", 0), p.input_size)
+            widths = _member_widths(p)
+            budget = sw.ensemble_budget or _layer_weights(_plain_member(p, 0, "flops", 0), p.input_size)
             extra["budget"] = budget
             if sw.ensemble_share == "learned":
                 model, search, r_warm = self.learned(
                     key,
-                    lambda: ensemble(bases, sw.members, None, "bins", bins=sw.bins, templates=sw.templates,
+                    lambda: ensemble(bases, widths, None, "bins", bins=sw.bins, templates=sw.templates,
                                      tie=True, seed=derive_seed(seed, key, "warm"), input_size=p.input_size),
-                    lambda cl: ensemble(bases, sw.members, budget, cl, bins=sw.bins, tie=sw.tie, seed=dseed,
+                    lambda cl: ensemble(bases, widths, budget, cl, bins=sw.bins, tie=sw.tie, seed=dseed,
                                         input_size=p.input_size),
                     lambda: budget)
                 stages.append(("warmup", r_warm))
             else:
-                model = ensemble(bases, sw.members, budget, sw.ensemble_share, bins=sw.bins, tie=sw.tie,
+                model = ensemble(bases, widths, budget, sw.ensemble_share, bins=sw.bins, tie=sw.tie,
                                  seed=dseed, input_size=p.input_size)
             hook = SharingHook(sw.untie_epoch, sw.beta, sw.untie_batches)
         elif row == "deep-ensemble":
@@ -522,6 +534,45 @@ class _Rows:
                         seed=seed, top1=100.0 * ens["top1"], test_loss=ens["nll"], flops=r.flops,
                         flops_norm=r.flops / unit, params=counts_after["params"],
                         stages=[{"stage": name, **res.summary()} for name, res in stages], superweights=info), model
+
+
+def check_budgets(p: Planner) -> None:
+    """Refuse, before anything trains, a budget below what its row can build: one template per bank of the
+    initial clusters (learned: the depth bins, which learned clusters only split; shape: one cluster per shape;
+    the SuperWeight ensemble: its clusters over every member's layers).
+
+    Raises:
+        RecipeError: naming the key, the row, the budget and the least budget that fits.
+    """
+    from morph.superweights.build import initial_clusters, prepare, template_layers
+    from morph.superweights.npas import min_budget
+
+    sw = p.cfg.superweights
+
+    def floor(models: list[tuple[nn.Module, float]], mode: str) -> int:
+        layers = []
+        for i, (m, w) in enumerate(models):
+            new, plan = prepare(m, w, p.input_size)
+            layers += [((i, n), k, s) for n, k, s in template_layers(new, plan)]
+        shapes = {r: s for r, _, s in layers}
+        return min_budget([[shapes[r] for r in c] for c in initial_clusters(layers, mode, sw.bins)])
+
+    single: dict[str, int] = {}
+    for _, row, budget in row_keys(sw):
+        if row in ("learned", "shape"):
+            mode = "bins" if row == "learned" else "shape"
+            if mode not in single:
+                single[mode] = floor([(p.target(0, "flops"), 1.0)], mode)
+            if budget < single[mode]:
+                raise RecipeError(f"superweights.budgets: {budget:,} is below {single[mode]:,}, the least budget of "
+                                  f"the {row} row (one template per bank of its {'depth bins' if row == 'learned' else 'shapes'})")
+        if row == "sw-ensemble" and sw.ensemble_budget is not None:
+            mode = "bins" if sw.ensemble_share == "learned" else sw.ensemble_share
+            widths = _member_widths(p)
+            least = floor([(_member_base(p, 0, "flops", i), widths[i]) for i in range(len(sw.members))], mode)
+            if sw.ensemble_budget < least:
+                raise RecipeError(f"superweights.ensemble_budget: {sw.ensemble_budget:,} is below {least:,}, the "
+                                  f"least budget of the ensemble's {mode} clusters (one template per bank)")
 
 
 def run_rows(p: Planner, seed: int, run_dir: Path) -> list[SWResult]:
