@@ -257,7 +257,8 @@ class SuperWeightsConfig:
         beta: coefficient untying threshold (cosine of summed coefficient gradients).
         untie_epoch: untie after this many epochs of the main model (0: never).
         untie_batches: training batches whose coefficient gradients are summed for untying.
-        members: widths of the ensemble members relative to the model (deepest/widest first).
+        members: widths of the ensemble members relative to the model, deepest first (a WRN member is
+            WRN-d-(k x width), any width; other models' members are the model scaled to a width <= 1).
         member_depths: WRN depths of the members (``null``: the model's depth for all).
         ensemble_share: clusters of the SuperWeight ensemble: ``learned`` (from member 0's gradients, the others
             attach), ``layer`` (layer i of every member: one SuperWeight per layer, homogeneous ensembles),
@@ -318,8 +319,8 @@ class SuperWeightsConfig:
         if not 1 <= len(self.members) <= MAX_MEMBERS:
             raise RecipeError(f"superweights.members: 1 to {MAX_MEMBERS} member widths, got {len(self.members)}")
         for i, w in enumerate(self.members):
-            if not 0.0 < w <= 1.0:
-                raise RecipeError(f"superweights.members[{i}]={_shown(w)}: a width relative to the model, in (0, 1]")
+            if not 0.0 < w <= 64.0:
+                raise RecipeError(f"superweights.members[{i}]={_shown(w)}: a width relative to the model, in (0, 64]")
         if self.member_depths is not None:
             if len(self.member_depths) != len(self.members):
                 raise RecipeError(f"superweights.member_depths: {len(self.member_depths)} depths for "
@@ -417,6 +418,11 @@ class Config:
         self.superweights.check()
         if self.superweights.member_depths is not None and self.model.arch != "wrn":
             raise RecipeError("superweights.member_depths needs model.arch: wrn (other models keep their depth)")
+        if self.model.arch != "wrn":  # members are the model scaled down (a WRN member is WRN-d-(k x width))
+            for i, w in enumerate(self.superweights.members):
+                if w > 1.0:
+                    raise RecipeError(f"superweights.members[{i}]={_shown(w)}: members of a {self.model.arch} are "
+                                      "the model at a width in (0, 1]")
         if len(set(self.growth.methods)) != len(self.growth.methods):
             raise RecipeError(f"growth.methods lists a method twice: {self.growth.methods}")
         if not self.run.seeds or len(set(self.run.seeds)) != len(self.run.seeds):

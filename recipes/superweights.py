@@ -49,7 +49,7 @@ from .models import build_model
 from .schedule import Planner, count_params
 from .trainer import LRSchedule, Stage, StageHook, StageResult, Trainer, make_schedule
 
-__all__ = ["Members", "SharingHook", "SWResult", "check_budgets", "narrowed_width", "row_keys", "run_rows", "test_metrics"]
+__all__ = ["Members", "SharingHook", "SWResult", "check_budgets", "narrowed_width", "row_keys", "run_rows", "evaluate_members"]
 
 MAX_CLUSTERS_BYTES = 1 << 22
 
@@ -200,7 +200,8 @@ class SharingHook(StageHook):
         model.train(was)
         new = untie(model, cg.grads, self.beta, optimizer)
         self.untied = len(new)
-        rec = {"kind": "untie", **stage.labels, "stage_key": stage.key, "epoch": epoch, "beta": self.beta,
+        rec = {"kind": "untie", **stage.labels, "stage_key": stage.key, "epoch": epoch,
+               "step": min(epoch * trainer.steps_per_epoch, stage.steps), "beta": self.beta,
                "batches": len(data), "new_vectors": len(new)}
         trainer.metrics.write(rec)
         trainer.console.print(f"{stage.key}: untied {len(new)} coefficient vector(s) at beta {self.beta} after "
@@ -317,7 +318,7 @@ def _read_clusters(path: Path, refs: set[tuple[int, str]]) -> list[list[tuple[in
 
 
 @torch.no_grad()
-def test_metrics(trainer: Trainer, model: nn.Module, subsets: list[tuple[int, ...]] | None = None) -> dict[str, Any]:
+def evaluate_members(trainer: Trainer, model: nn.Module, subsets: list[tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Top-1, NLL, ECE (15 bins) per member and of the mean softmax, and diversity, over the whole test set
     (:class:`~morph.superweights.metrics.EnsembleMetrics`; one network is an ensemble of one)."""
     from morph.superweights.metrics import EnsembleMetrics
@@ -510,7 +511,7 @@ class _Rows:
         members = list(model.members) if getattr(model, "stacked_logits", False) else [model]
         member_flops = [float(morph.flops(m, input_size=p.input_size, batch_size=p.batch).total) for m in members]
         subsets = [s for s, _ in anytime_subsets(model, member_flops=member_flops)] if len(members) > 1 else []
-        metrics = test_metrics(p.trainer, model, subsets)
+        metrics = evaluate_members(p.trainer, model, subsets)
         counts_after = _counts(model, p.input_size)
         unit = 3.0 * p.flops("target", lambda: p.target(0, "flops")) * p.batch * self.spe * sw.epochs
         ens = metrics["ensemble"]
@@ -566,13 +567,16 @@ def check_budgets(p: Planner) -> None:
             if budget < single[mode]:
                 raise RecipeError(f"superweights.budgets: {budget:,} is below {single[mode]:,}, the least budget of "
                                   f"the {row} row (one template per bank of its {'depth bins' if row == 'learned' else 'shapes'})")
-        if row == "sw-ensemble" and sw.ensemble_budget is not None:
+        if row == "sw-ensemble":
             mode = "bins" if sw.ensemble_share == "learned" else sw.ensemble_share
             widths = _member_widths(p)
             least = floor([(_member_base(p, 0, "flops", i), widths[i]) for i in range(len(sw.members))], mode)
-            if sw.ensemble_budget < least:
-                raise RecipeError(f"superweights.ensemble_budget: {sw.ensemble_budget:,} is below {least:,}, the "
-                                  f"least budget of the ensemble's {mode} clusters (one template per bank)")
+            ebudget = sw.ensemble_budget or _layer_weights(_plain_member(p, 0, "flops", 0), p.input_size)
+            if ebudget < least:
+                raise RecipeError(f"superweights.ensemble_budget: {ebudget:,}"
+                                  f"{'' if sw.ensemble_budget else ' (member 0' + chr(39) + 's layers)'} is below "
+                                  f"{least:,}, the least budget of the ensemble's {mode} clusters (one template per "
+                                  "bank)")
 
 
 def run_rows(p: Planner, seed: int, run_dir: Path) -> list[SWResult]:
