@@ -428,3 +428,27 @@ def test_report_refuses_a_bad_superweights_field(tmp_path):
             report.main([root], tmp_path / "out")
         assert "\n" not in str(e.value)
         assert not (tmp_path / "out").exists()
+
+
+def test_the_hook_unties_without_changing_the_function(tmp_path):
+    """Untying inside the loop (eval-mode coefficient gradients, no step) leaves the outputs bit-identical, adds
+    the clones to the optimizer once, and writes one ``untie`` metrics record."""
+    from morph.recipes.metrics import read_metrics
+    from morph.recipes.trainer import build_optimizer
+
+    cfg = tiny_config()
+    trainer = Trainer(cfg, build_data(cfg.data), setup("cpu"), tmp_path, flops_unit=1e9)
+    model = convert_shared(wrn(10, 1), 1.0, None, "bins", tie=True, seed=0, input_size=INPUT)
+    opt = build_optimizer(model, cfg.optim)
+    x = torch.randn(4, 3, 16, 16)
+    before = model.eval()(x)
+    n = len(list(model.parameters()))
+    hook = SharingHook(epoch=2, beta=1.0, batches=2)
+    stage = _stage(trainer, 8)
+    assert not hook.after_epoch(trainer, model, opt, stage, 1)  # not its epoch
+    assert hook.after_epoch(trainer, model, opt, stage, 2)
+    assert torch.equal(model.eval()(x), before)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert len(params) == len({id(p) for p in params}) == len(list(model.parameters())) == n + hook.untied
+    recs = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "untie"]
+    assert len(recs) == 1 and recs[0]["new_vectors"] == hook.untied and recs[0]["step"] == 8
