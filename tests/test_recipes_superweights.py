@@ -214,8 +214,12 @@ def test_untying_in_the_loop_enters_each_new_vector_once(tmp_path):
 
 
 def test_restore_sharing_refuses_states_that_do_not_fit():
+    import copy
+
+    built = convert_shared(wrn(10, 1), 1.0, None, "bins", tie=True, seed=0, input_size=INPUT)
+
     def fresh():
-        return convert_shared(wrn(10, 1), 1.0, None, "bins", tie=True, seed=0, input_size=INPUT)
+        return copy.deepcopy(built)
 
     good = sharing_state(fresh())
     restore_sharing(fresh(), good, "ckpt")
