@@ -456,3 +456,16 @@ def test_the_hook_unties_without_changing_the_function(tmp_path):
     assert len(params) == len({id(p) for p in params}) == len(list(model.parameters())) == n + hook.untied
     recs = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "untie"]
     assert len(recs) == 1 and recs[0]["new_vectors"] == hook.untied and recs[0]["step"] == 8
+
+
+def test_the_committed_cpu_comparison_report_is_rederived_from_its_run_summaries(tmp_path):
+    """``morph report`` over the committed run summaries of docs/results/cifar10-superweights-cpu gives the
+    committed report.md, and every row has its 3 seeds."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "docs" / "results" / "cifar10-superweights-cpu"
+    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    files = report.main(dirs, tmp_path / "out")
+    assert files.text == (root / "report.md").read_text()
+    rows = files.data["superweights"]["configs"][0]["rows"]
+    assert len(rows) == 9 and all(r["top1"]["n"] == 3 for r in rows)
