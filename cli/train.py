@@ -44,7 +44,8 @@ def report(
     json_out: Annotated[bool, typer.Option("--json", help="Print the statistics (report.json) and the written file paths as JSON.")] = False,
 ) -> None:
     """Write a Table-1-style markdown report (top-1 per seed, mean ± std, FLOPs, paired differences from
-    MixtureGrowth and Small Match with 95% t-intervals), report.json and the plots.
+    MixtureGrowth and Small Match with 95% t-intervals), report.json and the plots; SuperWeights rows get their
+    table (top-1, NLL, ECE, parameters, FLOPs, paired differences) and top1_vs_params.png.
 
     The run directories' files are read as data: names in them are printed as text, never as markup.
     """
@@ -55,5 +56,6 @@ def report(
         print_json({"markdown": str(files.markdown), "plot": str(files.plot), "json": str(files.json), **files.data})
     else:
         out.print(files.text, markup=False, highlight=False, emoji=False, soft_wrap=True)
-        out.print(f"wrote {printable(files.markdown)}, {printable(files.json)} and {printable(files.plot)}",
+        more = f", {printable(files.params_plot)}" if files.params_plot and files.params_plot != files.plot else ""
+        out.print(f"wrote {printable(files.markdown)}, {printable(files.json)}{more} and {printable(files.plot)}",
                   markup=False, highlight=False)

@@ -1,7 +1,7 @@
 """Recipe configuration: typed dataclasses, YAML loading, ``key=value`` overrides.
 
-A config is a YAML file with the sections ``data``, ``model``, ``optim``, ``growth`` and ``run``
-(see :class:`Config`). ``CONFIG`` on the command line is either a path to such a file or the name of
+A config is a YAML file with the sections ``data``, ``model``, ``optim``, ``growth``, ``run`` and
+``superweights`` (see :class:`Config`). ``CONFIG`` on the command line is either a path to such a file or the name of
 one shipped in ``recipes/configs`` (``cifar10-smoke``, ``cifar10-wrn28-10`` ...). Overrides use dotted
 keys and YAML values: ``optim.lr=0.05``, ``growth.methods=[large,mixturegrowth]``, ``data.root=null``.
 The resolved config is written into the run directory as ``config.yaml``.
@@ -36,6 +36,8 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "SW_ROWS",
+    "SuperWeightsConfig",
     "apply_overrides",
     "config_from_dict",
     "list_configs",
@@ -229,6 +231,105 @@ class GrowthConfig:
         return self.after == "official" if self.carry_optimizer is None else self.carry_optimizer
 
 
+#: Rows of a SuperWeights recipe (``superweights.rows``); the sharing rows run once per budget.
+SW_ROWS = ("stock", "learned", "shape", "none", "sw-ensemble", "deep-ensemble")
+#: Clusters of a SuperWeight ensemble (``superweights.ensemble_share``).
+SW_ENSEMBLE_SHARES = ("learned", "layer", "bins", "shape")
+
+
+@dataclass
+class SuperWeightsConfig:
+    """SuperWeights rows (``docs/superweights.md``): one network under template-parameter budgets with learned
+    sharing (NPAS), one bank per weight shape, or no sharing; SuperWeight ensembles against deep ensembles.
+
+    Attributes:
+        rows: what to run, from ``stock`` (the plain model), ``learned``, ``shape``, ``none`` (each once per
+            budget), ``sw-ensemble`` and ``deep-ensemble``; empty: none (a growth recipe).
+        budgets: template parameters of the single-network rows (what the paper's budget counts).
+        epochs: training epochs of every row (the main model; a learned row's warm-up comes on top).
+        bins: initial depth bins per kernel shape (official 4).
+        templates: templates per bank of the warm-up model (no budget).
+        warmup_epochs: learned sharing: epochs of the warm-up model (tied coefficients, constant ``optim.lr``).
+        grad_batches: learned sharing: training batches whose weight gradients are summed for the clusters.
+        tau: learned sharing: cluster similarity threshold, lowered by ``tau_step`` until the budget fits.
+        tau_step: the decrement of ``tau``.
+        tie: learned sharing: the main model starts with one coefficient vector per bank.
+        beta: coefficient untying threshold (cosine of summed coefficient gradients).
+        untie_epoch: untie after this many epochs of the main model (0: never).
+        untie_batches: training batches whose coefficient gradients are summed for untying.
+        members: widths of the ensemble members relative to the model, deepest first (a WRN member is
+            WRN-d-(k x width), any width; other models' members are the model scaled to a width <= 1).
+        member_depths: WRN depths of the members (``null``: the model's depth for all).
+        ensemble_share: clusters of the SuperWeight ensemble: ``learned`` (from member 0's gradients, the others
+            attach), ``layer`` (layer i of every member: one SuperWeight per layer, homogeneous ensembles),
+            ``bins``, ``shape``.
+        ensemble_budget: template parameters of the SuperWeight ensemble (``null``: member 0's template-layer
+            weights, the parameter count of one member).
+    """
+
+    rows: list[str] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)
+    epochs: int = 200
+    bins: int = 4
+    templates: int = 2
+    warmup_epochs: int = 20
+    grad_batches: int = 100
+    tau: float = 0.1
+    tau_step: float = 0.05
+    tie: bool = True
+    beta: float = 0.5
+    untie_epoch: int = 10
+    untie_batches: int = 100
+    members: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    member_depths: list[int] | None = None
+    ensemble_share: str = "layer"
+    ensemble_budget: int | None = None
+
+    def check(self) -> None:
+        """Values types alone do not check; raises :class:`RecipeError` naming the key."""
+        for r in self.rows:
+            _choice("superweights.rows", r, SW_ROWS)
+        if len(set(self.rows)) != len(self.rows):
+            raise RecipeError(f"superweights.rows lists a row twice: {self.rows}")
+        _choice("superweights.ensemble_share", self.ensemble_share, SW_ENSEMBLE_SHARES)
+        if any(r in self.rows for r in ("learned", "shape", "none")) and not self.budgets:
+            raise RecipeError("superweights.budgets is empty; the learned, shape and none rows run once per budget")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise RecipeError(f"superweights.budgets lists a budget twice: {self.budgets}")
+        for i, b in enumerate(self.budgets):
+            if not 0 < b <= 1 << 40:
+                raise RecipeError(f"superweights.budgets[{i}]={_shown(b)} must be in [1, 2^40]")
+        if self.ensemble_budget is not None and not 0 < self.ensemble_budget <= 1 << 40:
+            raise RecipeError(f"superweights.ensemble_budget={_shown(self.ensemble_budget)} must be in [1, 2^40]")
+        for key, value, lo, hi in (("epochs", self.epochs, 1, MAX_EPOCHS), ("bins", self.bins, 1, 1000),
+                                   ("templates", self.templates, 1, 8),
+                                   ("warmup_epochs", self.warmup_epochs, 0, MAX_EPOCHS),
+                                   ("grad_batches", self.grad_batches, 1, 100_000),
+                                   ("untie_epoch", self.untie_epoch, 0, MAX_EPOCHS),
+                                   ("untie_batches", self.untie_batches, 1, 100_000)):
+            if not lo <= value <= hi:
+                raise RecipeError(f"superweights.{key}={_shown(value)} must be in [{lo}, {hi:,}]")
+        for key, value in (("tau", self.tau), ("beta", self.beta)):
+            if not -1.0 <= value <= 1.0:
+                raise RecipeError(f"superweights.{key}={_shown(value)} is a cosine threshold: in [-1, 1]")
+        if not 0.0 < self.tau_step <= 2.0:
+            raise RecipeError(f"superweights.tau_step={_shown(self.tau_step)} must be in (0, 2]")
+        from morph.superweights.ensemble import MAX_MEMBERS
+
+        if not 1 <= len(self.members) <= MAX_MEMBERS:
+            raise RecipeError(f"superweights.members: 1 to {MAX_MEMBERS} member widths, got {len(self.members)}")
+        for i, w in enumerate(self.members):
+            if not 0.0 < w <= 64.0:
+                raise RecipeError(f"superweights.members[{i}]={_shown(w)}: a width relative to the model, in (0, 64]")
+        if self.member_depths is not None:
+            if len(self.member_depths) != len(self.members):
+                raise RecipeError(f"superweights.member_depths: {len(self.member_depths)} depths for "
+                                  f"{len(self.members)} members")
+            for i, d in enumerate(self.member_depths):
+                if not (10 <= d <= 1000 and (d - 4) % 6 == 0):
+                    raise RecipeError(f"superweights.member_depths[{i}]={_shown(d)} is not a WRN depth (6n+4, >= 10)")
+
+
 @dataclass
 class RunConfig:
     """Execution: seeds, device and logging.
@@ -284,6 +385,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    superweights: SuperWeightsConfig = field(default_factory=SuperWeightsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON serializable)."""
@@ -311,8 +413,16 @@ class Config:
         _choice("growth.device", self.growth.device, ("train", "cpu"))
         for m in self.growth.methods:
             _choice("growth.methods", m, tuple(METHODS))
-        if not self.growth.methods:
+        if not self.growth.methods and not self.superweights.rows:
             raise RecipeError(f"growth.methods is empty; choose from {', '.join(METHODS)}")
+        self.superweights.check()
+        if self.superweights.member_depths is not None and self.model.arch != "wrn":
+            raise RecipeError("superweights.member_depths needs model.arch: wrn (other models keep their depth)")
+        if self.model.arch != "wrn":  # members are the model scaled down (a WRN member is WRN-d-(k x width))
+            for i, w in enumerate(self.superweights.members):
+                if w > 1.0:
+                    raise RecipeError(f"superweights.members[{i}]={_shown(w)}: members of a {self.model.arch} are "
+                                      "the model at a width in (0, 1]")
         if len(set(self.growth.methods)) != len(self.growth.methods):
             raise RecipeError(f"growth.methods lists a method twice: {self.growth.methods}")
         if not self.run.seeds or len(set(self.run.seeds)) != len(self.run.seeds):

@@ -29,6 +29,7 @@ from morph.inputs import read_json, read_yaml
 from morph.paths import Outputs, check_output
 from morph.text import printable
 
+from . import swreport
 from .config import METHODS
 from .errors import RecipeError, RecipePathError
 from .metrics import read_metrics
@@ -57,6 +58,7 @@ class ReportFiles:
     text: str
     json: Path
     data: dict[str, Any]
+    params_plot: Path | None = None
 
 
 @dataclass
@@ -151,6 +153,8 @@ def _result(path: Path) -> dict[str, Any]:
         need("steps" not in st or _int(st["steps"]), f"stages[{i}].steps is not a non-negative integer")
         need("growth_flops_norm" not in st or _num(st["growth_flops_norm"], 0, MAX_FLOPS_NORM),
              f"stages[{i}].growth_flops_norm is out of range")
+    if "superweights" in r:  # a SuperWeights row (recipes/superweights.py)
+        swreport.check_result(r, need)
     return r
 
 
@@ -457,7 +461,8 @@ def main(run_dirs: Sequence[str | Path], out: str | Path = "report", base: str |
     Args:
         run_dirs: run directories written by ``morph train``.
         out: directory for ``report.md``, ``report.json``, ``top1_vs_flops.png`` and
-            ``paired_differences.png`` (created).
+            ``paired_differences.png`` (created); with SuperWeights rows also their table and
+            ``top1_vs_params.png`` (:mod:`recipes.swreport`).
         base: the config whose MixtureGrowth and Small Match rows the comparison pairs every row with
             (default: the first run directory's).
         force: replace existing report files.
@@ -470,14 +475,27 @@ def main(run_dirs: Sequence[str | Path], out: str | Path = "report", base: str |
     """
     out = Path(out)
     md, js, png, paired = out / "report.md", out / "report.json", out / "top1_vs_flops.png", out / "paired_differences.png"
-    for path in (md, js, png, paired):  # before any work
+    params_png = out / "top1_vs_params.png"
+    for path in (md, js, png, paired, params_png):  # before any work
         check_output(path, force=force, option="'-o' / '--out'")
     runs = collect(run_dirs)
-    data = comparison(runs, base)
-    text = markdown_table(runs) + "\n" + "\n".join(comparison_table(data)) + "\n"
+    growth = any(r["method"] in METHODS for run in runs.values() for r in run.results)
+    sw = any(swreport.has_rows(run.results) for run in runs.values())
+    data: dict[str, Any] = {}
+    text = ""
+    if growth or not sw:
+        data = comparison(runs, base)
+        text = markdown_table(runs) + "\n" + "\n".join(comparison_table(data)) + "\n"
+    if sw:  # SuperWeights rows (recipes/superweights.py): their table and top-1 against parameters
+        data["superweights"] = swreport.sw_comparison(runs)
+        text += ("\n" if text else "") + "\n".join(swreport.sw_table(data["superweights"], _label))
     with Outputs(force=force, option="'-o' / '--out'") as files:
-        files.write(png, lambda tmp: plot(runs, tmp))
-        files.write(paired, lambda tmp: plot_paired(data, tmp))
+        if growth or not sw:
+            files.write(png, lambda tmp: plot(runs, tmp))
+            files.write(paired, lambda tmp: plot_paired(data, tmp))
+        if sw:
+            files.write(params_png, lambda tmp: swreport.plot_params(data["superweights"], tmp, _label))
         files.write_bytes(js, (json.dumps(data, indent=1) + "\n").encode())
         files.write_bytes(md, text.encode())
-    return ReportFiles(markdown=md, plot=png, text=text, json=js, data=data)
+    return ReportFiles(markdown=md, plot=png if growth or not sw else params_png, text=text, json=js, data=data,
+                       params_plot=params_png if sw else None)

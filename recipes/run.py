@@ -34,7 +34,8 @@ from .trainer import Trainer
 __all__ = ["check_run_dir", "main", "train"]
 
 # Keys that may differ between the first run and a resumed one: they do not change what is trained.
-_FREE_KEYS = {"name", "data.root", "data.format", "data.num_workers", "data.cache_dir", "growth.methods"}
+_FREE_KEYS = {"name", "data.root", "data.format", "data.num_workers", "data.cache_dir", "growth.methods",
+              "superweights.rows"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -109,13 +110,34 @@ def train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
     trainer = Trainer(cfg, data, dist, run_dir)
     planner = Planner(cfg, trainer, data.num_classes, data.input_size)
     trainer.flops_unit = planner.unit  # builds and counts the target: a bad model spec fails here
+    if cfg.superweights.rows:  # every budget fits its rows, before anything trains
+        from .superweights import check_budgets
+
+        check_budgets(planner)
     if dist.is_main:  # written only once the config, the data and the model are known to be good
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_text(run_dir / "provenance.yaml", yaml.safe_dump(_provenance(cfg)))
     results = [run_method(planner, method, seed, run_dir) for seed in cfg.run.seeds for method in cfg.growth.methods]
-    if dist.is_main:
+    if cfg.superweights.rows:
+        from .superweights import run_rows
+
+        sw = [r for seed in cfg.run.seeds for r in run_rows(planner, seed, run_dir)]
+        if dist.is_main:
+            _print_sw(sw, run_dir)
+    if dist.is_main and results:
         _print_results(results, run_dir)
     return results
+
+
+def _print_sw(results: list, run_dir: Path) -> None:
+    table = Table(title=f"SuperWeights rows in {markup_safe(run_dir)}")
+    for col in ("row", "seed", "top-1 (%)", "NLL", "ECE", "template params", "params"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    for r in results:
+        s = r.superweights
+        table.add_row(markup_safe(r.label), str(r.seed), f"{r.top1:.2f}", f"{s['nll']:.3f}", f"{s['ece']:.3f}",
+                      f"{s['template_params']:,}", f"{r.params:,}")
+    Console(stderr=True).print(table)
 
 
 def _print_results(results: list[MethodResult], run_dir: Path) -> None:

@@ -55,6 +55,7 @@ from .metrics import MetricsLog
 __all__ = [
     "LRSchedule",
     "Stage",
+    "StageHook",
     "StageResult",
     "Trainer",
     "build_optimizer",
@@ -280,6 +281,39 @@ def _layout(p: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+class StageHook:
+    """Changes a model between the epochs of a stage (the base class changes nothing).
+
+    :meth:`after_epoch` may add parameters to the model (SuperWeights' coefficient untying); the trainer
+    then rebuilds the optimizer (:func:`build_optimizer`, every parameter once) carrying each old
+    parameter's state by identity. :meth:`state` is JSON written into the stage's checkpoint;
+    :meth:`restore` gives a freshly built model that structure again before the checkpoint's tensors
+    are loaded, so a resumed stage continues bit for bit.
+    """
+
+    def after_epoch(self, trainer: Trainer, model: nn.Module, optimizer: torch.optim.Optimizer, stage: Stage,
+                    epoch: int) -> bool:
+        """Called after epoch ``epoch`` (1-based count of finished epochs); ``True`` if parameters changed."""
+        return False
+
+    def state(self, model: nn.Module) -> Any:
+        return None
+
+    def restore(self, model: nn.Module, state: Any, where: str) -> None:
+        """Raises :class:`morph.errors.CheckpointError` (one line naming ``where``) for a state that does not fit."""
+
+
+def _rebuilt_optimizer(model: nn.Module, old: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """A new optimizer over ``model``'s parameters (:func:`build_optimizer`), with ``old``'s per-parameter state
+    (momentum) carried by identity: the order a resumed stage rebuilds."""
+    new = build_optimizer(model, cfg)
+    for group in new.param_groups:
+        for p in group["params"]:
+            if p in old.state:
+                new.state[p] = old.state[p]
+    return new
+
+
 class Trainer:
     """Trains stages on one dataset, in one process group, writing into one run directory.
 
@@ -343,7 +377,11 @@ class Trainer:
         return self.run_dir / key / CHECKPOINT_NAME
 
     def fit(
-        self, model: nn.Module, stage: Stage, optimizer_state: dict[str, dict[str, Any]] | None = None
+        self,
+        model: nn.Module,
+        stage: Stage,
+        optimizer_state: dict[str, dict[str, Any]] | None = None,
+        hook: StageHook | None = None,
     ) -> StageResult:
         """Train ``model`` for ``stage.steps`` steps, resuming from the stage's checkpoint if any.
 
@@ -353,6 +391,9 @@ class Trainer:
             optimizer_state: per parameter name, the optimizer state to start from (momentum buffers
                 carried across growth, :func:`morph.growth.carry_optimizer_state`); a checkpoint, when
                 there is one, wins.
+            hook: changes the model between epochs (SuperWeights' coefficient untying,
+                :class:`StageHook`); its state goes into the checkpoint and is restored before the
+                checkpoint's tensors are loaded.
 
         Returns:
             The trained model, its optimizer and its final test metrics.
@@ -361,6 +402,7 @@ class Trainer:
         model = model.to(self.device)
         if self.channels_last:
             to_channels_last(model)
+        self._stacked = bool(getattr(model, "stacked_logits", False))
         optimizer = build_optimizer(model, self.cfg.optim)
         state = _Progress(flops=stage.flops_offset)
         if path.exists():
@@ -370,6 +412,9 @@ class Trainer:
                     f"checkpoint {path} plans {meta['steps']} steps but this run plans {stage.steps}; "
                     "the config changed: use a new --out-dir"
                 )
+            if hook is not None:  # the model's structure as the checkpoint left it (untied coefficients)
+                hook.restore(model, meta.get("hook"), str(path))
+                optimizer = build_optimizer(model, self.cfg.optim)
             load_model_tensors(model, groups["model"], str(path))
             restore_optimizer(optimizer, groups.get("optim", {}), meta["optim"], str(path))
             if meta["done"]:
@@ -401,9 +446,9 @@ class Trainer:
 
         compiled = torch.compile(model) if self.cfg.run.compile else model
         net: nn.Module = compiled
-        if self.dist.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if self.dist.distributed:
             net = DDP(compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         last_eval: dict[str, float] | None = None
@@ -426,8 +471,14 @@ class Trainer:
                 keep = self.cfg.run.keep_every
                 if keep and (final or state.epoch % keep == 0):
                     self._keep_epoch(model, stage, state)
+                if hook is not None and not final and hook.after_epoch(self, model, optimizer, stage, state.epoch):
+                    optimizer = _rebuilt_optimizer(model, optimizer, self.cfg.optim)
+                    compiled = torch.compile(model) if self.cfg.run.compile else model
+                    net = compiled
+                    if self.dist.distributed:
+                        net = DDP(compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                 if not final:  # the final state is saved once, with the result, below
-                    self._save(path, model, optimizer, stage, state, done=False)
+                    self._save(path, model, optimizer, stage, state, done=False, hook=hook)
         if last_eval is None:  # a zero-step stage, or resumed after its last epoch
             last_eval = self.evaluate(model, compiled)
         result = StageResult(
@@ -440,7 +491,7 @@ class Trainer:
             wall_time=state.wall_time,
             optimizer=optimizer,
         )
-        self._save(path, model, optimizer, stage, state, done=True, result=result.summary())
+        self._save(path, model, optimizer, stage, state, done=True, result=result.summary(), hook=hook)
         return result
 
     # ------------------------------------------------------------------------------------------
@@ -533,11 +584,24 @@ class Trainer:
         x, y = self._batch_to_device(x, y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = net(x)
-            loss = self.criterion(out, y)
+            loss = self.loss(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss, (out.argmax(1) == y).sum()
+        return loss, (self.predicted(out) == y).sum()
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss: cross-entropy, or, for an ensemble's stacked logits ``[members, batch,
+        classes]`` (a model with ``stacked_logits = True``), the sum of the members' cross-entropies."""
+        if getattr(self, "_stacked", False):
+            return sum(self.criterion(o, y) for o in out)
+        return self.criterion(out, y)
+
+    def predicted(self, out: torch.Tensor) -> torch.Tensor:
+        """Predicted classes: the argmax of the logits, or of the mean of the members' softmaxes."""
+        if getattr(self, "_stacked", False):
+            return out.float().softmax(-1).mean(0).argmax(1)
+        return out.argmax(1)
 
     def _record(
         self, stage: Stage, state: _Progress, lr: float, loss: float, top1: float, t0: float, images0: int, kind: str
@@ -605,12 +669,18 @@ class Trainer:
         loader = self.batches(batches)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         criterion = nn.CrossEntropyLoss(reduction="sum")
+        stacked = bool(getattr(model, "stacked_logits", False))
         for x, y in loader:
             x, y = self._batch_to_device(x, y)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = net(x)
-            sums[0] += criterion(out.float(), y).double()
-            sums[1] += (out.argmax(1) == y).sum().double()
+            if stacked:  # an ensemble: NLL and top-1 of the mean of the members' softmaxes
+                mean = out.float().softmax(-1).mean(0)
+                sums[0] += nn.functional.nll_loss(mean.clamp_min(1e-38).log(), y, reduction="sum").double()
+                sums[1] += (mean.argmax(1) == y).sum().double()
+            else:
+                sums[0] += criterion(out.float(), y).double()
+                sums[1] += (out.argmax(1) == y).sum().double()
             sums[2] += len(y)
         all_reduce_sum(sums)
         net.train(was_training)
@@ -627,6 +697,7 @@ class Trainer:
         state: _Progress,
         done: bool,
         result: dict[str, Any] | None = None,
+        hook: StageHook | None = None,
     ) -> None:
         """Write the stage checkpoint (rank 0), with every rank's RNG state."""
         rng = all_gather_objects(get_rng_state(self.device))
@@ -644,6 +715,8 @@ class Trainer:
                 "result": result,
                 "torch": torch.__version__,
             }
+            if hook is not None:
+                meta["hook"] = hook.state(model)
             save_checkpoint(path, {"model": model_tensors(model), "optim": opt_tensors, "rng": rng_tensors}, meta)
         barrier()
 

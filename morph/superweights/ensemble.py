@@ -35,6 +35,8 @@ MAX_MEMBERS = 16
 class SuperWeightEnsemble(nn.Module):
     """Members that share template banks. ``forward(x)`` returns the members' logits stacked, ``[M, B, C]``."""
 
+    stacked_logits = True  # the recipes' trainer sums the members' losses and averages their softmaxes
+
     def __init__(self, members: Sequence[nn.Module]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
