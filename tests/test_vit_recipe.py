@@ -221,6 +221,12 @@ def test_adamw_is_built_and_its_checkpoint_restores():
     bad[key] = torch.tensor(float("nan"))
     with pytest.raises(morph.CheckpointError, match="step count"):
         restore_optimizer(fresh, bad, meta)
+    sgd = build_optimizer(m, OptimConfig())  # a 0-d step count is Adam's: in an SGD state it is refused
+    sgd.step()
+    sgd_tensors, sgd_meta = optimizer_state(sgd)
+    with pytest.raises(morph.CheckpointError, match="0.step"):
+        restore_optimizer(build_optimizer(m, OptimConfig()), {**sgd_tensors, "0.step": torch.tensor(1.0)},
+                          json.loads(json.dumps(sgd_meta)))
 
 
 @pytest.mark.parametrize("override,message", [
