@@ -117,9 +117,10 @@ class ModelConfig:
     """The target (full-width) model.
 
     Attributes:
-        arch: ``wrn`` (:class:`recipes.models.WideResNet`) or a ``morph.zoo`` spec such as
-            ``torchvision/resnet50``, ``timm/resnet50`` or ``package.module:callable``.
-        depth: WRN depth ``d`` (6n+4).
+        arch: ``wrn`` (:class:`recipes.models.WideResNet`), ``vit`` (timm's ``VisionTransformer``,
+            :func:`recipes.models.vit`) or a ``morph.zoo`` spec such as ``torchvision/resnet50``,
+            ``timm/resnet50`` or ``package.module:callable``.
+        depth: WRN depth ``d`` (6n+4), or the ViT's number of blocks.
         widen_factor: WRN width ``k``.
         norm: WRN BatchNorm placement: ``block`` (only before each block, as in the MixtureGrowth
             paper) or ``preact`` (standard pre-activation WRN).
