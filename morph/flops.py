@@ -3,6 +3,9 @@
 fvcore counts one multiply-add as one flop (so its "flops" are MACs; multiply by 2 for the
 arithmetic count). It counts convolutions, matmuls/linears, einsum, batch-norm and upsampling; it
 skips elementwise ops (activations, adds), which :class:`FlopReport` lists in ``unsupported``.
+fvcore has no handle for ``scaled_dot_product_attention`` (timm's fused attention path); morph adds
+one: the two matmuls ``q k^T`` and ``attn v``, ``B x heads x L x S x (E + Ev)`` multiply-adds, as
+fvcore counts the same products written out with ``@`` (softmax and scaling are elementwise, not counted).
 
 Template mixing generates each weight once per forward pass, whatever the batch: the report counts
 the generation (``generation``: ``K`` multiply-adds per element of every tile, which fvcore sees as the
@@ -23,7 +26,7 @@ import torch.nn as nn
 from .info import get_info
 from .templates import mixed_layers
 
-__all__ = ["FlopReport", "flops", "generation_flops"]
+__all__ = ["FlopReport", "flops", "generation_flops", "sdpa_flops"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,25 @@ def generation_flops(model: nn.Module) -> float:
     return float(total)
 
 
+def sdpa_flops(query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...]) -> int:
+    """Multiply-adds of ``scaled_dot_product_attention`` on these shapes: ``q k^T`` (``L x S x E`` per batch
+    and head) plus ``attn v`` (``L x S x Ev``); the leading (batch, head) dims broadcast."""
+    lead = torch.broadcast_shapes(tuple(query[:-2]), tuple(key[:-2]), tuple(value[:-2]))
+    n = 1
+    for d in lead:
+        n *= int(d)
+    length, source, e, ev = int(query[-2]), int(key[-2]), int(query[-1]), int(value[-1])
+    return n * length * source * (e + ev)
+
+
+def _sdpa_handle(inputs: list, outputs: list) -> int:
+    """fvcore op handle for ``aten::scaled_dot_product_attention`` (shapes of q, k and v from the trace)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(i) for i in inputs[:3])
+    return sdpa_flops(tuple(q), tuple(k), tuple(v))
+
+
 def flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1) -> FlopReport:
     """Count forward FLOPs of ``model`` on one ``input_size`` image with fvcore.
 
@@ -89,7 +111,7 @@ def flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_siz
         # fvcore scripts its handles with torch.jit.script, which newer torch deprecates: not the user's concern
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-            fca = FlopCountAnalysis(model, x)
+            fca = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = float(fca.total())
             by_module = {k: float(v) for k, v in fca.by_module().items() if k and "." not in k}

@@ -433,4 +433,4 @@ def attention_record(plan: ChannelPlan) -> dict:
         return {}
     from .graph.rules import current_attention_width
 
-    return {"attention_width": current_attention_width()}
+    return {"attention_width": plan.gm.meta.get("morph_attention_width") or current_attention_width()}

@@ -32,6 +32,8 @@ __all__ = ["build_model", "build_recorded", "resolve_spec", "ModelSpec", "get_sp
 TRUSTED_FACTORIES = {
     "morph.recipes.models:wrn": "morph.recipes.models:wrn",
     "recipes.models:wrn": "morph.recipes.models:wrn",
+    "morph.recipes.models:vit": "morph.recipes.models:vit",
+    "recipes.models:vit": "morph.recipes.models:vit",
 }
 
 

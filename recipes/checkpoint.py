@@ -117,8 +117,12 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # JSON keeps Adam's betas as a list
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
 
+
+_ADAM = (torch.optim.Adam, torch.optim.AdamW)  # their state holds a 0-d ``step`` count beside per-entry tensors
 
 # how the optimizer runs, not what it computes: the file's values are never used, the running optimizer's are
 _IMPLEMENTATION_KEYS = {"fused", "foreach", "differentiable", "capturable"}
@@ -172,7 +176,10 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         if not dot or not idx.isascii() or not idx.isdigit() or len(idx) > 9 or int(idx) >= len(params):
             raise bad(f"state entry {printable(name)[:60]!r} names no parameter of the optimizer")
         p = params[int(idx)]
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and key == "step" and value.dim() == 0 and isinstance(optimizer, _ADAM):
+            if not (value.is_floating_point() and bool(torch.isfinite(value)) and float(value) >= 0):
+                raise bad(f"state {printable(name)[:60]} is not a finite non-negative step count")
+        elif isinstance(value, torch.Tensor):
             if value.shape != p.shape or value.dtype != p.dtype:
                 raise bad(f"state {printable(name)[:60]} is {value.dtype} {tuple(value.shape)}, its parameter "
                           f"{p.dtype} {tuple(p.shape)}")

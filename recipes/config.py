@@ -119,25 +119,44 @@ class ModelConfig:
     """The target (full-width) model.
 
     Attributes:
-        arch: ``wrn`` (:class:`recipes.models.WideResNet`) or a ``morph.zoo`` spec such as
-            ``torchvision/resnet50``, ``timm/resnet50`` or ``package.module:callable``.
-        depth: WRN depth ``d`` (6n+4).
+        arch: ``wrn`` (:class:`recipes.models.WideResNet`), ``vit`` (timm's ``VisionTransformer``,
+            :func:`recipes.models.vit`) or a ``morph.zoo`` spec such as ``torchvision/resnet50``,
+            ``timm/resnet50`` or ``package.module:callable``.
+        depth: WRN depth ``d`` (6n+4), or the ViT's number of blocks.
         widen_factor: WRN width ``k``.
         norm: WRN BatchNorm placement: ``block`` (only before each block, as in the MixtureGrowth
             paper) or ``preact`` (standard pre-activation WRN).
+        embed_dim: ViT (``arch: vit``, timm's ``VisionTransformer``) width of the target; ``depth``
+            is its number of blocks.
+        num_heads: ViT attention heads of the target.
+        mlp_ratio: ViT MLP hidden width over ``embed_dim``.
+        patch_size: ViT patch side (the image size comes from the data).
+        drop_path_rate: ViT stochastic depth (timm's ``DropPath``), the last block's rate.
+        attention: how attention grows (``morph.graph.attention_width``): ``heads`` (the number of heads
+            scales, each keeps its head size: the half of a 4-head ViT has 2 heads) or ``head_dim`` (the
+            heads stay, their size scales). Every pass of the run (scale_width, convert, fuse, grow)
+            runs in this mode.
     """
 
     arch: str = "wrn"
     depth: int = 28
     widen_factor: float = 10
     norm: str = "block"
+    embed_dim: int = 128
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    patch_size: int = 4
+    drop_path_rate: float = 0.0
+    attention: str = "heads"
 
 
 @dataclass
 class OptimConfig:
-    """SGD and the learning-rate schedule, shared by every stage.
+    """The optimizer and the learning-rate schedule, shared by every stage and every method.
 
     Attributes:
+        optimizer: ``sgd`` (momentum, the CNN recipes) or ``adamw`` (decoupled weight decay, the ViT
+            recipes; ``betas``, ``eps``).
         lr: peak learning rate.
         momentum: SGD momentum.
         nesterov: Nesterov momentum.
@@ -152,8 +171,11 @@ class OptimConfig:
         restart_at_growth: ``true``: each stage has its own schedule; ``false``: one schedule spans
             all budgeted stages of a method (net 2 and the grown model). Net 1 always has its own.
         label_smoothing: cross-entropy label smoothing.
+        betas: AdamW's ``(beta1, beta2)``.
+        eps: AdamW's epsilon.
     """
 
+    optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -165,6 +187,8 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     restart_at_growth: bool = True
     label_smoothing: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
 
 
 @dataclass
@@ -401,6 +425,8 @@ class Config:
         _choice("data.format", self.data.format, ("auto", "torchvision", "imagefolder"))
         _choice("data.loader", self.data.loader, ("auto", "tensor", "stream"))
         _choice("model.norm", self.model.norm, ("block", "preact"))
+        _choice("model.attention", self.model.attention, ("heads", "head_dim"))
+        _choice("optim.optimizer", self.optim.optimizer, ("sgd", "adamw"))
         _choice("optim.schedule", self.optim.schedule, ("cosine", "step"))
         from morph.convert import SHARE_MODES
         from morph.fuse import GROWTH_MODES, INIT_MODES
@@ -467,8 +493,30 @@ class Config:
             raise RecipeError(f"optim.label_smoothing must be in [0, 1), got {self.optim.label_smoothing}")
         if self.model.arch == "wrn" and (self.model.depth - 4) % 6 != 0:
             raise RecipeError(f"model.depth must be 6n+4 for a WRN (16, 22, 28, 40 ...), got {self.model.depth}")
+        if self.model.arch == "vit":
+            self._check_vit()
+        if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
+            raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {_shown(self.optim.betas)}")
+        if self.optim.eps <= 0:
+            raise RecipeError(f"optim.eps must be > 0, got {self.optim.eps}")
         self._check_sizes()
         return self
+
+    def _check_vit(self) -> None:
+        """A ViT's sizes: positive, heads that split the width, patches that tile the image."""
+        m = self.model
+        for key, value, limit in (("model.embed_dim", m.embed_dim, 1 << 16), ("model.num_heads", m.num_heads, 4096),
+                                  ("model.patch_size", m.patch_size, MAX_IMAGE_SIDE),
+                                  ("model.mlp_ratio", m.mlp_ratio, 64)):
+            if not 0 < value <= limit:
+                raise RecipeError(f"model.{key.split('.')[1]} must be in (0, {limit}], got {_shown(value)}")
+        if m.embed_dim % m.num_heads:
+            raise RecipeError(f"model.embed_dim={m.embed_dim} does not split into model.num_heads={m.num_heads} heads")
+        if not 0.0 <= m.drop_path_rate < 1.0:
+            raise RecipeError(f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+        side = self.data.image_size or (224 if self.data.dataset == "imagenet" else 32)
+        if side % m.patch_size:
+            raise RecipeError(f"model.patch_size={m.patch_size} does not tile {side}x{side} images")
 
     def _check_sizes(self) -> None:
         """Refuse absurd sizes (each naming its key) before anything is built or allocated."""

@@ -1,4 +1,4 @@
-"""Models of the recipes: CIFAR Wide ResNets, and any ``morph.zoo`` model for ImageNet.
+"""Models of the recipes: CIFAR Wide ResNets, small vision transformers, and any ``morph.zoo`` model.
 
 :class:`WideResNet` is a plain ``nn.Module`` that ``torch.fx`` traces, so ``morph`` can convert,
 fuse and grow it. Two BatchNorm placements:
@@ -7,6 +7,10 @@ fuse and grow it. Two BatchNorm placements:
   BN-ReLU-conv-BN-ReLU-conv in every block.
 - ``norm="block"``: BatchNorm only before each block (BN-ReLU-conv-ReLU-conv), plus the final one,
   as in the MixtureGrowth paper, which follows GradMax for a fair comparison.
+
+:func:`vit` is timm's own ``VisionTransformer`` (class token, learned position table, pre-norm blocks,
+GELU MLP), built at any size: a patch-4 ViT for 32x32 CIFAR images, or DeiT-Tiny/Small at 224x224 with
+patch 16. Its baked and grown models load ``strict=True`` into the stock timm class.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.nn as nn
 from .config import ModelConfig
 from .errors import RecipeError
 
-__all__ = ["BasicBlock", "WideResNet", "build_model", "wrn"]
+__all__ = ["BasicBlock", "WideResNet", "build_model", "vit", "wrn"]
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -117,6 +121,29 @@ def wrn(depth: int, widen_factor: float, num_classes: int = 10, norm: str = "blo
     return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes, norm=norm)
 
 
+def vit(
+    img_size: int = 32,
+    patch_size: int = 4,
+    embed_dim: int = 128,
+    depth: int = 6,
+    num_heads: int = 4,
+    mlp_ratio: float = 2.0,
+    num_classes: int = 10,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """timm's ``VisionTransformer`` with a class token (``global_pool="token"``), qkv bias and timm's own
+    initialization; ``embed_dim`` must split into ``num_heads`` heads."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if embed_dim % num_heads:
+        raise RecipeError(f"ViT embed_dim={embed_dim} does not split into num_heads={num_heads} heads")
+    if img_size % patch_size:
+        raise RecipeError(f"ViT image size {img_size} is not a multiple of patch_size={patch_size}")
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                             num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
+                             drop_path_rate=drop_path_rate)
+
+
 def build_model(cfg: ModelConfig, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
     """The target model of a recipe, freshly initialized from the global torch RNG.
 
@@ -124,7 +151,10 @@ def build_model(cfg: ModelConfig, num_classes: int, input_size: tuple[int, int, 
     input size), so ``morph.save``/``morph.load`` can rebuild it and everything made from it.
 
     Args:
-        cfg: ``arch: wrn`` builds :class:`WideResNet` (spec ``recipes.models:wrn``); any other
+        cfg: ``arch: wrn`` builds :class:`WideResNet` (spec ``recipes.models:wrn``), ``arch: vit`` a timm
+            ``VisionTransformer`` (:func:`vit`, spec ``recipes.models:vit``) whose attention grows as
+            ``model.attention`` says (recorded on the model, so every pass on it and on what is made
+            from it analyzes its heads alike); any other
             ``arch`` is a ``morph.build_model`` spec (``torchvision/resnet50``, ``timm/NAME``,
             ``package.module:callable``), built without pretrained weights.
         num_classes: classifier outputs.
@@ -137,7 +167,13 @@ def build_model(cfg: ModelConfig, num_classes: int, input_size: tuple[int, int, 
     if cfg.arch == "wrn":
         kwargs = {"depth": cfg.depth, "widen_factor": cfg.widen_factor, "norm": cfg.norm}
         model = morph.build_model(f"{__name__}:wrn", num_classes=num_classes, **kwargs)
+    elif cfg.arch == "vit":
+        kwargs = {"img_size": int(input_size[-1]), "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
+                  "depth": cfg.depth, "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio,
+                  "drop_path_rate": cfg.drop_path_rate}
+        model = morph.build_model(f"{__name__}:vit", num_classes=num_classes, **kwargs)
     else:
         model = morph.build_model(cfg.arch, num_classes=num_classes)
-    info = morph.MorphInfo(kind="plain", spec=get_spec(model), width=1.0, input_size=tuple(input_size))
+    extra = {"attention_width": cfg.attention} if cfg.arch == "vit" else {}
+    info = morph.MorphInfo(kind="plain", spec=get_spec(model), width=1.0, input_size=tuple(input_size), extra=extra)
     return set_info(model, info)

@@ -103,6 +103,13 @@ def _provenance(cfg: Config) -> dict[str, str | None]:
 
 def train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
     """Run every method of ``cfg`` for every seed, in an already set-up process group."""
+    from morph.graph import attention_width
+
+    with attention_width(cfg.model.attention):  # every pass of the run analyzes attention in the config's mode
+        return _train(cfg, run_dir, dist)
+
+
+def _train(cfg: Config, run_dir: Path, dist: DistInfo) -> list[MethodResult]:
     check_run_dir(run_dir, cfg)
     console = Console(stderr=True, soft_wrap=True)
     data = build_data(cfg.data, say=(lambda text: console.print(text, markup=False, highlight=False))

@@ -1,7 +1,7 @@
 """The one training loop every recipe stage runs through.
 
 :meth:`Trainer.fit` trains a model for a fixed number of optimizer steps with SGD (momentum, weight
-decay except on template-mixing coefficients), a per-step LR schedule and cross-entropy (optional
+decay except on template-mixing coefficients; or AdamW, ``optim.optimizer``), a per-step LR schedule and cross-entropy (optional
 label smoothing). On GPU it uses bf16 autocast and channels-last; ``torch.compile`` is optional. Under
 ``torchrun`` the model is wrapped in DistributedDataParallel; only rank 0 logs and writes.
 
@@ -227,9 +227,9 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on every trainable parameter except template-mixing
-    coefficients (names containing ``coefficients``)."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (``optim.optimizer=sgd``) or AdamW (``adamw``); weight decay on every trainable
+    parameter except template-mixing coefficients (names containing ``coefficients``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -237,6 +237,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     groups = [
         {"params": params, "weight_decay": wd} for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if params
     ]
+    if cfg.optimizer == "adamw":
+        adam = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        try:  # one fused kernel per step where the build has it
+            return torch.optim.AdamW(groups, fused=True, **adam)
+        except (RuntimeError, TypeError):
+            return torch.optim.AdamW(groups, **adam)
     kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     try:  # one fused kernel per step (CPU and CUDA): about half the memory passes of the foreach update
         return torch.optim.SGD(groups, fused=True, **kw)

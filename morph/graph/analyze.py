@@ -94,6 +94,7 @@ def _record_heads(model: nn.Module, gm) -> None:
         name: int(m.num_heads) for name, m in model.named_modules()
         if isinstance(getattr(m, "num_heads", None), int) and not isinstance(m, nn.MultiheadAttention)
     }
+    gm.meta["morph_attention_width"] = _rules.current_attention_width()  # the mode this plan was analyzed in
 
 
 def _covered(model: nn.Module, a: Analyzer) -> bool:
