@@ -162,7 +162,13 @@ def growth_verdict(r: dict, method: str) -> str:
         return f"**{g['status']}**: {g['error'][:70]}"
     tol = GROWTH_TOL[r.get("growth_dtype", "float64")]
     bad = []
-    if method == "firefly":
+    if method == "firefly" and not g.get("fitted", True):
+        # nothing fresh to fit (every new channel replicates an old one): the function must be kept instead
+        if not g["old_kept"]:
+            bad.append("old entries changed")
+        if not g["eval"] <= tol:
+            bad.append(f"relerr {g['eval']:.0e} with nothing to fit")
+    elif method == "firefly":
         if not g["old_kept"]:
             bad.append("old entries changed")
         if not g["loss"][1] < g["loss"][0]:

@@ -265,6 +265,12 @@ TIMM_TRANSFORMERS = {
     "coatnet (debug)": "test_coatnet",
     "maxvit (debug)": "test_maxvit",
     "levit": "levit_128s",  # BatchNorm, per-head bias tables: the fusion is the ensemble exactly
+    "deit (distillation token)": "deit_tiny_distilled_patch16_224",
+    "cait (class attention, talking heads, layer scale)": "cait_xxs24_224",
+    "pit (pooling stages, conv token pooling)": "pit_ti_224",
+    "pvt_v2 (spatial-reduction attention, conv MLP)": "pvt_v2_b0",
+    "visformer (conv stages, conv attention)": "visformer_tiny",
+    "efficientformer (pooling mixers, last-stage attention)": "efficientformer_l1",
 }
 
 # attention modules that cannot halve their number of heads (3 heads, or 2 -> 1) change their head size
@@ -272,7 +278,8 @@ TIMM_TRANSFORMERS = {
 ATTENTION_WIDTH: dict[str, str] = {
     **{f"timm/{n}": "head_dim" for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4", "vit_tiny_patch16_224",
                                           "deit_tiny_patch16_224", "test_coatnet", "test_maxvit",
-                                          "swin_tiny_patch4_window7_224")},
+                                          "swin_tiny_patch4_window7_224", "deit_tiny_distilled_patch16_224",
+                                          "pit_ti_224", "pvt_v2_b0", "visformer_tiny")},
 }
 
 # timm attention/hybrid families morph refuses at analysis, with the op named in the one-line error
@@ -296,7 +303,9 @@ INPUT_SIZE.update({f"timm/{n}": (3, 224, 224) for n in ("vit_tiny_patch16_224", 
                                                          "vit_small_patch16_224", "mixer_s32_224", "resmlp_12_224",
                                                          "gmlp_ti16_224", "swin_tiny_patch4_window7_224",
                                                          "levit_128s", "mobilevit_xxs", "edgenext_xx_small",
-                                                         "efficientvit_b0")})
+                                                         "efficientvit_b0", "deit_tiny_distilled_patch16_224",
+                                                         "cait_xxs24_224", "pit_ti_224", "pvt_v2_b0",
+                                                         "visformer_tiny", "efficientformer_l1")})
 INPUT_SIZE.update({"torchvision/vit_b_16": (3, 224, 224), "torchvision/swin_t": (3, 224, 224)})
 INPUT_SIZE.update({"timm/test_coatnet": (3, 160, 160), "timm/test_maxvit": (3, 160, 160),
                    "timm/maxvit_nano_rw_256": (3, 256, 256)})
