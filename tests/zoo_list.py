@@ -271,6 +271,8 @@ TIMM_TRANSFORMERS = {
     "pvt_v2 (spatial-reduction attention, conv MLP)": "pvt_v2_b0",
     "visformer (conv stages, conv attention)": "visformer_tiny",
     "efficientformer (pooling mixers, last-stage attention)": "efficientformer_l1",
+    "xcit (cross-covariance attention, Fourier position encoding)": "xcit_nano_12_p16_224",
+    "edgenext (conv encoders, split depthwise attention, Fourier positions)": "edgenext_xx_small",
 }
 
 # attention modules that cannot halve their number of heads (3 heads, or 2 -> 1) change their head size
@@ -279,13 +281,12 @@ ATTENTION_WIDTH: dict[str, str] = {
     **{f"timm/{n}": "head_dim" for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4", "vit_tiny_patch16_224",
                                           "deit_tiny_patch16_224", "test_coatnet", "test_maxvit",
                                           "swin_tiny_patch4_window7_224", "deit_tiny_distilled_patch16_224",
-                                          "pit_ti_224", "pvt_v2_b0", "visformer_tiny")},
+                                          "pit_ti_224", "pvt_v2_b0", "visformer_tiny", "edgenext_xx_small")},
 }
 
 # timm attention/hybrid families morph refuses at analysis, with the op named in the one-line error
 TIMM_TRANSFORMERS_REFUSED: dict[str, str] = {
     "timm/mobilevit_xxs": "MobileVitBlock",
-    "timm/edgenext_xx_small": "PositionalEncodingFourier",
     "timm/efficientvit_b0": "LiteMLA",
     "timm/test_vit_relpos": "reshape merges two channel dims into one",
     "timm/maxvit_nano_rw_256": "keeps 1 of its 2 heads",
@@ -305,7 +306,8 @@ INPUT_SIZE.update({f"timm/{n}": (3, 224, 224) for n in ("vit_tiny_patch16_224", 
                                                          "levit_128s", "mobilevit_xxs", "edgenext_xx_small",
                                                          "efficientvit_b0", "deit_tiny_distilled_patch16_224",
                                                          "cait_xxs24_224", "pit_ti_224", "pvt_v2_b0",
-                                                         "visformer_tiny", "efficientformer_l1")})
+                                                         "visformer_tiny", "efficientformer_l1",
+                                                         "xcit_nano_12_p16_224")})
 INPUT_SIZE.update({"torchvision/vit_b_16": (3, 224, 224), "torchvision/swin_t": (3, 224, 224)})
 INPUT_SIZE.update({"timm/test_coatnet": (3, 160, 160), "timm/test_maxvit": (3, 160, 160),
                    "timm/maxvit_nano_rw_256": (3, 256, 256)})

@@ -169,3 +169,36 @@ def _multihead_attention(a: Analyzer, node: fx.Node) -> TD:
 
 
 _module(torch.nn.MultiheadAttention)(_multihead_attention)
+
+
+@_module("timm.models.edgenext.PositionalEncodingFourier", "timm.models.xcit.PositionalEncodingFourier")
+def _fourier_positions(a: Analyzer, node: fx.Node) -> TD:
+    """timm's ``PositionalEncodingFourier`` (EdgeNeXt, XCiT): sine/cosine features of the patch grid, built from
+    the grid size alone (``2 x hidden_dim`` fixed channels), projected by a 1x1 ``token_projection`` conv to the
+    model's channels: ``[B, dim, H, W]``. The features are no channel group (they never scale); the projection's
+    output is the added position table's channels."""
+    name = str(node.target)
+    m = a.modules[name]
+    out_shape = _shape(a)
+    conv = m.token_projection
+    if len(out_shape) != 4 or out_shape[1] != conv.out_channels or conv.groups != 1:
+        raise a.fail("expected a [B, dim, H, W] position table from a plain 1x1 token_projection conv")
+    feats = a.g.new_dim(conv.in_channels, fixed=True)
+    out = a.fresh(conv.out_channels, source=True)
+    a.add_layer(LayerPlan(f"{name}.token_projection", "conv", feats, out, groups=1))
+    return TD((a.structural(out_shape[0]), out, a.structural(out_shape[2]), a.structural(out_shape[3])), out_shape)
+
+
+@_function(F.normalize)
+def _normalize(a: Analyzer, node: fx.Node) -> TD:
+    """``F.normalize(x, p, dim)``: ``x`` divided by its norm over ``dim``. Over positions (XCiT's and EdgeNeXt's
+    cross-covariance attention normalize q and k over the tokens) the dims stay; over channels, a norm that
+    replicas and zero channels would change (unlike LayerNorm's mean statistics, replication changes an
+    L2 norm), so it is refused."""
+    x = a.value(node.args[0] if node.args else node.kwargs["input"])
+    if not isinstance(x, TD):
+        raise a.fail("expected a tensor")
+    dim = _arg(node, 2, "dim", 1) % len(x.shape)
+    if not a.g.is_structural(x.dims[dim]):
+        raise a.fail("L2 normalization over a channel dim (replicated or new channels change the norm)")
+    return TD(x.dims, _shape(a))

@@ -226,10 +226,13 @@ class PlainGrowth(GrowthMethod):
         spec = info.spec if info is not None else get_spec(model)
         size = tuple(layout.plan.input_size)
         base = info or MorphInfo(kind="plain", spec=spec, width=1.0, input_size=size)
-        extra = {**base.extra, "growth": {**self.record(), "from_width": layout.w_from,
+        # widths are relative to the layout's reference: the base model, or (a model whose base morph does not
+        # rebuild here: a recorded callable) the model itself, at its recorded width
+        scale = base.width if layout.reference is model else 1.0
+        extra = {**base.extra, "growth": {**self.record(), "from_width": layout.w_from * scale,
                                           "rules": _count_rules(new.growth_report)}}
-        return set_info(new, dataclasses.replace(base, kind="plain", spec=spec, width=layout.w_to, input_size=size,
-                                                 extra=extra))
+        return set_info(new, dataclasses.replace(base, kind="plain", spec=spec, width=layout.w_to * scale,
+                                                 input_size=size, extra=extra))
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in super().record().items() if k not in ("plan", "input_size")}
