@@ -323,9 +323,8 @@ def cli_vit(num_classes: int = 10) -> nn.Module:
 
 
 def test_cli_attention_help_and_bad_mode(tmp_path):
-    from typer.testing import CliRunner
-
     from morph.cli.main import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
     for cmd in ("convert", "fuse", "grow"):
@@ -341,9 +340,8 @@ def test_cli_attention_option(tmp_path):
     """``--attention heads|head_dim`` on convert, fuse and grow: the mode cuts the heads (4 heads of 16 -> 2 heads
     of 16, or 4 heads of 8), the checkpoint records it, fuse and grow follow it, and a contrary --attention on a
     checkpoint is one error line with exit code 2 and no output."""
-    from typer.testing import CliRunner
-
     from morph.cli.main import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
 

@@ -91,7 +91,7 @@ def _set_keys(new, x, y0, cands, seen, gen) -> list[str]:
         if not any(t.requires_grad for t in call):
             continue
         grads = []
-        for i, t in enumerate(call):
+        for t in call:
             if not t.requires_grad:
                 grads.append([None] * len(weights))
                 continue
