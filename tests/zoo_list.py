@@ -273,6 +273,8 @@ TIMM_TRANSFORMERS = {
     "efficientformer (pooling mixers, last-stage attention)": "efficientformer_l1",
     "xcit (cross-covariance attention, Fourier position encoding)": "xcit_nano_12_p16_224",
     "edgenext (conv encoders, split depthwise attention, Fourier positions)": "edgenext_xx_small",
+    "vit (debug, relative-position MLP bias)": "test_vit_relpos",
+    "maxvit": "maxvit_nano_rw_256",  # 2 heads in its first stage: head_dim mode
 }
 
 # attention modules that cannot halve their number of heads (3 heads, or 2 -> 1) change their head size
@@ -281,21 +283,20 @@ ATTENTION_WIDTH: dict[str, str] = {
     **{f"timm/{n}": "head_dim" for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4", "vit_tiny_patch16_224",
                                           "deit_tiny_patch16_224", "test_coatnet", "test_maxvit",
                                           "swin_tiny_patch4_window7_224", "deit_tiny_distilled_patch16_224",
-                                          "pit_ti_224", "pvt_v2_b0", "visformer_tiny", "edgenext_xx_small")},
+                                          "pit_ti_224", "pvt_v2_b0", "visformer_tiny", "edgenext_xx_small",
+                                          "test_vit_relpos", "maxvit_nano_rw_256")},
 }
 
 # timm attention/hybrid families morph refuses at analysis, with the op named in the one-line error
 TIMM_TRANSFORMERS_REFUSED: dict[str, str] = {
     "timm/mobilevit_xxs": "MobileVitBlock",
     "timm/efficientvit_b0": "LiteMLA",
-    "timm/test_vit_relpos": "reshape merges two channel dims into one",
-    "timm/maxvit_nano_rw_256": "keeps 1 of its 2 heads",
 }
 
 # torchvision's attention models, refused with the op named in the one-line error
 TORCHVISION_TRANSFORMERS_REFUSED: dict[str, str] = {
     "torchvision/vit_b_16": "MultiheadAttention",
-    "torchvision/swin_t": "_get_relative_position_bias",
+    "torchvision/swin_t": "shifted_window_attention",
 }
 
 INPUT_SIZE.update({f"timm/{n}": (3, 160, 160) for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4",
