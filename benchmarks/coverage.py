@@ -490,7 +490,8 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
     ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains"), default=None,
                     help="run only these parts for the passing rows of <out>.json that lack them, and merge them in")
-    ap.add_argument("--parts", nargs="+", default=list(PARTS), help=argparse.SUPPRESS)
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                    help="parts to run per model (default: all; add the others later with --add)")
     ap.add_argument("--child", default="")
     args = ap.parse_args()
     if args.child:
@@ -524,7 +525,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             p = subprocess.run([sys.executable, __file__, "--child", spec, "--mem-gb", str(args.mem_gb),
-                                "--threads", str(args.threads)],
+                                "--threads", str(args.threads), "--parts", *args.parts],
                                capture_output=True, text=True, timeout=args.timeout)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if line:

@@ -62,6 +62,41 @@ def _gmlp():
                     block_layer=SpatialGatingBlock, mlp_layer=GatedMlp)
 
 
+def _cait():  # class-attention blocks, talking heads (Linears over the heads), layer scale
+    from timm.models.cait import Cait
+
+    return Cait(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, depth_token_only=1, num_classes=10,
+                init_values=0.1)
+
+
+def _xcit():  # cross-covariance attention (over channels, q and k L2-normalized over tokens), Fourier positions
+    from timm.models.xcit import Xcit
+
+    return Xcit(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, cls_attn_layers=1, num_classes=10,
+                eta=0.1)
+
+
+def _pvt():  # spatial-reduction attention (separate q and kv Linears), depthwise-conv MLP, overlapping patches
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+    return PyramidVisionTransformerV2(depths=(1, 1), embed_dims=(32, 64), num_heads=(4, 8), sr_ratios=(2, 1),
+                                      mlp_ratios=(2, 2), num_classes=10)
+
+
+def _pit():  # pooling stages: a depthwise conv pools the tokens and widens the channels
+    from timm.models.pit import PoolingVisionTransformer
+
+    return PoolingVisionTransformer(img_size=32, patch_size=4, stride=2, base_dims=[16, 16], depth=[1, 1],
+                                    heads=[4, 8], mlp_ratio=2, num_classes=10)
+
+
+def _relpos():  # relative-position MLP bias (reads a coordinate grid buffer), 3 heads: head_dim mode
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    return VisionTransformerRelPos(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10,
+                                   rel_pos_type="mlp")
+
+
 # name -> (builder, attention width mode, fused == ensemble exactly?)
 MODELS = {
     "vit4": (_vit4, "heads", False),
@@ -71,8 +106,22 @@ MODELS = {
     "gmlp": (_gmlp, "heads", False),
     "swin": (_swin, "heads", False),
     "swin3_head_dim": (_swin3, "head_dim", False),
+    "cait": (_cait, "heads", False),
+    "xcit": (_xcit, "heads", False),
+    "pvt": (_pvt, "heads", False),
+    "pit": (_pit, "heads", False),
+    "relpos_head_dim": (_relpos, "head_dim", False),
 }
-SLOW = {"swin", "swin3_head_dim"}  # 4-7 s each on one core
+SLOW = {"swin", "swin3_head_dim", "cait", "xcit", "pvt", "pit", "relpos_head_dim"}  # 3-7 s each on one core
+
+# the first attention's query, key and value rows: (layer, part, parts) of the layer's output
+ATTN = {
+    "swin": "layers.0.blocks.0.attn.qkv", "swin3_head_dim": "layers.0.blocks.0.attn.qkv",
+    "vit4": "blocks.0.attn.qkv", "vit3_head_dim": "blocks.0.attn.qkv", "cait": "blocks.0.attn.qkv",
+    "xcit": "blocks.0.attn.qkv", "pit": "transformers.0.blocks.0.attn.qkv", "relpos_head_dim": "blocks.0.attn.qkv",
+}
+FC1 = {"swin": "layers.0.blocks.0.mlp.fc1", "swin3_head_dim": "layers.0.blocks.0.mlp.fc1",
+       "pvt": "stages.0.blocks.0.mlp.fc1", "pit": "transformers.0.blocks.0.mlp.fc1"}
 
 
 def _params(names):
@@ -220,30 +269,35 @@ def test_growth_strict_function_and_gradient(name, method):
         grown.train()
         loss = nn.functional.cross_entropy(grown(x), y)
         loss.backward()
-        fc1 = grown.get_submodule(fc1_name(grown))
-        n_old = half.get_submodule(fc1_name(grown)).out_features
+        fc1 = grown.get_submodule(fc1_name(name, grown))
+        n_old = half.get_submodule(fc1_name(name, grown)).out_features
         assert fc1.weight.grad[n_old:].abs().sum() > 0
-        if name.startswith(("vit", "swin")):
-            attn = "layers.0.blocks.0.attn.qkv" if name.startswith("swin") else "blocks.0.attn.qkv"
+        if name == "pvt":  # separate q and kv Linears: new value rows get gradient
+            kv, hk = grown.get_submodule("stages.0.blocks.0.attn.kv"), half.stages[0].blocks[0].attn.kv.out_features
+            assert kv.weight.grad[kv.out_features // 2 + hk // 2:].abs().sum() > 0
+        if name in ATTN:
+            attn = ATTN[name]
             qkv, hq = grown.get_submodule(attn), half.get_submodule(attn).out_features // 3
             v_new = qkv.weight.grad[2 * qkv.out_features // 3 + hq:]  # the new heads' (or channels') value rows
             assert v_new.abs().sum() > 0
             if mode == "heads" and method in ("random", "gradmax"):
-                # new heads: key rows random, query rows 0 (logits 0: exact); once the values moved, q moves
+                # new heads: query and key rows random, value rows 0 (the head outputs 0: exact; or whole heads
+                # replicated, where a group rule says so: XCiT, CaiT); once the values moved, q and k get gradient
                 n = qkv.out_features // 3
                 assert qkv.weight.detach()[n + hq:2 * n].norm(dim=1).min() > 0
-                assert not qkv.weight.detach()[hq:n].any()
+                assert qkv.weight.detach()[hq:n].norm(dim=1).min() > 0
                 opt = torch.optim.SGD(grown.parameters(), lr=0.1)
                 for _ in range(2):
                     opt.step()
                     opt.zero_grad()
                     nn.functional.cross_entropy(grown(x), y).backward()
                 assert qkv.weight.grad[hq:n].norm(dim=1).min() > 0  # every new query row gets gradient
+                assert qkv.weight.grad[n + hq:2 * n].norm(dim=1).min() > 0  # and every new key row
 
 
-def fc1_name(model: nn.Module) -> str:
-    if isinstance(model, SwinTransformer):
-        return "layers.0.blocks.0.mlp.fc1"
+def fc1_name(name: str, model: nn.Module) -> str:
+    if name in FC1:
+        return FC1[name]
     return "blocks.0.mlp_channels.fc1" if hasattr(model.blocks[0], "mlp_channels") else "blocks.0.mlp.fc1"
 
 
@@ -419,13 +473,14 @@ def test_added_free_tensors_of_fresh_channels_are_zero(method):
     assert torch.equal(grown.gain.detach()[..., 8:], half.gain.detach())  # gathered (cycle: j copies j - 8)
 
 
-def test_keys_option_zero_leaves_new_keys_at_zero():
+def test_keys_option_zero_leaves_new_queries_and_keys_at_zero():
     half = _randomize(morph.scale_width(_build("vit4"), 0.5, input_size=SIZE).eval(), seed=3)
     x = _x()
     for keys, nonzero in (("random", True), ("zero", False)):
         g = morph.grow(half, "random", 2.0, seed=0, input_size=SIZE, keys=keys).eval()
-        qkv = g.blocks[0].attn.qkv.weight.detach()
-        assert bool(qkv[64 + 32:128].any()) is nonzero and not qkv[32:64].any()
+        qkv = g.blocks[0].attn.qkv.weight.detach()  # [q | k | v] of 4 heads of 16: rows 32-63 of each are new
+        assert bool(qkv[64 + 32:128].any()) is nonzero and bool(qkv[32:64].any()) is nonzero
+        assert not qkv[128 + 32:].any()
         with torch.no_grad():
             assert _rel(g(x), half(x)) <= 1e-12
     with pytest.raises(morph.MorphError, match="keys must be"):

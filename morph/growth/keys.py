@@ -1,22 +1,28 @@
-"""Attention keys of new heads: the one symmetry a zero-initialized growth step cannot break by itself.
+"""Queries and keys of new attention heads: the one symmetry a zero-initialized growth step cannot break.
 
-A new attention head (or new channels of a head) grown with zero incoming weights has zero query rows and
-zero key rows. Its logits ``q . k`` are 0, its attention is uniform, its output is the mean of its values
-(0 at growth): the function is kept. But the gradient of the logits reaches ``q`` only through ``k`` and ``k``
-only through ``q``, so with both at zero neither ever moves: the head stays a mean pool for good, whatever the
-training. Giving the **key** rows random values and leaving the **query** rows at zero keeps every logit of
-the new channels at exactly 0 (``0 . k = 0``): the function is still kept, and as soon as the value rows have
-moved (first step: their gradient needs only the outgoing weights) the loss reaches ``q`` through ``k`` (second
-step), then ``k`` through ``q``.
+A new attention head (or new channels of a head) grown with zero incoming weights has zero query, key and
+value rows. Its logits ``q . k`` are 0, its attention is uniform, its output is the mean of its values (0 at
+growth): the function is kept. But the gradient of the logits reaches ``q`` only through ``k`` and ``k`` only
+through ``q``, so with both at zero neither ever moves: the head stays a mean pool for good, whatever the
+training. Two facts keep the function with nonzero queries and keys:
 
-Which rows are keys is read off the grown model itself, not off its class: one forward pass with
+- **keys**: with the queries of the new channels at zero every new logit term is ``0 . k = 0``, whatever ``k``
+  (this holds in ``head_dim`` mode too, where new channels join old heads);
+- **queries of a new head**: a whole new head outputs ``attn @ v`` with its value rows at zero, i.e. 0 for
+  any attention pattern (``heads`` mode). New channels of an old head (``head_dim`` mode) would change that
+  head's logits: their queries stay 0.
+
+So new key rows get random directions, then new query rows where the outputs do not change. The values move
+at the first step (their gradient needs only the outgoing weights), then the loss reaches q and k.
+
+Which rows are queries and keys is read off the grown model itself, not off its class: one forward pass with
 ``F.scaled_dot_product_attention`` and batched ``Tensor.__matmul__`` (explicit ``q @ k.transpose(-2, -1)``:
 Swin, LeViT) watched, and the gradients of random probes of each call's inputs with respect to every weight
-whose new rows are all zero. The new rows of one layer that reach ``k`` (SDPA) or the right factor of a matmul
-and no other input of that call are a candidate; a candidate is kept where the outputs stay the same to
-rounding (a key: ``0 . k = 0``) and undone where they change (the values of ``attn @ v``). Rows that pass
-through a BatchNorm on the way (LeViT's ``LinearNorm``) reach the key through a zero-variance channel: they are
-keys all the same, the norm's new weight (``new_gamma``) scaling them.
+whose new rows are all zero. The zero new rows of one layer that reach ``k`` (SDPA) or the right factor of a
+matmul and no other input of that call are a candidate, then those that reach ``q`` (the left factor) only;
+a candidate is kept where the outputs stay the same to rounding and undone where they change (the values of
+``attn @ v``; queries in ``head_dim`` mode). Rows that pass through a BatchNorm on the way (LeViT's
+``LinearNorm``) reach q and k through a zero-variance channel: the norm's new weight (``new_gamma``) scales them.
 """
 
 from __future__ import annotations
@@ -79,9 +85,10 @@ def init_new_keys(new: nn.Module, layout, x: torch.Tensor, gen: torch.Generator)
 
 
 def _set_keys(new, x, y0, cands, seen, gen) -> list[str]:
-    """Candidates: per watched call and layer, the new rows that reach ``k`` (SDPA) or the right factor (a
-    matmul: ``q @ k^T``, but also ``attn @ v``) and no other input of the call; each is kept only where the
-    outputs stay the same (a value's rows do not: they are undone)."""
+    """Candidates: per watched call and layer, the new rows still at zero that reach ``k`` (SDPA) or the right
+    factor of a matmul (``q @ k^T``, but also ``attn @ v``) and no other input of the call, then those that reach
+    ``q`` (the left factor) only; each is kept only where the outputs stay the same (a value's rows, and queries
+    of new channels inside old heads, do not: they are undone)."""
     weights = [w for w, _ in cands.values()]
     probe = torch.Generator().manual_seed(0)
     tried: set[tuple[str, tuple[int, ...]]] = set()
@@ -97,28 +104,29 @@ def _set_keys(new, x, y0, cands, seen, gen) -> list[str]:
                 continue
             loss = (t * torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t)).sum()
             grads.append(torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True))
-        target = 1  # k of SDPA, the right factor of a matmul
         with torch.no_grad():
-            for j, (name, (w, rows)) in enumerate(cands.items()):
-                hit = [None if g[j] is None else g[j].detach()[rows].flatten(1).abs().sum(1) > 0 for g in grads]
-                if hit[target] is None:
-                    continue
-                key = hit[target].clone()
-                for i, h in enumerate(hit):
-                    if i != target and h is not None:
-                        key &= ~h
-                krows = rows[key]
-                sig = (name, tuple(krows.tolist()))
-                if len(krows) == 0 or sig in tried or w.detach()[krows].any():
-                    continue
-                tried.add(sig)
-                old_w = w.detach()[~_fresh_mask(w.shape[0], rows)]
-                w.data[krows] = random_directions(len(krows), tuple(w.shape[1:]), gen, w) * mean_norm(old_w, 0)
-                y1 = _first(new(x))
-                if float((y1 - y0).norm() / y0.norm().clamp_min(1e-30)) > tol:
-                    w.data[krows] = 0  # not a key: undo
-                else:
-                    changed.append(name)
+            for target in (1, 0):  # keys (k of SDPA, the right factor of a matmul) first, then queries
+                for j, (name, (w, rows)) in enumerate(cands.items()):
+                    hit = [None if g[j] is None else g[j].detach()[rows].flatten(1).abs().sum(1) > 0 for g in grads]
+                    if hit[target] is None:
+                        continue
+                    only = hit[target].clone()
+                    for i, h in enumerate(hit):
+                        if i != target and h is not None:
+                            only &= ~h
+                    krows = rows[only]
+                    krows = krows[~w.detach()[krows].flatten(1).any(1)]  # rows still at zero
+                    sig = (name, tuple(krows.tolist()))
+                    if len(krows) == 0 or sig in tried:
+                        continue
+                    tried.add(sig)
+                    old_w = w.detach()[~_fresh_mask(w.shape[0], rows)]
+                    w.data[krows] = random_directions(len(krows), tuple(w.shape[1:]), gen, w) * mean_norm(old_w, 0)
+                    y1 = _first(new(x))
+                    if float((y1 - y0).norm() / y0.norm().clamp_min(1e-30)) > tol:
+                        w.data[krows] = 0  # it changes the outputs (values; queries in head_dim mode): undo
+                    else:
+                        changed.append(name)
     return sorted(set(changed))
 
 

@@ -29,7 +29,8 @@ Options of every plain method, so that what ``morph.grow`` returns trains in an 
 - ``split`` (0.5): replicated channels (Net2Net; LayerNorm-normalized groups of every method) share their
   source's fan-out weights unevenly (:func:`.layout.split_unevenly`), so that replicas part.
 - ``keys`` (``"random"``): the all-zero key rows of new attention heads (or head channels) get random values,
-  their query rows staying 0, which keeps every logit (``0 . k``) and so the function, and lets q and k train
+  and the query rows of whole new heads too (their values are 0, so the head outputs 0 whatever it attends
+  to); queries of new channels inside old heads stay 0 (``0 . k``): the function is kept and q and k train
   (:mod:`.keys`: with both at zero neither ever gets a gradient); ``"zero"``: leave them at zero.
 - ``bn_stats`` (``"auto"``): after a step that changes the function and read data (Firefly; GradMax or Random
   with epsilon > 0), BatchNorm running statistics are re-estimated on the growth batches
