@@ -27,6 +27,8 @@ a candidate is kept where the outputs stay the same to rounding and undone where
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,6 +37,8 @@ from .plain import mean_norm, random_directions
 
 __all__ = ["KEYS", "init_new_keys"]
 
+_ATTENTION_OPS = (F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm)
+
 #: ``keys`` option of the plain methods: ``random`` (new key rows at random, query rows 0) or ``zero``.
 KEYS = ("random", "zero")
 
@@ -42,6 +46,8 @@ KEYS = ("random", "zero")
 def init_new_keys(new: nn.Module, layout, x: torch.Tensor, gen: torch.Generator) -> list[str]:
     """Give the all-zero new key rows of ``new`` (grown by ``layout``) random directions at the mean norm of
     their layer's old rows, where the outputs on ``x`` stay the same; returns the layers changed."""
+    if not any(n.op == "call_function" and n.target in _ATTENTION_OPS for n in layout.plan.gm.graph.nodes):
+        return []  # no attention product in the traced graph (CNNs): nothing to watch
     cands: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
     for name, p in layout.plan.layers.items():
         if p.kind not in ("conv", "linear"):
