@@ -340,8 +340,8 @@ NOT_BLOCKWISE.update({
 _ATTN = "patch embedding, head and token-mixing Linears (one side fixed) halve instead of quartering (edge column)"
 FLOPS_DEVIATIONS.update({f"timm/{n}": _ATTN for n in (
     "test_vit", "test_vit2", "gmlp_ti16_224", "test_vit_relpos")})
-FLOPS_DEVIATIONS["timm/visformer_tiny"] = ("the stem conv over the 3 image channels at full resolution (one side "
-                                           "fixed) halves instead of quartering (edge column)")
+_OTHER = "the other column (ops whose FLOPs are linear in the width: norms, scales, pooling) halves instead of quartering"
+FLOPS_DEVIATIONS.update({"timm/visformer_tiny": _OTHER, "timm/cait_xxs24_224": _OTHER})
 
 
 def transformer_specs() -> list[str]:
