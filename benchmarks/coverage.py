@@ -63,14 +63,16 @@ def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    from zoo_check import randomize_norms
+    from zoo_check import attention_mode, randomize_norms
 
     import morph
+    from morph.graph import attention_width
 
     out: dict[str, dict] = {}
     try:
         torch.manual_seed(0)
-        half = morph.scale_width(morph.build_model(spec), 0.5, input_size=input_size).eval()
+        with attention_width(attention_mode(spec)):  # the half records it: growth analyzes it the same way
+            half = morph.scale_width(morph.build_model(spec), 0.5, input_size=input_size).eval()
         randomize_norms(half)
         g = torch.Generator().manual_seed(0)
         x = torch.randn((TRAINS_BATCH, *input_size), generator=g)
