@@ -442,11 +442,7 @@ def test_cli_attention_option(tmp_path):
     grown_t = tmp_path / "grown-template.safetensors"
     r = run("grow", paths["head_dim", 1], "--init", "zero", "-o", grown_t, "--trust-code")
     assert r.exit_code == 0, r.output
-    assert heads(grown_t) == (4, 16)
-    x = torch.randn(2, *SIZE)
-    with torch.no_grad():  # the half and its zero-init growth compute the same function after reloading
-        ya = morph.load(paths["head_dim", 1], trust_code=True).eval()(x)
-        assert _rel(morph.load(grown_t, trust_code=True).eval()(x), ya) <= 1e-6
+    assert heads(grown_t) == (4, 16)  # grown in the half's recorded head_dim mode, without --attention
     bad = tmp_path / "bad.safetensors"
     r = run("grow", paths["head_dim", 1], "--attention", "heads", "-o", bad, "--trust-code")
     assert r.exit_code == 2 and not bad.exists()
