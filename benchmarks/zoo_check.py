@@ -348,10 +348,14 @@ PRESERVING = ("net2net", "random", "gradmax")  # function-preserving (random and
 
 def randomize_norms(model: nn.Module, seed: int = 1) -> None:
     """Trained-looking norm statistics and affine parameters (fresh ones are 0/1 everywhere, which would
-    make new identity channels look like old ones)."""
+    make new identity channels look like old ones), and random weights for a Linear whose weight is all zero
+    (timm zero-initializes the classifier heads of MLP-Mixer, ResMLP and gMLP: every output would be the bias,
+    and no growth check could tell anything)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, nn.Linear) and m.weight.numel() and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.in_features ** -0.5)
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
@@ -437,6 +441,7 @@ def _check_growth(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64
                 grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=input_size, **opts)
                 if method == "firefly":
                     r["loss"] = [grown.growth_losses[0], grown.growth_losses[-1]]
+                    r["fitted"] = len(grown.growth_losses) > 1  # False: every new channel a replica, no step
                     start = morph.grow(half, "firefly", 2.0, data=(x, y), seed=0, input_size=input_size, steps=0)
                     r["old_kept"] = _old_entries_kept(grown, start)
                     del start

@@ -21,12 +21,13 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 import morph
+import morph.graph
 from morph.fuse import INIT_MODES
 from morph.safety import MAX_INPUT_CHANNELS, MAX_INPUT_PIXELS, MAX_INPUT_SIDE
 from morph.text import printable
 
 __all__ = [
-    "CoefficientSeed", "Force", "TrustCode", "Init", "JsonSummary", "MorphGroup", "count_params", "bounded", "err", "fail", "grown_summary", "out", "parse_size",
+    "AttentionOption", "CoefficientSeed", "Force", "TrustCode", "Init", "JsonSummary", "attention_mode", "MorphGroup", "count_params", "bounded", "err", "fail", "grown_summary", "out", "parse_size",
     "print_json", "status",
 ]
 
@@ -53,6 +54,33 @@ TrustCode = Annotated[bool, typer.Option(
     "callable. Off by default: reading a checkpoint runs no code the file names. Only for files you trust.")]
 CoefficientSeed = Annotated[int | None, typer.Option(help="Seed of the new coefficients (default: random).",
                                                      show_default=False)]
+
+# --attention: how attention projections change width (morph.graph.attention_width)
+Attention = Enum("Attention", {m: m for m in morph.graph.ATTENTION_WIDTHS}, type=str)  # type: ignore[misc]
+AttentionOption = Annotated[Attention | None, typer.Option(
+    "--attention", help="Attention models (ViT, Swin...): heads (the number of heads scales, each head keeps its "
+    "size; DeiT-Tiny 3 heads -> DeiT-Small 6) or head_dim (every head keeps its place, its size scales; for "
+    "models whose heads cannot halve, e.g. 3 heads). A checkpoint records the mode it was converted in; "
+    "fuse and grow use that one. [default: heads, or the checkpoint's]", show_default=False)]
+
+
+@contextmanager
+def attention_mode(option: Any, *models: nn.Module) -> Iterator[None]:
+    """Analyses inside run in ``--attention``'s mode; a loaded model that records another mode is refused (its
+    heads were cut the other way: fusing or growing it in this mode would not be the model it is)."""
+    if option is None:
+        yield
+        return
+    mode = option.value
+    for m in models:
+        info = morph.get_info(m)
+        made = info.extra.get("attention_width") if info is not None and info.extra else None
+        if made is not None and made != mode:
+            raise morph.MorphError(f"--attention {mode}: the checkpoint was made with attention width {made!r}; "
+                                   f"drop --attention or pass --attention {made}")
+    with morph.graph.attention_width(mode):
+        yield
+
 
 INIT_HELP = ("Coefficients of the new tiles: orthogonal (paper; orthogonal to the vectors mixing the same bank), "
              "orthogonal-official (official code), random (N(0,1)), random-uniform (U[0,1)), copy (the diagonal "

@@ -16,7 +16,19 @@ from morph.convert import SHARE_MODES
 from morph.safety import MAX_KWARG_NUMBER, MAX_TEMPLATES, MAX_WIDTH
 from morph.templates import mixed_layers
 
-from .common import Force, JsonSummary, bounded, count_params, fail, out, parse_size, print_json, status
+from .common import (
+    AttentionOption,
+    Force,
+    JsonSummary,
+    attention_mode,
+    bounded,
+    count_params,
+    fail,
+    out,
+    parse_size,
+    print_json,
+    status,
+)
 from .outputs import check_output
 
 __all__ = ["convert", "default_output", "parse_budget"]
@@ -117,6 +129,7 @@ def convert(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors (default: "
                                                 "NAME-half.safetensors, NAME-half-seedN.safetensors with --seed, "
                                                 "NAME-wW.safetensors at other widths).", show_default=False)] = None,
+    attention: AttentionOption = None,
     force: Force = False,
     json_out: JsonSummary = False,
 ) -> None:
@@ -140,12 +153,13 @@ def convert(
     with status(f"building {name}") as s:
         base = morph.build_model(name, num_classes=num_classes)
         s.update(f"converting {name} to width {width:g}")
-        if plain:
-            model = morph.scale_width(base, width, input_size=size, seed=seed)
-        else:
-            model = morph.convert(base, width=width, templates=templates, share=share.value, seed=seed, set_id=set_id,
-                                  train_edge_coefficients=train_edge_coefficients, input_size=size,
-                                  budget=n_budget, bins=bins)
+        with attention_mode(attention):
+            if plain:
+                model = morph.scale_width(base, width, input_size=size, seed=seed)
+            else:
+                model = morph.convert(base, width=width, templates=templates, share=share.value, seed=seed,
+                                      set_id=set_id, train_edge_coefficients=train_edge_coefficients, input_size=size,
+                                      budget=n_budget, bins=bins)
         s.update(f"saving {path}")
         morph.save(model, path)
         s.update(f"reloading {path}")

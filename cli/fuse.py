@@ -14,11 +14,13 @@ from morph.text import markup_safe
 
 from .common import (
     INIT_HELP,
+    AttentionOption,
     CoefficientSeed,
     Force,
     Init,
     JsonSummary,
     TrustCode,
+    attention_mode,
     grown_summary,
     out,
     print_json,
@@ -44,6 +46,7 @@ def fuse(
     init: Annotated[Init, typer.Option(help=INIT_HELP.format(zero="the fused model averages A and B"))] = Init[
         "orthogonal"],
     seed: CoefficientSeed = None,
+    attention: AttentionOption = None,
     force: Force = False,
     json_out: JsonSummary = False,
     trust_code: TrustCode = False,
@@ -61,7 +64,8 @@ def fuse(
         mb = morph.load(b, trust_code=trust_code)
         s.update("fusing")
         # inplace: the fused model takes over the loaded templates instead of copying them.
-        model = morph.fuse(ma, mb, growth=growth.value, init=init.value, seed=seed, inplace=True)
+        with attention_mode(attention, ma, mb):
+            model = morph.fuse(ma, mb, growth=growth.value, init=init.value, seed=seed, inplace=True)
         s.update(f"saving {output}")
         morph.save(model, output)
     summary = grown_summary(model, output)

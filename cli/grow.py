@@ -21,11 +21,13 @@ from morph.text import markup_safe, printable
 
 from .common import (
     INIT_HELP,
+    AttentionOption,
     CoefficientSeed,
     Force,
     Init,
     JsonSummary,
     TrustCode,
+    attention_mode,
     bounded,
     count_params,
     grown_summary,
@@ -97,6 +99,7 @@ def grow(
     init: Annotated[Init | None, typer.Option(help="mixturegrowth only. " + INIT_HELP.format(
         zero="the grown model computes IN's function") + " [default: orthogonal]", show_default=False)] = None,
     seed: CoefficientSeed = None,
+    attention: AttentionOption = None,
     force: Force = False,
     trust_code: TrustCode = False,
     json_out: JsonSummary = False,
@@ -132,7 +135,8 @@ def grow(
             batch = load_image_batch(data, info.input_size, batch_size, seed or 0,
                                      _num_classes(model, info.input_size))
         s.update(f"growing with {name}")
-        grown = morph.grow(model, name, width, data=batch, seed=seed, **options)
+        with attention_mode(attention, model):
+            grown = morph.grow(model, name, width, data=batch, seed=seed, **options)
         s.update(f"saving {output}")
         morph.save(grown, output)
     if template:

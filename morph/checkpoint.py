@@ -169,7 +169,22 @@ def rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None = None
             where: str = "", shapes: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
     """Build the (untrained) model a :class:`MorphInfo` describes (its base model through
     :func:`morph.zoo.build_recorded`: see there what a record may name). With ``shapes`` (the file's tensors),
-    the base model is bounded as :func:`_build_base` says."""
+    the base model is bounded as :func:`_build_base` says. An attention model is rebuilt in the attention
+    width mode it records (heads of 16 and twice the heads of 8 have the same tensor shapes: only the
+    record tells them apart)."""
+    from .graph.rules import ATTENTION_WIDTHS, attention_width
+
+    mode = info.extra.get("attention_width") if info.extra else None
+    if mode is None:
+        return _rebuild(info, model_fn=model_fn, trust_code=trust_code, where=where, shapes=shapes)
+    if mode not in ATTENTION_WIDTHS:
+        raise CheckpointError(f"{where}: unknown attention width {show(mode)} in checkpoint")
+    with attention_width(mode):
+        return _rebuild(info, model_fn=model_fn, trust_code=trust_code, where=where, shapes=shapes)
+
+
+def _rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None, trust_code: bool, where: str,
+             shapes: dict[str, tuple[int, ...]] | None) -> nn.Module:
     from .convert import convert
     from .fuse import fuse, grow
     from .scale import scale_width

@@ -312,6 +312,8 @@ def _attention_attributes(plan: ChannelPlan, new: nn.Module, width: float) -> li
     rest, changes = [], {}
     for c in plan.consts:
         mod = None
+        if c.kind == "shape" and c.qualname in heads and plan.size(c.dims[0], width) == plan.size(c.dims[0]):
+            continue  # a size that stays (the fixed number of heads in head_dim mode): nothing to rewrite
         if c.kind == "shape" and c.qualname in heads:
             try:
                 mod = new.get_submodule(c.qualname)

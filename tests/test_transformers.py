@@ -21,7 +21,7 @@ from timm.layers import GatedMlp
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
-from zoo_list import TIMM_TRANSFORMERS_REFUSED, spec_input_size
+from zoo_list import ATTENTION_WIDTH, TIMM_TRANSFORMERS_REFUSED, spec_input_size
 
 import morph
 from morph.graph import analyze, attention_width
@@ -62,6 +62,41 @@ def _gmlp():
                     block_layer=SpatialGatingBlock, mlp_layer=GatedMlp)
 
 
+def _cait():  # class-attention blocks, talking heads (Linears over the heads), layer scale
+    from timm.models.cait import Cait
+
+    return Cait(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, depth_token_only=1, num_classes=10,
+                init_values=0.1)
+
+
+def _xcit():  # cross-covariance attention (over channels, q and k L2-normalized over tokens), Fourier positions
+    from timm.models.xcit import Xcit
+
+    return Xcit(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, cls_attn_layers=1, num_classes=10,
+                eta=0.1)
+
+
+def _pvt():  # spatial-reduction attention (separate q and kv Linears), depthwise-conv MLP, overlapping patches
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+    return PyramidVisionTransformerV2(depths=(1, 1), embed_dims=(32, 64), num_heads=(4, 8), sr_ratios=(2, 1),
+                                      mlp_ratios=(2, 2), num_classes=10)
+
+
+def _pit():  # pooling stages: a depthwise conv pools the tokens and widens the channels
+    from timm.models.pit import PoolingVisionTransformer
+
+    return PoolingVisionTransformer(img_size=32, patch_size=4, stride=2, base_dims=[16, 16], depth=[1, 1],
+                                    heads=[4, 8], mlp_ratio=2, num_classes=10)
+
+
+def _relpos():  # relative-position MLP bias (reads a coordinate grid buffer), 3 heads: head_dim mode
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    return VisionTransformerRelPos(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10,
+                                   rel_pos_type="mlp")
+
+
 # name -> (builder, attention width mode, fused == ensemble exactly?)
 MODELS = {
     "vit4": (_vit4, "heads", False),
@@ -71,8 +106,22 @@ MODELS = {
     "gmlp": (_gmlp, "heads", False),
     "swin": (_swin, "heads", False),
     "swin3_head_dim": (_swin3, "head_dim", False),
+    "cait": (_cait, "heads", False),
+    "xcit": (_xcit, "heads", False),
+    "pvt": (_pvt, "heads", False),
+    "pit": (_pit, "heads", False),
+    "relpos_head_dim": (_relpos, "head_dim", False),
 }
-SLOW = {"swin", "swin3_head_dim"}  # 4-7 s each on one core
+SLOW = {"swin", "swin3_head_dim", "cait", "xcit", "pvt", "pit", "relpos_head_dim"}  # 3-7 s each on one core
+
+# the first attention's query, key and value rows: (layer, part, parts) of the layer's output
+ATTN = {
+    "swin": "layers.0.blocks.0.attn.qkv", "swin3_head_dim": "layers.0.blocks.0.attn.qkv",
+    "vit4": "blocks.0.attn.qkv", "vit3_head_dim": "blocks.0.attn.qkv", "cait": "blocks.0.attn.qkv",
+    "xcit": "blocks.0.attn.qkv", "pit": "transformers.0.blocks.0.attn.qkv", "relpos_head_dim": "blocks.0.attn.qkv",
+}
+FC1 = {"swin": "layers.0.blocks.0.mlp.fc1", "swin3_head_dim": "layers.0.blocks.0.mlp.fc1",
+       "pvt": "stages.0.blocks.0.mlp.fc1", "pit": "transformers.0.blocks.0.mlp.fc1"}
 
 
 def _params(names):
@@ -208,15 +257,11 @@ def test_growth_strict_function_and_gradient(name, method):
             yh, yg = half(x), grown(x)
             assert _rel(stock(x), yg) <= 1e-12
         err = _rel(yg, yh)
-        if method == "firefly" and hasattr(grown, "growth_losses"):
+        if method == "firefly" and len(grown.growth_losses) > 1:
             assert grown.growth_losses[-1] < grown.growth_losses[0]
-        elif method == "firefly":  # gMLP: every new channel is a LayerNorm replica, nothing fresh to optimize
-            assert name == "gmlp" and err <= 1e-6, err
-        elif name == "resmlp" and method != "net2net":
-            # KNOWN: ResMLP's Affine (alpha * x + beta) is a free parameter gathered for new channels, so a fresh
-            # channel carries beta into the token MLP: the function changes (measured, docs/coverage.md)
-            assert err > 1e-3, "now function-preserving: move resmlp to the exact branch"
-        elif mode == "heads":
+        elif method == "firefly":  # gMLP: every new channel is a replica (LayerNorm, token-mixing bias): no step
+            assert name == "gmlp" and len(grown.growth_losses) == 1 and err <= 1e-6, (grown.growth_losses, err)
+        elif mode == "heads":  # ResMLP too: its residual channels replicate (token-mixing bias), Affine's beta
             assert err <= 1e-6, err
         else:  # head_dim mode (no claim): replicated head channels add their q.k products (measured, < 0.2)
             assert err < 0.2, err
@@ -224,44 +269,70 @@ def test_growth_strict_function_and_gradient(name, method):
         grown.train()
         loss = nn.functional.cross_entropy(grown(x), y)
         loss.backward()
-        fc1 = grown.get_submodule(fc1_name(grown))
-        n_old = half.get_submodule(fc1_name(grown)).out_features
+        fc1 = grown.get_submodule(fc1_name(name, grown))
+        n_old = half.get_submodule(fc1_name(name, grown)).out_features
         assert fc1.weight.grad[n_old:].abs().sum() > 0
-        if name.startswith(("vit", "swin")):
-            attn = "layers.0.blocks.0.attn.qkv" if name.startswith("swin") else "blocks.0.attn.qkv"
+        if name == "pvt":  # separate q and kv Linears: new value rows get gradient
+            kv, hk = grown.get_submodule("stages.0.blocks.0.attn.kv"), half.stages[0].blocks[0].attn.kv.out_features
+            assert kv.weight.grad[kv.out_features // 2 + hk // 2:].abs().sum() > 0
+        if name in ATTN:
+            attn = ATTN[name]
             qkv, hq = grown.get_submodule(attn), half.get_submodule(attn).out_features // 3
             v_new = qkv.weight.grad[2 * qkv.out_features // 3 + hq:]  # the new heads' (or channels') value rows
             assert v_new.abs().sum() > 0
+            if mode == "heads" and method in ("random", "gradmax"):
+                # new heads: query and key rows random, value rows 0 (the head outputs 0: exact; or whole heads
+                # replicated, where a group rule says so: XCiT, CaiT); once the values moved, q and k get gradient
+                n = qkv.out_features // 3
+                assert qkv.weight.detach()[n + hq:2 * n].norm(dim=1).min() > 0
+                assert qkv.weight.detach()[hq:n].norm(dim=1).min() > 0
+                opt = torch.optim.SGD(grown.parameters(), lr=0.1)
+                for _ in range(2):
+                    opt.step()
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(grown(x), y).backward()
+                assert qkv.weight.grad[hq:n].norm(dim=1).min() > 0  # every new query row gets gradient
+                assert qkv.weight.grad[n + hq:2 * n].norm(dim=1).min() > 0  # and every new key row
 
 
-def fc1_name(model: nn.Module) -> str:
-    if isinstance(model, SwinTransformer):
-        return "layers.0.blocks.0.mlp.fc1"
+def fc1_name(name: str, model: nn.Module) -> str:
+    if name in FC1:
+        return FC1[name]
     return "blocks.0.mlp_channels.fc1" if hasattr(model.blocks[0], "mlp_channels") else "blocks.0.mlp.fc1"
 
 
+_ZOO_NEW = ("test_vit_relpos", "deit_tiny_distilled_patch16_224", "cait_xxs24_224", "pit_ti_224", "pvt_v2_b0",
+            "xcit_nano_12_p16_224", "visformer_tiny", "efficientformer_l1", "maxvit_nano_rw_256")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("spec,mode", [("test_vit3", "head_dim"), ("test_vit2", "head_dim"), ("test_vit", "head_dim"),
-                                       ("levit_128s", "heads")])
-def test_timm_test_vits(spec, mode, tmp_path):
+@pytest.mark.parametrize("spec", ["test_vit3", "test_vit2", "test_vit", "levit_128s", *_ZOO_NEW])
+def test_timm_transformers_zoo_check(spec, tmp_path):
     """timm's own debug ViTs (register tokens, q/k norm, layer scale, latent attention pooling, dynamic image
-    size) at 3x160x160, and LeViT-128S (BatchNorm, per-head attention bias tables read through an index buffer)
-    at 3x224x224, through the zoo check: fuse, bake, strict load, save/load; LeViT's fusion is the ensemble."""
+    size, relative-position MLP) at 3x160x160, LeViT-128S (BatchNorm, per-head attention bias tables read through
+    an index buffer) and the other families of the coverage table (distillation token, class attention with
+    talking heads, pooling stages, spatial-reduction attention, cross-covariance attention with Fourier positions,
+    conv attention, pooling mixers, MaxViT at 256) at their own input size, through the zoo check in their
+    attention width mode (tests/zoo_list.py ATTENTION_WIDTH): convert, fuse, bake, strict load into the model built
+    directly, save/load, parameter counts predicted; the fusion is the ensemble exactly where the model is not in
+    NOT_BLOCKWISE (LeViT), and measurably not where it is (LayerNorm over the joined channels)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from zoo_check import check_model
+    from zoo_list import NOT_BLOCKWISE
 
-    with attention_width(mode):
-        r = check_model(f"timm/{spec}", spec_input_size(f"timm/{spec}"), tmpdir=tmp_path, direct=True, full=False)
+    name = f"timm/{spec}"
+    with attention_width(ATTENTION_WIDTH.get(name, "heads")):
+        r = check_model(name, spec_input_size(name), tmpdir=tmp_path, direct=True, full=False)
     assert r.status == "ok", f"{r.stage}: {r.error}"
     assert r.strict_load and r.stock_relerr <= 1e-10 and r.bake_relerr <= 1e-10 and r.save_load_exact
     assert r.params_half == r.params_half_predicted and r.params_fused == r.params_fused_predicted
-    if spec.startswith("levit"):
-        assert r.ensemble_relerr <= 1e-10
+    if name in NOT_BLOCKWISE:
+        assert r.ensemble_relerr > 1e-6
     else:
-        assert timm.create_model(spec).blocks[0].attn.num_heads in (2, 3)
+        assert r.ensemble_relerr <= 1e-10
 
 
 @pytest.mark.slow
@@ -269,8 +340,12 @@ def test_timm_test_vits(spec, mode, tmp_path):
 def test_refused_transformers_say_why(spec):
     """Attention families morph cannot analyze yet keep one clear error naming the op (tests/zoo_list.py)."""
     m = timm.create_model(spec.split("/", 1)[1]).eval()
-    with pytest.raises(morph.MorphError) as e:
-        morph.scale_width(m, 0.5, input_size=spec_input_size(spec))
+    size = spec_input_size(spec)
+    with pytest.raises(morph.MorphError) as e, attention_width(ATTENTION_WIDTH.get(spec, "heads")):
+        morph.scale_width(m, 0.5, input_size=size)
+        a = morph.convert(m, 0.5, seed=1, input_size=size)
+        b = morph.convert(m, 0.5, seed=2, input_size=size)
+        morph.bake(morph.fuse(a, b, init="zero", seed=0))
     msg = str(e.value)
     assert TIMM_TRANSFORMERS_REFUSED[spec] in msg and "\n" not in msg, msg
 
@@ -307,3 +382,116 @@ def test_the_attention_mode_sticks_to_the_model():
         assert _rel(stock(x), f(x)) <= 1e-12
         assert (grown.blocks[0].attn.num_heads, grown.blocks[0].attn.head_dim) == (4, 16)
     assert morph.get_info(morph.scale_width(m, 0.5, input_size=SIZE)).extra["attention_width"] == "heads"
+
+
+def cli_vit(num_classes: int = 10) -> nn.Module:
+    """The CLI test's model (``test_transformers:cli_vit``): 4 heads of 16 channels at 3x32x32."""
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, mlp_ratio=2,
+                             num_classes=num_classes)
+
+
+def test_cli_attention_help_and_bad_mode(tmp_path):
+    from morph.cli.main import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    for cmd in ("convert", "fuse", "grow"):
+        r = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0 and "--attention" in r.stdout and "head_dim" in r.stdout, r.stdout
+    bad = tmp_path / "bad.safetensors"
+    r = runner.invoke(app, ["convert", "test_transformers:cli_vit", "--half", "--attention", "tokens", "-o", str(bad)])
+    assert r.exit_code == 2 and not bad.exists() and "--attention" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_attention_option(tmp_path):
+    """``--attention heads|head_dim`` on convert, fuse and grow: the mode cuts the heads (4 heads of 16 -> 2 heads
+    of 16, or 4 heads of 8), the checkpoint records it, fuse and grow follow it, and a contrary --attention on a
+    checkpoint is one error line with exit code 2 and no output."""
+    from morph.cli.main import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+    spec = "test_transformers:cli_vit"
+    paths = {}
+    for mode, seed in (("head_dim", 1), ("head_dim", 2), ("heads", 1)):
+        p = tmp_path / f"{mode}-{seed}.safetensors"
+        r = run("convert", spec, "--half", "--seed", seed, "--input-size", "3,32,32", "--attention", mode, "-o", p)
+        assert r.exit_code == 0, r.output
+        paths[mode, seed] = p
+    plain = tmp_path / "plain.safetensors"
+    assert run("convert", spec, "--half", "--plain", "--input-size", "3,32,32", "-o", plain).exit_code == 0
+
+    def heads(path):
+        attn = morph.load(path, trust_code=True).blocks[0].attn
+        return attn.num_heads, attn.head_dim
+
+    assert heads(paths["head_dim", 1]) == (4, 8) and heads(paths["heads", 1]) == (2, 16) and heads(plain) == (2, 16)
+    fused = tmp_path / "fused.safetensors"
+    r = run("fuse", paths["head_dim", 1], paths["head_dim", 2], "-o", fused, "--attention", "head_dim", "--trust-code")
+    assert r.exit_code == 0, r.output
+    assert heads(fused) == (4, 16)
+    grown = tmp_path / "grown.safetensors"  # a plain half of a recorded callable: widths stay absolute (1.0)
+    r = run("grow", plain, "--method", "random", "--attention", "heads", "-o", grown, "--trust-code")
+    assert r.exit_code == 0, r.output
+    assert heads(grown) == (4, 16) and morph.read_info(grown)[0].width == 1.0
+    grown_t = tmp_path / "grown-template.safetensors"
+    r = run("grow", paths["head_dim", 1], "--init", "zero", "-o", grown_t, "--trust-code")
+    assert r.exit_code == 0, r.output
+    assert heads(grown_t) == (4, 16)  # grown in the half's recorded head_dim mode, without --attention
+    bad = tmp_path / "bad.safetensors"
+    r = run("grow", paths["head_dim", 1], "--attention", "heads", "-o", bad, "--trust-code")
+    assert r.exit_code == 2 and not bad.exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --attention heads") and "'head_dim'" in lines[0], r.stderr
+
+
+class _PosNoNorm(nn.Module):
+    """Patch embedding plus a free position table and an affine layer of free tensors, no LayerNorm: the
+    channels are fresh under random growth, so the new entries of the summands (``pos``, ``beta``) must be 0,
+    those of the factor (``gain``) are gathered (they pass the gradient to the new channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 8, stride=8)
+        self.pos = nn.Parameter(torch.randn(1, 16, 16))
+        self.gain = nn.Parameter(torch.rand(1, 1, 16) + 0.5)
+        self.beta = nn.Parameter(torch.randn(16))
+        self.fc = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, 16 tokens, 16 channels]
+        t = torch.addcmul(self.beta, self.gain, t)  # ResMLP's Affine
+        return self.head(torch.relu(self.fc(t)).mean(1))
+
+
+@pytest.mark.parametrize("method", ["random", "gradmax"])
+def test_added_free_tensors_of_fresh_channels_are_zero(method):
+    torch.manual_seed(0)
+    m = _randomize(_PosNoNorm().eval())
+    half = _randomize(morph.scale_width(m, 0.5, input_size=SIZE).eval(), seed=3)
+    x, y = _x(), torch.tensor([1, 7])
+    grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=SIZE).eval()
+    with torch.no_grad():
+        assert _rel(grown(x), half(x)) <= 1e-12
+    assert not grown.pos.detach()[..., 8:].any() and not grown.beta.detach()[8:].any()
+    assert torch.equal(grown.gain.detach()[..., 8:], half.gain.detach())  # gathered (cycle: j copies j - 8)
+
+
+def test_keys_option_zero_leaves_new_queries_and_keys_at_zero():
+    half = _randomize(morph.scale_width(_build("vit4"), 0.5, input_size=SIZE).eval(), seed=3)
+    x = _x()
+    for keys, nonzero in (("random", True), ("zero", False)):
+        g = morph.grow(half, "random", 2.0, seed=0, input_size=SIZE, keys=keys).eval()
+        qkv = g.blocks[0].attn.qkv.weight.detach()  # [q | k | v] of 4 heads of 16: rows 32-63 of each are new
+        assert bool(qkv[64 + 32:128].any()) is nonzero and bool(qkv[32:64].any()) is nonzero
+        assert not qkv[128 + 32:].any()
+        with torch.no_grad():
+            assert _rel(g(x), half(x)) <= 1e-12
+    with pytest.raises(morph.MorphError, match="keys must be"):
+        morph.grow(half, "random", 2.0, seed=0, input_size=SIZE, keys="both")

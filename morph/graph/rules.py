@@ -513,6 +513,15 @@ def _reshape_block(
         return [a.structural(s) if not (len(dims) == 1 and len(out_sizes) == 1) else dims[0] for s in out_sizes]
     if len(dims) == 1 and len(out_sizes) == 1:
         return [dims[0]]
+    if len(chan) > 1 and all(not a.g.source[a.g.find(s.group)] and a.g.find(s.group) not in a.g.derived
+                             for k in chan for s in a.g.atoms(dims[k])):
+        # dims of a free tensor that nothing produces (a buffer's grid: timm's RelPosMlp reads its [Lh, Lw, 2]
+        # coordinate table and flattens the grid): positions, which keep their sizes from now on
+        for k in chan:
+            a.g.mark_fixed(dims[k])
+            for s in a.g.atoms(dims[k]):
+                a.g.structural[a.g.find(s.group)] = True
+        return _reshape_block(a, dims, in_sizes, out_sizes)
     if len(chan) > 1:
         raise a.fail("reshape merges two channel dims into one")
     k = chan[0]

@@ -169,3 +169,83 @@ def _multihead_attention(a: Analyzer, node: fx.Node) -> TD:
 
 
 _module(torch.nn.MultiheadAttention)(_multihead_attention)
+
+
+@_module("timm.models.edgenext.PositionalEncodingFourier", "timm.models.xcit.PositionalEncodingFourier")
+def _fourier_positions(a: Analyzer, node: fx.Node) -> TD:
+    """timm's ``PositionalEncodingFourier`` (EdgeNeXt, XCiT): sine/cosine features of the patch grid, built from
+    the grid size alone (``2 x hidden_dim`` fixed channels), projected by a 1x1 ``token_projection`` conv to the
+    model's channels: ``[B, dim, H, W]``. The features are no channel group (they never scale); the projection's
+    output is the added position table's channels."""
+    name = str(node.target)
+    m = a.modules[name]
+    out_shape = _shape(a)
+    conv = m.token_projection
+    if len(out_shape) != 4 or out_shape[1] != conv.out_channels or conv.groups != 1:
+        raise a.fail("expected a [B, dim, H, W] position table from a plain 1x1 token_projection conv")
+    feats = a.g.new_dim(conv.in_channels, fixed=True)
+    out = a.fresh(conv.out_channels, source=True)
+    a.add_layer(LayerPlan(f"{name}.token_projection", "conv", feats, out, groups=1))
+    return TD((a.structural(out_shape[0]), out, a.structural(out_shape[2]), a.structural(out_shape[3])), out_shape)
+
+
+@_function(F.normalize)
+def _normalize(a: Analyzer, node: fx.Node) -> TD:
+    """``F.normalize(x, p, dim)``: ``x`` divided by its norm over ``dim``. Over positions (XCiT's and EdgeNeXt's
+    cross-covariance attention normalize q and k over the tokens) the dims stay; over channels, a norm that
+    replicas and zero channels would change (unlike LayerNorm's mean statistics, replication changes an
+    L2 norm), so it is refused."""
+    x = a.value(node.args[0] if node.args else node.kwargs["input"])
+    if not isinstance(x, TD):
+        raise a.fail("expected a tensor")
+    dim = _arg(node, 2, "dim", 1) % len(x.shape)
+    if not a.g.is_structural(x.dims[dim]):
+        raise a.fail("L2 normalization over a channel dim (replicated or new channels change the norm)")
+    return TD(x.dims, _shape(a))
+
+
+@_module("timm.models.mobilevit.MobileVitBlock", "timm.models.mobilevit.MobileVitV2Block")
+def _mobilevit_block(a: Analyzer, node: fx.Node) -> TD:
+    """Refused, with the reason: timm keeps MobileViT's block out of fx (``register_notrace_module``): its forward
+    computes the patch grid with ``math.ceil`` of the input size and interpolates the map when the patch size
+    does not divide it, so the ops inside (the convs, the unfold into patches whose pixels become the batch, the
+    transformer's heads, the fold back) are not in the graph the analysis reads."""
+    raise a.fail(
+        "timm's MobileVitBlock is an fx leaf (its forward sizes the patch grid with math.ceil on the input shape "
+        "and interpolates when it does not divide), so its convs and transformer are not in the traced graph",
+        "morph grows timm's ViTs, Swin, MaxViT, CoAtNet, LeViT, PiT, PVT-v2, XCiT and EdgeNeXt",
+    )
+
+
+@_module("timm.models.efficientvit_mit.LiteMLA")
+def _lite_mla(a: Analyzer, node: fx.Node) -> TD:
+    """Refused, with the reason: timm keeps EfficientViT's (MIT) ``LiteMLA`` out of fx: its forward switches off
+    autocast depending on the input's device, which fx cannot trace, so its qkv conv, the multi-scale grouped
+    aggregation convs and the ReLU linear attention (values padded with a constant-1 channel) are not in the
+    traced graph."""
+    raise a.fail(
+        "timm's LiteMLA (EfficientViT-MIT) is an fx leaf (its forward branches on the input's device to switch off "
+        "autocast), so its qkv, multi-scale aggregation and projection convs are not in the traced graph",
+        "morph grows timm's ViTs, Swin, MaxViT, CoAtNet, LeViT, PiT, PVT-v2, XCiT and EdgeNeXt",
+    )
+
+
+def _torchvision_swin(a: Analyzer, node: fx.Node) -> TD:
+    """Refused, with the reason: torchvision's Swin runs each window attention in ``shifted_window_attention``, a
+    function fx keeps whole (``torch.fx.wrap``) that receives the qkv and projection weights as raw tensors and
+    applies them with ``F.linear`` and its own head count argument: no Linear module call the analysis, the
+    templates or the tiling could work on."""
+    raise a.fail(
+        "torchvision's Swin attention is one fx-wrapped function (shifted_window_attention) that applies the qkv "
+        "and projection weights as raw tensors with F.linear: morph's width surgery, templates and tiling work on "
+        "Linear modules",
+        "use timm's Swin (swin_tiny_patch4_window7_224), which morph grows",
+    )
+
+
+try:
+    import torchvision.models.swin_transformer as _tv_swin
+
+    _function(_tv_swin._get_relative_position_bias, _tv_swin.shifted_window_attention)(_torchvision_swin)
+except (ImportError, AttributeError):
+    pass

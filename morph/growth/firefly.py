@@ -6,6 +6,9 @@ batch minimize the loss with gradients masked to the new incoming and outgoing w
 conv/linear layer, and after each step every new neuron's incoming and outgoing vector is set back to
 the mean norm its kind had after the random draw (growneuron's projection). Old weights, biases and norm
 parameters do not change; norm statistics that the training-mode passes update are restored.
+``model.growth_losses`` is the batch loss before each step and after the last; where every new channel
+replicates an old one (LayerNorm-normalized groups only: nothing fresh to fit, gMLP) it is the one loss,
+and no step runs.
 
 The original Firefly (Wu et al. 2020: candidate neurons and splits scored by a gate gradient over an
 epoch) is not what the comparisons ran; it is not implemented.
@@ -89,6 +92,20 @@ class FireflyGrowth(RandomGrowth):
             items.append((w, mask, rows, cols, t_in, t_out, w.detach().clone()))
         params = [it[0] for it in items]
         if not params:
+            # every new channel replicates an old one (LayerNorm-normalized or token-bias groups: gMLP): no new
+            # weight to fit; the one loss says so (``growth_losses`` always holds the loss before the steps)
+            was = new.training
+            new.train(bool(self.opts["train_mode"]))
+            buffers = {k: v.detach().clone() for k, v in new.named_buffers()}
+            try:
+                with torch.no_grad():
+                    self.losses = [float(batch_loss(new, x, y))]
+            finally:
+                new.train(was)
+                with torch.no_grad():
+                    for k, v in new.named_buffers():
+                        v.copy_(buffers[k])
+            new.growth_losses = self.losses
             return
         buffers = {k: v.detach().clone() for k, v in new.named_buffers()}
         was = new.training

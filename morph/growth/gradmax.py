@@ -196,6 +196,10 @@ class GradMaxGrowth(RandomGrowth):
                     if isinstance(model.get_submodule(p), nn.Conv2d) and hidden != cap_shape["in:" + c][0]:
                         self.why[root] = "a spatial op (pooling) between the pair"
                         continue
+                    if isinstance(model.get_submodule(p), nn.Linear) and \
+                            tuple(cap_in[p][0].shape[:-1]) != tuple(grads[c].shape[:-1]):
+                        self.why[root] = "a token op (pooling over tokens) between the pair"
+                        continue
                     m = pair_matrix(model.get_submodule(p), model.get_submodule(c), cap_in[p][0], grads[c], hidden)
                     acc[root] = acc[root] + m if root in acc else m
         finally:

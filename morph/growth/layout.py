@@ -25,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import MorphError
@@ -213,6 +214,56 @@ def layernorm_groups(plan: ChannelPlan) -> dict[int, str]:
     return out
 
 
+def token_bias_groups(plan: ChannelPlan) -> dict[int, str]:
+    """Groups that a token-mixing Linear (one over a structural dim: ResMLP's ``linear_tokens``, Mixer's token
+    MLP) reads as a batch dim while adding its bias: a channel of zeros leaves it as the bias, not zero, so
+    these groups too grow by replication under every method (replicas compute what their source does)."""
+    out: dict[int, str] = {}
+    find = plan.groups.find
+    for node in plan.gm.graph.nodes:
+        p = plan.layers.get(str(node.target)) if node.op == "call_module" else None
+        if p is None or p.kind != "linear" or not plan.groups.is_structural(p.in_dim):
+            continue
+        if getattr(plan.gm.get_submodule(p.name), "bias", None) is None:
+            continue
+        x = plan.node_dims.get(node.args[0].name) if node.args and isinstance(node.args[0], fx.Node) else None
+        for d in (x.dims[:-1] if x is not None else ()):
+            for s in plan.atoms(d):
+                if not plan.groups.structural[find(s.group)]:
+                    out.setdefault(find(s.group), p.name)
+    return out
+
+
+_SHAPE_ONLY = {"permute", "transpose", "reshape", "view", "contiguous", "flatten", "unsqueeze", "squeeze"}
+
+
+def softmax_fed_groups(plan: ChannelPlan) -> dict[int, str]:
+    """Groups that a Linear or conv reads straight from a softmax (through shape-only ops and dropout): CaiT's
+    talking heads mix the heads' attention probabilities with ``proj_w``. A new head's probabilities are
+    ``1/N``, not 0, so fresh channels with random outgoing weights would change the function: these groups grow
+    by replication under every method."""
+    out: dict[int, str] = {}
+    find = plan.groups.find
+    modules = dict(plan.gm.named_modules())
+    for node in plan.gm.graph.nodes:
+        p = plan.layers.get(str(node.target)) if node.op == "call_module" else None
+        if p is None or p.kind not in ("linear", "conv") or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        src = node.args[0]
+        while True:
+            name = str(src.target) if src.op == "call_method" else getattr(src.target, "__name__", "")
+            is_drop = src.op == "call_module" and isinstance(modules.get(str(src.target)), nn.Dropout)
+            if (name in _SHAPE_ONLY or is_drop) and src.args and isinstance(src.args[0], fx.Node):
+                src = src.args[0]
+                continue
+            break
+        if name == "softmax":
+            for s in plan.atoms(p.in_dim):
+                if not plan.groups.structural[find(s.group)]:
+                    out.setdefault(find(s.group), p.name)
+    return out
+
+
 def _internal(plan: ChannelPlan, root: int) -> bool:
     """A block-internal group: one producing and one consuming conv/linear layer (growneuron's placement)."""
     find = plan.groups.find
@@ -257,6 +308,8 @@ def build_layout(
     old_sizes, new_sizes = plan._allocate(w0), plan._allocate(w1)
     constrained = _constrained(plan)
     ln = layernorm_groups(plan)
+    tokens = token_bias_groups(plan)
+    soft = softmax_fed_groups(plan)
     roots = {plan.groups.find(s.group) for p in plan.layers.values()
              for d in (p.in_dim, p.out_dim, *p.ln_dims) for s in plan.atoms(d)}
     roots |= {plan.groups.find(s.group) for dims in plan.params.values() for d in dims for s in plan.atoms(d)}
@@ -272,6 +325,10 @@ def build_layout(
         g_rule = "keep" if n == m else rule
         if g_rule == "fresh" and r in ln:
             g_rule, note = "replicate", f"normalized across channels by {ln[r]}: replicated uniformly"
+        elif g_rule == "fresh" and r in tokens:
+            g_rule, note = "replicate", f"token-mixing {tokens[r]} adds its bias to every channel: replicated"
+        elif g_rule == "fresh" and r in soft:
+            g_rule, note = "replicate", f"{soft[r]} reads a softmax (a new channel would be 1/N, not 0): replicated"
         ch = torch.arange(n)
         src = ch % max(m, 1)
         if g_rule == "replicate" and mapping == "random" and n > m:

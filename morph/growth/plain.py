@@ -28,6 +28,10 @@ Options of every plain method, so that what ``morph.grow`` returns trains in an 
   network uses. The function at growth does not depend on it (a zero channel normalizes to 0).
 - ``split`` (0.5): replicated channels (Net2Net; LayerNorm-normalized groups of every method) share their
   source's fan-out weights unevenly (:func:`.layout.split_unevenly`), so that replicas part.
+- ``keys`` (``"random"``): the all-zero key rows of new attention heads (or head channels) get random values,
+  and the query rows of whole new heads too (their values are 0, so the head outputs 0 whatever it attends
+  to); queries of new channels inside old heads stay 0 (``0 . k``): the function is kept and q and k train
+  (:mod:`.keys`: with both at zero neither ever gets a gradient); ``"zero"``: leave them at zero.
 - ``bn_stats`` (``"auto"``): after a step that changes the function and read data (Firefly; GradMax or Random
   with epsilon > 0), BatchNorm running statistics are re-estimated on the growth batches
   (:func:`reestimate_norm_stats`; Firefly: on the batches it did not fit, when there are any), so the model
@@ -117,7 +121,7 @@ class PlainGrowth(GrowthMethod):
     rule: ClassVar[str] = "fresh"
     mapping: ClassVar[str] = "cycle"
     options: ClassVar[dict[str, Any]] = {"which": "all", "plan": None, "input_size": None, "relu_grad": "one",
-                                         "split": 0.5, "bn_stats": "auto", "new_gamma": 0.1}
+                                         "split": 0.5, "bn_stats": "auto", "new_gamma": 0.1, "keys": "random"}
 
     # -- value hooks ------------------------------------------------------------------------------
     def incoming(self, name: str, w: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> None:
@@ -169,6 +173,8 @@ class PlainGrowth(GrowthMethod):
             raise MorphError(f"relu_grad must be one of {', '.join(activation.RELU_GRAD)}, got {self.opts['relu_grad']!r}")
         if not float(self.opts["new_gamma"]) > 0:
             raise MorphError(f"new_gamma must be > 0 (a zero norm weight cuts new neurons off), got {self.opts['new_gamma']}")
+        if self.opts["keys"] not in ("random", "zero"):
+            raise MorphError(f"keys must be one of random, zero, got {self.opts['keys']!r}")
         if self.opts["bn_stats"] not in BN_STATS:
             raise MorphError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {self.opts['bn_stats']!r}")
 
@@ -206,6 +212,13 @@ class PlainGrowth(GrowthMethod):
             prm.requires_grad_(True)
         new.train(model.training)
         activation.restore(new, {"relu_grad": self.opts["relu_grad"]})
+        if self.opts["keys"] == "random":
+            from .keys import init_new_keys
+
+            batches = list(iterate_batches(data))
+            x = batches[0][0].to(p0) if batches else torch.randn(
+                (1, *layout.plan.input_size), generator=torch.Generator().manual_seed(0), dtype=p0.dtype).to(p0.device)
+            self.new_keys = init_new_keys(new, layout, x, gen)
         self.finish(new, model, layout, data)
         if self._reestimates(data):
             reestimate_norm_stats(new, self.stats_batches(list(iterate_batches(data))))
@@ -214,10 +227,13 @@ class PlainGrowth(GrowthMethod):
         spec = info.spec if info is not None else get_spec(model)
         size = tuple(layout.plan.input_size)
         base = info or MorphInfo(kind="plain", spec=spec, width=1.0, input_size=size)
-        extra = {**base.extra, "growth": {**self.record(), "from_width": layout.w_from,
+        # widths are relative to the layout's reference: the base model, or (a model whose base morph does not
+        # rebuild here: a recorded callable) the model itself, at its recorded width
+        scale = base.width if layout.reference is model else 1.0
+        extra = {**base.extra, "growth": {**self.record(), "from_width": layout.w_from * scale,
                                           "rules": _count_rules(new.growth_report)}}
-        return set_info(new, dataclasses.replace(base, kind="plain", spec=spec, width=layout.w_to, input_size=size,
-                                                 extra=extra))
+        return set_info(new, dataclasses.replace(base, kind="plain", spec=spec, width=layout.w_to * scale,
+                                                 input_size=size, extra=extra))
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in super().record().items() if k not in ("plan", "input_size")}
@@ -306,8 +322,51 @@ class PlainGrowth(GrowthMethod):
         owner = new.get_submodule(mod_path) if mod_path else new
         t = getattr(owner, name)
         axes = [layout.dim(d) for d in dims]
-        t.data = _gather(src, axes).to(t.dtype)
+        data = _gather(src, axes)
+        if any(a.fresh.any() for a in axes) and _additive(layout.plan.gm, path):
+            # a bias added to the activations (ResMLP's Affine beta, position tables, class tokens): a fresh
+            # channel is zero at growth, so its entries are 0 as a conv bias of new neurons is
+            for d, a in enumerate(axes):
+                if a.fresh.any():
+                    idx = [slice(None)] * data.dim()
+                    idx[d] = a.fresh.to(data.device)
+                    data[tuple(idx)] = 0
+        t.data = data.to(t.dtype)
         record[path] = [(0, path, [_old_index(a) for a in axes])]
+
+
+# ops through which a tensor keeps its role (its values reach the output unchanged, rearranged or broadcast)
+_PASS_METHODS = {"expand", "expand_as", "view", "reshape", "to", "type", "type_as", "contiguous", "clone",
+                 "unsqueeze", "squeeze", "flatten", "permute", "transpose", "repeat", "float", "double", "half"}
+_PASS_FUNCTIONS = {"expand", "reshape", "unsqueeze", "squeeze", "flatten", "permute", "transpose"}
+_ADD_FUNCTIONS = {"add", "iadd", "sub", "isub", "cat", "concat"}
+
+
+def _additive(gm, path: str) -> bool:
+    """Whether the free tensor ``path`` only ever enters the forward as a summand (``x + p``, ``addcmul(p, a, x)``'s
+    first argument) or as concatenated tokens (class and distillation tokens), through shape-only ops: then a
+    fresh channel's entries must be 0 for the channel to stay 0. A factor (Affine's alpha, layer scale) is not."""
+    starts = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == path]
+    if not starts:
+        return False
+    todo, seen = list(starts), set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            name = str(user.target) if user.op == "call_method" else getattr(user.target, "__name__", "")
+            if (user.op == "call_method" and name in _PASS_METHODS) or (
+                    user.op == "call_function" and name in _PASS_FUNCTIONS and user.args and user.args[0] is node):
+                todo.append(user)
+            elif user.op in ("call_function", "call_method") and name in _ADD_FUNCTIONS:
+                continue
+            elif name in ("addcmul", "addcdiv") and user.args and user.args[0] is node:
+                continue
+            else:
+                return False
+    return True
 
 
 def _first_block(a: DimMap, width: int, blocks: int) -> DimMap:
