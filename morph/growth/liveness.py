@@ -1,0 +1,189 @@
+"""Where zero-initialized new neurons cannot start to train, read from the traced graph, and what to do there.
+
+Random and GradMax (epsilon 0) give new neurons zero incoming weights, so every new channel is exactly zero at
+growth and the function is kept. Behind a ReLU with sub-gradient 1 at 0 (:mod:`.activation`) such a neuron
+normally gets a gradient at the first step. Two graph motifs stop it:
+
+- **A product of two new channels** (StarNet's ``act(f1(x)) * f2(x)``, gates of two grown branches): both
+  factors are 0 and each one's gradient is the other one's value, so both stay 0 forever, under any activation.
+  Only one factor has to be 0 for the product (and the function) to be kept: :func:`dead_products` finds such
+  products whose factors are each computed from their own ungrouped conv/linear through elementwise ops with
+  f(0) = 0, and names the producer of one factor, the **live** one, whose new neurons then get non-zero
+  incoming weights (the method's random directions at ``scale`` x the layer's mean row norm). The other factor
+  stays 0, so does the product; it receives ``live factor x upstream gradient``. The live factor is the one
+  behind a non-linearity when only one is (the zero factor's own gradient then does not depend on an
+  activation's derivative at 0), and its producer must feed nothing but that product, else the function would
+  change elsewhere.
+- **BatchNorms of zero channels in series** (RepVGG/MobileOne blocks: an identity BatchNorm of the block's input
+  next to conv-BN branches; a BatchNorm behind a depthwise conv of a zero channel). In training mode a BatchNorm
+  multiplies the gradient of an all-zero channel by ``weight / sqrt(eps)`` (31.6 at ``new_gamma = 0.1``, eps
+  1e-5; GradMax App. C). Behind a new conv/linear neuron that gain reaches its incoming weights once; but where
+  the gradient of a zero norm's input flows on into another zero norm (through elementwise ops, sums and
+  depthwise/grouped convs, without meeting the zero rows of an ungrouped conv/linear), the gains multiply: 31.6
+  per block over a RepVGG stage, and the first steps diverge (``timm/repvgg_a0``: new rows at 1e5 after one
+  step, inf after two). :func:`chained_norms` finds those norms; their new channels get weight ``sqrt(eps)``
+  (gain 1 at growth: the zero channel passes its gradient on as an identity would) instead of ``new_gamma``.
+  Norms straight behind a conv/linear, and norms of a residual stream made by convs (ResNet, pre-activation
+  WRN, DenseNet), are not in series with another zero norm and keep ``new_gamma``.
+
+Both rules only apply where new incoming weights are zero (Random, GradMax at epsilon 0); they keep the
+function (the product keeps a zero factor; a zero channel normalizes to 0 whatever its weight).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layout import Layout
+
+__all__ = ["dead_products", "chained_norms"]
+
+# modules and functions that map 0 to 0 channel by channel (elementwise with f(0) = 0, pooling, dropout)
+_ZERO_MODULES = ("relu", "relu6", "gelu", "gelutanh", "quickgelu", "silu", "swish", "swishme", "hardswish",
+                 "hardswishme", "mish", "mishme", "leakyrelu", "elu", "celu", "selu", "tanh", "hardtanh", "prelu",
+                 "identity", "dropout", "dropout1d", "dropout2d", "dropout3d", "droppath", "maxpool2d", "avgpool2d",
+                 "adaptiveavgpool2d", "adaptivemaxpool2d", "avgpool1d", "maxpool1d")
+_LINEAR_MODULES = ("identity", "dropout", "dropout1d", "dropout2d", "dropout3d", "droppath", "avgpool2d",
+                   "adaptiveavgpool2d", "avgpool1d")
+_ZERO_FUNCTIONS = {F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.mish, F.leaky_relu, F.elu, F.celu, F.selu,
+                   F.hardtanh, F.dropout, F.dropout2d, torch.relu, torch.tanh, F.tanh, F.max_pool2d, F.avg_pool2d,
+                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_LINEAR_FUNCTIONS = {F.dropout, F.dropout2d, F.avg_pool2d, F.adaptive_avg_pool2d}
+_ZERO_METHODS = {"relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "double", "to", "type_as"}
+_LINEAR_METHODS = {"contiguous", "clone", "float", "double", "to", "type_as"}
+_MUL = {operator.mul, operator.imul, torch.mul}
+_MUL_METHODS = {"mul", "mul_", "__mul__", "__rmul__"}
+_SUM = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, torch.cat, torch.concat}
+_SUM_METHODS = {"add", "add_", "sub", "sub_", "__add__", "__radd__"}
+
+
+def _mod_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    return type(gm.get_submodule(node.target)).__name__.lower()
+
+
+def _unary(layout: Layout, node: fx.Node) -> tuple[bool, bool]:
+    """(maps 0 to 0 channel by channel, is linear at 0) for a one-input node; norms of new channels are identity
+    channels (0 -> 0)."""
+    gm, layers = layout.plan.gm, layout.plan.layers
+    if node.op == "call_module":
+        p = layers.get(node.target)
+        if p is not None:
+            return p.kind == "norm", p.kind == "norm"
+        kind = _mod_kind(gm, node)
+        return kind in _ZERO_MODULES, kind in _LINEAR_MODULES
+    if node.op == "call_function":
+        return node.target in _ZERO_FUNCTIONS, node.target in _LINEAR_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _ZERO_METHODS, node.target in _LINEAR_METHODS
+    return False, False
+
+
+def _ungrouped(layout: Layout, name: str) -> bool:
+    p = layout.plan.layers[name]
+    if p.kind == "linear":
+        return True
+    m = layout.plan.gm.get_submodule(name)
+    return p.kind == "conv" and m.groups == 1 and not m.transposed
+
+
+def _fresh(layout: Layout, name: str) -> bool:
+    return bool(layout.dim(layout.plan.layers[name].out_dim).fresh.any())
+
+
+def _factor(layout: Layout, node: fx.Node) -> tuple[str | None, bool, list[fx.Node]]:
+    """Walk back from a factor of a product through ops that map 0 to 0: (the ungrouped conv/linear with new rows
+    that computes it, or None; whether every op on the way is linear; the nodes from that layer to the factor)."""
+    chain, linear = [], True
+    while isinstance(node, fx.Node):
+        chain.append(node)
+        if node.op == "call_module" and node.target in layout.plan.layers:
+            p = layout.plan.layers[node.target]
+            if p.kind in ("conv", "linear"):
+                ok = _ungrouped(layout, node.target) and _fresh(layout, node.target)
+                return (node.target if ok else None), linear, chain
+        zero, lin = _unary(layout, node)
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if not zero or len(tensors) != 1:
+            return None, linear, chain
+        linear = linear and lin
+        node = tensors[0]
+    return None, linear, chain
+
+
+def _is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MUL) or (node.op == "call_method" and node.target in _MUL_METHODS)
+
+
+def dead_products(layout: Layout) -> dict[str, str]:
+    """Products of two new zero channels: producer layer of the factor to make live -> the product node's name."""
+    live: dict[str, str] = {}
+    zero: set[str] = set()
+    for node in layout.plan.gm.graph.nodes:
+        if not _is_mul(node):
+            continue
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(args) != 2:
+            continue
+        (pa, lin_a, chain_a), (pb, lin_b, chain_b) = _factor(layout, args[0]), _factor(layout, args[1])
+        if pa is None or pb is None or pa == pb:
+            continue
+        roots_a = set(layout.roots(layout.plan.layers[pa].out_dim))
+        roots_b = set(layout.roots(layout.plan.layers[pb].out_dim))
+        if not roots_a & roots_b:
+            continue  # the factors' new channels are not multiplied with each other
+        # the zero factor: the linear one when only one is (its gradient is then the live factor's value)
+        order = [(pa, chain_a, pb), (pb, chain_b, pa)] if lin_b and not lin_a else [(pb, chain_b, pa), (pa, chain_a, pb)]
+        for cand, chain, other in order:
+            if cand in live or cand in zero or other in live:
+                continue
+            if all(len(n.users) == 1 for n in chain):  # the live producer feeds nothing but this product
+                live[cand] = node.name
+                zero.add(other)
+                break
+    return live
+
+
+def chained_norms(layout: Layout) -> list[str]:
+    """BatchNorm layers with new channels whose input's gradient flows on into another such norm (through
+    elementwise ops, sums, concatenations and depthwise/grouped convs, not through an ungrouped conv/linear)."""
+    plan = layout.plan
+    norms = {n.name: n for n in plan.gm.graph.nodes
+             if n.op == "call_module" and n.target in plan.layers and plan.layers[n.target].kind == "norm"
+             and isinstance(plan.gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+             and bool(layout.dim(plan.layers[n.target].in_dim).fresh.any())}
+    out = []
+    for norm in norms.values():
+        seen: set[str] = set()
+        stack = [a for a in norm.args[:1] if isinstance(a, fx.Node)]
+        found = False
+        while stack and not found:
+            node = stack.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.name in norms:
+                found = True
+                break
+            tensors = [a for a in node.args if isinstance(a, fx.Node)]
+            if node.op == "call_module" and node.target in plan.layers:
+                p = plan.layers[node.target]
+                if p.kind in ("conv",) and not _ungrouped(layout, node.target):
+                    stack += tensors[:1]  # a depthwise/grouped conv passes a new channel's gradient to new channels
+                continue  # an ungrouped conv/linear (its new rows take the gradient), other norms kinds
+            if _is_mul(node) or (node.op == "call_function" and node.target in _SUM) or (
+                    node.op == "call_method" and node.target in _SUM_METHODS):
+                stack += tensors
+                if node.target in (torch.cat, torch.concat) and node.args and isinstance(node.args[0], (list, tuple)):
+                    stack += [a for a in node.args[0] if isinstance(a, fx.Node)]
+                continue
+            zero, _ = _unary(layout, node)
+            if zero and len(tensors) == 1:
+                stack += tensors
+        if found:
+            out.append(norm.target)
+    return out
