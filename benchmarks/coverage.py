@@ -115,8 +115,9 @@ def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...
                     if moved.any():  # a replica of a neuron that got no gradient cannot part from it
                         d = torch.cdist(w[new], old[moved], compute_mode="donot_use_mm_for_euclid_dist").min(1).values
                         same += int((d <= 1e-6 * ref).sum())
+                lv = getattr(grown, "growth_liveness", {"live": {}, "chained_norms": []})
                 r = {"status": "ok", "rows": total, "zero": zero, "replica": same, "loss": [losses[0], losses[-1]],
-                     "layers": len(masks)}
+                     "layers": len(masks), "live": len(lv["live"]), "chained_norms": len(lv["chained_norms"])}
                 del grown, opt
             except morph.MorphError as e:
                 r = {"status": "error", "error": str(e).splitlines()[0][:300]}
@@ -484,6 +485,7 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
     ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains"), default=None,
                     help="run only these parts for the passing rows of <out>.json that lack them, and merge them in")
+    ap.add_argument("--redo", action="store_true", help="with --add: run the parts again where rows have them")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), help=argparse.SUPPRESS)
     ap.add_argument("--child", default="")
     args = ap.parse_args()
@@ -543,16 +545,17 @@ def main() -> None:
 
 
 def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
-    """Run ``parts`` (``direct``, ``growth``) for the passing rows of ``<out>.json`` that lack them, rewriting
-    the JSON and the table after each model."""
+    """Run ``parts`` (``direct``, ``growth``, ``trains``) for the passing rows of ``<out>.json`` that lack them
+    (``--redo``: all of them), rewriting the JSON (atomically) and the table after each model, so that an
+    interrupted run loses at most the model it was on and the same command goes on where it stopped."""
     jpath = out.with_suffix(".json")
     rows = json.loads(jpath.read_text())
     meta = json.loads(out.with_suffix(".meta.json").read_text()) if out.with_suffix(".meta.json").exists() else {}
     only = set(args.only or [])
     todo = [r for r in rows if r["status"] == "ok" and (not only or r["spec"] in only)
-            and any(p not in r for p in parts)]
+            and (args.redo or any(p not in r for p in parts))]
     for r in sorted(todo, key=lambda r: r.get("params", 0)):  # smallest first: the most models per hour
-        missing = [p for p in parts if p not in r]
+        missing = [p for p in parts if p not in r or args.redo]
         try:
             p = subprocess.run([sys.executable, __file__, "--child", r["spec"], "--parts", *missing, "--mem-gb",
                                 str(args.mem_gb), "--threads", str(args.threads)],
@@ -570,8 +573,15 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
         msg += [f"{m} {growth_verdict(r, m)}" for m in GROWTH_METHODS] if "growth" in missing else []
         msg += [f"{m} trains {trains_verdict(r, m)}" for m in GROWTH_METHODS] if "trains" in missing else []
         print(f"{r['spec']}: {'; '.join(msg)}", flush=True)
-        jpath.write_text(json.dumps(rows, indent=1))
+        _write_json(jpath, rows)  # after every model: an interrupted run keeps what it finished (rerun to go on)
         write_table(rows, out, meta.get("seconds", 0.0))
+
+
+def _write_json(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` whole or not at all (a temporary file renamed over ``path``)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _report(rows: list[dict], out: Path, seconds: float) -> None:
