@@ -158,6 +158,69 @@ class Unsupported(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class StarBlock(nn.Module):
+    """StarNet's block: depthwise conv-BN, two 1x1 convs whose outputs multiply (``relu6(f1) * f2``), 1x1 conv-BN."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.dwbn = nn.BatchNorm2d(c)
+        self.f1 = nn.Conv2d(c, 3 * c, 1)
+        self.f2 = nn.Conv2d(c, 3 * c, 1)
+        self.g = nn.Conv2d(3 * c, c, 1, bias=False)
+        self.gbn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.dwbn(self.dw(x))
+        y = F.relu6(self.f1(y)) * self.f2(y)
+        return x + self.gbn(self.g(y))
+
+
+class StarGate(nn.Module):
+    """A product of two grown branches (StarNet), two blocks deep."""
+
+    def __init__(self, c=8, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(StarBlock(c), StarBlock(c))
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu6(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class RepBlock(nn.Module):
+    """RepVGG's training-time block: 3x3 conv-BN + 1x1 conv-BN + an identity BatchNorm, then ReLU."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.identity(x))
+
+
+class RepBranches(nn.Module):
+    """Multi-branch BatchNorm sums in series (RepVGG, MobileOne): eight RepBlocks."""
+
+    def __init__(self, c=8, num_classes=5, depth=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(*[RepBlock(c) for _ in range(depth)])
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 MOTIFS = {
     "residual": Residual,
     "concat": Concat,

@@ -426,3 +426,98 @@ def test_grown_models_train_fast():
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_grown_models_train(arch):
     _check_arch(arch, size=S if arch == "resnext_grouped" else X)  # torchvision's ResNeXt is 2048 wide at the end
+
+
+# -- graph motifs where zero new neurons could not start (morph.growth.liveness) -------------------------------
+
+def _first_update(model: nn.Module, x, y) -> float:
+    """One SGD step: the largest update of a new row, relative to the mean norm of its layer's old rows."""
+    rows = _new_rows(model)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items() if k in rows}
+    _train(model, x, y, steps=1)
+    sd, worst = model.state_dict(), 0.0
+    for k, new in rows.items():
+        d = (sd[k] - before[k]).flatten(1).double()
+        worst = max(worst, float(d[new].norm(dim=1).max() / before[k].flatten(1)[~new].norm(dim=1).mean()))
+    return worst
+
+
+def _motif_check(factory, method: str, rules: bool = True) -> tuple[float, tuple[int, int, int], float]:
+    """Grow ``factory()`` (float64, trained-looking norms) with ``method``; returns (the largest relative error
+    at growth, eval and train mode; (new rows, still zero, still replicas) after 3 SGD steps; the largest
+    first-step update of a new row relative to its layer's old rows). ``rules=False``: without the two rules
+    of :mod:`morph.growth.liveness` (what morph did before them)."""
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = factory().double()
+    with torch.no_grad():
+        _randomize_norms(model)
+    model.eval()
+    x, y = _batch(size=S)
+    patches = [] if rules else [mock.patch("morph.growth.plain.dead_products", return_value={}),
+                                mock.patch("morph.growth.plain.chained_norms", return_value=[])]
+    grown, grown2 = [], []
+    for p in patches:
+        p.start()
+    try:
+        grown = morph.grow(model, method, 2.0, data=(x, y), seed=0)
+        grown2 = morph.grow(model, method, 2.0, data=(x, y), seed=0)
+    finally:
+        for p in patches:
+            p.stop()
+    err = 0.0
+    for mode in (False, True):
+        model.train(mode)
+        grown.train(mode)
+        with torch.no_grad():
+            err = max(err, _relerr(model(x), grown(x)))
+    rows = _new_rows(grown)
+    before = {k: v.detach().clone() for k, v in grown.state_dict().items() if k in rows}
+    _train(grown, x, y)
+    return err, _stuck_rows(grown, rows, before), _first_update(grown2, x, y)
+
+
+@pytest.mark.parametrize("method", ["random", "gradmax"])
+def test_a_product_of_two_new_channels_trains(method):
+    """StarNet's ``relu6(f1(x)) * f2(x)``: with both factors' new neurons at zero, each factor's gradient is the
+    other one's value (0): dead forever. One live factor keeps the product (and the function) at 0 and trains."""
+    err, (total, zero, same), _ = _motif_check(motifs.StarGate, method)
+    assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
+    grown = morph.grow(motifs.StarGate(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+    assert grown.growth_liveness["live"] == {"blocks.0.f1": "mul", "blocks.1.f1": "mul_1"}  # behind the ReLU6
+    f1, f2 = grown.get_submodule("blocks.0.f1").weight, grown.get_submodule("blocks.0.f2").weight
+    with torch.no_grad():
+        assert float(f1[24:].norm(dim=1).min()) > 0 and float(f2[24:].abs().max()) == 0
+    err, (total, zero, _), _ = _motif_check(motifs.StarGate, method, rules=False)
+    assert err <= 1e-6 and zero == 96  # before the rule: both factors' 2 x 2 x 24 new rows stay exactly zero
+
+
+@pytest.mark.parametrize("method", ["random", "gradmax"])
+def test_batchnorm_sums_in_series_train_stably(method):
+    """RepVGG/MobileOne blocks sum a 3x3 conv-BN, a 1x1 conv-BN and an identity BatchNorm of the block's input:
+    a zero channel's gradient passes one zero BatchNorm per block (gain weight/sqrt(eps) each). With the identity
+    norms' new weight at sqrt(eps) the first update of a new row stays of the order of the old rows' norm."""
+    err, (total, zero, same), first = _motif_check(motifs.RepBranches, method)
+    assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
+    assert first <= 10, first
+    grown = morph.grow(motifs.RepBranches(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+    assert grown.growth_liveness["chained_norms"] == [f"blocks.{i}.identity" for i in range(8)]
+    bn = grown.get_submodule("blocks.0.identity")
+    assert torch.equal(bn.weight[8:], torch.full((8,), bn.eps ** 0.5))
+    assert torch.equal(grown.get_submodule("blocks.0.bn3").weight[8:], torch.full((8,), 0.1))
+    _, _, first_before = _motif_check(motifs.RepBranches, method, rules=False)
+    assert first_before > 1e6  # before the rule: 31.6 per block, eight blocks
+
+
+def test_liveness_rules_leave_residual_networks_alone():
+    """ResNet (post-activation) and the recipes' pre-activation WRN have no product of new channels and no zero
+    BatchNorms in series: what they get is unchanged (new_gamma, zero incoming weights)."""
+    for arch in ("residual", "wrn10_1"):
+        grown = morph.grow(ARCHS[arch](), "random", 2.0, seed=0, input_size=S)
+        assert grown.growth_liveness == {"live": {}, "chained_norms": []}, arch
+    # Net2Net (no zero channels) and Firefly (epsilon > 0) never apply them
+    for method in ("net2net", "firefly"):
+        grown = morph.grow(motifs.RepBranches(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0,
+                           **_opts(method))
+        assert grown.growth_liveness == {"live": {}, "chained_norms": []}, method
