@@ -207,9 +207,9 @@ class RepBlock(nn.Module):
 
 
 class RepBranches(nn.Module):
-    """Multi-branch BatchNorm sums in series (RepVGG, MobileOne): eight RepBlocks."""
+    """Multi-branch BatchNorm sums in series (RepVGG, MobileOne): six RepBlocks."""
 
-    def __init__(self, c=8, num_classes=5, depth=8):
+    def __init__(self, c=8, num_classes=5, depth=6):
         super().__init__()
         self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(c)
@@ -218,6 +218,31 @@ class RepBranches(nn.Module):
 
     def forward(self, x):
         x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class ShuffleBN(nn.Module):
+    """ShuffleNet v2 units with BatchNorm: a two-branch unit, then units that split, run one half through a 1x1
+    conv-BN-ReLU, concatenate and shuffle the channels."""
+
+    def __init__(self, c=8, num_classes=5, units=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.left = nn.Conv2d(c, c, 1, bias=False)
+        self.lbn = nn.BatchNorm2d(c)
+        self.right = nn.Conv2d(c, c, 1, bias=False)
+        self.rbn = nn.BatchNorm2d(c)
+        self.branch = nn.ModuleList([nn.Conv2d(c, c, 1, bias=False) for _ in range(units)])
+        self.bbn = nn.ModuleList([nn.BatchNorm2d(c) for _ in range(units)])
+        self.fc = nn.Linear(2 * c, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = Shuffle.shuffle(torch.cat([F.relu(self.lbn(self.left(x))), F.relu(self.rbn(self.right(x)))], 1))
+        for conv, bn in zip(self.branch, self.bbn, strict=True):
+            a, b = x.chunk(2, dim=1)
+            x = Shuffle.shuffle(torch.cat([a, F.relu(bn(conv(b)))], 1))
         return self.fc(x.mean((2, 3)))
 
 

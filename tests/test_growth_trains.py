@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import motifs  # tests/motifs.py: tiny models
 import pytest
 import timm
@@ -442,11 +444,13 @@ def _first_update(model: nn.Module, x, y) -> float:
     return worst
 
 
-def _motif_check(factory, method: str, rules: bool = True) -> tuple[float, tuple[int, int, int], float]:
+def _motif_check(factory, method: str, rules: bool = True, moved: dict | None = None,
+                 size=S) -> tuple[float, tuple[int, int, int], float]:
     """Grow ``factory()`` (float64, trained-looking norms) with ``method``; returns (the largest relative error
     at growth, eval and train mode; (new rows, still zero, still replicas) after 3 SGD steps; the largest
-    first-step update of a new row relative to its layer's old rows). ``rules=False``: without the two rules
-    of :mod:`morph.growth.liveness` (what morph did before them)."""
+    first-step update of a new row relative to its layer's old rows). ``rules=False``: without the rules of
+    :mod:`morph.growth.liveness` (what morph did before them). ``moved``: filled with, per layer, the new rows
+    that did not change in the 3 steps."""
     from unittest import mock
 
     torch.manual_seed(0)
@@ -454,18 +458,18 @@ def _motif_check(factory, method: str, rules: bool = True) -> tuple[float, tuple
     with torch.no_grad():
         _randomize_norms(model)
     model.eval()
-    x, y = _batch(size=S)
+    x, y = _batch(size=size)
     patches = [] if rules else [mock.patch("morph.growth.plain.dead_products", return_value={}),
-                                mock.patch("morph.growth.plain.chained_norms", return_value=[])]
-    grown, grown2 = [], []
+                                mock.patch("morph.growth.plain.chained_norms", return_value=[]),
+                                mock.patch("morph.growth.plain.shuffled_inputs", return_value={})]
     for p in patches:
         p.start()
     try:
         grown = morph.grow(model, method, 2.0, data=(x, y), seed=0)
-        grown2 = morph.grow(model, method, 2.0, data=(x, y), seed=0)
     finally:
         for p in patches:
             p.stop()
+    grown2 = copy.deepcopy(grown)
     err = 0.0
     for mode in (False, True):
         model.train(mode)
@@ -475,6 +479,9 @@ def _motif_check(factory, method: str, rules: bool = True) -> tuple[float, tuple
     rows = _new_rows(grown)
     before = {k: v.detach().clone() for k, v in grown.state_dict().items() if k in rows}
     _train(grown, x, y)
+    if moved is not None:
+        sd = grown.state_dict()
+        moved.update({k: int(((sd[k] - before[k]).flatten(1)[new].norm(dim=1) == 0).sum()) for k, new in rows.items()})
     return err, _stuck_rows(grown, rows, before), _first_update(grown2, x, y)
 
 
@@ -498,16 +505,33 @@ def test_batchnorm_sums_in_series_train_stably(method):
     """RepVGG/MobileOne blocks sum a 3x3 conv-BN, a 1x1 conv-BN and an identity BatchNorm of the block's input:
     a zero channel's gradient passes one zero BatchNorm per block (gain weight/sqrt(eps) each). With the identity
     norms' new weight at sqrt(eps) the first update of a new row stays of the order of the old rows' norm."""
-    err, (total, zero, same), first = _motif_check(motifs.RepBranches, method)
+    err, (total, zero, same), first = _motif_check(motifs.RepBranches, method, size=(3, 8, 8))
     assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
     assert first <= 10, first
     grown = morph.grow(motifs.RepBranches(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
-    assert grown.growth_liveness["chained_norms"] == [f"blocks.{i}.identity" for i in range(8)]
+    assert grown.growth_liveness["chained_norms"] == [f"blocks.{i}.identity" for i in range(6)]
     bn = grown.get_submodule("blocks.0.identity")
     assert torch.equal(bn.weight[8:], torch.full((8,), bn.eps ** 0.5))
     assert torch.equal(grown.get_submodule("blocks.0.bn3").weight[8:], torch.full((8,), 0.1))
-    _, _, first_before = _motif_check(motifs.RepBranches, method, rules=False)
-    assert first_before > 1e6  # before the rule: 31.6 per block, eight blocks
+    _, _, first_before = _motif_check(motifs.RepBranches, method, rules=False, size=(3, 8, 8))
+    assert first_before > 1e6  # before the rule: 31.6 per block, six blocks
+
+
+@pytest.mark.parametrize("method", ["random", "gradmax"])
+def test_a_layer_behind_a_channel_shuffle_trains(method):
+    """ShuffleNet: the wider shuffle routes only new, zero channels into the first unit after a two-branch unit,
+    so its zero rows get no gradient at the first step while the BatchNorm bias behind them does; where that bias
+    turns negative the constant channel stays below the ReLU. Layers whose input is all zero at growth get live
+    incoming weights (the function is the same either way: their input is zero), and every new row moves."""
+    unmoved: dict = {}
+    err, (total, zero, same), _ = _motif_check(motifs.ShuffleBN, method, moved=unmoved)
+    assert total > 0 and zero == 0 and same == 0 and not any(unmoved.values()), (total, zero, same, unmoved)
+    before: dict = {}
+    err0, (_, zero0, _), _ = _motif_check(motifs.ShuffleBN, method, rules=False, moved=before)
+    assert err == err0 > 0.1  # growth does not keep a channel shuffle's function, with or without the rule
+    assert zero0 == before["branch.0.weight"] == 4  # without it: 4 of branch.0's 8 new rows dead
+    grown = morph.grow(motifs.ShuffleBN(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+    assert grown.growth_liveness["live"] == {"branch.0": "reads a channel shuffle"}  # the others read old channels
 
 
 def test_liveness_rules_leave_residual_networks_alone():

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .layout import Layout
 
-__all__ = ["dead_products", "chained_norms"]
+__all__ = ["dead_products", "chained_norms", "shuffled_inputs", "zero_inputs"]
 
 # modules and functions that map 0 to 0 channel by channel (elementwise with f(0) = 0, pooling, dropout)
 _ZERO_MODULES = ("relu", "relu6", "gelu", "gelutanh", "quickgelu", "silu", "swish", "swishme", "hardswish",
@@ -187,3 +187,42 @@ def chained_norms(layout: Layout) -> list[str]:
         if found:
             out.append(norm.target)
     return out
+
+
+def shuffled_inputs(layout: Layout) -> dict[str, str]:
+    """Ungrouped conv/linear layers with new rows that read a channel group derived by a channel shuffle
+    (ShuffleNet): layer -> why. The layout of a wider shuffle is not the old one plus new channels (growth does
+    not keep the function there, docs/growth.md), and in the grown model such a layer can read only new, zero
+    channels at growth: its zero rows then get no gradient at the first step while the bias of the BatchNorm
+    behind them does, and where that bias goes negative the constant channel sits below the ReLU for good
+    (``torchvision/shufflenet_v2_x0_5``: 20 of 1988 rows). These are the candidates; the ones whose input is
+    exactly zero on a probe batch (:func:`zero_inputs`) get the live factor's random incoming weights: with a zero
+    input any incoming weights keep the function, and once the input moves the new neurons vary."""
+    plan = layout.plan
+    derived = {plan.groups.find(r) for r in plan.groups.derived}
+    out = {}
+    for p in plan.conv_layers():
+        if p.kind not in ("conv", "linear") or not _ungrouped(layout, p.name) or not _fresh(layout, p.name):
+            continue
+        if derived & set(layout.roots(p.in_dim)):
+            out[p.name] = "reads a channel shuffle"
+    return out
+
+
+def zero_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
+    """Of the layers ``names`` of ``model``, those whose input is exactly zero on the batch ``x`` (eval mode, no
+    gradient; the model's training flag is restored)."""
+    seen: dict[str, bool] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: seen.__setitem__(n, seen.get(n, True) and not bool(args[0].detach().any())))
+        for n in names]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return [n for n in names if seen.get(n, False)]

@@ -51,7 +51,7 @@ from ..info import MorphInfo, get_info, set_info
 from ..zoo import get_spec
 from . import activation
 from .layout import FRESH, OLD, DimMap, Layout, build_layout, split_unevenly
-from .liveness import chained_norms, dead_products
+from .liveness import chained_norms, dead_products, shuffled_inputs, zero_inputs
 from .optim import GrowthRecord
 from .registry import GrowthMethod
 
@@ -218,6 +218,8 @@ class PlainGrowth(GrowthMethod):
                 self._fill_layer(layout, p, model.get_submodule(name), new.get_submodule(name), record)
             for path, dims in layout.plan.params.items():
                 self._fill_attr(layout, path, dims, model, new, record)
+        if zero:
+            self._live_zero_inputs(new, model, layout, data)
         for prm in new.parameters():
             prm.requires_grad_(True)
         new.train(model.training)
@@ -235,6 +237,22 @@ class PlainGrowth(GrowthMethod):
                                           "rules": _count_rules(new.growth_report)}}
         return set_info(new, dataclasses.replace(base, kind="plain", spec=spec, width=layout.w_to, input_size=size,
                                                  extra=extra))
+
+    def _live_zero_inputs(self, new: nn.Module, model: nn.Module, layout: Layout, data) -> None:
+        """New rows of layers behind a channel shuffle whose input is all zero at growth get live incoming weights
+        (:func:`.liveness.shuffled_inputs`): probed on the first batch of ``data``, else on random images."""
+        cand = shuffled_inputs(layout)
+        if not cand:
+            return
+        batches = list(iterate_batches(data))
+        p0 = next(iter(new.parameters()))
+        x = batches[0][0] if batches else torch.randn((2, *layout.plan.input_size), generator=self.gen,
+                                                      dtype=torch.float64)
+        for name in zero_inputs(new, list(cand), x.to(p0)):
+            rows = layout.dim(layout.plan.layers[name].out_dim).fresh.nonzero().flatten()
+            with torch.no_grad():
+                self.live(name, new.get_submodule(name).weight.data, rows, model.get_submodule(name).weight.detach())
+            self.live_layers[name] = cand[name]
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in super().record().items() if k not in ("plan", "input_size")}
