@@ -46,6 +46,12 @@ PARTS = ("main", "direct", "growth", "trains")  # check_model via morph.build_mo
 # growth methods (function); the grown models train (new rows move)
 GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
 TRAINS_STEPS, TRAINS_LR, TRAINS_BATCH = 3, 0.1, 4
+# why a model's grown neurons do not train (the "trains" section lists every failure with this, or "not investigated")
+TRAINS_NOTES = {
+    "timm/legacy_seresnet18": "a dying ReLU on the tiny probe, not a growth motif: a new channel of the last stage whose "
+                              "constant value after the first step is negative at all 16 positions (4 images x 2x2) "
+                              "gets no gradient; which row it is changes with any change of the random draws",
+}
 
 
 def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...] = GROWTH_METHODS,
@@ -321,6 +327,12 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         f" on {summary['direct_same']} of the passing models run that way (column **direct**; `—`: not run yet, "
         f"`python benchmarks/coverage.py --add direct` runs them; {len(ok(rows))} models pass).",
     ]
+    trained = [r for r in ok(rows) if "trains" in r]
+    if trained:
+        counts = ", ".join(f"`{m}` {len([r for r in trained if trains_verdict(r, m) == 'yes'])}/{len(trained)}"
+                           for m in GROWTH_METHODS)
+        lines.append(f"- grown models train (section \"Grown models train\"): {counts} of the {len(trained)} models run"
+                     f" ({len(ok(rows)) - len(trained)} of the {len(ok(rows))} passing models not run yet).")
     if dense:
         lines.append(f"- FLOPs ratio (half / original, per image at batch 64) of the models outside `FLOPS_DEVIATIONS`:"
                      f" {min(dense):.3f} to {max(dense):.3f} (mean {sum(dense) / len(dense):.3f}).")
@@ -385,8 +397,49 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         )
     lines += _growth_table(rows, summary)
     lines += _trains_table(rows, summary)
+    lines = _keep_foreign_sections(out, lines)
     out.write_text("\n".join(lines) + "\n")
     return summary
+
+
+def _sections(lines: list[str]) -> list[tuple[str, list[str]]]:
+    """``lines`` cut at every ``## `` heading: (heading, its lines); the text before the first has heading ``""``."""
+    out: list[tuple[str, list[str]]] = [("", [])]
+    for line in lines:
+        if line.startswith("## "):
+            out.append((line, []))
+        out[-1][1].append(line)
+    return out
+
+
+def _keep_foreign_sections(out: Path, lines: list[str]) -> list[str]:
+    """Sections of the existing ``out`` that this script does not write (pasted by hand or by other runs, such as
+    "Transformers and MLP models") stay, after the generated section they followed."""
+    if not out.exists():
+        return lines
+    new = _sections(lines)
+    ours = {h for h, _ in new}
+    old = _sections(out.read_text().splitlines())
+    after: dict[str, list[list[str]]] = {}
+    prev = ""
+    for h, body in old:
+        if h in ours:
+            prev = h
+        else:
+            while body and not body[-1].strip():
+                body = body[:-1]
+            after.setdefault(prev, []).append(["", *body] if body and body[0].strip() else body)
+    result: list[str] = []
+    for h, body in new:
+        while body and not body[-1].strip() and h in after:
+            body = body[:-1]
+        result += body
+        for block in after.pop(h, []):
+            result += [*block, ""]
+    for blocks in after.values():
+        for block in blocks:
+            result += block
+    return result
 
 
 def _growth_table(rows: list[dict], summary: dict) -> list[str]:
@@ -470,6 +523,11 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         loss = f"{rd['loss'][0]:.2f} -> {rd['loss'][1]:.2f}" if rd.get("status") == "ok" else ""
         secs = sum(x.get("seconds", 0.0) for x in t.values())
         lines.append(f"| {r['spec']} | {' | '.join(cells)} | {rows_n if rows_n is not None else ''} | {loss} | {secs:.0f} |")
+    fails = [(r["spec"], [m for m in GROWTH_METHODS if trains_verdict(r, m) != "yes"]) for r in ran]
+    fails = [(spec, ms) for spec, ms in fails if ms]
+    if fails:
+        lines += ["", "Where a grown model does not train (docs/growth.md, \"Training after growth\"):", ""]
+        lines += [f"- `{spec}` ({', '.join(ms)}): {TRAINS_NOTES.get(spec, 'not investigated yet')}" for spec, ms in fails]
     return lines
 
 
