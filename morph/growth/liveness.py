@@ -21,8 +21,10 @@ normally gets a gradient at the first step. Two graph motifs stop it:
   the gradient of a zero norm's input flows on into another zero norm (through elementwise ops, sums and
   depthwise/grouped convs, without meeting the zero rows of an ungrouped conv/linear), the gains multiply: 31.6
   per block over a RepVGG stage, and the first steps diverge (``timm/repvgg_a0``: new rows at 1e5 after one
-  step, inf after two). :func:`chained_norms` finds those norms; their new channels get weight ``sqrt(eps)``
-  (gain 1 at growth: the zero channel passes its gradient on as an identity would) instead of ``new_gamma``.
+  step, inf after two). :func:`chained_norms` finds those norms; their new channels get weight
+  ``new_gamma x sqrt(eps)`` instead of ``new_gamma``: gain ``new_gamma`` (0.1) at growth. (Gain 1 is not enough:
+  a block that sums an identity norm and k norm branches of depthwise convs multiplies by about 1 + k, and
+  ``timm/mobileone_s1``'s first update still reached 6e5 x the old rows' norm; at 0.1 per norm the sum decays.)
   Norms straight behind a conv/linear, and norms of a residual stream made by convs (ResNet, pre-activation
   WRN, DenseNet), are not in series with another zero norm and keep ``new_gamma``.
 

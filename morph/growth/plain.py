@@ -284,8 +284,8 @@ class PlainGrowth(GrowthMethod):
                     new[fresh] = 1.0 if tname in _IDENTITY_ONE else 0.0
                     if tname == "weight" and isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
                         new[fresh] = float(self.opts["new_gamma"])  # see the module docstring
-                        if p.name in self.chained:  # in series with another zero norm: gain 1 (.liveness)
-                            new[fresh] = math.sqrt(float(mod.eps))
+                        if p.name in self.chained:  # in series with another zero norm: gain new_gamma (.liveness)
+                            new[fresh] = float(self.opts["new_gamma"]) * math.sqrt(float(mod.eps))
             t.data = new.to(t.dtype)
             record[_pname(p.name, tname)] = [(0, _pname(p.name, tname), [_old_index(a) for a in axes])]
 
