@@ -510,10 +510,12 @@ def test_batchnorm_sums_in_series_train_stably(method):
     assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
     assert first <= 10, first
     grown = morph.grow(motifs.RepBranches(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
-    assert grown.growth_liveness["chained_norms"] == [f"blocks.{i}.identity" for i in range(6)]
-    bn = grown.get_submodule("blocks.0.identity")
+    # the identity norm of block 0 ends a series of 2 (the stem's norm, its conv): from block 1 on, series of 3+
+    assert grown.growth_liveness["chained_norms"] == [f"blocks.{i}.identity" for i in range(1, 6)]
+    bn = grown.get_submodule("blocks.1.identity")
     assert torch.allclose(bn.weight[8:], torch.full((8,), 0.1 * bn.eps ** 0.5), rtol=1e-6, atol=0)
-    assert torch.equal(grown.get_submodule("blocks.0.bn3").weight[8:], torch.full((8,), 0.1))
+    assert torch.equal(grown.get_submodule("blocks.1.bn3").weight[8:], torch.full((8,), 0.1))
+    assert torch.equal(grown.get_submodule("blocks.0.identity").weight[8:], torch.full((8,), 0.1))
     _, _, first_before = _motif_check(motifs.RepBranches, method, rules=False, size=(3, 8, 8))
     assert first_before > 1e6  # before the rule: 31.6 per block, six blocks
 

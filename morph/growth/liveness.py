@@ -15,18 +15,22 @@ normally gets a gradient at the first step. Two graph motifs stop it:
   activation's derivative at 0), and its producer must feed nothing but that product, else the function would
   change elsewhere.
 - **BatchNorms of zero channels in series** (RepVGG/MobileOne blocks: an identity BatchNorm of the block's input
-  next to conv-BN branches; a BatchNorm behind a depthwise conv of a zero channel). In training mode a BatchNorm
+  next to conv-BN branches, block after block). In training mode a BatchNorm
   multiplies the gradient of an all-zero channel by ``weight / sqrt(eps)`` (31.6 at ``new_gamma = 0.1``, eps
-  1e-5; GradMax App. C). Behind a new conv/linear neuron that gain reaches its incoming weights once; but where
-  the gradient of a zero norm's input flows on into another zero norm (through elementwise ops, sums and
-  depthwise/grouped convs, without meeting the zero rows of an ungrouped conv/linear), the gains multiply: 31.6
-  per block over a RepVGG stage, and the first steps diverge (``timm/repvgg_a0``: new rows at 1e5 after one
+  1e-5; GradMax App. C). Behind a new conv/linear neuron that gain reaches its incoming weights once (twice behind
+  a depthwise conv: MobileNet's expand-BN-dw-BN); but where the gradient of a zero norm's input flows on into
+  another zero norm, and from that one into a third (through elementwise ops, sums and depthwise/grouped convs,
+  without meeting the zero rows of an ungrouped conv/linear), the gains multiply: 31.6 per block over a RepVGG
+  stage, and the first steps diverge (``timm/repvgg_a0``: new rows at 1e5 after one
   step, inf after two). :func:`chained_norms` finds those norms; their new channels get weight
   ``new_gamma x sqrt(eps)`` instead of ``new_gamma``: gain ``new_gamma`` (0.1) at growth. (Gain 1 is not enough:
   a block that sums an identity norm and k norm branches of depthwise convs multiplies by about 1 + k, and
   ``timm/mobileone_s1``'s first update still reached 6e5 x the old rows' norm; at 0.1 per norm the sum decays.)
-  Norms straight behind a conv/linear, and norms of a residual stream made by convs (ResNet, pre-activation
-  WRN, DenseNet), are not in series with another zero norm and keep ``new_gamma``.
+  A smaller weight is not free: where a ReLU follows, the norm's bias moves at the first step while the channel
+  is still ~0, and a channel whose bias turned negative stays off (on MobileNets' depthwise norms, chains of 2,
+  this killed 66 of 5532 new rows of ``timm/mnasnet_small``), so only series of :data:`SERIES` (3) or more
+  zero norms get it. Norms straight behind a conv/linear, a depthwise conv's norm behind an expand conv's, and
+  norms of a residual stream made by convs (ResNet, pre-activation WRN, DenseNet) keep ``new_gamma``.
 
 Both rules only apply where new incoming weights are zero (Random, GradMax at epsilon 0); they keep the
 function (the product keeps a zero factor; a zero channel normalizes to 0 whatever its weight).
@@ -150,33 +154,41 @@ def dead_products(layout: Layout) -> dict[str, str]:
     return live
 
 
+#: a zero BatchNorm is "in series" when at least this many zero BatchNorms, itself included, follow one another
+#: backwards from it (RepVGG: the identity norms of every block; MobileNet's depthwise-conv norm behind the expand
+#: conv's norm is a chain of 2, which ends at the expand conv's rows, and keeps ``new_gamma``)
+SERIES = 3
+
+
 def chained_norms(layout: Layout) -> list[str]:
-    """BatchNorm layers with new channels whose input's gradient flows on into another such norm (through
-    elementwise ops, sums, concatenations and depthwise/grouped convs, not through an ungrouped conv/linear)."""
+    """BatchNorm layers with new channels in a series of at least :data:`SERIES` zero BatchNorms: a norm's input
+    gradient flows on into the norms its backward walk meets (through elementwise ops, sums, concatenations and
+    depthwise/grouped convs; an ungrouped conv/linear ends the walk, its new rows take the gradient), and the
+    length of a series is the longest such path of norms."""
     plan = layout.plan
     norms = {n.name: n for n in plan.gm.graph.nodes
              if n.op == "call_module" and n.target in plan.layers and plan.layers[n.target].kind == "norm"
              and isinstance(plan.gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
              and bool(layout.dim(plan.layers[n.target].in_dim).fresh.any())}
-    out = []
-    for norm in norms.values():
+    length: dict[str, int] = {}
+    for name, norm in norms.items():  # graph order: the norms a walk meets come earlier and have their length
         seen: set[str] = set()
         stack = [a for a in norm.args[:1] if isinstance(a, fx.Node)]
-        found = False
-        while stack and not found:
+        met: set[str] = set()
+        while stack:
             node = stack.pop()
             if node.name in seen:
                 continue
             seen.add(node.name)
             if node.name in norms:
-                found = True
-                break
+                met.add(node.name)  # the walk stops at a norm: the series goes on through its own walk
+                continue
             tensors = [a for a in node.args if isinstance(a, fx.Node)]
             if node.op == "call_module" and node.target in plan.layers:
                 p = plan.layers[node.target]
-                if p.kind in ("conv",) and not _ungrouped(layout, node.target):
+                if p.kind == "conv" and not _ungrouped(layout, node.target):
                     stack += tensors[:1]  # a depthwise/grouped conv passes a new channel's gradient to new channels
-                continue  # an ungrouped conv/linear (its new rows take the gradient), other norms kinds
+                continue  # an ungrouped conv/linear (its new rows take the gradient), other norm kinds
             if _is_mul(node) or (node.op == "call_function" and node.target in _SUM) or (
                     node.op == "call_method" and node.target in _SUM_METHODS):
                 stack += tensors
@@ -186,9 +198,8 @@ def chained_norms(layout: Layout) -> list[str]:
             zero, _ = _unary(layout, node)
             if zero and len(tensors) == 1:
                 stack += tensors
-        if found:
-            out.append(norm.target)
-    return out
+        length[name] = 1 + max((length.get(m, 1) for m in met), default=0)
+    return [norms[n].target for n, k in length.items() if k >= SERIES]
 
 
 def shuffled_inputs(layout: Layout) -> dict[str, str]:
