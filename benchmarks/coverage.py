@@ -48,6 +48,16 @@ GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
 TRAINS_STEPS, TRAINS_LR, TRAINS_BATCH = 3, 0.1, 4
 # why a model's grown neurons do not train (the "trains" section lists every failure with this, or "not investigated")
 TRAINS_NOTES = {
+    "timm/mambaout_femto": "a gate of two new channels split from one layer: fc1's output is split into g, i, c and "
+                           "fc2 reads act(g) * cat(i, dwconv(c)); both factors are 0 and morph.growth.liveness finds "
+                           "only products of factors from two different layers (a per-group live factor is left to do)",
+    "timm/poolformerv2_s12": "StarReLU, s * relu(x)^2 + b: its derivative at 0 is 0, so a new neuron with zero incoming "
+                             "weights gets no gradient (GradMax needs f'(0) != 0; relu_grad covers the ReLU family only)",
+    "timm/nf_regnet_b0": "weight-standardized convs (ScaledStdConv2d): the standardization of a zero filter divides its "
+                         "gradient by sqrt(eps) and the 3 steps diverge (loss 1280; Firefly's 2.7e6); growth does not "
+                         "keep this model's function either (new columns change every filter's statistics)",
+    "torchvision/regnet_y_1_6gf": "2 of 18251 rows; not investigated (RegNetY has squeeze-excitation gates like "
+                                  "legacy_seresnet18)",
     "timm/legacy_seresnet18": "a dying ReLU on the tiny probe, not a growth motif: a new channel of the last stage whose "
                               "constant value after the first step is negative at all 16 positions (4 images x 2x2) "
                               "gets no gradient; which row it is changes with any change of the random draws",
