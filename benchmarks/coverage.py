@@ -58,9 +58,9 @@ TRAINS_NOTES = {
                          "keep this model's function either (new columns change every filter's statistics)",
     "torchvision/regnet_y_1_6gf": "2 of 18251 rows; not investigated (RegNetY has squeeze-excitation gates like "
                                   "legacy_seresnet18)",
-    "timm/legacy_seresnet18": "a dying ReLU on the tiny probe, not a growth motif: a new channel of the last stage whose "
-                              "constant value after the first step is negative at all 16 positions (4 images x 2x2) "
-                              "gets no gradient; which row it is changes with any change of the random draws",
+    "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
+                              "channel's value times its upstream gradient over 2x2 positions x 4 images, is still "
+                              "exactly 0 at the third step; which row and method it hits changes with the random draws",
 }
 
 
