@@ -49,8 +49,9 @@ TRAINS_STEPS, TRAINS_LR, TRAINS_BATCH = 3, 0.1, 4
 # why a model's grown neurons do not train (the "trains" section lists every failure with this, or "not investigated")
 TRAINS_NOTES = {
     "timm/mambaout_femto": "a gate of two new channels split from one layer: fc1's output is split into g, i, c and "
-                           "fc2 reads act(g) * cat(i, dwconv(c)); both factors are 0 and morph.growth.liveness finds "
-                           "only products of factors from two different layers (a per-group live factor is left to do)",
+                           "fc2 reads act(g) * cat(i, dwconv(c)); both factors are 0, and the product couples g and (i, c) into the same "
+                           "channel groups, so a live factor must be chosen by position within fc1's rows, not by "
+                           "group (morph.growth.liveness handles factors of two different layers; left to do)",
     "timm/poolformerv2_s12": "StarReLU, s * relu(x)^2 + b: its derivative at 0 is 0, so a new neuron with zero incoming "
                              "weights gets no gradient (GradMax needs f'(0) != 0; relu_grad covers the ReLU family only)",
     "timm/nf_regnet_b0": "weight-standardized convs (ScaledStdConv2d): the standardization of a zero filter divides its "
