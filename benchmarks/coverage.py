@@ -59,6 +59,8 @@ TRAINS_NOTES = {
                          "keep this model's function either (new columns change every filter's statistics)",
     "torchvision/regnet_y_1_6gf": "2 of 18251 rows; not investigated (RegNetY has squeeze-excitation gates like "
                                   "legacy_seresnet18)",
+    "torchvision/alexnet": "1 of 4672 rows (random only); not investigated (AlexNet's classifier has dropout in train "
+                           "mode around the grown layers)",
     "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
                               "channel's value times its upstream gradient over 2x2 positions x 4 images, is still "
                               "exactly 0 at the third step; which row and method it hits changes with the random draws",
