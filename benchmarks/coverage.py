@@ -46,6 +46,25 @@ PARTS = ("main", "direct", "growth", "trains")  # check_model via morph.build_mo
 # growth methods (function); the grown models train (new rows move)
 GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
 TRAINS_STEPS, TRAINS_LR, TRAINS_BATCH = 3, 0.1, 4
+# why a model's grown neurons do not train (the "trains" section lists every failure with this, or "not investigated")
+TRAINS_NOTES = {
+    "timm/mambaout_femto": "a gate of two new channels split from one layer: fc1's output is split into g, i, c and "
+                           "fc2 reads act(g) * cat(i, dwconv(c)); both factors are 0, and the product couples g and (i, c) into the same "
+                           "channel groups, so a live factor must be chosen by position within fc1's rows, not by "
+                           "group (morph.growth.liveness handles factors of two different layers; left to do)",
+    "timm/poolformerv2_s12": "StarReLU, s * relu(x)^2 + b: its derivative at 0 is 0, so a new neuron with zero incoming "
+                             "weights gets no gradient (GradMax needs f'(0) != 0; relu_grad covers the ReLU family only)",
+    "timm/nf_regnet_b0": "weight-standardized convs (ScaledStdConv2d): the standardization of a zero filter divides its "
+                         "gradient by sqrt(eps) and the 3 steps diverge (loss 1280; Firefly's 2.7e6); growth does not "
+                         "keep this model's function either (new columns change every filter's statistics)",
+    "torchvision/regnet_y_1_6gf": "2 of 18251 rows; not investigated (RegNetY has squeeze-excitation gates like "
+                                  "legacy_seresnet18)",
+    "torchvision/alexnet": "1 of 4672 rows (random only); not investigated (AlexNet's classifier has dropout in train "
+                           "mode around the grown layers)",
+    "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
+                              "channel's value times its upstream gradient over 2x2 positions x 4 images, is still "
+                              "exactly 0 at the third step; which row and method it hits changes with the random draws",
+}
 
 
 def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...] = GROWTH_METHODS,
@@ -117,8 +136,9 @@ def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...
                     if moved.any():  # a replica of a neuron that got no gradient cannot part from it
                         d = torch.cdist(w[new], old[moved], compute_mode="donot_use_mm_for_euclid_dist").min(1).values
                         same += int((d <= 1e-6 * ref).sum())
+                lv = getattr(grown, "growth_liveness", {"live": {}, "chained_norms": []})
                 r = {"status": "ok", "rows": total, "zero": zero, "replica": same, "loss": [losses[0], losses[-1]],
-                     "layers": len(masks)}
+                     "layers": len(masks), "live": len(lv["live"]), "chained_norms": len(lv["chained_norms"])}
                 del grown, opt
             except morph.MorphError as e:
                 r = {"status": "error", "error": str(e).splitlines()[0][:300]}
@@ -328,6 +348,12 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         f" on {summary['direct_same']} of the passing models run that way (column **direct**; `—`: not run yet, "
         f"`python benchmarks/coverage.py --add direct` runs them; {len(ok(rows))} models pass).",
     ]
+    trained = [r for r in ok(rows) if "trains" in r]
+    if trained:
+        counts = ", ".join(f"`{m}` {len([r for r in trained if trains_verdict(r, m) == 'yes'])}/{len(trained)}"
+                           for m in GROWTH_METHODS)
+        lines.append(f"- grown models train (section \"Grown models train\"): {counts} of the {len(trained)} models run"
+                     f" ({len(ok(rows)) - len(trained)} of the {len(ok(rows))} passing models not run yet).")
     if dense:
         lines.append(f"- FLOPs ratio (half / original, per image at batch 64) of the models outside `FLOPS_DEVIATIONS`:"
                      f" {min(dense):.3f} to {max(dense):.3f} (mean {sum(dense) / len(dense):.3f}).")
@@ -392,8 +418,49 @@ def write_table(rows: list[dict], out: Path, seconds: float) -> dict:
         )
     lines += _growth_table(rows, summary)
     lines += _trains_table(rows, summary)
+    lines = _keep_foreign_sections(out, lines)
     out.write_text("\n".join(lines) + "\n")
     return summary
+
+
+def _sections(lines: list[str]) -> list[tuple[str, list[str]]]:
+    """``lines`` cut at every ``## `` heading: (heading, its lines); the text before the first has heading ``""``."""
+    out: list[tuple[str, list[str]]] = [("", [])]
+    for line in lines:
+        if line.startswith("## "):
+            out.append((line, []))
+        out[-1][1].append(line)
+    return out
+
+
+def _keep_foreign_sections(out: Path, lines: list[str]) -> list[str]:
+    """Sections of the existing ``out`` that this script does not write (pasted by hand or by other runs, such as
+    "Transformers and MLP models") stay, after the generated section they followed."""
+    if not out.exists():
+        return lines
+    new = _sections(lines)
+    ours = {h for h, _ in new}
+    old = _sections(out.read_text().splitlines())
+    after: dict[str, list[list[str]]] = {}
+    prev = ""
+    for h, body in old:
+        if h in ours:
+            prev = h
+        else:
+            while body and not body[-1].strip():
+                body = body[:-1]
+            after.setdefault(prev, []).append(["", *body] if body and body[0].strip() else body)
+    result: list[str] = []
+    for h, body in new:
+        while body and not body[-1].strip() and h in after:
+            body = body[:-1]
+        result += body
+        for block in after.pop(h, []):
+            result += [*block, ""]
+    for blocks in after.values():
+        for block in blocks:
+            result += block
+    return result
 
 
 def _growth_table(rows: list[dict], summary: dict) -> list[str]:
@@ -478,6 +545,11 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         loss = f"{rd['loss'][0]:.2f} -> {rd['loss'][1]:.2f}" if rd.get("status") == "ok" else ""
         secs = sum(x.get("seconds", 0.0) for x in t.values())
         lines.append(f"| {r['spec']} | {' | '.join(cells)} | {rows_n if rows_n is not None else ''} | {loss} | {secs:.0f} |")
+    fails = [(r["spec"], [m for m in GROWTH_METHODS if trains_verdict(r, m) != "yes"]) for r in ran]
+    fails = [(spec, ms) for spec, ms in fails if ms]
+    if fails:
+        lines += ["", "Where a grown model does not train (docs/growth.md, \"Training after growth\"):", ""]
+        lines += [f"- `{spec}` ({', '.join(ms)}): {TRAINS_NOTES.get(spec, 'not investigated yet')}" for spec, ms in fails]
     return lines
 
 
@@ -493,6 +565,7 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
     ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains"), default=None,
                     help="run only these parts for the passing rows of <out>.json that lack them, and merge them in")
+    ap.add_argument("--redo", action="store_true", help="with --add: run the parts again where rows have them")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                     help="parts to run per model (default: all; add the others later with --add)")
     ap.add_argument("--child", default="")
@@ -553,16 +626,17 @@ def main() -> None:
 
 
 def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
-    """Run ``parts`` (``direct``, ``growth``) for the passing rows of ``<out>.json`` that lack them, rewriting
-    the JSON and the table after each model."""
+    """Run ``parts`` (``direct``, ``growth``, ``trains``) for the passing rows of ``<out>.json`` that lack them
+    (``--redo``: all of them), rewriting the JSON (atomically) and the table after each model, so that an
+    interrupted run loses at most the model it was on and the same command goes on where it stopped."""
     jpath = out.with_suffix(".json")
     rows = json.loads(jpath.read_text())
     meta = json.loads(out.with_suffix(".meta.json").read_text()) if out.with_suffix(".meta.json").exists() else {}
     only = set(args.only or [])
     todo = [r for r in rows if r["status"] == "ok" and (not only or r["spec"] in only)
-            and any(p not in r for p in parts)]
+            and (args.redo or any(p not in r for p in parts))]
     for r in sorted(todo, key=lambda r: r.get("params", 0)):  # smallest first: the most models per hour
-        missing = [p for p in parts if p not in r]
+        missing = [p for p in parts if p not in r or args.redo]
         try:
             p = subprocess.run([sys.executable, __file__, "--child", r["spec"], "--parts", *missing, "--mem-gb",
                                 str(args.mem_gb), "--threads", str(args.threads)],
@@ -580,8 +654,15 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
         msg += [f"{m} {growth_verdict(r, m)}" for m in GROWTH_METHODS] if "growth" in missing else []
         msg += [f"{m} trains {trains_verdict(r, m)}" for m in GROWTH_METHODS] if "trains" in missing else []
         print(f"{r['spec']}: {'; '.join(msg)}", flush=True)
-        jpath.write_text(json.dumps(rows, indent=1))
+        _write_json(jpath, rows)  # after every model: an interrupted run keeps what it finished (rerun to go on)
         write_table(rows, out, meta.get("seconds", 0.0))
+
+
+def _write_json(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` whole or not at all (a temporary file renamed over ``path``)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _report(rows: list[dict], out: Path, seconds: float) -> None:

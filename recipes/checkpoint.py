@@ -244,8 +244,22 @@ def save_checkpoint(path: Path, groups: dict[str, dict[str, torch.Tensor]], meta
         for name, t in tensors.items():
             # a copy: safetensors refuses tensors that share storage (views, tied weights)
             flat[f"{prefix}.{name}"] = t.detach().to("cpu", copy=True).contiguous()
-    header = {"format": FORMAT, "meta": json.dumps(meta)}
+    header = {"format": FORMAT, "meta": json.dumps(finite_json(meta), allow_nan=False)}
     atomic_write_bytes(path, st_save(flat, metadata=header))
+
+
+def finite_json(v: Any) -> Any:
+    """``v`` with every non-finite float (NaN, +-inf) replaced by ``None``: the metadata is strict JSON, which has
+    no such numbers, and the test loss of a diverged run is NaN. :func:`check_meta` accepts ``null`` exactly where
+    a diverged run can put it (``result.test_loss``) and :func:`load_checkpoint` reads it back as NaN; a NaN
+    literal in the file is still refused as the JSON is parsed."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: finite_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite_json(x) for x in v]
+    return v
 
 
 MAX_META_CHARS = 64 << 20
@@ -253,6 +267,7 @@ MAX_STEPS = 1 << 40
 
 _PROGRESS_KEYS = {"epoch", "step", "images", "flops", "wall_time"}
 _RESULT_KEYS = {"top1", "test_loss", "flops", "epochs", "steps", "wall_time"}
+_NULLABLE_RESULT_KEYS = {"test_loss"}  # not finite (a diverged run): written as null (finite_json)
 
 
 def check_meta(meta: Any, where: str) -> dict[str, Any]:
@@ -300,8 +315,9 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
     need(len(rng) == meta["world_size"], f"rng holds {len(rng)} rank states for world_size {meta['world_size']}")
     result = meta.get("result")
     need(result is None or (isinstance(result, dict) and set(result) <= _RESULT_KEYS
-                            and all(is_num(v) for v in result.values())),
-         f"result must be null or map {sorted(_RESULT_KEYS)} to numbers")
+                            and all(is_num(v) or (v is None and k in _NULLABLE_RESULT_KEYS)
+                                    for k, v in result.items())),
+         f"result must be null or map {sorted(_RESULT_KEYS)} to numbers (test_loss: null where it was not finite)")
     need(not meta["done"] or (isinstance(result, dict) and set(result) == _RESULT_KEYS), "a done stage has no result")
     if isinstance(result, dict):
         for key in ("epochs", "steps"):
@@ -330,6 +346,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
                                       "delete it to restart that stage")
             meta = parse_json(header.get("meta", ""), str(path), "recipes checkpoint metadata", MAX_META_CHARS)
             check_meta(meta, str(path))
+            if isinstance(meta["result"], dict) and meta["result"].get("test_loss", 0.0) is None:
+                meta["result"]["test_loss"] = float("nan")  # a diverged run (finite_json)
             groups: dict[str, dict[str, torch.Tensor]] = {}
             for key in f.keys():
                 if "." not in key:

@@ -158,6 +158,94 @@ class Unsupported(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class StarBlock(nn.Module):
+    """StarNet's block: depthwise conv-BN, two 1x1 convs whose outputs multiply (``relu6(f1) * f2``), 1x1 conv-BN."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.dwbn = nn.BatchNorm2d(c)
+        self.f1 = nn.Conv2d(c, 3 * c, 1)
+        self.f2 = nn.Conv2d(c, 3 * c, 1)
+        self.g = nn.Conv2d(3 * c, c, 1, bias=False)
+        self.gbn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.dwbn(self.dw(x))
+        y = F.relu6(self.f1(y)) * self.f2(y)
+        return x + self.gbn(self.g(y))
+
+
+class StarGate(nn.Module):
+    """A product of two grown branches (StarNet), two blocks deep."""
+
+    def __init__(self, c=8, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(StarBlock(c), StarBlock(c))
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu6(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class RepBlock(nn.Module):
+    """RepVGG's training-time block: 3x3 conv-BN + 1x1 conv-BN + an identity BatchNorm, then ReLU."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.identity(x))
+
+
+class RepBranches(nn.Module):
+    """Multi-branch BatchNorm sums in series (RepVGG, MobileOne): six RepBlocks."""
+
+    def __init__(self, c=8, num_classes=5, depth=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(*[RepBlock(c) for _ in range(depth)])
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class ShuffleBN(nn.Module):
+    """ShuffleNet v2 units with BatchNorm: a two-branch unit, then units that split, run one half through a 1x1
+    conv-BN-ReLU, concatenate and shuffle the channels."""
+
+    def __init__(self, c=8, num_classes=5, units=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.left = nn.Conv2d(c, c, 1, bias=False)
+        self.lbn = nn.BatchNorm2d(c)
+        self.right = nn.Conv2d(c, c, 1, bias=False)
+        self.rbn = nn.BatchNorm2d(c)
+        self.branch = nn.ModuleList([nn.Conv2d(c, c, 1, bias=False) for _ in range(units)])
+        self.bbn = nn.ModuleList([nn.BatchNorm2d(c) for _ in range(units)])
+        self.fc = nn.Linear(2 * c, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = Shuffle.shuffle(torch.cat([F.relu(self.lbn(self.left(x))), F.relu(self.rbn(self.right(x)))], 1))
+        for conv, bn in zip(self.branch, self.bbn, strict=True):
+            a, b = x.chunk(2, dim=1)
+            x = Shuffle.shuffle(torch.cat([a, F.relu(bn(conv(b)))], 1))
+        return self.fc(x.mean((2, 3)))
+
+
 MOTIFS = {
     "residual": Residual,
     "concat": Concat,

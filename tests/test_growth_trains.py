@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import motifs  # tests/motifs.py: tiny models
 import pytest
 import timm
@@ -426,3 +428,159 @@ def test_grown_models_train_fast():
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_grown_models_train(arch):
     _check_arch(arch, size=S if arch == "resnext_grouped" else X)  # torchvision's ResNeXt is 2048 wide at the end
+
+
+# -- graph motifs where zero new neurons could not start (morph.growth.liveness) -------------------------------
+
+def _first_update(model: nn.Module, x, y, against: str = "norm") -> float:
+    """One SGD step: the largest update of a new row, relative to the mean norm of its layer's old rows
+    (``against="norm"``) or to the largest update of an old row of its layer (``"update"``)."""
+    rows = _new_rows(model)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items() if k in rows}
+    _train(model, x, y, steps=1)
+    sd, worst = model.state_dict(), 0.0
+    for k, new in rows.items():
+        d = (sd[k] - before[k]).flatten(1).double()
+        ref = before[k].flatten(1)[~new].norm(dim=1).mean() if against == "norm" else d[~new].norm(dim=1).max()
+        worst = max(worst, float(d[new].norm(dim=1).max() / ref))
+    return worst
+
+
+def _motif_check(factory, method: str, rules: bool = True, moved: dict | None = None,
+                 size=S) -> tuple[float, tuple[int, int, int], float]:
+    """Grow ``factory()`` (float64, trained-looking norms) with ``method``; returns (the largest relative error
+    at growth, eval and train mode; (new rows, still zero, still replicas) after 3 SGD steps; the largest
+    first-step update of a new row relative to its layer's old rows). ``rules=False``: without the rules of
+    :mod:`morph.growth.liveness` (what morph did before them). ``moved``: filled with, per layer, the new rows
+    that did not change in the 3 steps."""
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = factory().double()
+    with torch.no_grad():
+        _randomize_norms(model)
+    model.eval()
+    x, y = _batch(size=size)
+    patches = [] if rules else [mock.patch("morph.growth.plain.dead_products", return_value={}),
+                                mock.patch("morph.growth.plain.chained_norms", return_value=[]),
+                                mock.patch("morph.growth.plain.shuffled_inputs", return_value={})]
+    for p in patches:
+        p.start()
+    try:
+        grown = morph.grow(model, method, 2.0, data=(x, y), seed=0)
+    finally:
+        for p in patches:
+            p.stop()
+    grown2 = copy.deepcopy(grown)
+    err = 0.0
+    for mode in (False, True):
+        model.train(mode)
+        grown.train(mode)
+        with torch.no_grad():
+            err = max(err, _relerr(model(x), grown(x)))
+    rows = _new_rows(grown)
+    before = {k: v.detach().clone() for k, v in grown.state_dict().items() if k in rows}
+    _train(grown, x, y)
+    if moved is not None:
+        sd = grown.state_dict()
+        moved.update({k: int(((sd[k] - before[k]).flatten(1)[new].norm(dim=1) == 0).sum()) for k, new in rows.items()})
+    return err, _stuck_rows(grown, rows, before), _first_update(grown2, x, y)
+
+
+@pytest.mark.parametrize("method", ["random", "gradmax"])
+def test_a_product_of_two_new_channels_trains(method):
+    """StarNet's ``relu6(f1(x)) * f2(x)``: with both factors' new neurons at zero, each factor's gradient is the
+    other one's value (0): dead forever. One live factor keeps the product (and the function) at 0 and trains."""
+    err, (total, zero, same), _ = _motif_check(motifs.StarGate, method)
+    assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
+    grown = morph.grow(motifs.StarGate(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+    assert grown.growth_liveness["live"] == {"blocks.0.f1": "mul", "blocks.1.f1": "mul_1"}  # behind the ReLU6
+    f1, f2 = grown.get_submodule("blocks.0.f1").weight, grown.get_submodule("blocks.0.f2").weight
+    with torch.no_grad():
+        assert float(f1[24:].norm(dim=1).min()) > 0 and float(f2[24:].abs().max()) == 0
+    err, (total, zero, _), _ = _motif_check(motifs.StarGate, method, rules=False)
+    assert err <= 1e-6 and zero == 96  # before the rule: both factors' 2 x 2 x 24 new rows stay exactly zero
+
+
+@pytest.mark.parametrize("method", ["random", "gradmax"])
+def test_batchnorm_sums_in_series_train_stably(method):
+    """RepVGG/MobileOne blocks sum a 3x3 conv-BN, a 1x1 conv-BN and an identity BatchNorm of the block's input:
+    a zero channel's gradient passes one zero BatchNorm per block (gain weight/sqrt(eps) each). With the identity
+    norms' new weight at new_gamma x sqrt(eps) (gain 0.1) the first update of a new row stays of the order of the
+    old rows' norm."""
+    err, (total, zero, same), first = _motif_check(motifs.RepBranches, method, size=(3, 8, 8))
+    assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
+    assert first <= 10, first
+    grown = morph.grow(motifs.RepBranches(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+    # the identity norm of block 0 ends a series of 2 (the stem's norm, its conv): from block 1 on, series of 3+
+    assert grown.growth_liveness["chained_norms"] == [f"blocks.{i}.identity" for i in range(1, 6)]
+    bn = grown.get_submodule("blocks.1.identity")
+    assert torch.allclose(bn.weight[8:], torch.full((8,), 0.1 * bn.eps ** 0.5), rtol=1e-6, atol=0)
+    assert torch.equal(grown.get_submodule("blocks.1.bn3").weight[8:], torch.full((8,), 0.1))
+    assert torch.equal(grown.get_submodule("blocks.0.identity").weight[8:], torch.full((8,), 0.1))
+    _, _, first_before = _motif_check(motifs.RepBranches, method, rules=False, size=(3, 8, 8))
+    assert first_before > 1e6  # before the rule: 31.6 per block, six blocks
+
+
+@pytest.mark.parametrize("method", ["random", "gradmax"])
+def test_a_layer_behind_a_channel_shuffle_trains(method):
+    """ShuffleNet: the wider shuffle routes only new, zero channels into the first unit after a two-branch unit,
+    so its zero rows get no gradient at the first step while the BatchNorm bias behind them does; where that bias
+    turns negative the constant channel stays below the ReLU. Layers whose input is all zero at growth get live
+    incoming weights (the function is the same either way: their input is zero), and every new row moves."""
+    unmoved: dict = {}
+    err, (total, zero, same), _ = _motif_check(motifs.ShuffleBN, method, moved=unmoved)
+    assert total > 0 and zero == 0 and same == 0 and not any(unmoved.values()), (total, zero, same, unmoved)
+    before: dict = {}
+    err0, (_, zero0, _), _ = _motif_check(motifs.ShuffleBN, method, rules=False, moved=before)
+    assert err == err0 > 0.1  # growth does not keep a channel shuffle's function, with or without the rule
+    assert zero0 == before["branch.0.weight"] == 4  # without it: 4 of branch.0's 8 new rows dead
+    grown = morph.grow(motifs.ShuffleBN(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+    assert grown.growth_liveness["live"] == {"branch.0": "reads a channel shuffle"}  # the others read old channels
+
+
+def test_liveness_rules_leave_residual_networks_alone():
+    """ResNet (post-activation) and the recipes' pre-activation WRN have no product of new channels and no zero
+    BatchNorms in series: what they get is unchanged (new_gamma, zero incoming weights)."""
+    for arch in ("residual", "wrn10_1"):
+        grown = morph.grow(ARCHS[arch](), "random", 2.0, seed=0, input_size=S)
+        assert grown.growth_liveness == {"live": {}, "chained_norms": []}, arch
+    # Net2Net (no zero channels) and Firefly (epsilon > 0) never apply them
+    for method in ("net2net", "firefly"):
+        grown = morph.grow(motifs.RepBranches(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0,
+                           **_opts(method))
+        assert grown.growth_liveness == {"live": {}, "chained_norms": []}, method
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["timm/starnet_s050", "timm/repvgg_a0", "timm/mobileone_s1",
+                                  "torchvision/shufflenet_v2_x0_5"])
+def test_the_zoo_models_of_the_liveness_rules_train(spec):
+    """The coverage list's models behind each rule, at 32x32 in float64: the half (norms randomized) grown back
+    with Random and GradMax keeps its function (not ShuffleNet's: a channel shuffle's is not kept) and every new
+    row moves off zero in 3 SGD steps, the first moving none more than 1000x as far as the most-moved old row of
+    its layer (no BatchNorm gains multiplied over blocks; MobileNet-like chains of two zero norms give 100-300x)."""
+    torch.manual_seed(0)
+    half = morph.scale_width(morph.build_model(spec), 0.5, input_size=X).double().eval()
+    with torch.no_grad():
+        _randomize_norms(half)
+    x, y = _batch(4, classes=1000)
+    for method in ("random", "gradmax"):
+        grown = morph.grow(half, method, 2.0, data=(x, y), seed=0)
+        if "shufflenet" not in spec:
+            for mode in (False, True):
+                half.train(mode)
+                grown.train(mode)
+                with torch.no_grad():
+                    err = _relerr(half(x), grown(x))
+                assert err <= 1e-6, (spec, method, mode, err)
+            half.eval()
+        if "shufflenet" not in spec:  # the wider shuffle feeds old neurons zero channels too: their norms' gains
+            first = _first_update(copy.deepcopy(grown), x, y, "update")  # multiply until the layout is fixed
+            assert first <= 1e3, (spec, method, first)  # without the rules: 7e32 (mobileone_s1), 2e19 (repvgg_a0)
+        rows = _new_rows(grown)
+        before = {k: v.detach().clone() for k, v in grown.state_dict().items() if k in rows}
+        _train(grown, x, y)
+        assert all(bool(torch.isfinite(p).all()) for p in grown.parameters()), (spec, method)
+        total, zero, same = _stuck_rows(grown, rows, before)
+        assert total > 0 and zero == 0 and same == 0, (spec, method, total, zero, same)

@@ -148,3 +148,57 @@ def test_option_added_after_the_run_started_is_accepted_at_its_default(tmp_path)
     run.check_run_dir(tmp_path, cfg)
     with pytest.raises(ValueError, match="holds a run with growth.device=None, not 'cpu'"):
         run.check_run_dir(tmp_path, load_config("cifar10-smoke", ["growth.device=cpu"]))
+
+
+def test_a_diverged_run_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """A NaN test loss (a diverged run) is written as null in the strict-JSON checkpoint metadata and read back as
+    NaN: the finished stage resumes without training; a NaN literal written into the file is still refused."""
+    import math
+
+    from morph.recipes.checkpoint import load_checkpoint, save_checkpoint
+
+    from morph.errors import CheckpointError
+
+    real = Trainer.evaluate
+
+    def diverged(self, *args, **kwargs):
+        ev = real(self, *args, **kwargs)
+        return {**ev, "loss": float("nan")}
+
+    monkeypatch.setattr(Trainer, "evaluate", diverged)
+    out = tmp_path / "diverged"
+    args = [*SMALL, "growth.methods=[large]"]
+    run.main("cifar10-smoke", out_dir=out, overrides=args)
+    (ckpt,) = out.rglob("checkpoint.safetensors")
+    groups, meta = load_checkpoint(ckpt)
+    assert meta["done"] and math.isnan(meta["result"]["test_loss"])
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        raw = f.metadata()["meta"]
+    assert '"test_loss": null' in raw and "NaN" not in raw
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished stage trained again")
+
+    monkeypatch.setattr(Trainer, "_step", no_training)
+    run.main("cifar10-smoke", out_dir=out, overrides=args)  # resumes: the finished stage is loaded, not trained
+    # a NaN literal (what json.dumps writes by default) is refused, as before
+    bad = tmp_path / "bad.safetensors"
+    save_checkpoint(bad, groups, meta)
+    with safe_open(str(bad), framework="pt") as f:
+        header = f.metadata()
+    from safetensors.torch import save_file
+
+    flat = {f"{g}.{k}": v for g, t in groups.items() for k, v in t.items()}
+    save_file(flat, str(bad), metadata={**header, "meta": header["meta"].replace('"test_loss": null', '"test_loss": NaN')})
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_checkpoint(bad)
+    # null is accepted only where a diverged run can put it
+    import re
+
+    top1_null = re.sub(r'"top1": [-0-9.e+]+', '"top1": null', header["meta"])
+    assert top1_null != header["meta"]
+    save_file(flat, str(bad), metadata={**header, "meta": top1_null})
+    with pytest.raises(CheckpointError, match="result"):
+        load_checkpoint(bad)

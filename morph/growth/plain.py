@@ -43,6 +43,7 @@ Options of every plain method, so that what ``morph.grow`` returns trains in an 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -54,6 +55,7 @@ from ..info import MorphInfo, get_info, set_info
 from ..zoo import get_spec
 from . import activation
 from .layout import FRESH, OLD, DimMap, Layout, build_layout, split_unevenly
+from .liveness import chained_norms, dead_products, shuffled_inputs, zero_inputs
 from .optim import GrowthRecord
 from .registry import GrowthMethod
 
@@ -138,6 +140,16 @@ class PlainGrowth(GrowthMethod):
         existing filters' mean norm (new channels are zero at growth, so the function is kept)."""
         w[rows] = random_directions(len(rows), tuple(w.shape[1:]), self.gen, w) * mean_norm(old, 0)
 
+    def live(self, name: str, w: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> None:
+        """Incoming weights of the new neurons of the live factor of a product of two new channels
+        (:func:`.liveness.dead_products`): random directions at ``scale`` (0.5) x the layer's mean row norm."""
+        s = float(self.opts.get("scale", 0.5))
+        w[rows] = random_directions(len(rows), tuple(w.shape[1:]), self.gen, w) * s * mean_norm(old, 0)
+
+    def zero_incoming(self) -> bool:
+        """Whether new neurons start with zero incoming weights (then :mod:`.liveness` applies)."""
+        return True
+
     def prepare(self, model: nn.Module, layout: Layout, data) -> None:
         """Called before assembly (GradMax reads its gradients here)."""
 
@@ -198,6 +210,10 @@ class PlainGrowth(GrowthMethod):
                               plan=self.opts["plan"], input_size=self.opts["input_size"])
         split_unevenly(layout, float(self.opts["split"]), gen)
         self.layout = layout
+        # where zero new neurons could not start to train (module docstring of .liveness)
+        zero = self.zero_incoming()
+        self.live_layers = dead_products(layout) if zero else {}
+        self.chained = set(chained_norms(layout)) if zero else set()
         p0 = next(iter(model.parameters()))
         new = layout.skeleton().to(dtype=p0.dtype, device=p0.device)
         _copy_same_shape(model, new)
@@ -208,6 +224,8 @@ class PlainGrowth(GrowthMethod):
                 self._fill_layer(layout, p, model.get_submodule(name), new.get_submodule(name), record)
             for path, dims in layout.plan.params.items():
                 self._fill_attr(layout, path, dims, model, new, record)
+        if zero:
+            self._live_zero_inputs(new, model, layout, data)
         for prm in new.parameters():
             prm.requires_grad_(True)
         new.train(model.training)
@@ -223,6 +241,7 @@ class PlainGrowth(GrowthMethod):
         if self._reestimates(data):
             reestimate_norm_stats(new, self.stats_batches(list(iterate_batches(data))))
         new.growth_report = self.report(layout)
+        new.growth_liveness = {"live": dict(self.live_layers), "chained_norms": sorted(self.chained)}
         new.growth_record = GrowthRecord(record)
         spec = info.spec if info is not None else get_spec(model)
         size = tuple(layout.plan.input_size)
@@ -234,6 +253,22 @@ class PlainGrowth(GrowthMethod):
                                           "rules": _count_rules(new.growth_report)}}
         return set_info(new, dataclasses.replace(base, kind="plain", spec=spec, width=layout.w_to * scale,
                                                  input_size=size, extra=extra))
+
+    def _live_zero_inputs(self, new: nn.Module, model: nn.Module, layout: Layout, data) -> None:
+        """New rows of layers behind a channel shuffle whose input is all zero at growth get live incoming weights
+        (:func:`.liveness.shuffled_inputs`): probed on the first batch of ``data``, else on random images."""
+        cand = shuffled_inputs(layout)
+        if not cand:
+            return
+        batches = list(iterate_batches(data))
+        p0 = next(iter(new.parameters()))
+        x = batches[0][0] if batches else torch.randn((2, *layout.plan.input_size), generator=self.gen,
+                                                      dtype=torch.float64)
+        for name in zero_inputs(new, list(cand), x.to(p0)):
+            rows = layout.dim(layout.plan.layers[name].out_dim).fresh.nonzero().flatten()
+            with torch.no_grad():
+                self.live(name, new.get_submodule(name).weight.data, rows, model.get_submodule(name).weight.detach())
+            self.live_layers[name] = cand[name]
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in super().record().items() if k not in ("plan", "input_size")}
@@ -265,6 +300,8 @@ class PlainGrowth(GrowthMethod):
                     new[fresh] = 1.0 if tname in _IDENTITY_ONE else 0.0
                     if tname == "weight" and isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
                         new[fresh] = float(self.opts["new_gamma"])  # see the module docstring
+                        if p.name in self.chained:  # in series with another zero norm: gain new_gamma (.liveness)
+                            new[fresh] = float(self.opts["new_gamma"]) * math.sqrt(float(mod.eps))
             t.data = new.to(t.dtype)
             record[_pname(p.name, tname)] = [(0, _pname(p.name, tname), [_old_index(a) for a in axes])]
 
@@ -294,6 +331,8 @@ class PlainGrowth(GrowthMethod):
         rows_f = out_map.fresh.nonzero().flatten()
         if len(rows_f):
             (self.free if grouped else self.incoming)(p.name, w, rows_f, w_old)
+            if not grouped and p.name in self.live_layers:
+                self.live(p.name, w, rows_f, w_old)
         if not grouped:
             cols_f = cols.fresh.nonzero().flatten()
             if len(cols_f):

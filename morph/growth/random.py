@@ -32,6 +32,9 @@ class RandomGrowth(PlainGrowth):
     def keeps_function(self) -> bool:
         return float(self.opts["epsilon"]) == 0
 
+    def zero_incoming(self) -> bool:
+        return self._scales()[0] == 0
+
     def _scales(self) -> tuple[float, float]:
         eps, s = float(self.opts["epsilon"]), float(self.opts["scale"])
         return (s, eps) if self.opts.get("outgoing_zero") else (eps, s)
