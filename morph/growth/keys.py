@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .plain import mean_norm, random_directions
+from .directions import mean_norm, random_directions
 
 __all__ = ["KEYS", "init_new_keys"]
 

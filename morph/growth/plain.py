@@ -54,6 +54,7 @@ from ..errors import MorphError
 from ..info import MorphInfo, get_info, set_info
 from ..zoo import get_spec
 from . import activation
+from .directions import mean_norm, random_directions
 from .layout import FRESH, OLD, DimMap, Layout, build_layout, split_unevenly
 from .liveness import chained_norms, dead_products, shuffled_inputs, zero_inputs
 from .optim import GrowthRecord
@@ -61,20 +62,6 @@ from .registry import GrowthMethod
 
 __all__ = ["BN_STATS", "PlainGrowth", "fresh_mask", "iterate_batches", "mean_norm", "random_directions",
            "reestimate_norm_stats"]
-
-
-def random_directions(n: int, shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """``n`` vectors of ``shape`` drawn from U[0, 1) and set to unit norm each (growneuron ``AddRandom``)."""
-    v = torch.rand((n, *shape), generator=gen, dtype=torch.float64)
-    v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(n, *([1] * len(shape)))
-    return v.to(like)
-
-
-def mean_norm(w: torch.Tensor, axis: int) -> float:
-    """Mean L2 norm of the neurons of ``w`` along ``axis`` (rows: incoming, columns: outgoing)."""
-    if w.numel() == 0 or w.shape[axis] == 0:
-        return 0.0
-    return float(w.detach().transpose(0, axis).flatten(1).double().norm(dim=1).mean())
 
 
 _IDENTITY_ONE = ("weight", "running_var")

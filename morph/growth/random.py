@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .plain import PlainGrowth, mean_norm, random_directions
+from .directions import mean_norm, random_directions
+from .plain import PlainGrowth
 from .registry import register_growth
 
 __all__ = ["RandomGrowth"]
