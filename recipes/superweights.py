@@ -46,7 +46,7 @@ from .config import ModelConfig
 from .data import EpochBatches, derive_seed
 from .errors import RecipeError
 from .models import build_model
-from .schedule import Planner, count_params
+from .schedule import MethodResult, Planner, count_params
 from .trainer import LRSchedule, Stage, StageHook, StageResult, Trainer, make_schedule
 
 __all__ = ["Members", "SharingHook", "SWResult", "check_budgets", "narrowed_width", "row_keys", "run_rows", "evaluate_members"]
@@ -357,22 +357,10 @@ def _counts(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
 
 
 @dataclass
-class SWResult:
+class SWResult(MethodResult):
     """One SuperWeights row trained with one seed (``result.json``; the growth rows' fields and ``superweights``)."""
 
-    method: str
-    label: str
-    seed: int
-    top1: float
-    test_loss: float
-    flops: float
-    flops_norm: float
-    params: int
-    stages: list[dict[str, Any]]
-    superweights: dict[str, Any]
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=1)
+    superweights: dict[str, Any] = field(default_factory=dict)
 
 
 # --- rows ------------------------------------------------------------------------------------------
