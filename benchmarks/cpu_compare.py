@@ -65,6 +65,18 @@ ROUNDS: list[list[tuple[str, list[str], str | None, list[str]]]] = [
 ]
 
 
+# parts run only when --parts names them (in round 0): for a config whose MixtureGrowth default is init=zero
+# (cifar10-vit-cpu), the paper's init=orthogonal is the variant
+EXTRA_PARTS: dict[str, tuple[list[str], str | None, list[str]]] = {
+    "init-orthogonal": (["growth.methods=[mixturegrowth]", "growth.init=orthogonal"], "base", _SHARED),
+}
+
+
+def control_part(budget: float) -> str:
+    """The equal-real-compute control's part name: ``budget-0.70`` for the default 0.70X."""
+    return f"budget-{budget:.2f}"
+
+
 def name_of(part: str, config: str = CONFIG) -> str:
     return config if part in ("base", "baselines") else f"{config}-{part}"
 
@@ -116,6 +128,9 @@ def main() -> None:
                          "control at 0.70X; 3: one cosine across growth and the combined variants)")
     ap.add_argument("--parts", nargs="+", default=None,
                     help="run only these parts (e.g. base baselines init-zero); default: every part of the rounds")
+    ap.add_argument("--control-budget", type=float, default=0.70,
+                    help="the equal-real-compute control's budget: the config's budget plus what MixtureGrowth's "
+                         "uncounted net 1 costs (0.70 for the WRN configs, 0.58 for cifar10-vit-cpu)")
     ap.add_argument("--no-control-small-match", action="store_true",
                     help="leave Small Match out of the equal-compute control (budget-0.70: the baselines only)")
     ap.add_argument("--collect", type=Path, default=None, help="copy the finished parts' summaries here and stop")
@@ -125,13 +140,17 @@ def main() -> None:
         return
     if args.data_dir is None:
         ap.error("--data-dir is required to train")
+    extra = [(p, *EXTRA_PARTS[p]) for p in (args.parts or []) if p in EXTRA_PARTS]
     for r in args.rounds:
         for seed in args.seeds:
-            for part, overrides, source, keys in ROUNDS[r]:
+            for part, overrides, source, keys in ROUNDS[r] + (extra if r == 0 else []):
+                if part == "budget-0.70":
+                    part = control_part(args.control_budget)
+                    overrides = [overrides[0], f"growth.budget={args.control_budget}"]
+                    if args.no_control_small_match:
+                        overrides = [f"growth.methods={BASELINES}", overrides[1]]
                 if args.parts is not None and part not in args.parts:
                     continue
-                if part == "budget-0.70" and args.no_control_small_match:
-                    overrides = [f"growth.methods={BASELINES}", *overrides[1:]]
                 rc = run_part(args.runs, part, overrides, source, keys, seed, args.data_dir, args.config)
                 if rc:
                     print(f"{part} seed {seed}: exit {rc}", flush=True)
