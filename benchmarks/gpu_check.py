@@ -36,15 +36,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+try:  # morph installed (a wheel, or editable): use it; the source tree alone has no morph.recipes
+    import morph.recipes  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT))
 
 FULL = {
     "models": [("wrn-28-10", 32, 128), ("resnet50", 224, 128)],
@@ -197,9 +202,13 @@ def part_throughput(device, cfg: dict) -> dict:
     return out
 
 
-def part_rows(device: str, tiny: bool, data_dir: str | None, tmp: Path) -> dict:
+def part_rows(device: str, tiny: bool, data_dir: str | None, tmp: Path, save=lambda rows: None,
+              metrics_dir: Path | None = None) -> dict:
     """Every row with ``growth.after=paper``, then Net2Net and MixtureGrowth again with ``growth.after=official``
-    (the official code's post-growth schedule, optimizer state carried), as a second config name."""
+    (the official code's post-growth schedule, optimizer state carried), as a second config name, then
+    MixtureGrowth with ``growth.init=zero``. ``save`` gets the rows so far after each of the three runs (a run cut
+    off by a time limit keeps what it finished); a run that fails is recorded under ``errors`` and the next one
+    still runs. ``metrics_dir``: each run's ``metrics.jsonl`` is copied there as ``<run>.metrics.jsonl``."""
     from morph.recipes.run import main as train
 
     over = [f"run.device={device}"]
@@ -208,21 +217,29 @@ def part_rows(device: str, tiny: bool, data_dir: str | None, tmp: Path) -> dict:
     elif data_dir is None:
         over += ["data.synthetic=true"]
     out: dict[str, Any] = {"synthetic": tiny or data_dir is None}
-    t0 = time.perf_counter()
-    run_dir = train("cifar10-gpu-check", data_dir=None if tiny else data_dir, out_dir=tmp / "rows", overrides=over)
-    out["wall_s"] = time.perf_counter() - t0
-    out["results"] = _run_dir_results(run_dir)
-    t0 = time.perf_counter()
-    official = [*over, "name=cifar10-gpu-check-official", "growth.after=official",
-                "growth.methods=[net2net,mixturegrowth]"]
-    run_dir = train("cifar10-gpu-check", data_dir=None if tiny else data_dir, out_dir=tmp / "rows-official",
-                    overrides=official)
-    out["official"] = {"wall_s": time.perf_counter() - t0, "results": _run_dir_results(run_dir)}
-    t0 = time.perf_counter()
-    zero = [*over, "name=cifar10-gpu-check-init-zero", "growth.init=zero", "growth.methods=[mixturegrowth]"]
-    run_dir = train("cifar10-gpu-check", data_dir=None if tiny else data_dir, out_dir=tmp / "rows-init-zero",
-                    overrides=zero)
-    out["init_zero"] = {"wall_s": time.perf_counter() - t0, "results": _run_dir_results(run_dir)}
+    runs = [("rows", None, []),
+            ("rows-official", "official", ["name=cifar10-gpu-check-official", "growth.after=official",
+                                           "growth.methods=[net2net,mixturegrowth]"]),
+            ("rows-init-zero", "init_zero", ["name=cifar10-gpu-check-init-zero", "growth.init=zero",
+                                             "growth.methods=[mixturegrowth]"])]
+    for sub, key, extra in runs:
+        t0 = time.perf_counter()
+        try:
+            run_dir = train("cifar10-gpu-check", data_dir=None if tiny else data_dir, out_dir=tmp / sub,
+                            overrides=[*over, *extra])
+        except Exception:  # noqa: BLE001 - recorded; the next run still gets its device time
+            out.setdefault("errors", {})[sub] = traceback.format_exc()
+            print(out["errors"][sub], file=sys.stderr, flush=True)
+            continue
+        got = {"wall_s": time.perf_counter() - t0, "results": _run_dir_results(run_dir)}
+        if key is None:
+            out.update(got)
+        else:
+            out[key] = got
+        if metrics_dir is not None:
+            metrics_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run_dir / "metrics.jsonl", metrics_dir / f"{sub}.metrics.jsonl")
+        save(out)
     return out
 
 
@@ -246,7 +263,9 @@ def _table(result: dict) -> str:
         for name, r in result["throughput"].items():
             lines.append(f"    {name} {r['input']}px b{r['batch']} | {r['plain_half']:.0f} | {r['template_half']:.0f} | "
                          f"{r['template_half_vs_plain_half']:.2f} | {r['stock']:.0f} | {r['fused']:.0f} | {r['fused_vs_stock']:.2f}")
-    if "rows" in result:
+    for part, err in result.get("errors", {}).items():
+        lines.append(f"{part} FAILED: {err.strip().splitlines()[-1] if err.strip() else ''}")
+    if "rows" in result and "results" in result["rows"]:
         syn = " (synthetic data)" if result["rows"]["synthetic"] else ""
         lines.append(f"(c) rows{syn}, {result['rows']['wall_s']:.0f} s | top-1 | FLOPs | params | growth step")
         lines[-1] += " | at growth: stale / BN re-estimated"
@@ -257,7 +276,9 @@ def _table(result: dict) -> str:
                          f"{_at(r)}")
         for key, what in (("official", "growth.after=official (optimizer state carried)"),
                           ("init_zero", "MixtureGrowth with growth.init=zero (the ensemble start)")):
-            part = result["rows"][key]
+            part = result["rows"].get(key)
+            if part is None:
+                continue
             lines.append(f"(c) {what}, {part['wall_s']:.0f} s")
             for r in part["results"]:
                 lines.append(f"    {r['label']} | {r['top1']:.2f} | {r['flops_norm']:.3f}X | {r['params']:,} | {_at(r)}")
@@ -272,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke-methods", default="large,random,gradmax,mixturegrowth")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor; eager on --device cpu)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--metrics-dir", default=None, help="copy the rows' metrics.jsonl files here")
     ap.add_argument("--work-dir", default=None, help="run directories (default: a temporary directory)")
     args = ap.parse_args(argv)
 
@@ -291,20 +313,33 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(args.work_dir or tmpd)
         t_all = time.perf_counter()
         for part in args.parts.split(","):
-            t0 = time.perf_counter()
-            if part == "smoke":
-                result["smoke"] = part_smoke(args.device, tiny, args.smoke_methods.split(","), tmp, backend)
-            elif part == "throughput":
-                result["throughput"] = part_throughput(device, cfg)
-            elif part == "rows":
-                result["rows"] = part_rows(args.device, tiny, args.data_dir, tmp)
-            else:
+            if part not in ("smoke", "throughput", "rows"):
                 raise SystemExit(f"unknown part {part!r}: smoke, throughput, rows")
+        for part in args.parts.split(","):
+            t0 = time.perf_counter()
+            try:  # a part that fails is recorded and the next one still runs: device time is scarce
+                if part == "smoke":
+                    result["smoke"] = part_smoke(args.device, tiny, args.smoke_methods.split(","), tmp, backend)
+                elif part == "throughput":
+                    result["throughput"] = part_throughput(device, cfg)
+                else:
+                    def save(rows: dict) -> None:
+                        result["rows"] = rows
+                        _write(out, result)
+                    result["rows"] = part_rows(args.device, tiny, args.data_dir, tmp, save,
+                                               Path(args.metrics_dir) if args.metrics_dir else None)
+                    if result["rows"].get("errors"):
+                        result.setdefault("errors", {}).update(result["rows"]["errors"])
+            except Exception:  # noqa: BLE001 - reported in the JSON and the table, and the exit code is 1
+                result.setdefault("errors", {})[part] = traceback.format_exc()
+                print(result["errors"][part], file=sys.stderr, flush=True)
             result["timings_s"][part] = time.perf_counter() - t0
             _write(out, result)
         result["timings_s"]["total"] = time.perf_counter() - t_all
     _write(out, result)
     print(_table(result))
+    if result.get("errors"):
+        raise SystemExit(1)
     return result
 
 
