@@ -261,9 +261,12 @@ def _set_optimizer_state(
     """Start ``optimizer`` from ``state`` (by parameter name); tensors follow each parameter's device and layout.
 
     A parameter without carried state (one the growth created) gets zeros for every per-entry slot the
-    others have: the fused SGD kernel wants a momentum buffer for every parameter or for none.
+    others have (the fused SGD kernel wants a momentum buffer for every parameter or for none), and a zero of
+    every scalar slot (Adam's ``step``: the new parameter's moments start as a fresh Adam's, bias correction
+    included; Adam refuses a state with moments and no step).
     """
     slots: set[str] = set()
+    scalars: dict[str, Any] = {}
     for name, p in model.named_parameters():
         st = state.get(name)
         if not st:
@@ -274,11 +277,17 @@ def _set_optimizer_state(
             for k, v in st.items()
         }
         slots |= {k for k, v in st.items() if isinstance(v, torch.Tensor) and v.shape == p.shape}
+        scalars |= {k: v for k, v in st.items() if not (isinstance(v, torch.Tensor) and v.shape == p.shape)}
     for group in optimizer.param_groups:
         for p in group["params"]:
             st = optimizer.state[p]
+            if not slots - set(st):
+                continue
             for k in slots - set(st):
                 st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for k, v in scalars.items():
+                if k not in st:
+                    st[k] = torch.zeros_like(v) if isinstance(v, torch.Tensor) else type(v)(0)
 
 
 def _layout(p: torch.Tensor) -> torch.memory_format:

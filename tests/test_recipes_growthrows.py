@@ -125,6 +125,33 @@ def test_optimizer_state_is_carried_by_parameter_name():
     assert int((new[4:] != 0).sum()) == 0  # new entries start at zero
 
 
+
+def test_carried_adam_state_gives_new_parameters_a_step():
+    """A parameter the growth created gets zero moments and step 0 next to carried Adam state: AdamW steps
+    (it raised KeyError 'step' in `growth.after=official` with `optim.optimizer=adamw`), and the new parameter's
+    first update equals a fresh AdamW's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    cfg = OptimConfig(optimizer="adamw", lr=0.1, weight_decay=0.0)
+    opt = build_optimizer(model, cfg)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    carried = optimizer_state_by_name(opt, model)
+    del carried["1.weight"], carried["1.bias"]  # as if layer 1 were new
+    fresh = build_optimizer(model, cfg)
+    _set_optimizer_state(fresh, model, carried, torch.device("cpu"))
+    assert float(fresh.state[model[1].weight]["step"]) == 0 and float(fresh.state[model[0].weight]["step"]) == 1
+    ref_model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    ref_model.load_state_dict(model.state_dict())
+    ref = build_optimizer(ref_model, cfg)
+    x = torch.randn(5, 4)
+    for m, o in ((model, fresh), (ref_model, ref)):
+        o.zero_grad()
+        m(x).sum().backward()
+        o.step()
+    assert torch.allclose(model[1].weight, ref_model[1].weight, atol=1e-7)
+    assert not torch.allclose(model[0].weight, ref_model[0].weight)  # carried moments and step differ
+
 SCRIPT = """
 import sys
 from morph.recipes.run import main
