@@ -204,7 +204,7 @@ def _normalize(a: Analyzer, node: fx.Node) -> TD:
     return TD(x.dims, _shape(a))
 
 
-@_module("timm.models.mobilevit.MobileVitBlock", "timm.models.mobilevit.MobileVitV2Block")
+@_module("timm.models.mobilevit.MobileVitV2Block")
 def _mobilevit_block(a: Analyzer, node: fx.Node) -> TD:
     """Refused, with the reason: timm keeps MobileViT's block out of fx (``register_notrace_module``): its forward
     computes the patch grid with ``math.ceil`` of the input size and interpolates the map when the patch size
