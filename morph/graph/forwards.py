@@ -71,3 +71,37 @@ def _mobilevit_block(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if m.conv_fusion is not None:
         x = m.conv_fusion(torch.cat((shortcut, x), dim=1))
     return x
+
+
+@register_traceable_forward("timm.models.efficientvit_mit.LiteMLA")
+def _lite_mla(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``LiteMLA`` (EfficientViT-MIT): a qkv conv whose channels are ``heads`` blocks of ``[q | k | v]``
+    (``dim`` channels each), multi-scale copies of it (a depthwise conv and a grouped 1x1 conv, one group per
+    block), and ReLU linear attention per head, the values padded with a constant-1 channel whose output is the
+    normalizer. timm's forward reshapes the concatenated scales at once (``[B, scales * heads, 3 * dim, HW]``);
+    here each scale is viewed as its heads before the concatenation (the same tensor), so the reshape splits one
+    projection's channels into heads. It leaves out timm's float32 upcast under disabled autocast (dtypes do not
+    change the channels)."""
+    b, _, h, w = x.shape
+    qkv = m.qkv(x)
+    scales = [qkv] + [op(qkv) for op in m.aggreg]
+    x = torch.cat([t.reshape(b, -1, 3 * m.dim, h * w) for t in scales], dim=1).transpose(-1, -2)
+    q, k, v = x.chunk(3, dim=-1)
+    q = m.kernel_func(q)
+    k = m.kernel_func(k)
+    v = F.pad(v, (0, 1), mode="constant", value=1.0)
+    out = q @ (k.transpose(-1, -2) @ v)
+    out = out[..., :-1] / (out[..., -1:] + m.eps)
+    return m.proj(out.transpose(-1, -2).reshape(b, -1, h, w))
+
+
+def head_count(m: nn.Module) -> int | None:
+    """The number of attention heads of ``m``: its ``num_heads``, or for the stand-ins' modules that keep no
+    such attribute, the count their reshapes split into (``LiteMLA``: its qkv channels over ``3 * dim``)."""
+    n = getattr(m, "num_heads", None)
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    t = type(m)
+    if f"{t.__module__}.{t.__qualname__}" == "timm.models.efficientvit_mit.LiteMLA":
+        return int(m.qkv.conv.out_channels) // (3 * int(m.dim))
+    return None

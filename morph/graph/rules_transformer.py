@@ -217,19 +217,6 @@ def _mobilevit_block(a: Analyzer, node: fx.Node) -> TD:
     )
 
 
-@_module("timm.models.efficientvit_mit.LiteMLA")
-def _lite_mla(a: Analyzer, node: fx.Node) -> TD:
-    """Refused, with the reason: timm keeps EfficientViT's (MIT) ``LiteMLA`` out of fx: its forward switches off
-    autocast depending on the input's device, which fx cannot trace, so its qkv conv, the multi-scale grouped
-    aggregation convs and the ReLU linear attention (values padded with a constant-1 channel) are not in the
-    traced graph."""
-    raise a.fail(
-        "timm's LiteMLA (EfficientViT-MIT) is an fx leaf (its forward branches on the input's device to switch off "
-        "autocast), so its qkv, multi-scale aggregation and projection convs are not in the traced graph",
-        "morph grows timm's ViTs, Swin, MaxViT, CoAtNet, LeViT, PiT, PVT-v2, XCiT and EdgeNeXt",
-    )
-
-
 def _torchvision_swin(a: Analyzer, node: fx.Node) -> TD:
     """Refused, with the reason: torchvision's Swin runs each window attention in ``shifted_window_attention``, a
     function fx keeps whole (``torch.fx.wrap``) that receives the qkv and projection weights as raw tensors and
