@@ -92,6 +92,17 @@ def _build(name: str) -> nn.Module:
     return _randomize(MODELS[name][0]().eval())
 
 
+def _bn_train(m: nn.Module) -> nn.Module:
+    """A copy in eval mode but for its BatchNorms, which use batch statistics."""
+    import copy
+
+    m = copy.deepcopy(m).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.train()
+    return m
+
+
 def _x(name: str) -> torch.Tensor:
     return torch.randn(2, *MODELS[name][1], generator=torch.Generator().manual_seed(1))
 
@@ -151,6 +162,15 @@ def test_growth_strict_function_and_gradient(name, method):
         assert grown.growth_losses[-1] < grown.growth_losses[0], grown.growth_losses
     else:
         assert _rel(yg, yh) <= 1e-6, _rel(yg, yh)
+        # and with BatchNorms on batch statistics (copies: their running statistics move)
+        h2, g2 = _bn_train(half), _bn_train(grown)
+        with torch.no_grad():
+            assert _rel(g2(x), h2(x)) <= 1e-6, _rel(g2(x), h2(x))
+    if name == "efficientvit" and method in ("random", "gradmax"):
+        # LiteMLA's new heads (blocks of [q | k | v] rows of 8): queries and keys random, values 0
+        w = grown.get_submodule(GROWN[name]).weight.detach().flatten(1)
+        new_heads = w[half.get_submodule(GROWN[name]).weight.shape[0]:].reshape(-1, 3, 8, w.shape[1])
+        assert new_heads[:, :2].norm(dim=-1).min() > 0 and not new_heads[:, 2].any()
     # new rows train: after a few SGD steps the grown layer's new rows have moved
     layer = grown.get_submodule(GROWN[name])
     n_old = half.get_submodule(GROWN[name]).weight.shape[0]
@@ -161,7 +181,7 @@ def test_growth_strict_function_and_gradient(name, method):
         opt.zero_grad()
         nn.functional.cross_entropy(grown(x), y).backward()
         opt.step()
-    moved = (layer.weight.detach() - before)[n_old:].norm(dim=tuple(range(1, before.dim())))
+    moved = (layer.weight.detach() - before)[n_old:].flatten(1).norm(dim=1)
     assert moved.min() > 0, (moved == 0).sum()
 
 

@@ -346,6 +346,12 @@ FLOPS_DEVIATIONS.update({f"timm/{n}": _ATTN for n in (
     "test_vit", "test_vit2", "gmlp_ti16_224", "test_vit_relpos")})
 _OTHER = "the other column (ops whose FLOPs are linear in the width: norms, scales, pooling) halves instead of quartering"
 FLOPS_DEVIATIONS.update({"timm/visformer_tiny": _OTHER, "timm/cait_xxs24_224": _OTHER})
+FLOPS_DEVIATIONS.update({
+    "timm/efficientvit_b0": "depthwise and grouped convs (MBConv's depthwise, LiteMLA's multi-scale aggregation: the "
+                            "dw column, 11%) and the other column halve instead of quartering",
+    "timm/mobilevit_xxs": "attention products (q.k and attn.v over every patch sequence: 15% of its FLOPs by "
+                          "morph.flops) scale with the number of heads: they halve instead of quartering",
+})
 
 
 def transformer_specs() -> list[str]:
