@@ -317,7 +317,10 @@ def _model_attributes(plan: ChannelPlan, model: nn.Module, new: nn.Module, width
             dims = [p.in_dim for p in reversed(layers) if p.kind in ("conv", "linear", "norm", "layernorm")]
         for d in dims:
             if plan.size(d) == old:
-                setattr(new, name, plan.size(d, width))
+                try:
+                    setattr(new, name, plan.size(d, width))
+                except AttributeError:  # a read-only property: it derives the width itself
+                    pass
                 break
 
 

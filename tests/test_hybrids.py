@@ -229,3 +229,15 @@ def test_head_dim_mode_refuses_lite_mla():
     with attention_width("head_dim"), pytest.raises(morph.MorphError, match="padding a channel dim") as e:
         morph.analyze(_efficientvit(), (3, 32, 32))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_edgenext_split_residual_grows_back():
+    """EdgeNeXt's stage of 88 channels is chunked 30/30/28 and read back by 4 heads of 22: the half's residual
+    (15/15/14) must grow back to 88, not stay in 44 groups of one channel (the fuse refusal before)."""
+    m = _edgenext()
+    half = morph.scale_width(m, 0.5, input_size=(3, 64, 64))
+    plan = morph.analyze(half, (3, 64, 64))
+    out = plan.layers["stages.2.downsample.1"].out_dim
+    assert plan.size(out) == 44 and plan.size(out, 2.0) == 88
+    assert sorted(plan.groups.size[plan.groups.find(s.group)] for s in plan.atoms(out)) == [14, 15, 15]
