@@ -165,7 +165,10 @@ def flops_breakdown(model: nn.Module, plan: ChannelPlan, input_size: tuple[int, 
     from fvcore.nn import FlopCountAnalysis
 
     p = next(iter(model.parameters()))
+    from morph.flops import _sdpa_handle  # the attention products, as morph.flops counts them for the half
+
     fca = FlopCountAnalysis(model.eval(), torch.zeros((1, *input_size), dtype=p.dtype))
+    fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with torch.no_grad():
         total = float(fca.total())

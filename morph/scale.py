@@ -263,7 +263,7 @@ def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float, consts: l
             args[1 + c.index] = plan.size(c.dims[0], width)
         n.args = tuple(args)
     gm = fx.GraphModule(model, graph, type(model).__name__)
-    for attr in ("morph_spec", "pretrained_cfg", "default_cfg"):
+    for attr in ("morph_spec", "pretrained_cfg", "default_cfg", *_MODEL_ATTRS):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
     return gm
@@ -287,10 +287,41 @@ def apply_width(
         _resize_layer(plan, p, new.get_submodule(name), shapes[name], width, init)
     for path, dims in plan.params.items():
         _resize_attr(plan, new, path, dims, width)
+    _model_attributes(plan, model, new, width)
     consts = _attention_attributes(plan, new, width)
     if consts:
         new = _rewrite_consts(plan, new, width, consts)
     return new, shapes
+
+
+# the model-level widths timm models keep (``num_features``: channels into the head, ``head_hidden_size``: into
+# the classifier, ``embed_dim``: of the token embedding / first stage): the first layer of that width read from the
+# classifier back, or (``embed_dim``) from the input forward
+_MODEL_ATTRS = {"num_features": -1, "head_hidden_size": -1, "embed_dim": 1}
+
+
+def _model_attributes(plan: ChannelPlan, model: nn.Module, new: nn.Module, width: float) -> None:
+    """Set the root module's ``num_features``, ``head_hidden_size`` and ``embed_dim`` (an int that timm's
+    ``VisionTransformer``, ``SwinTransformer``, ``ResNet``, ``EfficientNet`` ... keep) to the width of the channel
+    group they describe, so that a derived model's attributes describe its real width. The group: the first
+    conv/linear input (from the classifier back; ``embed_dim``: output, from the input forward) whose original
+    width equals the attribute; an attribute no layer matches is left alone."""
+    layers = sorted(plan.layers.values(), key=lambda p: p.order)
+    for name, direction in _MODEL_ATTRS.items():
+        old = getattr(model, name, None)
+        if not isinstance(old, int) or isinstance(old, bool):
+            continue
+        if direction > 0:
+            dims = [p.out_dim for p in layers if p.kind in ("conv", "linear")]
+        else:
+            dims = [p.in_dim for p in reversed(layers) if p.kind in ("conv", "linear", "norm", "layernorm")]
+        for d in dims:
+            if plan.size(d) == old:
+                try:
+                    setattr(new, name, plan.size(d, width))
+                except AttributeError:  # a read-only property: it derives the width itself
+                    pass
+                break
 
 
 _HEAD_ATTRS = ("num_heads", "head_dim", "attn_dim", "val_attn_dim")

@@ -274,6 +274,10 @@ TIMM_TRANSFORMERS = {
     "xcit (cross-covariance attention, Fourier position encoding)": "xcit_nano_12_p16_224",
     "vit (debug, relative-position MLP bias)": "test_vit_relpos",
     "maxvit": "maxvit_nano_rw_256",  # 2 heads in its first stage: head_dim mode
+    # timm keeps these blocks out of fx; morph traces its stand-in forwards (morph/graph/forwards.py)
+    "mobilevit (conv stages, patch unfold into a transformer)": "mobilevit_xxs",
+    "efficientvit-mit (multi-scale ReLU linear attention)": "efficientvit_b0",
+    "edgenext (split-transpose blocks, cross-covariance attention)": "edgenext_xx_small",
 }
 
 # attention modules that cannot halve their number of heads (3 heads, or 2 -> 1) change their head size
@@ -282,17 +286,14 @@ ATTENTION_WIDTH: dict[str, str] = {
     **{f"timm/{n}": "head_dim" for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4", "vit_tiny_patch16_224",
                                           "deit_tiny_patch16_224", "test_coatnet", "test_maxvit",
                                           "swin_tiny_patch4_window7_224", "deit_tiny_distilled_patch16_224",
-                                          "pit_ti_224", "pvt_v2_b0", "visformer_tiny", "edgenext_xx_small",
+                                          "pit_ti_224", "pvt_v2_b0", "visformer_tiny",
                                           "test_vit_relpos", "maxvit_nano_rw_256")},
 }
 
 # timm attention/hybrid families morph refuses at analysis, with the op named in the one-line error
 TIMM_TRANSFORMERS_REFUSED: dict[str, str] = {
-    # analyzed and converted (head_dim mode; Fourier positions, F.normalize), but its split widths (30, 30, 28 of
-    # 88 channels) and heads of 22 cut the residual group into pieces whose halves cannot tile back: fuse refuses
-    "timm/edgenext_xx_small": "two halves cannot tile it",
-    "timm/mobilevit_xxs": "MobileVitBlock",
-    "timm/efficientvit_b0": "LiteMLA",
+    # fx leaf without a stand-in forward (v1's MobileVitBlock has one): its linear attention is not in the graph
+    "timm/mobilevitv2_050": "MobileVitV2Block",
 }
 
 # torchvision's attention models, refused with the op named in the one-line error
@@ -333,6 +334,9 @@ NOT_BLOCKWISE.update({
     "timm/maxvit_nano_rw_256": f"{_LN}; relative-position bias tables are shared by a's and b's heads",
     "timm/visformer_tiny": "head_dim mode: a's and b's channels share each head's softmax",
     "timm/efficientformer_l1": f"{_LN} (last stage)",
+    "timm/mobilevit_xxs": _LN,
+    "timm/edgenext_xx_small": _LN,
+    "timm/efficientvit_b0": f"{_LN} (classifier head)",
 })
 
 # small transformers: the patch embedding and the head (one side fixed) halve instead of quartering (edge column);
@@ -342,6 +346,12 @@ FLOPS_DEVIATIONS.update({f"timm/{n}": _ATTN for n in (
     "test_vit", "test_vit2", "gmlp_ti16_224", "test_vit_relpos")})
 _OTHER = "the other column (ops whose FLOPs are linear in the width: norms, scales, pooling) halves instead of quartering"
 FLOPS_DEVIATIONS.update({"timm/visformer_tiny": _OTHER, "timm/cait_xxs24_224": _OTHER})
+FLOPS_DEVIATIONS.update({
+    "timm/efficientvit_b0": "depthwise and grouped convs (MBConv's depthwise, LiteMLA's multi-scale aggregation: the "
+                            "dw column, 11%) and the other column halve instead of quartering",
+    "timm/mobilevit_xxs": "attention products (q.k and attn.v over every patch sequence: 15% of its FLOPs by "
+                          "morph.flops) scale with the number of heads: they halve instead of quartering",
+})
 
 
 def transformer_specs() -> list[str]:

@@ -8,6 +8,7 @@
 
 from .analyze import analyze, default_input_size
 from .analyzer import Analyzer
+from .forwards import register_traceable_forward
 from .plan import TD, ChannelPlan, ConstSite, LayerPlan
 from .registry import register_function_rule, register_method_rule, register_module_rule
 from .rules import ATTENTION_WIDTHS, attention_width
@@ -15,5 +16,6 @@ from .trace import MorphTracer, node_qualname, trace
 
 __all__ = [
     "ATTENTION_WIDTHS", "attention_width", "Analyzer", "ChannelPlan", "ConstSite", "LayerPlan", "MorphTracer", "TD", "analyze", "default_input_size",
-    "node_qualname", "register_function_rule", "register_method_rule", "register_module_rule", "trace",
+    "node_qualname", "register_function_rule", "register_method_rule", "register_module_rule",
+    "register_traceable_forward", "trace",
 ]

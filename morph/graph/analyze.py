@@ -17,6 +17,7 @@ from ..errors import MorphError
 from . import rules as _rules  # noqa: F401  (the built-in rules register themselves on import)
 from . import rules_transformer as _rules_transformer  # noqa: F401
 from .analyzer import Analyzer
+from .forwards import head_count
 from .plan import TD, ChannelPlan, ConstSite, LayerPlan
 from .trace import trace
 
@@ -90,10 +91,8 @@ def _drop_traced_constants(model: nn.Module, a: Analyzer) -> None:
 def _record_heads(model: nn.Module, gm) -> None:
     """The attention modules' head counts by module path (``num_heads``), which the reshape rule reads to tell
     heads from head channels (the traced graph keeps only the leaves, not the attention modules' attributes)."""
-    gm.meta["morph_heads"] = {
-        name: int(m.num_heads) for name, m in model.named_modules()
-        if isinstance(getattr(m, "num_heads", None), int) and not isinstance(m, nn.MultiheadAttention)
-    }
+    heads = {name: head_count(m) for name, m in model.named_modules() if not isinstance(m, nn.MultiheadAttention)}
+    gm.meta["morph_heads"] = {name: n for name, n in heads.items() if n is not None}
     gm.meta["morph_attention_width"] = _rules.current_attention_width()  # the mode this plan was analyzed in
 
 

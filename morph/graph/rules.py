@@ -661,10 +661,20 @@ def _view(a: Analyzer, node: fx.Node) -> TD:
                 a.consts.append(ConstSite(node.name, "shape", k, (y.dims[k],), node_qualname(node)))
             sv = a.value(s) if isinstance(s, fx.Node) else None
             if isinstance(sv, SizeOf) and sv.size == out_shape[k] > 1 and not any(
-                    s.group in a.g.derived for s in a.g.atoms(y.dims[k]) + a.g.atoms(sv.dim)):
-                # the axis has the length of another tensor's dim (a shuffled view only its length: left alone)
+                    s.group in a.g.derived for s in a.g.atoms(y.dims[k]) + a.g.atoms(sv.dim)) and (
+                    _cuts(a, y.dims[k]) == _cuts(a, sv.dim)):
+                # the axis has the length of another tensor's dim (a shuffled view only its length: left alone).
+                # Where the two dims are cut differently (EdgeNeXt: 4 heads of 22 channels read back with the
+                # length of a residual split 30, 30, 28) coupling would refine both to their common divisor (units
+                # of 2 channels, which halve to 1 and cannot grow back): they are left to scale each by its own
+                # groups, and the reshape reads the length at run time
                 couple(a, y.dims[k], sv.dim)
     return y
+
+
+def _cuts(a: Analyzer, d: Dim) -> list[int]:
+    """The lengths of ``d``'s atoms in order: where two dims' cuts differ, coupling them refines their groups."""
+    return [a.g.size[a.g.find(s.group)] * s.inner for s in a.g.atoms(d)]
 
 
 _method("view", "reshape")(_view)

@@ -204,29 +204,16 @@ def _normalize(a: Analyzer, node: fx.Node) -> TD:
     return TD(x.dims, _shape(a))
 
 
-@_module("timm.models.mobilevit.MobileVitBlock", "timm.models.mobilevit.MobileVitV2Block")
-def _mobilevit_block(a: Analyzer, node: fx.Node) -> TD:
-    """Refused, with the reason: timm keeps MobileViT's block out of fx (``register_notrace_module``): its forward
-    computes the patch grid with ``math.ceil`` of the input size and interpolates the map when the patch size
-    does not divide it, so the ops inside (the convs, the unfold into patches whose pixels become the batch, the
-    transformer's heads, the fold back) are not in the graph the analysis reads."""
+@_module("timm.models.mobilevit.MobileVitV2Block")
+def _mobilevit_v2_block(a: Analyzer, node: fx.Node) -> TD:
+    """Refused, with the reason: timm keeps MobileViT v2's block out of fx (``register_notrace_module``: its
+    forward sizes the patch grid with ``math.ceil`` on the input shape), and morph has no stand-in forward for it
+    (:mod:`.forwards` has one for v1's ``MobileVitBlock``), so its convs and linear self-attention (a softmax over
+    one query channel, split off the qkv conv) are not in the traced graph."""
     raise a.fail(
-        "timm's MobileVitBlock is an fx leaf (its forward sizes the patch grid with math.ceil on the input shape "
-        "and interpolates when it does not divide), so its convs and transformer are not in the traced graph",
-        "morph grows timm's ViTs, Swin, MaxViT, CoAtNet, LeViT, PiT, PVT-v2, XCiT and EdgeNeXt",
-    )
-
-
-@_module("timm.models.efficientvit_mit.LiteMLA")
-def _lite_mla(a: Analyzer, node: fx.Node) -> TD:
-    """Refused, with the reason: timm keeps EfficientViT's (MIT) ``LiteMLA`` out of fx: its forward switches off
-    autocast depending on the input's device, which fx cannot trace, so its qkv conv, the multi-scale grouped
-    aggregation convs and the ReLU linear attention (values padded with a constant-1 channel) are not in the
-    traced graph."""
-    raise a.fail(
-        "timm's LiteMLA (EfficientViT-MIT) is an fx leaf (its forward branches on the input's device to switch off "
-        "autocast), so its qkv, multi-scale aggregation and projection convs are not in the traced graph",
-        "morph grows timm's ViTs, Swin, MaxViT, CoAtNet, LeViT, PiT, PVT-v2, XCiT and EdgeNeXt",
+        "timm's MobileVitV2Block is an fx leaf (its forward sizes the patch grid with math.ceil on the input shape) "
+        "and morph has no traceable stand-in for it, so its convs and linear attention are not in the traced graph",
+        "morph grows MobileViT v1 (mobilevit_xxs/xs/s), EfficientViT-MIT, EdgeNeXt and timm's ViTs",
     )
 
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import MorphError
+from .forwards import traceable_forward
 from .registry import autowrap_functions, has_module_rule
 
 __all__ = ["MorphTracer", "trace", "node_qualname"]
@@ -41,7 +42,8 @@ def _timm_notrace() -> tuple[set, set]:
 class MorphTracer(fx.Tracer):
     """fx tracer that treats as leaves: morph's rule types, modules with a registered rule
     (:func:`morph.graph.register_module_rule`), torch.nn modules, and the modules timm marks as not
-    traceable (``timm.layers.register_notrace_module``), as timm's own fx helpers do. Functions with a
+    traceable (``timm.layers.register_notrace_module``), as timm's own fx helpers do, except those with a
+    traceable stand-in forward (:mod:`morph.graph.forwards`), which it traces. Functions with a
     registered rule are recorded as one call (:func:`morph.graph.register_function_rule`)."""
 
     def __init__(self) -> None:
@@ -52,9 +54,17 @@ class MorphTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, _LEAF_TYPES) or has_module_rule(m):
             return True
+        if traceable_forward(m) is not None:
+            return False
         if self._timm_leaves and isinstance(m, self._timm_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        stand_in = traceable_forward(m)
+        if stand_in is not None and not self.is_leaf_module(m, self.path_of_module(m)):
+            return super().call_module(m, lambda *a, **k: stand_in(m, *a, **k), args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def trace(model: nn.Module, example: torch.Tensor, *, train: bool = False) -> fx.GraphModule:

@@ -81,7 +81,33 @@ def init_new_keys(new: nn.Module, layout, x: torch.Tensor, gen: torch.Generator)
     finally:
         F.scaled_dot_product_attention, torch.Tensor.__matmul__ = orig_sdpa, orig_mm
     try:
-        return _set_keys(new, x, y0, cands, seen, gen)
+        # the outputs must stay the same with BatchNorms on batch statistics too: in eval mode a candidate may
+        # keep them by chance (EfficientViT's ReLU kernel zeroes random new queries on the running statistics)
+        inputs = [(x, y0, False)]
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in new.modules()):
+            try:
+                with torch.no_grad():
+                    inputs.append((x, _run(new, x, bn_train=True), True))
+            except (ValueError, RuntimeError):  # a batch too small for batch statistics: eval mode only
+                pass
+        changed = _set_keys(new, inputs, cands, seen, gen)
+        if any(len(rows) for rows in _zero_rows(cands)):
+            # linear attention (LiteMLA: relu(q) @ (relu(k)^T @ v) / normalizer): in call order the values (the
+            # right factor of k^T @ v) and the keys pass while the queries are 0, and the queries, which then
+            # change the outputs, stay 0, where the normalizer (q . sum k + eps, eps 1e-15) makes their gradient
+            # kv / eps. From the last product back, left factors first, queries and keys pass and the values stay
+            # 0 (softmax attention ends the same either way). The order whose zero rows get the smaller gradient
+            # wins, by a wide margin only.
+            g_first = _zero_row_grad(new, x, cands)
+            first = {n: w.detach()[rows].clone() for n, (w, rows) in cands.items()}
+            for w, rows in cands.values():
+                w.data[rows] = 0
+            changed_rev = _set_keys(new, inputs, cands, seen[::-1], gen, targets=(0, 1))
+            if _zero_row_grad(new, x, cands) * 1e3 < g_first:
+                return changed_rev
+            for n, (w, rows) in cands.items():
+                w.data[rows] = first[n]
+        return changed
     finally:
         new.train(was)
         with torch.no_grad():
@@ -90,7 +116,54 @@ def init_new_keys(new: nn.Module, layout, x: torch.Tensor, gen: torch.Generator)
                     v.copy_(buffers[k])
 
 
-def _set_keys(new, x, y0, cands, seen, gen) -> list[str]:
+def _run(new, x, bn_train: bool):
+    """``new(x)`` in eval mode, or with its BatchNorms on batch statistics (momentum 0: running statistics kept)."""
+    if not bn_train:
+        new.eval()
+        return _first(new(x))
+    norms = [m for m in new.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    moms = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.train()
+            m.momentum = 0.0
+        return _first(new(x))
+    finally:
+        for m, mom in zip(norms, moms, strict=True):
+            m.eval()
+            m.momentum = mom
+
+
+def _zero_rows(cands) -> list[torch.Tensor]:
+    """Per candidate layer, its new rows still at zero where other new rows of the layer are not."""
+    out = []
+    for w, rows in cands.values():
+        zero = rows[~w.detach()[rows].flatten(1).any(1)]
+        out.append(zero if len(zero) < len(rows) else zero[:0])
+    return out
+
+
+def _zero_row_grad(new, x, cands) -> float:
+    """The largest gradient norm (of a fixed random probe of the outputs) of a zero new row, relative to the
+    mean gradient norm of its layer's old rows."""
+    ws = [w for w, _ in cands.values()]
+    new.eval()
+    with torch.enable_grad():
+        out = new(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(out)
+        grads = torch.autograd.grad((out * probe).sum(), ws, allow_unused=True)
+    worst = 0.0
+    for (_, rows), zero, g in zip(cands.values(), _zero_rows(cands), grads, strict=True):
+        if g is None or len(zero) == 0:
+            continue
+        g = g.detach().flatten(1).norm(dim=1)
+        old = g[~_fresh_mask(len(g), rows)]
+        worst = max(worst, float(g[zero].max() / old.mean().clamp_min(1e-30)))
+    return worst
+
+
+def _set_keys(new, inputs, cands, seen, gen, targets=(1, 0)) -> list[str]:
     """Candidates: per watched call and layer, the new rows still at zero that reach ``k`` (SDPA) or the right
     factor of a matmul (``q @ k^T``, but also ``attn @ v``) and no other input of the call, then those that reach
     ``q`` (the left factor) only; each is kept only where the outputs stay the same (a value's rows, and queries
@@ -99,7 +172,7 @@ def _set_keys(new, x, y0, cands, seen, gen) -> list[str]:
     probe = torch.Generator().manual_seed(0)
     tried: set[tuple[str, tuple[int, ...]]] = set()
     changed: list[str] = []
-    tol = 1e-9 if y0.dtype == torch.float64 else 1e-4
+    tol = 1e-9 if inputs[0][1].dtype == torch.float64 else 1e-4
     for call in seen:
         if not any(t.requires_grad for t in call):
             continue
@@ -111,7 +184,7 @@ def _set_keys(new, x, y0, cands, seen, gen) -> list[str]:
             loss = (t * torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t)).sum()
             grads.append(torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True))
         with torch.no_grad():
-            for target in (1, 0):  # keys (k of SDPA, the right factor of a matmul) first, then queries
+            for target in targets:  # keys (k of SDPA, the right factor of a matmul) first, then queries
                 for j, (name, (w, rows)) in enumerate(cands.items()):
                     hit = [None if g[j] is None else g[j].detach()[rows].flatten(1).abs().sum(1) > 0 for g in grads]
                     if hit[target] is None:
@@ -128,8 +201,8 @@ def _set_keys(new, x, y0, cands, seen, gen) -> list[str]:
                     tried.add(sig)
                     old_w = w.detach()[~_fresh_mask(w.shape[0], rows)]
                     w.data[krows] = random_directions(len(krows), tuple(w.shape[1:]), gen, w) * mean_norm(old_w, 0)
-                    y1 = _first(new(x))
-                    if float((y1 - y0).norm() / y0.norm().clamp_min(1e-30)) > tol:
+                    if not all(float((_run(new, xi, bn) - yi).norm() / yi.norm().clamp_min(1e-30)) <= tol
+                               for xi, yi, bn in inputs):
                         w.data[krows] = 0  # it changes the outputs (values; queries in head_dim mode): undo
                     else:
                         changed.append(name)
