@@ -56,7 +56,15 @@ from ..zoo import get_spec
 from . import activation
 from .directions import mean_norm, random_directions
 from .layout import FRESH, OLD, DimMap, Layout, build_layout, split_unevenly
-from .liveness import chained_norms, dead_products, shuffled_inputs, zero_inputs
+from .liveness import (
+    chained_norms,
+    constant_inputs,
+    dead_products,
+    project_out,
+    shuffled_inputs,
+    split_products,
+    zero_inputs,
+)
 from .optim import GrowthRecord
 from .registry import GrowthMethod
 
@@ -200,6 +208,10 @@ class PlainGrowth(GrowthMethod):
         # where zero new neurons could not start to train (module docstring of .liveness)
         zero = self.zero_incoming()
         self.live_layers = dead_products(layout) if zero else {}
+        self.live_rows: dict[str, torch.Tensor] = {}  # live layers whose live rows are one slice of their output
+        for name, (product, rows) in (split_products(layout) if zero else {}).items():
+            if name not in self.live_layers:
+                self.live_layers[name], self.live_rows[name] = product, rows
         self.chained = set(chained_norms(layout)) if zero else set()
         p0 = next(iter(model.parameters()))
         new = layout.skeleton().to(dtype=p0.dtype, device=p0.device)
@@ -211,8 +223,10 @@ class PlainGrowth(GrowthMethod):
                 self._fill_layer(layout, p, model.get_submodule(name), new.get_submodule(name), record)
             for path, dims in layout.plan.params.items():
                 self._fill_attr(layout, path, dims, model, new, record)
+        self.offsets: list[str] = []
         if zero:
             self._live_zero_inputs(new, model, layout, data)
+            self._cancel_offsets(new, layout, data)
         for prm in new.parameters():
             prm.requires_grad_(True)
         new.train(model.training)
@@ -228,7 +242,8 @@ class PlainGrowth(GrowthMethod):
         if self._reestimates(data):
             reestimate_norm_stats(new, self.stats_batches(list(iterate_batches(data))))
         new.growth_report = self.report(layout)
-        new.growth_liveness = {"live": dict(self.live_layers), "chained_norms": sorted(self.chained)}
+        new.growth_liveness = {"live": dict(self.live_layers), "chained_norms": sorted(self.chained),
+                               "offsets": sorted(self.offsets)}
         new.growth_record = GrowthRecord(record)
         spec = info.spec if info is not None else get_spec(model)
         size = tuple(layout.plan.input_size)
@@ -256,6 +271,22 @@ class PlainGrowth(GrowthMethod):
             with torch.no_grad():
                 self.live(name, new.get_submodule(name).weight.data, rows, model.get_submodule(name).weight.detach())
             self.live_layers[name] = cand[name]
+
+    def _cancel_offsets(self, new: nn.Module, layout: Layout, data) -> None:
+        """New channels that are a non-zero constant at growth (an activation with ``f(0) != 0`` behind zero new
+        neurons: StarReLU's bias) would add ``constant x outgoing weight`` to the consumer's output: its outgoing
+        weights of new channels are made orthogonal to the constants, per output row and kernel tap
+        (:func:`.liveness.constant_inputs`, :func:`.liveness.project_out`), so the function is kept exactly."""
+        batches = list(iterate_batches(data))
+        p0 = next(iter(new.parameters()))
+        x = batches[0][0] if batches else torch.randn((2, *layout.plan.input_size), generator=self.gen,
+                                                      dtype=torch.float64)
+        for name, c in constant_inputs(new, layout, x.to(p0)).items():
+            cols = layout.dim(layout.plan.layers[name].in_dim).fresh.nonzero().flatten()
+            w = new.get_submodule(name).weight
+            with torch.no_grad():
+                project_out(w.data, cols.to(w.device), c)
+            self.offsets.append(name)
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in super().record().items() if k not in ("plan", "input_size")}
@@ -319,7 +350,9 @@ class PlainGrowth(GrowthMethod):
         if len(rows_f):
             (self.free if grouped else self.incoming)(p.name, w, rows_f, w_old)
             if not grouped and p.name in self.live_layers:
-                self.live(p.name, w, rows_f, w_old)
+                part = self.live_rows.get(p.name)
+                live = rows_f if part is None else (out_map.fresh & part).nonzero().flatten()
+                self.live(p.name, w, live, w_old)
         if not grouped:
             cols_f = cols.fresh.nonzero().flatten()
             if len(cols_f):
