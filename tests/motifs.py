@@ -301,6 +301,29 @@ class GatedSplit(nn.Module):
         return self.fc(x.mean((1, 2)))
 
 
+class StdConvNet(nn.Module):
+    """NF-ResNet-like: timm's weight-standardized ``ScaledStdConv2d`` (``gain x gamma / sqrt(fan_in) x (w - mean) /
+    sqrt(var + eps)`` per filter) in a residual bottleneck, gains away from their init."""
+
+    def __init__(self, c=8, num_classes=5):
+        super().__init__()
+        from timm.layers import ScaledStdConv2d
+
+        self.stem = ScaledStdConv2d(3, c, 3, padding=1)
+        self.conv1 = ScaledStdConv2d(c, 2 * c, 1)
+        self.conv2 = ScaledStdConv2d(2 * c, 2 * c, 3, padding=1)
+        self.conv3 = ScaledStdConv2d(2 * c, c, 1)
+        self.fc = nn.Linear(c, num_classes)
+        with torch.no_grad():
+            for m in (self.stem, self.conv1, self.conv2, self.conv3):
+                m.gain.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = x + self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
 MOTIFS = {
     "residual": Residual,
     "concat": Concat,

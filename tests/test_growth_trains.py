@@ -608,6 +608,26 @@ def test_a_gate_split_from_one_layer_trains(method):
     assert err0 <= 1e-6 and zero0 == 2 * 24  # before: all 2 x 24 new rows of fc1 stay zero (the dwconv's new filters are random)
 
 
+@pytest.mark.parametrize("method", ["random", "gradmax", "net2net"])
+def test_weight_standardized_convs_keep_the_function_and_train(method):
+    """NF-Nets' ``ScaledStdConv2d`` standardizes every filter over its fan-in: new input channels change each
+    filter's mean and variance (and Net2Net's split replicas its mean). New entries at the filter's old mean,
+    replicas splitting the deviation from it, and the gain taking the variance's change keep the function; new
+    neurons get gain 0 with a live filter (a zero filter's gradient is divided by sqrt(eps))."""
+    from unittest import mock
+
+    err, (total, zero, same), _ = _motif_check(motifs.StdConvNet, method)
+    assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
+    with mock.patch("morph.growth.plain.PlainGrowth._restandardize"):
+        err0, _, _ = _motif_check(motifs.StdConvNet, method)
+    assert err0 > 1e-2, err0  # before: every filter re-standardized over the wider fan-in
+    if method != "net2net":
+        grown = morph.grow(motifs.StdConvNet(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+        conv = grown.get_submodule("conv2")
+        gain, weight = conv.gain.detach(), conv.weight.detach()
+        assert float(gain[16:].abs().max()) == 0 and float(weight[16:].flatten(1).norm(dim=1).min()) > 0
+
+
 def test_liveness_rules_leave_residual_networks_alone():
     """ResNet (post-activation) and the recipes' pre-activation WRN have no product of new channels and no zero
     BatchNorms in series: what they get is unchanged (new_gamma, zero incoming weights)."""

@@ -374,6 +374,52 @@ class PlainGrowth(GrowthMethod):
                 new[out_map.fresh] = 0
             t.data = new.to(t.dtype)
             record[_pname(p.name, tname)] = [(0, _pname(p.name, tname), [_old_index(out_map)] + [None] * (t.dim() - 1))]
+        if _standardized(mod) and not grouped and not transposed:
+            self._restandardize(p.name, mod, old, w_old, out_map, cols)
+
+    def _restandardize(self, name: str, mod: nn.Module, old_mod: nn.Module, w_old: torch.Tensor, out_map: DimMap,
+                       cols: DimMap) -> None:
+        """A weight-standardized conv (timm's ``ScaledStdConv2d``: ``gain x gamma / sqrt(fan_in) x (w - mean) /
+        sqrt(var + eps)`` per filter, over its fan-in; ``gamma / sqrt(fan_in)`` is the module's ``scale``) whose
+        fan-in grows by new input channels: every kept filter's new entries are shifted to have the filter's old
+        mean, so the old entries standardize around the same mean, and its gain takes the change of ``scale`` and
+        variance, so they standardize to the same values; new channels
+        (zero at growth) keep their (shifted) outgoing weights, which standardize to non-zero values. A new neuron's
+        effective incoming weights are ``gain x`` its standardized filter: where the method leaves them zero (Random,
+        GradMax at epsilon 0) its filter gets the method's live random direction (:meth:`live`) and its gain 0, so
+        the function is kept and the gain gets a gradient at the first step; a zero filter would standardize to 0
+        with gradient ``gain / sqrt(eps)`` and take many steps to rise above ``sqrt(eps)``. Otherwise (Firefly,
+        epsilon > 0) the new filters get gain ``new_gamma``, like a BatchNorm channel of new neurons. The entries
+        of replicated input channels (Net2Net) split their source's deviation from the mean, ``mean + share x
+        (w - mean)``, so the replicas' standardized entries sum to the source's."""
+        w = mod.weight.data
+        fresh_c = cols.fresh.to(w.device)
+        rows_k = out_map.kept.nonzero().flatten().to(w.device)
+        eps = float(mod.eps)
+        with torch.no_grad():
+            if len(cols) != w_old.shape[1] and len(rows_k):
+                old = w_old.index_select(0, out_map.src[out_map.kept].to(w.device)).flatten(1).double()
+                mu, var = old.mean(1), old.var(1, unbiased=False)
+                sub = w.index_select(0, rows_k).double()  # [kept, in, taps...]
+                shape = (-1, *([1] * (sub.dim() - 1)))
+                kept_c = ~fresh_c
+                sub[:, kept_c] += (1 - cols.fanout.to(sub)[kept_c]).view(1, -1, *([1] * (sub.dim() - 2))) * mu.view(shape)
+                if fresh_c.any():
+                    v = sub[:, fresh_c]
+                    sub[:, fresh_c] = v - v.flatten(1).mean(1).view(shape) + mu.view(shape)
+                var_new = sub.flatten(1).var(1, unbiased=False)
+                ratio = float(old_mod.scale) / float(mod.scale) * torch.sqrt((var_new + eps) / (var + float(old_mod.eps)))
+                w.index_copy_(0, rows_k, sub.to(w.dtype))
+                g = mod.gain.data
+                g[rows_k] = (g[rows_k].double() * ratio.view(-1, *([1] * (g.dim() - 1)))).to(g.dtype)
+            rows_f = out_map.fresh.nonzero().flatten().to(w.device)
+            if len(rows_f) and self.zero_incoming():
+                # zero effective incoming weights as gain 0 x a live filter: the gains get a gradient at once (a zero
+                # filter standardizes to 0 with gradient gain / sqrt(eps) and stays below sqrt(eps) for many steps)
+                self.live(name, w, rows_f, w_old)
+                mod.gain.data[rows_f] = 0.0
+            elif len(rows_f):
+                mod.gain.data[rows_f] = float(self.opts["new_gamma"])
 
     def _fill_attr(self, layout: Layout, path: str, dims, model: nn.Module, new: nn.Module, record) -> None:
         mod_path, _, name = path.rpartition(".")
@@ -426,6 +472,12 @@ def _additive(gm, path: str) -> bool:
             else:
                 return False
     return True
+
+
+def _standardized(mod: nn.Module) -> bool:
+    """A conv that standardizes its filters with a per-filter gain (timm's ``ScaledStdConv2d``/``...Same``)."""
+    return (isinstance(mod, nn.Conv2d) and "StdConv" in type(mod).__name__ and isinstance(getattr(mod, "gain", None),
+            torch.Tensor) and hasattr(mod, "eps") and hasattr(mod, "scale"))
 
 
 def _first_block(a: DimMap, width: int, blocks: int) -> DimMap:
