@@ -403,12 +403,14 @@ def constant_inputs(model: nn.Module, layout: Layout, x: torch.Tensor, tol: floa
         if m.fresh.any() and len(m) == model.get_submodule(p.name).weight.shape[1]:
             names.append(p.name)
             cols[p.name] = m.fresh.nonzero().flatten()
-    seen: dict[str, list[torch.Tensor]] = {}
+    seen: dict[str, tuple[torch.Tensor, float]] = {}  # layer -> (first position's values, largest deviation)
 
     def hook(mod, args, name):
         t = args[0].detach()
         t = t.movedim(1, -1) if isinstance(mod, nn.modules.conv._ConvNd) else t
-        seen.setdefault(name, []).append(t.index_select(-1, cols[name].to(t.device)).reshape(-1, len(cols[name])))
+        v = t.index_select(-1, cols[name].to(t.device)).reshape(-1, len(cols[name])).double()
+        c, dev = seen.get(name, (v[0], 0.0))
+        seen[name] = (c, max(dev, float((v - c).abs().max())))
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
     was = model.training
@@ -421,12 +423,9 @@ def constant_inputs(model: nn.Module, layout: Layout, x: torch.Tensor, tol: floa
         for h in hooks:
             h.remove()
     out = {}
-    for name, ts in seen.items():
-        v = torch.cat(ts).double()
-        c = v[0]
-        if not bool(c.abs().max() > 0):
-            continue
-        if bool(((v - c).abs().max() <= tol * c.abs().max()).item()):
+    for name, (c, dev) in seen.items():
+        scale = float(c.abs().max())
+        if scale > 0 and dev <= tol * scale:
             out[name] = c
     return out
 

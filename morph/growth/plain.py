@@ -279,8 +279,8 @@ class PlainGrowth(GrowthMethod):
         (:func:`.liveness.constant_inputs`, :func:`.liveness.project_out`), so the function is kept exactly."""
         batches = list(iterate_batches(data))
         p0 = next(iter(new.parameters()))
-        x = batches[0][0] if batches else torch.randn((2, *layout.plan.input_size), generator=self.gen,
-                                                      dtype=torch.float64)
+        x = batches[0][0] if batches else torch.randn((2, *layout.plan.input_size), dtype=torch.float64,
+                                                      generator=torch.Generator().manual_seed(0))  # not self.gen
         for name, c in constant_inputs(new, layout, x.to(p0)).items():
             cols = layout.dim(layout.plan.layers[name].in_dim).fresh.nonzero().flatten()
             w = new.get_submodule(name).weight
