@@ -571,7 +571,7 @@ def test_relu_power_gets_derivative_one_at_zero():
     assert float(a.grad[1]) == pytest.approx(0.7, rel=1e-6)  # StarReLU's f'(0) = s
 
 
-@pytest.mark.parametrize("method", ["random", "gradmax"])
+@pytest.mark.parametrize("method", ["random", pytest.param("gradmax", marks=pytest.mark.slow)])
 def test_starrelu_keeps_the_function_and_trains(method):
     """PoolFormer v2's StarReLU ``s * relu(x) ** 2 + b``: a new neuron with zero incoming weights outputs ``b``, not
     0, so its outgoing weights would change the function; and ``f'(0) = 0`` leaves it without gradient. Outgoing
@@ -592,7 +592,7 @@ def test_starrelu_keeps_the_function_and_trains(method):
     assert zero0 == 0 and zero1 == 32  # then the 2 x 16 new rows of fc1 stay exactly zero
 
 
-@pytest.mark.parametrize("method", ["random", "gradmax"])
+@pytest.mark.parametrize("method", ["random", pytest.param("gradmax", marks=pytest.mark.slow)])
 def test_a_gate_split_from_one_layer_trains(method):
     """MambaOut: ``g, i, c = split(fc1(x))``, ``fc2(gelu(g) * cat(i, dwconv(c)))``: both factors of the product are
     new channels of one layer, zero at growth, each one's gradient the other's value. The new rows of fc1 in the
@@ -608,7 +608,7 @@ def test_a_gate_split_from_one_layer_trains(method):
     assert err0 <= 1e-6 and zero0 == 2 * 24  # before: all 2 x 24 new rows of fc1 stay zero (the dwconv's new filters are random)
 
 
-@pytest.mark.parametrize("method", ["random", "gradmax", "net2net"])
+@pytest.mark.parametrize("method", ["random", *[pytest.param(m, marks=pytest.mark.slow) for m in ("gradmax", "net2net")]])
 def test_weight_standardized_convs_keep_the_function_and_train(method):
     """NF-Nets' ``ScaledStdConv2d`` standardizes every filter over its fan-in: new input channels change each
     filter's mean and variance (and Net2Net's split replicas its mean). New entries at the filter's old mean,
