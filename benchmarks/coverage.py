@@ -52,7 +52,7 @@ TRAINS_NOTES = {
                          "every block's last ScaledStdConv2d gain to 0 (the coverage check does not randomize it), so the "
                          "residual branches get almost no gradient (old rows of those layers move ~1e-11 in 3 steps) and a "
                          "gate row, whose gradient is its gated new channel's value, follows at 1e-13 to 1e-25; with those "
-                         "gains drawn from U[0.5, 1.5] about 450 gate rows remain, at 1e-13 (growth keeps the function since "
+                         "gains drawn from U[0.5, 1.5] 363 gate rows remain (random), at 1e-13 (growth keeps the function since "
                          "morph.growth re-standardizes the grown filters: 3e-15 in float64)",
     "torchvision/regnet_y_1_6gf": "squeeze-excitation gate rows of new channels of block1's grouped conv: a gate row's "
                                   "gradient is its gated channel's value times its upstream gradient, and those channels "
