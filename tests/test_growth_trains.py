@@ -642,7 +642,7 @@ def test_liveness_rules_leave_residual_networks_alone():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["timm/starnet_s050", "timm/repvgg_a0", "timm/mobileone_s1",
-                                  "torchvision/shufflenet_v2_x0_5"])
+                                  "torchvision/shufflenet_v2_x0_5", "timm/mambaout_femto", "timm/poolformerv2_s12"])
 def test_the_zoo_models_of_the_liveness_rules_train(spec):
     """The coverage list's models behind each rule, at 32x32 in float64: the half (norms randomized) grown back
     with Random and GradMax keeps its function (not ShuffleNet's: a channel shuffle's is not kept) and every new
@@ -652,6 +652,10 @@ def test_the_zoo_models_of_the_liveness_rules_train(spec):
     half = morph.scale_width(morph.build_model(spec), 0.5, input_size=X).double().eval()
     with torch.no_grad():
         _randomize_norms(half)
+        for name, m in half.named_modules():  # StarReLU: f(0) = b, 0 at the stock init
+            if name.endswith(".act") and isinstance(getattr(m, "bias", None), torch.Tensor) and hasattr(m, "scale"):
+                m.bias.uniform_(-0.5, 0.5)
+                m.scale.uniform_(0.5, 1.5)
     x, y = _batch(4, classes=1000)
     for method in ("random", "gradmax"):
         grown = morph.grow(half, method, 2.0, data=(x, y), seed=0)
