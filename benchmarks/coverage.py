@@ -54,10 +54,13 @@ TRAINS_NOTES = {
                          "gate row, whose gradient is its gated new channel's value, follows at 1e-13 to 1e-25; with those "
                          "gains drawn from U[0.5, 1.5] 363 gate rows remain (random), at 1e-13 (growth keeps the function since "
                          "morph.growth re-standardizes the grown filters: 3e-15 in float64)",
-    "torchvision/regnet_y_1_6gf": "squeeze-excitation gate rows of new channels of block1's grouped conv: a gate row's "
-                                  "gradient is its gated channel's value times its upstream gradient, and those channels "
-                                  "are still exactly zero at steps 1 and 2 (with 8 images instead of 4, 15 of block1-0's "
-                                  "24 new gated channels); why they stay zero is not traced further",
+    "torchvision/regnet_y_1_6gf": "squeeze-excitation gate rows of new channels of block1: a gate row's gradient is its "
+                                  "gated channel's value times its upstream gradient, and those channels are still exactly "
+                                  "zero at steps 1 and 2. Measured in block1-0: the first step moves a new channel's "
+                                  "BatchNorm bias (a.1) by up to 1.0 while the channel's scale is new_gamma 0.1 (the "
+                                  "channel sits at the ReLU's kink and its bias gets the whole upstream sum), so a channel "
+                                  "whose bias went negative is off everywhere at step 1 (3 of 24 with 4 images, 15 of 24 "
+                                  "with 8) and everything behind it stays zero",
     "torchvision/alexnet": "1 of 2048 new rows of classifier.1 (random only): the Dropout(0.5) after it dropped that neuron "
                            "on all 4 images at all 3 steps; expected 2048 x 2^-12 = 0.5 such rows (a zero-incoming neuron "
                            "sits at the ReLU's kink and trains at the first step dropout keeps it)",
