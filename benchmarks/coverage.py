@@ -48,22 +48,27 @@ GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
 TRAINS_STEPS, TRAINS_LR, TRAINS_BATCH = 3, 0.1, 4
 # why a model's grown neurons do not train (the "trains" section lists every failure with this, or "not investigated")
 TRAINS_NOTES = {
-    "timm/mambaout_femto": "a gate of two new channels split from one layer: fc1's output is split into g, i, c and "
-                           "fc2 reads act(g) * cat(i, dwconv(c)); both factors are 0, and the product couples g and (i, c) into the same "
-                           "channel groups, so a live factor must be chosen by position within fc1's rows, not by "
-                           "group (morph.growth.liveness handles factors of two different layers; left to do)",
-    "timm/poolformerv2_s12": "StarReLU, s * relu(x)^2 + b: its derivative at 0 is 0, so a new neuron with zero incoming "
-                             "weights gets no gradient (GradMax needs f'(0) != 0; relu_grad covers the ReLU family only)",
-    "timm/nf_regnet_b0": "weight-standardized convs (ScaledStdConv2d): the standardization of a zero filter divides its "
-                         "gradient by sqrt(eps) and the 3 steps diverge (loss 1280; Firefly's 2.7e6); growth does not "
-                         "keep this model's function either (new columns change every filter's statistics)",
-    "torchvision/regnet_y_1_6gf": "2 of 18251 rows; not investigated (RegNetY has squeeze-excitation gates like "
-                                  "legacy_seresnet18)",
-    "torchvision/alexnet": "1 of 4672 rows (random only); not investigated (AlexNet's classifier has dropout in train "
-                           "mode around the grown layers)",
+    "timm/nf_regnet_b0": "squeeze-excitation gate rows that moved less than 1e-12 of their layer's norm: the stock init sets "
+                         "every block's last ScaledStdConv2d gain to 0 (the coverage check does not randomize it), so the "
+                         "residual branches get almost no gradient (old rows of those layers move ~1e-11 in 3 steps) and a "
+                         "gate row, whose gradient is its gated new channel's value, follows at 1e-13 to 1e-25; with those "
+                         "gains drawn from U[0.5, 1.5] 363 gate rows remain (random), at 1e-13 (growth keeps the function since "
+                         "morph.growth re-standardizes the grown filters: 3e-15 in float64)",
+    "torchvision/regnet_y_1_6gf": "squeeze-excitation gate rows of new channels of block1: a gate row's gradient is its "
+                                  "gated channel's value times its upstream gradient, and those channels are still exactly "
+                                  "zero at steps 1 and 2. Measured in block1-0: the first step moves a new channel's "
+                                  "BatchNorm bias (a.1) by up to 1.0 while the channel's scale is new_gamma 0.1 (the "
+                                  "channel sits at the ReLU's kink and its bias gets the whole upstream sum), so a channel "
+                                  "whose bias went negative is off everywhere at step 1 (3 of 24 with 4 images, 15 of 24 "
+                                  "with 8) and everything behind it stays zero",
+    "torchvision/alexnet": "1 of 2048 new rows of classifier.1 (random only): the Dropout(0.5) after it dropped that neuron "
+                           "on all 4 images at all 3 steps; expected 2048 x 2^-12 = 0.5 such rows (a zero-incoming neuron "
+                           "sits at the ReLU's kink and trains at the first step dropout keeps it)",
     "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
-                              "channel's value times its upstream gradient over 2x2 positions x 4 images, is still "
-                              "exactly 0 at the third step; which row and method it hits changes with the random draws",
+                              "channel's value times its upstream gradient over 2x2 positions x 4 images, summed against the "
+                              "SE bottleneck's sparse ReLU units, is exactly 0 at all 3 steps (0 at the first by "
+                              "construction: the gated channel is 0); with 8 images no row stays zero; which row and method "
+                              "it hits changes with the random draws",
 }
 
 

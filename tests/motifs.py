@@ -246,6 +246,84 @@ class ShuffleBN(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class StarReLU(nn.Module):
+    """timm's StarReLU (MetaFormer v2): ``s * relu(x) ** 2 + b``: derivative 0 at 0, and ``f(0) = b``."""
+
+    def __init__(self, scale=0.8, bias=-0.3):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.scale = nn.Parameter(torch.full((1,), scale))
+        self.bias = nn.Parameter(torch.full((1,), bias))
+
+    def forward(self, x):
+        return self.scale * self.relu(x) ** 2 + self.bias
+
+
+class StarMlp(nn.Module):
+    """PoolFormer v2's MLP blocks: conv-BN stem, then ``x + fc2(starrelu(fc1(x)))`` twice, with a 3x3 fc2 in the
+    second block (zero padding: a constant new channel reaches the borders through fewer taps)."""
+
+    def __init__(self, c=8, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc1 = nn.ModuleList([nn.Conv2d(c, 2 * c, 1, bias=False) for _ in range(2)])
+        self.act = nn.ModuleList([StarReLU(), StarReLU(1.1, 0.4)])
+        self.fc2 = nn.ModuleList([nn.Conv2d(2 * c, c, 1, bias=False), nn.Conv2d(2 * c, c, 3, padding=1, bias=False)])
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.bn(self.stem(x))
+        for f1, act, f2 in zip(self.fc1, self.act, self.fc2, strict=True):
+            x = x + f2(act(f1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class GatedSplit(nn.Module):
+    """MambaOut's gated conv block, channels last: ``g, i, c = split(fc1(x))``, ``x + fc2(gelu(g) * cat(i,
+    dwconv(c)))``, twice: a product of two slices of one layer's output."""
+
+    def __init__(self, c=8, num_classes=5, hidden=12, conv=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.fc1 = nn.ModuleList([nn.Linear(c, 2 * hidden) for _ in range(2)])
+        self.conv = nn.ModuleList([nn.Conv2d(conv, conv, 3, padding=1, groups=conv) for _ in range(2)])
+        self.fc2 = nn.ModuleList([nn.Linear(hidden, c) for _ in range(2)])
+        self.sizes = (hidden, hidden - conv, conv)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        for f1, conv, f2 in zip(self.fc1, self.conv, self.fc2, strict=True):
+            g, i, c = torch.split(f1(x), self.sizes, dim=-1)
+            c = conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = x + f2(F.gelu(g) * torch.cat((i, c), dim=-1))
+        return self.fc(x.mean((1, 2)))
+
+
+class StdConvNet(nn.Module):
+    """NF-ResNet-like: timm's weight-standardized ``ScaledStdConv2d`` (``gain x gamma / sqrt(fan_in) x (w - mean) /
+    sqrt(var + eps)`` per filter) in a residual bottleneck, gains away from their init."""
+
+    def __init__(self, c=8, num_classes=5):
+        super().__init__()
+        from timm.layers import ScaledStdConv2d
+
+        self.stem = ScaledStdConv2d(3, c, 3, padding=1)
+        self.conv1 = ScaledStdConv2d(c, 2 * c, 1)
+        self.conv2 = ScaledStdConv2d(2 * c, 2 * c, 3, padding=1)
+        self.conv3 = ScaledStdConv2d(2 * c, c, 1)
+        self.fc = nn.Linear(c, num_classes)
+        with torch.no_grad():
+            for m in (self.stem, self.conv1, self.conv2, self.conv3):
+                m.gain.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = x + self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
 MOTIFS = {
     "residual": Residual,
     "concat": Concat,

@@ -463,7 +463,9 @@ def _motif_check(factory, method: str, rules: bool = True, moved: dict | None = 
     x, y = _batch(size=size)
     patches = [] if rules else [mock.patch("morph.growth.plain.dead_products", return_value={}),
                                 mock.patch("morph.growth.plain.chained_norms", return_value=[]),
-                                mock.patch("morph.growth.plain.shuffled_inputs", return_value={})]
+                                mock.patch("morph.growth.plain.shuffled_inputs", return_value={}),
+                                mock.patch("morph.growth.plain.split_products", return_value={}),
+                                mock.patch("morph.growth.plain.constant_inputs", return_value={})]
     for p in patches:
         p.start()
     try:
@@ -472,6 +474,7 @@ def _motif_check(factory, method: str, rules: bool = True, moved: dict | None = 
         for p in patches:
             p.stop()
     grown2 = copy.deepcopy(grown)
+    grown2.growth_record = grown.growth_record  # a GraphModule's deepcopy drops the attribute
     err = 0.0
     for mode in (False, True):
         model.train(mode)
@@ -539,22 +542,107 @@ def test_a_layer_behind_a_channel_shuffle_trains(method):
     assert grown.growth_liveness["live"] == {"branch.0": "reads a channel shuffle"}  # the others read old channels
 
 
+def test_relu_power_gets_derivative_one_at_zero():
+    """``relu(x) ** p`` (p > 1: StarReLU's square) under the mode: forward bit-identical to PyTorch's, derivative 1
+    where the ReLU's input is exactly 0 (StarReLU's ``s``), ``p x^(p-1)`` elsewhere; other exponents untouched."""
+    x = torch.tensor([-1.0, 0.0, 0.5, 2.0], dtype=torch.float64)
+    forms = {"**": lambda r: r ** 2, "pow": lambda r: r.pow(3), "torch.pow": lambda r: torch.pow(r, 2.5),
+             "square": lambda r: torch.square(r), "Tensor.square": lambda r: r.square()}
+    p = {"**": 2.0, "pow": 3.0, "torch.pow": 2.5, "square": 2.0, "Tensor.square": 2.0}
+    for name, f in forms.items():
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with activation._Mode():
+            ya = f(torch.relu(a))
+        yb = f(torch.relu(b))
+        assert torch.equal(ya, yb), name
+        ya.sum().backward()
+        yb.sum().backward()
+        assert a.grad[1] == 1 and b.grad[1] == 0 and a.grad[0] == 0, (name, a.grad)
+        assert torch.allclose(a.grad[2:], p[name] * x[2:] ** (p[name] - 1), rtol=1e-12, atol=0), (name, a.grad)
+        assert torch.equal(a.grad[2:], b.grad[2:]), name
+    a = x.clone().requires_grad_()
+    with activation._Mode():
+        y = torch.relu(a) ** 0.5  # derivative infinite at 0: not a square-like kink, left alone
+    assert type(y.grad_fn).__name__ == "PowBackward0"
+    m = motifs.StarReLU(0.7, 0.2).double()
+    activation.enable(m)
+    a = x.clone().requires_grad_()
+    m(a).sum().backward()
+    assert float(a.grad[1]) == pytest.approx(0.7, rel=1e-6)  # StarReLU's f'(0) = s
+
+
+@pytest.mark.parametrize("method", ["random", pytest.param("gradmax", marks=pytest.mark.slow)])
+def test_starrelu_keeps_the_function_and_trains(method):
+    """PoolFormer v2's StarReLU ``s * relu(x) ** 2 + b``: a new neuron with zero incoming weights outputs ``b``, not
+    0, so its outgoing weights would change the function; and ``f'(0) = 0`` leaves it without gradient. Outgoing
+    weights orthogonal to the constants (every output row and tap: a 3x3 consumer with zero padding too) keep the
+    function; ``relu(x) ** 2`` with derivative 1 at 0 lets the new rows train."""
+    err, (total, zero, same), _ = _motif_check(motifs.StarMlp, method)
+    assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
+    grown = morph.grow(motifs.StarMlp(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+    assert grown.growth_liveness["offsets"] == ["fc2.0", "fc2.1"]
+    w = grown.get_submodule("fc2.1").weight.detach().double()
+    assert float(w[:, 16:].sum(1).abs().max()) <= 1e-6 * float(w.abs().max())  # orthogonal to a constant, per tap
+    err0, (_, zero0, _), _ = _motif_check(motifs.StarMlp, method, rules=False)
+    assert err0 > 1e-2  # without the cancellation: b x the new outgoing weights
+    from unittest import mock
+
+    with mock.patch.dict(activation._POW_RULES, clear=True):  # PyTorch's derivative of relu(x) ** 2 in training
+        _, (_, zero1, _), _ = _motif_check(motifs.StarMlp, method)
+    assert zero0 == 0 and zero1 == 32  # then the 2 x 16 new rows of fc1 stay exactly zero
+
+
+@pytest.mark.parametrize("method", ["random", pytest.param("gradmax", marks=pytest.mark.slow)])
+def test_a_gate_split_from_one_layer_trains(method):
+    """MambaOut: ``g, i, c = split(fc1(x))``, ``fc2(gelu(g) * cat(i, dwconv(c)))``: both factors of the product are
+    new channels of one layer, zero at growth, each one's gradient the other's value. The new rows of fc1 in the
+    ``g`` slice get live incoming weights (the product stays 0 with (i, c) at 0); all new rows train."""
+    err, (total, zero, same), _ = _motif_check(motifs.GatedSplit, method)
+    assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
+    grown = morph.grow(motifs.GatedSplit(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+    assert grown.growth_liveness["live"] == {"fc1.0": "mul", "fc1.1": "mul_1"}
+    w = grown.get_submodule("fc1.0").weight.detach()  # grown rows: g 24 (12 old, 12 new), i 16, c 8
+    assert float(w[12:24].norm(dim=1).min()) > 0  # the g slice's new rows: live
+    assert float(w[24 + 8:40].abs().max()) == 0 and float(w[44:].abs().max()) == 0  # i's and c's new rows: 0
+    err0, (_, zero0, _), _ = _motif_check(motifs.GatedSplit, method, rules=False)
+    assert err0 <= 1e-6 and zero0 == 2 * 24  # before: all 2 x 24 new rows of fc1 stay zero (the dwconv's new filters are random)
+
+
+@pytest.mark.parametrize("method", ["random", *[pytest.param(m, marks=pytest.mark.slow) for m in ("gradmax", "net2net")]])
+def test_weight_standardized_convs_keep_the_function_and_train(method):
+    """NF-Nets' ``ScaledStdConv2d`` standardizes every filter over its fan-in: new input channels change each
+    filter's mean and variance (and Net2Net's split replicas its mean). New entries at the filter's old mean,
+    replicas splitting the deviation from it, and the gain taking the variance's change keep the function; new
+    filters get gain new_gamma, like a BatchNorm channel of new neurons."""
+    from unittest import mock
+
+    err, (total, zero, same), _ = _motif_check(motifs.StdConvNet, method)
+    assert err <= 1e-6 and total > 0 and zero == 0 and same == 0, (err, total, zero, same)
+    with mock.patch("morph.growth.plain.PlainGrowth._restandardize"):
+        err0, _, _ = _motif_check(motifs.StdConvNet, method)
+    assert err0 > 1e-2, err0  # before: every filter re-standardized over the wider fan-in
+    if method != "net2net":
+        grown = morph.grow(motifs.StdConvNet(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0)
+        conv = grown.get_submodule("conv2")
+        assert torch.equal(conv.gain.detach()[16:].flatten(), torch.full((16,), 0.1))  # new filters: new_gamma
+
+
 def test_liveness_rules_leave_residual_networks_alone():
     """ResNet (post-activation) and the recipes' pre-activation WRN have no product of new channels and no zero
     BatchNorms in series: what they get is unchanged (new_gamma, zero incoming weights)."""
     for arch in ("residual", "wrn10_1"):
         grown = morph.grow(ARCHS[arch](), "random", 2.0, seed=0, input_size=S)
-        assert grown.growth_liveness == {"live": {}, "chained_norms": []}, arch
+        assert grown.growth_liveness == {"live": {}, "chained_norms": [], "offsets": []}, arch
     # Net2Net (no zero channels) and Firefly (epsilon > 0) never apply them
     for method in ("net2net", "firefly"):
         grown = morph.grow(motifs.RepBranches(), method, 2.0, data=_batch(size=S, dtype=torch.float32), seed=0,
                            **_opts(method))
-        assert grown.growth_liveness == {"live": {}, "chained_norms": []}, method
+        assert grown.growth_liveness == {"live": {}, "chained_norms": [], "offsets": []}, method
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["timm/starnet_s050", "timm/repvgg_a0", "timm/mobileone_s1",
-                                  "torchvision/shufflenet_v2_x0_5"])
+                                  "torchvision/shufflenet_v2_x0_5", "timm/mambaout_femto", "timm/poolformerv2_s12"])
 def test_the_zoo_models_of_the_liveness_rules_train(spec):
     """The coverage list's models behind each rule, at 32x32 in float64: the half (norms randomized) grown back
     with Random and GradMax keeps its function (not ShuffleNet's: a channel shuffle's is not kept) and every new
@@ -564,6 +652,10 @@ def test_the_zoo_models_of_the_liveness_rules_train(spec):
     half = morph.scale_width(morph.build_model(spec), 0.5, input_size=X).double().eval()
     with torch.no_grad():
         _randomize_norms(half)
+        for name, m in half.named_modules():  # StarReLU: f(0) = b, 0 at the stock init
+            if name.endswith(".act") and isinstance(getattr(m, "bias", None), torch.Tensor) and hasattr(m, "scale"):
+                m.bias.uniform_(-0.5, 0.5)
+                m.scale.uniform_(0.5, 1.5)
     x, y = _batch(4, classes=1000)
     for method in ("random", "gradmax"):
         grown = morph.grow(half, method, 2.0, data=(x, y), seed=0)
@@ -576,7 +668,9 @@ def test_the_zoo_models_of_the_liveness_rules_train(spec):
                 assert err <= 1e-6, (spec, method, mode, err)
             half.eval()
         if "shufflenet" not in spec:  # the wider shuffle feeds old neurons zero channels too: their norms' gains
-            first = _first_update(copy.deepcopy(grown), x, y, "update")  # multiply until the layout is fixed
+            g2 = copy.deepcopy(grown)  # multiply until the layout is fixed
+            g2.growth_record = grown.growth_record  # a GraphModule's deepcopy drops the attribute
+            first = _first_update(g2, x, y, "update")
             assert first <= 1e3, (spec, method, first)  # without the rules: 7e32 (mobileone_s1), 2e19 (repvgg_a0)
         rows = _new_rows(grown)
         before = {k: v.detach().clone() for k, v in grown.state_dict().items() if k in rows}

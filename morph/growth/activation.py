@@ -13,6 +13,12 @@ torchvision's alike) to :class:`ReLUOne`, whose forward is the same ``clamp`` Py
 ReLU6). Everything else runs untouched. Outputs, parameters, state-dict keys and ``strict=True`` loading
 into the stock model do not change; only the gradient at inputs exactly 0 does.
 
+A power of a ReLU, ``relu(x) ** p`` with ``p > 1`` (timm's StarReLU ``s * relu(x) ** 2 + b`` in PoolFormer v2,
+ConvFormer, CAFormer; squared ReLU), has derivative ``p * relu(x) ** (p - 1)``, 0 at 0, whatever the ReLU's
+sub-gradient: a new neuron behind it would get no gradient either. While the mode is on, a ``pow``/``square`` of a
+:class:`ReLUOne` output with a numeric exponent above 1 runs as :class:`PowOne`: the same call forward (bit for
+bit), derivative 1 where the base is exactly 0 (so StarReLU's is ``s``), ``p * x ** (p - 1)`` elsewhere.
+
 A grown model records ``relu_grad`` in ``MorphInfo.extra["growth"]``; :func:`restore` re-applies it to a
 model rebuilt from a checkpoint (``morph.load``) or a resumed recipe stage.
 """
@@ -29,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import CheckpointError
 
-__all__ = ["RELU_GRAD", "ReLUOne", "enable", "disable", "enabled", "restore"]
+__all__ = ["RELU_GRAD", "PowOne", "ReLUOne", "enable", "disable", "enabled", "restore"]
 
 #: ``relu_grad`` values: ``one`` (sub-gradient 1 at 0) and ``stock`` (PyTorch's 0).
 RELU_GRAD = ("one", "stock")
@@ -51,6 +57,42 @@ class ReLUOne(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
         return grad * mask, None, None
+
+
+class PowOne(torch.autograd.Function):
+    """``func(*args, **kwargs)`` (a ``pow``/``square`` of ``x``, exponent ``p > 1``, ``x >= 0``) with derivative
+    ``p * x ** (p - 1)``, and 1 where ``x`` is exactly 0."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.p = p
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        d = torch.where(x == 0, torch.ones_like(x), x.pow(ctx.p - 1) * ctx.p)
+        return grad * d, None, None, None, None
+
+
+def _relu_out(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and type(t.grad_fn).__name__ == "ReLUOneBackward"
+
+
+def _pow(args, kwargs):
+    p = _arg(args, kwargs, 1, "exponent", None)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 1:
+        return None
+    return float(p)
+
+
+def _square(args, kwargs):
+    return 2.0
+
+
+_POW_RULES = {torch.pow: _pow, torch.Tensor.pow: _pow, torch.Tensor.__pow__: _pow, torch.square: _square,
+              torch.Tensor.square: _square}
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
@@ -91,6 +133,11 @@ class _Mode(TorchFunctionMode):
             r = rule(args, kwargs)
             if r is not None and isinstance(r[0], torch.Tensor) and r[0].requires_grad and r[0].is_floating_point():
                 return ReLUOne.apply(*r)
+        pow_rule = _POW_RULES.get(func)
+        if pow_rule is not None and torch.is_grad_enabled() and args and _relu_out(args[0]):
+            p = pow_rule(args, kwargs)
+            if p is not None:
+                return PowOne.apply(args[0], p, func, args, kwargs)
         return func(*args, **kwargs)
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .layout import Layout
 
-__all__ = ["dead_products", "chained_norms", "shuffled_inputs", "zero_inputs"]
+__all__ = ["dead_products", "chained_norms", "constant_inputs", "shuffled_inputs", "split_products", "zero_inputs"]
 
 # modules and functions that map 0 to 0 channel by channel (elementwise with f(0) = 0, pooling, dropout)
 _ZERO_MODULES = ("relu", "relu6", "gelu", "gelutanh", "quickgelu", "silu", "swish", "swishme", "hardswish",
@@ -154,6 +154,152 @@ def dead_products(layout: Layout) -> dict[str, str]:
     return live
 
 
+_SPLITS = {torch.split, torch.chunk, torch.tensor_split}
+_SPLIT_METHODS = {"split", "chunk", "tensor_split"}
+_SHAPE_METHODS = {"permute", "transpose", "reshape", "view", "contiguous", "flatten", "unsqueeze", "squeeze"}
+
+
+def _split_of(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(split node, index)`` when ``node`` is ``getitem(split(x, ...), index)`` (``torch.split``/``chunk``)."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    src, k = node.args
+    if not isinstance(src, fx.Node) or not isinstance(k, int):
+        return None
+    if (src.op == "call_function" and src.target in _SPLITS) or (src.op == "call_method" and src.target in _SPLIT_METHODS):
+        return src, k
+    return None
+
+
+def _split_factor(layout: Layout, node: fx.Node) -> tuple[fx.Node, int, bool, list[fx.Node]] | None:
+    """Walk back from a factor of a product through ops that map 0 to 0 to a slice ``getitem(split(x), k)``:
+    (the split, ``k``, whether every op on the way is linear, the nodes from the slice to the factor)."""
+    chain, linear = [], True
+    while isinstance(node, fx.Node):
+        chain.append(node)
+        hit = _split_of(node)
+        if hit is not None:
+            return hit[0], hit[1], linear, chain
+        if node.op == "call_module" and node.target in layout.plan.layers:
+            return None
+        zero, lin = _unary(layout, node)
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if not zero or len(tensors) != 1:
+            return None
+        linear = linear and lin
+        node = tensors[0]
+    return None
+
+
+def _zero_slices(layout: Layout, node: fx.Node, split: fx.Node, k: int) -> bool:
+    """Whether the new channels of ``node`` are computed only from slices of ``split`` other than ``k``, through
+    ops that keep a new channel at 0: elementwise ops with f(0) = 0, concatenations, shape-only methods, and
+    depthwise/grouped convs (whose new filters read only new channels)."""
+    plan, stack, seen, hits = layout.plan, [node], set(), 0
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        hit = _split_of(n)
+        if hit is not None:
+            if hit[0] is not split or hit[1] == k:
+                return False
+            hits += 1
+            continue
+        tensors = [a for a in n.args if isinstance(a, fx.Node)]
+        if n.op == "call_function" and n.target in (torch.cat, torch.concat):
+            stack += [a for a in (n.args[0] if n.args else []) if isinstance(a, fx.Node)]
+        elif n.op == "call_method" and n.target in _SHAPE_METHODS and tensors:
+            stack.append(tensors[0])
+        elif n.op == "call_module" and n.target in plan.layers and plan.layers[n.target].kind == "conv" and not (
+                _ungrouped(layout, n.target)) and tensors:
+            stack.append(tensors[0])
+        else:
+            zero, _ = _unary(layout, n)
+            if not zero or len(tensors) != 1:
+                return False
+            stack.append(tensors[0])
+    return hits > 0
+
+
+def _slice_rows(layout: Layout, producer: str, split: fx.Node, k: int) -> torch.Tensor | None:
+    """The positions of the grown ``producer``'s output rows that slice ``k`` of ``split`` holds: the slices'
+    channel dims, read from the plan, are consecutive runs of the producer's output atoms."""
+    plan = layout.plan
+    counts: dict[int, int] = {}
+    for u in split.users:
+        hit = _split_of(u)
+        td = plan.node_dims.get(u.name)
+        if hit is None or td is None or not td.dims:
+            return None
+        counts[hit[1]] = len(plan.atoms(td.dims[-1] if _channels_last(layout, producer) else td.dims[1]))
+    if any(j not in counts for j in range(k + 1)):
+        return None
+    atoms = plan.atoms(plan.layers[producer].out_dim)
+    start, stop = sum(counts[j] for j in range(k)), sum(counts[j] for j in range(k + 1))
+    if stop > len(atoms):
+        return None
+    sizes = [layout.groups[plan.groups.find(a.group)].new * a.inner for a in atoms]
+    mask = torch.zeros(sum(sizes), dtype=torch.bool)
+    mask[sum(sizes[:start]):sum(sizes[:stop])] = True
+    return mask
+
+
+def _channels_last(layout: Layout, name: str) -> bool:
+    return layout.plan.layers[name].kind == "linear"
+
+
+def split_products(layout: Layout) -> dict[str, tuple[str, torch.Tensor]]:
+    """Products of two slices of one layer's new channels (MambaOut's gated conv block: ``g, i, c =
+    split(fc1(x))``, ``fc2(act(g) * cat(i, dwconv(c)))``): both factors are 0 at growth and each one's gradient is
+    the other's value, as in :func:`dead_products`, but the factors share a producer, so the live part is chosen by
+    position: producer -> (the product node's name, a mask of the producer's grown output rows in the live slice).
+    The live slice is the one behind a non-linearity when only one is, it must feed nothing but this product, the
+    split must cut the producer's channel dim, and the other factor must come from the other slices through ops
+    that keep a new channel at 0 (:func:`_zero_slices`)."""
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for node in layout.plan.gm.graph.nodes:
+        if not _is_mul(node):
+            continue
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(args) != 2:
+            continue
+        fa, fb = _split_factor(layout, args[0]), _split_factor(layout, args[1])
+        order = [(fa, args[1]), (fb, args[0])]
+        if fa is not None and fb is not None and fb[2] and not fa[2]:
+            pass
+        elif fb is not None and (fa is None or (fa[2] and not fb[2])):
+            order = [(fb, args[0]), (fa, args[1])]
+        for f, other in order:
+            if f is None:
+                continue
+            split, k, _, chain = f
+            if not split.args or not isinstance(split.args[0], fx.Node):
+                continue
+            producer, _, pchain = _factor(layout, split.args[0])
+            if producer is None or producer in out or any(len(n.users) != 1 for n in chain + pchain):
+                continue
+            dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
+            want = (-1,) if _channels_last(layout, producer) else (1, -3)
+            if dim not in want and not (_channels_last(layout, producer) and dim == _ndim(layout, split) - 1):
+                continue
+            if not _zero_slices(layout, other, split, k):
+                continue
+            rows = _slice_rows(layout, producer, split, k)
+            if rows is None or not bool((rows & layout.dim(layout.plan.layers[producer].out_dim).fresh).any()):
+                continue
+            out[producer] = (node.name, rows)
+            break
+    return out
+
+
+def _ndim(layout: Layout, node: fx.Node) -> int:
+    x = node.args[0] if node.args else None
+    td = layout.plan.node_dims.get(x.name) if isinstance(x, fx.Node) else None
+    return len(td.dims) if td is not None and td.dims else -1
+
+
 #: a zero BatchNorm is "in series" when at least this many zero BatchNorms, itself included, follow one another
 #: backwards from it (RepVGG: the identity norms of every block; MobileNet's depthwise-conv norm behind the expand
 #: conv's norm is a chain of 2, which ends at the expand conv's rows, and keeps ``new_gamma``)
@@ -239,3 +385,56 @@ def zero_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str
         for h in hooks:
             h.remove()
     return [n for n in names if seen.get(n, False)]
+
+
+def constant_inputs(model: nn.Module, layout: Layout, x: torch.Tensor, tol: float = 1e-12) -> dict[str, torch.Tensor]:
+    """Ungrouped conv/linear layers of the grown ``model`` whose new input channels are not zero at growth although
+    new neurons have zero incoming weights, because an activation with ``f(0) != 0`` sits in between (timm's
+    StarReLU ``s * relu(x) ** 2 + b`` gives ``b``): layer -> the value of each new input channel, for the layers
+    where every such channel is one constant over the batch ``x`` and its positions (eval mode, no gradient). A
+    new channel's outgoing weights then add ``value x weight`` to every output; with the weights of each output
+    row and kernel tap orthogonal to those values (:func:`project_out`) the function is kept exactly."""
+    plan = layout.plan
+    names, cols = [], {}
+    for p in plan.conv_layers():
+        if p.kind not in ("conv", "linear") or not _ungrouped(layout, p.name):
+            continue
+        m = layout.dim(p.in_dim)
+        if m.fresh.any() and len(m) == model.get_submodule(p.name).weight.shape[1]:
+            names.append(p.name)
+            cols[p.name] = m.fresh.nonzero().flatten()
+    seen: dict[str, tuple[torch.Tensor, float]] = {}  # layer -> (first position's values, largest deviation)
+
+    def hook(mod, args, name):
+        t = args[0].detach()
+        t = t.movedim(1, -1) if isinstance(mod, nn.modules.conv._ConvNd) else t
+        v = t.index_select(-1, cols[name].to(t.device)).reshape(-1, len(cols[name])).double()
+        c, dev = seen.get(name, (v[0], 0.0))
+        seen[name] = (c, max(dev, float((v - c).abs().max())))
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, (c, dev) in seen.items():
+        scale = float(c.abs().max())
+        if scale > 0 and dev <= tol * scale:
+            out[name] = c
+    return out
+
+
+def project_out(w: torch.Tensor, cols: torch.Tensor, c: torch.Tensor) -> None:
+    """Make ``w[:, cols]`` (a conv/linear weight, in place) orthogonal to ``c`` along the input axis, for every
+    output row and kernel tap: the layer then maps input channels ``cols`` holding the constants ``c`` to 0,
+    inside the image and at its zero-padded borders alike."""
+    sub = w.index_select(1, cols).double()  # [out, k, taps...]
+    c = c.to(sub).view(1, -1, *([1] * (w.dim() - 2)))
+    sub = sub - (sub * c).sum(1, keepdim=True) / (c * c).sum() * c
+    w.index_copy_(1, cols, sub.to(w.dtype))
