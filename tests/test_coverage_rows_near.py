@@ -43,3 +43,43 @@ def test_rows_near_in_float32_rows():
     old = torch.randn(30, 500, generator=g)
     new = torch.cat([old[:10].clone(), torch.randn(10, 500, generator=g)])
     assert rows_near(new, old, 1e-6) == _full_count(new, old, 1e-6) == 10
+
+
+def test_sgd_in_backward_is_torch_sgd_bit_for_bit():
+    """The trains check's memory-saving step: the same parameters as ``torch.optim.SGD(lr)`` after each backward,
+    with a weight used twice (its gradient accumulated from both uses before the step) and a BatchNorm."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.mid = nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            h = F.relu(self.bn(self.conv(x)))
+            h = F.relu(self.mid(F.relu(self.mid(h))))  # the same weight twice
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    a = Net().train()
+    b = Net().train()
+    b.load_state_dict(a.state_dict())
+    init = a.mid.weight.detach().clone()
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    hooks = _table.sgd_in_backward(b, 0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(a(x), y).backward()
+        opt.step()
+        F.cross_entropy(b(x), y).backward()
+    for h in hooks:
+        h.remove()
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    assert all(p.grad is None for p in b.parameters())
+    assert not torch.equal(a.mid.weight, init)  # the steps moved it
