@@ -64,8 +64,10 @@ TRAINS_NOTES = {
     "torchvision/regnet_y_16gf": "223 of 224 new rows of one squeeze-excitation gate (block2-2's se.fc2): at step 0 a gate row "
                                  "gets no gradient (the gated new channel is 0); after step 0 (loss 7.1 -> 6.3 -> 43, lr 0.1 on 4 "
                                  "images) every new row of the same block's a and b convs has exactly zero gradient (its new "
-                                 "channels off), so the gate rows never get one (runs/dbg.py, random; gradmax grows these groups "
-                                 "the same way)",
+                                 "channels off), so the gate rows never get one (gradients per step measured with random; gradmax "
+                                 "grows these groups the same way)",
+    "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only); not investigated (squeeze-excitation gates, like "
+                                   "legacy_seresnet18)",
     "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
                               "channel's value times its upstream gradient over 2x2 positions x 4 images, is still "
                               "exactly 0 at the third step; which row and method it hits changes with the random draws",
