@@ -66,6 +66,10 @@ TRAINS_NOTES = {
                                  "images) every new row of the same block's a and b convs has exactly zero gradient (its new "
                                  "channels off), so the gate rows never get one (gradients per step measured with random; gradmax "
                                  "grows these groups the same way)",
+    "torchvision/vgg11": "24 of 5472 rows (random only): the 3 steps diverge on this BatchNorm-free net at lr 0.1 (random's "
+                         "loss 6.9 -> 2.5e10; net2net's 6.9 -> 32, timm/vgg11's random 6.9 -> 3.2e6) and new channels "
+                         "end behind ReLUs that are off, with exactly zero gradient (a rerun of random alone, other dropout "
+                         "masks: 4558 new rows with zero gradient at the third step, loss 7.7e22)",
     "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only); not investigated (squeeze-excitation gates, like "
                                    "legacy_seresnet18)",
     "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
