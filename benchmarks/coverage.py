@@ -70,6 +70,9 @@ TRAINS_NOTES = {
                          "loss 6.9 -> 2.5e10; net2net's 6.9 -> 32, timm/vgg11's random 6.9 -> 3.2e6) and new channels "
                          "end behind ReLUs that are off, with exactly zero gradient (a rerun of random alone, other dropout "
                          "masks: 4558 new rows with zero gradient at the third step, loss 7.7e22)",
+    "torchvision/vgg11_bn": "1 (random) and 10 (gradmax) of 5472 rows: the 3 steps diverge here too (random 7.6 -> 4.8e4, "
+                            "gradmax 6.9 -> 3.4e4, net2net 7.8 -> 2.4e5: BatchNorm in the features, none in the 25088-wide "
+                            "classifier); not traced per layer, presumably as vgg11",
     "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only); not investigated (squeeze-excitation gates, like "
                                    "legacy_seresnet18)",
     "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
