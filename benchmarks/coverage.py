@@ -73,6 +73,8 @@ TRAINS_NOTES = {
     "torchvision/vgg11_bn": "1 (random) and 10 (gradmax) of 5472 rows: the 3 steps diverge here too (random 7.6 -> 4.8e4, "
                             "gradmax 6.9 -> 3.4e4, net2net 7.8 -> 2.4e5: BatchNorm in the features, none in the 25088-wide "
                             "classifier); not traced per layer, presumably as vgg11",
+    "torchvision/vgg13": "55 (random) and 1 (gradmax) of 5568 rows: the 3 steps diverge (random 6.9 -> 1.3e10, gradmax "
+                         "6.9 -> 1.6e5; net2net 6.8 -> 127), as on vgg11 (BatchNorm-free)",
     "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only); not investigated (squeeze-excitation gates, like "
                                    "legacy_seresnet18)",
     "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
