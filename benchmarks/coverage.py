@@ -64,12 +64,114 @@ TRAINS_NOTES = {
     "torchvision/alexnet": "1 of 2048 new rows of classifier.1 (random only): the Dropout(0.5) after it dropped that neuron "
                            "on all 4 images at all 3 steps; expected 2048 x 2^-12 = 0.5 such rows (a zero-incoming neuron "
                            "sits at the ReLU's kink and trains at the first step dropout keeps it)",
+    "torchvision/regnet_y_16gf": "223 of 224 new rows of one squeeze-excitation gate (block2-2's se.fc2): at step 0 a gate row "
+                                 "gets no gradient (the gated new channel is 0); after step 0 (loss 7.1 -> 6.3 -> 43, lr 0.1 on 4 "
+                                 "images) every new row of the same block's a and b convs has exactly zero gradient (its new "
+                                 "channels off), so the gate rows never get one (gradients per step measured with random; gradmax "
+                                 "grows these groups the same way)",
+    "torchvision/vgg11": "24 of 5472 rows (random only): the 3 steps diverge on this BatchNorm-free net at lr 0.1 (random's "
+                         "loss 6.9 -> 2.5e10; net2net's 6.9 -> 32, timm/vgg11's random 6.9 -> 3.2e6) and new channels "
+                         "end behind ReLUs that are off, with exactly zero gradient (a rerun of random alone, other dropout "
+                         "masks: 4558 new rows with zero gradient at the third step, loss 7.7e22)",
+    "torchvision/vgg11_bn": "1 (random) and 10 (gradmax) of 5472 rows: the 3 steps diverge here too (random 7.6 -> 4.8e4, "
+                            "gradmax 6.9 -> 3.4e4, net2net 7.8 -> 2.4e5: BatchNorm in the features, none in the 25088-wide "
+                            "classifier); not traced per layer, presumably as vgg11",
+    "torchvision/vgg13": "55 (random) and 1 (gradmax) of 5568 rows: the 3 steps diverge (random 6.9 -> 1.3e10, gradmax "
+                         "6.9 -> 1.6e5; net2net 6.8 -> 127), as on vgg11 (BatchNorm-free)",
+    "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only); not investigated (squeeze-excitation gates, like "
+                                   "legacy_seresnet18)",
     "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
                               "channel's value times its upstream gradient over 2x2 positions x 4 images, summed against the "
                               "SE bottleneck's sparse ReLU units, is exactly 0 at all 3 steps (0 at the first by "
                               "construction: the gated channel is 0); with 8 images no row stays zero; which row and method "
                               "it hits changes with the random draws",
 }
+
+
+def rows_near(new, old, tol: float, k: int = 32) -> int:
+    """How many rows of ``new`` lie within ``tol`` (Euclidean distance) of some row of ``old``: the count of
+    ``cdist(new, old).min(1) <= tol``, without measuring every pair in full (2048 x 2048 rows of 25088 entries,
+    VGG's first classifier layer, take minutes). A pair is measured exactly only where it is within ``tol`` in a
+    random ``k``-dimensional orthonormal projection, which never lengthens a difference (plus a rounding margin
+    of 1e-12 of the largest row norm): a pair farther apart there is farther apart in full."""
+    import torch
+
+    if new.shape[1] <= k:
+        return int((torch.cdist(new, old, compute_mode="donot_use_mm_for_euclid_dist").min(1).values <= tol).sum())
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(new.shape[1], k, generator=g, dtype=new.dtype))
+    slack = 1e-12 * float(torch.cat([new.norm(dim=1), old.norm(dim=1)]).max())
+    near = torch.cdist(new @ q, old @ q, compute_mode="donot_use_mm_for_euclid_dist") <= tol + slack
+    i, j = near.nonzero(as_tuple=True)
+    hit = torch.zeros(new.shape[0], dtype=torch.bool)
+    step = max(1, 2**22 // new.shape[1])
+    for s in range(0, len(i), step):
+        ii, jj = i[s:s + step], j[s:s + step]
+        hit[ii[(new[ii] - old[jj]).norm(dim=1) <= tol]] = True
+    return int(hit.sum())
+
+
+def sgd_in_backward(model, lr: float) -> list:
+    """Plain SGD (no momentum, no weight decay) applied to each parameter as soon as backward has accumulated its
+    gradient, which is then freed: the update of ``torch.optim.SGD(model.parameters(), lr)`` after
+    ``loss.backward()``, bit for bit, without holding every gradient at once (regnet_y_128gf: 2.6 GB). Returns the
+    hook handles (``.remove()`` them)."""
+    import torch
+
+    def step(p):
+        with torch.no_grad():
+            p.add_(p.grad, alpha=-lr)
+        p.grad = None
+
+    return [p.register_post_accumulate_grad_hook(step) for p in model.parameters() if p.requires_grad]
+
+
+def _train_grown(half, method: str, x, y, input_size, steps: int, lr: float, opts: dict) -> dict:
+    """One method of :func:`check_trains`: grow, train, count. Its tensors are freed when it returns (the next
+    method's growth must not find the previous grown model and its copies still in memory)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import morph
+
+    grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=input_size, **opts)
+    masks = {}
+    for k, entries in grown.growth_record.params.items():
+        mod = grown.get_submodule(k.rpartition(".")[0]) if "." in k else grown
+        rows = entries[0][2][0] if entries[0][2] else None
+        if (k.endswith("weight") and isinstance(mod, (nn.Conv2d, nn.Linear)) and rows is not None
+                and not getattr(mod, "transposed", False) and (rows < 0).any()):
+            masks[k] = rows < 0
+    # the old rows before the steps (only they are compared with)
+    before = {k: v.detach().flatten(1)[~masks[k]].clone() for k, v in grown.state_dict().items() if k in masks}
+    grown.train()
+    hooks = sgd_in_backward(grown, lr)
+    losses = []
+    for _ in range(steps):
+        o = grown(x)
+        loss = F.cross_entropy(o[0] if isinstance(o, (tuple, list)) else o, y)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        del o, loss
+    for h in hooks:
+        h.remove()
+    sd = grown.state_dict()
+    total = zero = same = 0
+    for k, new in masks.items():
+        w = sd[k].detach().flatten(1).double()
+        ref = w[~new].norm(dim=1).mean() if (~new).any() else w.norm(dim=1).mean()
+        old, old0 = w[~new], before.pop(k).double()
+        moved = (old - old0).norm(dim=1) > 1e-4 * ref
+        if (~new).any() and torch.equal(old, old0):
+            continue  # a layer the loss does not reach (an auxiliary head in train mode)
+        total += int(new.sum())
+        zero += int((w[new].norm(dim=1) <= 1e-12 * ref).sum())
+        if moved.any():  # a replica of a neuron that got no gradient cannot part from it
+            same += rows_near(w[new], old[moved], float(1e-6 * ref))
+    lv = getattr(grown, "growth_liveness", {"live": {}, "chained_norms": []})
+    return {"status": "ok", "rows": total, "zero": zero, "replica": same, "loss": [losses[0], losses[-1]],
+            "layers": len(masks), "live": len(lv["live"]), "chained_norms": len(lv["chained_norms"])}
 
 
 def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...] = GROWTH_METHODS,
@@ -81,12 +183,11 @@ def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...
     still exactly zero, ``replica`` = those still equal (to 1e-6 of the old rows' mean norm) to an old row of their
     layer that moved by more than 1e-4 of it during the steps (the replica of a neuron that got no gradient cannot
     part; float32 rounding must not pass for parting), ``loss`` = the training loss at the first and the last step. A method that raises records
-    ``status`` ``error`` (MorphError) or ``crash``."""
+    ``status`` ``error`` (MorphError) or ``crash``. The SGD step runs inside backward (:func:`sgd_in_backward`) and
+    only the old rows are kept for the comparison, so that regnet_y_128gf's grown model trains within 12 GB."""
     import gc
 
     import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
     from zoo_check import attention_mode, randomize_norms
 
     import morph
@@ -108,43 +209,7 @@ def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...
             t0 = time.perf_counter()
             try:
                 opts = {"steps": firefly_steps} if method == "firefly" else {}
-                grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=input_size, **opts)
-                masks = {}
-                for k, entries in grown.growth_record.params.items():
-                    mod = grown.get_submodule(k.rpartition(".")[0]) if "." in k else grown
-                    rows = entries[0][2][0] if entries[0][2] else None
-                    if (k.endswith("weight") and isinstance(mod, (nn.Conv2d, nn.Linear)) and rows is not None
-                            and not getattr(mod, "transposed", False) and (rows < 0).any()):
-                        masks[k] = rows < 0
-                before = {k: v.detach().clone() for k, v in grown.state_dict().items() if k in masks}
-                grown.train()
-                opt = torch.optim.SGD(grown.parameters(), lr=lr)
-                losses = []
-                for _ in range(steps):
-                    opt.zero_grad()
-                    o = grown(x)
-                    loss = F.cross_entropy(o[0] if isinstance(o, (tuple, list)) else o, y)
-                    loss.backward()
-                    opt.step()
-                    losses.append(float(loss.detach()))
-                sd = grown.state_dict()
-                total = zero = same = 0
-                for k, new in masks.items():
-                    w = sd[k].detach().flatten(1).double()
-                    ref = w[~new].norm(dim=1).mean() if (~new).any() else w.norm(dim=1).mean()
-                    old = w[~new]
-                    moved = (old - before[k].flatten(1).double()[~new]).norm(dim=1) > 1e-4 * ref
-                    if (~new).any() and torch.equal(old, before[k].flatten(1).double()[~new]):
-                        continue  # a layer the loss does not reach (an auxiliary head in train mode)
-                    total += int(new.sum())
-                    zero += int((w[new].norm(dim=1) <= 1e-12 * ref).sum())
-                    if moved.any():  # a replica of a neuron that got no gradient cannot part from it
-                        d = torch.cdist(w[new], old[moved], compute_mode="donot_use_mm_for_euclid_dist").min(1).values
-                        same += int((d <= 1e-6 * ref).sum())
-                lv = getattr(grown, "growth_liveness", {"live": {}, "chained_norms": []})
-                r = {"status": "ok", "rows": total, "zero": zero, "replica": same, "loss": [losses[0], losses[-1]],
-                     "layers": len(masks), "live": len(lv["live"]), "chained_norms": len(lv["chained_norms"])}
-                del grown, opt
+                r = _train_grown(half, method, x, y, input_size, steps, lr, opts)
             except morph.MorphError as e:
                 r = {"status": "error", "error": str(e).splitlines()[0][:300]}
             except Exception as e:  # noqa: BLE001 - recorded, reported as a crash
