@@ -7,8 +7,8 @@ half run; two halves fuse (zero-initialized new tiles) and bake into the stock f
 joined channels (ViT, Mixer, gMLP), and a token-mixing Linear is one weight shared by every channel, a's and b's
 (Mixer, ResMLP, gMLP), so the error is measured (docs/coverage.md);
 every growth method gives a model that loads into the stock model with its outputs, keeps the function where the
-method claims it (<= 1e-6 in float64; head_dim mode: a measured error, the q.k products of replicated channels
-add up), and whose new neurons receive gradient.
+method claims it (<= 1e-6 in float64, head_dim mode too: :mod:`morph.growth.logits` scales the queries), and
+whose new neurons receive gradient.
 """
 
 from __future__ import annotations

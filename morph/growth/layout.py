@@ -31,8 +31,8 @@ import torch.nn as nn
 
 from ..errors import MorphError
 from ..graph.analyze import ChannelPlan, analyze
-from ..graph.rules import attention_width
 from ..graph.coupling import Dim
+from ..graph.rules import attention_width
 from ..info import get_info
 from ..scale import apply_width, check_width, layer_shapes
 

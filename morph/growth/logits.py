@@ -123,7 +123,7 @@ def _scale_queries(new: nn.Module, layout, old_calls, new_calls) -> dict[str, in
             loss = (t * torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t)).sum()
             grads.append(torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True))
         hit = None
-        for j, (name, p, m) in enumerate(layers):
+        for j, (name, p, _m) in enumerate(layers):
             ga, gb = grads[0][j], grads[1][j]
             if ga is None:
                 continue
