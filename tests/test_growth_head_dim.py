@@ -65,8 +65,12 @@ def _data(n=4):
     return torch.randn((n, *SIZE), generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
 
 
-@pytest.mark.parametrize("method", ["net2net", "random", "gradmax"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+CASES = [(n, m) for n in sorted(MODELS) for m in ("net2net", "random", "gradmax")]
+SLOW = {("pvt", "random"), ("pvt", "gradmax")}  # 3-5 s each on a loaded core
+
+
+@pytest.mark.parametrize(("name", "method"),
+                         [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
 def test_head_dim_growth_keeps_the_function_and_new_rows_train(name, method):
     half = _half(MODELS[name])
     x, y = _data()
@@ -102,6 +106,7 @@ def test_replicated_queries_split_unevenly_keys_copy():
     assert torch.allclose(cos, torch.ones(h, d, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_a_spec_built_half_grows_in_its_recorded_mode():
     """``morph.build_model`` records the spec, so growth rebuilds the base model to lay the channels out: in the
     half's head_dim mode, not the caller's default (before: new channels formed whole new heads, 3e-3 error)."""
