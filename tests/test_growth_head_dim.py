@@ -122,3 +122,18 @@ def test_a_spec_built_half_grows_in_its_recorded_mode():
     assert nonzero[:, :, :a0.head_dim].all() and not nonzero[:, :, a0.head_dim:].any()
     with torch.no_grad():
         assert _rel(grown(x), half(x)) <= 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradmax_leaves_out_directions_the_loss_does_not_see(dtype):
+    """GradMax's outgoing directions stop at the gradient matrix's numerical rank at its own precision: rows
+    summing to 0 (a layer feeding LayerNorms, CaiT's fc2) leave the all-ones direction with a singular value of
+    rounding size (1e-7 in float32), which a fixed 1e-10 cut took for a direction: that neuron got no gradient."""
+    from morph.growth.gradmax import growth_directions
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 96, generator=g, dtype=dtype)
+    a = a - a.mean(1, keepdim=True)
+    v = growth_directions(a, 384, g)
+    ones = torch.ones(96, dtype=v.dtype) / 96 ** 0.5
+    assert v.shape == (384, 96) and float((v @ ones).abs().max()) < 0.9
