@@ -23,13 +23,14 @@ Which rows are queries is read off the grown model, as :mod:`.keys` does: one fo
 the grown model with ``F.scaled_dot_product_attention`` and batched ``Tensor.__matmul__`` watched; a call whose
 contraction size grew and whose output keeps its shape is a logit product ``q @ k^T`` (``attn @ v`` contracts
 over tokens, which do not change); the rows of the last layer that reach its left factor (``q``) and not its
-right one are that call's queries. ``s = sqrt(d' / d)`` assumes the module's scale follows its head size, as
-timm's and SDPA's default do (an explicit ``scale=`` of SDPA is read instead).
+right one are that call's queries. For SDPA ``s`` is the ratio of the scales it applies (its default
+``head_dim ** -0.5``, or an explicit ``scale=``); for ``q @ k^T`` it is measured (the grown module may or may not
+recompute ``self.scale``: Swin's does not). A scale applied after the product (``(q @ k^T) * self.scale``:
+visformer's and efficientformer's non-fused paths) is not seen by the measurement.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
@@ -93,7 +94,7 @@ def keep_logits(new: nn.Module, model: nn.Module, layout, x: torch.Tensor) -> di
             model(x.to(next(model.parameters())))
         with torch.enable_grad(), _Watch() as w_new:
             new(x)
-        return _scale_queries(new, layout, w_old.calls, w_new.calls)
+        return _scale_queries(new, layout, x, w_old.calls, w_new.calls)
     finally:
         model.train(was_old)
         new.train(was_new)
@@ -103,7 +104,12 @@ def keep_logits(new: nn.Module, model: nn.Module, layout, x: torch.Tensor) -> di
                     v.copy_(buffers[k])
 
 
-def _scale_queries(new: nn.Module, layout, old_calls, new_calls) -> dict[str, int]:
+def _scale_queries(new: nn.Module, layout, x: torch.Tensor, old_calls, new_calls) -> dict[str, int]:
+    """The logit calls of the two forward passes, their query rows, and the factors (module docstring). SDPA
+    calls: ``s`` from the scales SDPA applies. Batched ``@``: the scale sits in the factors (``q * self.scale``,
+    which the grown module may or may not recompute), so ``s`` is measured, call after call in forward order:
+    with the calls before it corrected, the call's inputs are the model's, and ``s`` is the least-squares ratio
+    of its old and new products (one forward pass per call)."""
     if len(old_calls) != len(new_calls) or any(o[0] != n[0] for o, n in zip(old_calls, new_calls, strict=True)):
         return {}  # the forward passes differ in their attention products: nothing to pair
     layers = [(name, p, new.get_submodule(name)) for name, p in layout.plan.layers.items()
@@ -112,12 +118,11 @@ def _scale_queries(new: nn.Module, layout, old_calls, new_calls) -> dict[str, in
     weights = [m.weight for _, _, m in layers]
     probe = torch.Generator().manual_seed(0)
     factors: dict[str, torch.Tensor] = {}
-    for (kind, a0, b0, s0), (_, a, b, s1) in zip(old_calls, new_calls, strict=True):
+    measure: list[tuple[int, str, torch.Tensor]] = []  # batched @ calls: (call index, layer, query rows)
+    for i, ((kind, a0, b0, s0), (_, a, b, s1)) in enumerate(zip(old_calls, new_calls, strict=True)):
         d_old, d_new = a0.shape[-1], a.shape[-1]
         if d_old == d_new or _shape(kind, a0, b0) != _shape(kind, a, b) or not (a.requires_grad and b.requires_grad):
             continue  # not a logit product whose head size grew
-        sc_old, sc_new = _scale(kind, a0, s0), _scale(kind, a, s1)
-        s = sc_old / sc_new if sc_old is not None else math.sqrt(d_new / d_old)
         grads = []
         for t in (a, b):
             loss = (t * torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t)).sum()
@@ -138,11 +143,31 @@ def _scale_queries(new: nn.Module, layout, old_calls, new_calls) -> dict[str, in
         dm = layout.dim(p.out_dim)
         share = torch.where(dm.fresh, torch.ones(len(dm), dtype=torch.float64), dm.fanout.to(torch.float64))
         f = factors.setdefault(name, torch.ones(len(rows), dtype=torch.float64))
-        f[rows] = s * share[rows]
+        f[rows] = share[rows]
+        if kind == "sdpa":
+            f[rows] *= _scale(kind, a0, s0) / _scale(kind, a, s1)
+        else:
+            measure.append((i, name, rows))
+    del new_calls
+    _apply(new, factors)
+    for i, name, rows in measure:
+        with torch.no_grad(), _Watch() as w:
+            new(x)
+        _, a, b, _ = w.calls[i]
+        _, a0, b0, _ = old_calls[i]
+        l0, l1 = (a0 @ b0).double(), (a @ b).double()
+        s = float((l0 * l1).sum() / (l1 * l1).sum().clamp_min(1e-300))
+        f = torch.ones(len(rows), dtype=torch.float64)
+        f[rows] = s
+        _apply(new, {name: f})
+        factors[name][rows] *= s
+    return {name: int((f != 1).sum()) for name, f in factors.items()}
+
+
+def _apply(new: nn.Module, factors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, f in factors.items():
             m = new.get_submodule(name)
             m.weight.mul_(f.to(m.weight).view(-1, *([1] * (m.weight.dim() - 1))))
             if m.bias is not None:
                 m.bias.mul_(f.to(m.bias))
-    return {name: int((f != 1).sum()) for name, f in factors.items()}
