@@ -118,7 +118,7 @@ def _scale_queries(new: nn.Module, layout, x: torch.Tensor, old_calls, new_calls
     weights = [m.weight for _, _, m in layers]
     probe = torch.Generator().manual_seed(0)
     factors: dict[str, torch.Tensor] = {}
-    measure: list[tuple[int, str, torch.Tensor]] = []  # batched @ calls: (call index, layer, query rows)
+    measure: list[tuple[int, str, torch.Tensor, float]] = []  # batched @: (call, layer, query rows, sqrt(d'/d))
     for i, ((kind, a0, b0, s0), (_, a, b, s1)) in enumerate(zip(old_calls, new_calls, strict=True)):
         d_old, d_new = a0.shape[-1], a.shape[-1]
         if d_old == d_new or _shape(kind, a0, b0) != _shape(kind, a, b) or not (a.requires_grad and b.requires_grad):
@@ -147,20 +147,22 @@ def _scale_queries(new: nn.Module, layout, x: torch.Tensor, old_calls, new_calls
         if kind == "sdpa":
             f[rows] *= _scale(kind, a0, s0) / _scale(kind, a, s1)
         else:
-            measure.append((i, name, rows))
+            measure.append((i, name, rows, (d_new / d_old) ** 0.5))
     del new_calls
     _apply(new, factors)
-    for i, name, rows in measure:
-        with torch.no_grad(), _Watch() as w:
-            new(x)
-        _, a, b, _ = w.calls[i]
+    for i, name, rows, ratio in measure:
+        a, b, _ = _call(new, x, i)
         _, a0, b0, _ = old_calls[i]
         l0, l1 = (a0 @ b0).double(), (a @ b).double()
         s = float((l0 * l1).sum() / (l1 * l1).sum().clamp_min(1e-300))
-        f = torch.ones(len(rows), dtype=torch.float64)
-        f[rows] = s
-        _apply(new, {name: f})
-        factors[name][rows] *= s
+        _scale_rows(new, factors, name, rows, s)
+        # a scale applied after the product ((q @ k^T) * self.scale, recomputed for the grown head: visformer)
+        # is not in the measurement: the probabilities (the next product's left factor) tell; keep what fits
+        err = _probs_error(new, x, i, old_calls)
+        if err is not None and err > 0:
+            _scale_rows(new, factors, name, rows, ratio)
+            if _probs_error(new, x, i, old_calls) >= err:
+                _scale_rows(new, factors, name, rows, 1 / ratio)
     return {name: int((f != 1).sum()) for name, f in factors.items()}
 
 
@@ -171,3 +173,27 @@ def _apply(new: nn.Module, factors: dict[str, torch.Tensor]) -> None:
             m.weight.mul_(f.to(m.weight).view(-1, *([1] * (m.weight.dim() - 1))))
             if m.bias is not None:
                 m.bias.mul_(f.to(m.bias))
+
+
+def _call(new: nn.Module, x: torch.Tensor, i: int):
+    """The factors of the ``i``-th watched call of a forward pass of ``new`` (and of the next call, if any)."""
+    with torch.no_grad(), _Watch() as w:
+        new(x)
+    nxt = w.calls[i + 1] if i + 1 < len(w.calls) else None
+    return w.calls[i][1], w.calls[i][2], nxt
+
+
+def _probs_error(new: nn.Module, x: torch.Tensor, i: int, old_calls) -> float | None:
+    """Relative error of the left factor of the call after the ``i``-th (``attn @ v``: the probabilities)."""
+    _, _, nxt = _call(new, x, i)
+    if nxt is None or i + 1 >= len(old_calls) or nxt[1].shape != old_calls[i + 1][1].shape:
+        return None
+    p0, p1 = old_calls[i + 1][1].double(), nxt[1].double()
+    return float((p1 - p0).norm() / p0.norm().clamp_min(1e-300))
+
+
+def _scale_rows(new: nn.Module, factors: dict[str, torch.Tensor], name: str, rows: torch.Tensor, s: float) -> None:
+    f = torch.ones(len(rows), dtype=torch.float64)
+    f[rows] = s
+    _apply(new, {name: f})
+    factors[name][rows] *= s
