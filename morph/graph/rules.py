@@ -539,6 +539,15 @@ def _reshape_block(
         heads = _heads_of(a)
         if heads is not None and len(big) >= 2 and out_sizes[big[-2]] == heads:
             return _split_heads(a, d, out_sizes, big)
+        if heads == 1 and len(big) >= 2 and big[-1] == len(out_sizes) - 1 and out_sizes[-2] == 1:
+            # one head: (parts, 1, head_dim) (PVT-v2's kv in its 1-head stage): the parts' channels couple element
+            # by element, as heads do in head_dim mode, so that SDPA's q . k pairs each key channel with its query
+            pieces = a.g.split(d, [out_sizes[-1]] * math.prod(out_sizes[t] for t in big[:-1]))
+            for piece in pieces[1:]:
+                a.g.unify(pieces[0], piece)
+            out = [a.structural(s) for s in out_sizes]
+            out[-1] = pieces[0]
+            return out
         if len(big) != 2:
             raise a.fail(f"reshape splits a channel dim into {out_sizes}")
         p, q = out_sizes[big[0]], out_sizes[big[1]]

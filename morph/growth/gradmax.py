@@ -93,7 +93,12 @@ def growth_directions(a: torch.Tensor, k: int, gen: torch.Generator) -> torch.Te
     while a random direction has a component where the gradient is."""
     n = a.shape[1]
     _, s, vh = torch.linalg.svd(a, full_matrices=False)
-    rank = int((s > 1e-10 * float(s.max())).sum()) if s.numel() and float(s.max()) > 0 else 0
+    # numerical rank at the matrix's own precision (numpy's matrix_rank tolerance): a direction the loss does not
+    # see keeps a singular value of rounding size, ~1e-7 of the largest in float32 (a layer feeding LayerNorms,
+    # whose gradients sum to 0 over the channels, as CaiT's fc2: a fixed 1e-10 cut gave a new neuron the all-ones
+    # direction, which gets no gradient)
+    tol = float(s.max()) * max(a.shape) * torch.finfo(a.dtype).eps if s.numel() else 0.0
+    rank = int((s > tol).sum()) if s.numel() and float(s.max()) > 0 else 0
     top = vh[:min(k, rank)]
     if k <= top.shape[0]:
         return top

@@ -21,6 +21,7 @@ the stock model and the target the stock architecture at ``width x`` the model's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ import torch.nn as nn
 from ..errors import MorphError
 from ..graph.analyze import ChannelPlan, analyze
 from ..graph.coupling import Dim
+from ..graph.rules import attention_width
 from ..info import get_info
 from ..scale import apply_width, check_width, layer_shapes
 
@@ -170,7 +172,9 @@ def _reference(model: nn.Module, input_size: tuple[int, ...] | None,
         info.spec.source != "callable" or info.spec.name in TRUSTED_FACTORIES)  # never import a recorded callable
     if rebuildable and info.kind == "plain" and info.width != 1:
         base = build_recorded(info.spec)
-        plan = analyze(base, info.input_size)
+        mode = (info.extra or {}).get("attention_width")
+        with attention_width(mode) if mode else contextlib.nullcontext():  # the mode the model was made in
+            plan = analyze(base, info.input_size)
         shapes = layer_shapes(plan, base, info.width)
         if all(tuple(model.get_submodule(n).weight.shape) == s.weight_shape
                for n, s in shapes.items() if s.kind in ("conv", "linear")):

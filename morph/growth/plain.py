@@ -65,6 +65,7 @@ from .liveness import (
     split_products,
     zero_inputs,
 )
+from .logits import keep_logits
 from .optim import GrowthRecord
 from .registry import GrowthMethod
 
@@ -231,12 +232,14 @@ class PlainGrowth(GrowthMethod):
             prm.requires_grad_(True)
         new.train(model.training)
         activation.restore(new, {"relu_grad": self.opts["relu_grad"]})
+        batches = list(iterate_batches(data))
+        x = batches[0][0].to(p0) if batches else torch.randn(
+            (1, *layout.plan.input_size), generator=torch.Generator().manual_seed(0), dtype=p0.dtype).to(p0.device)
+        # heads that grew (head_dim mode): queries scaled so that the logits stay (.logits)
+        self.scaled_queries = keep_logits(new, model, layout, x)
         if self.opts["keys"] == "random":
             from .keys import init_new_keys
 
-            batches = list(iterate_batches(data))
-            x = batches[0][0].to(p0) if batches else torch.randn(
-                (1, *layout.plan.input_size), generator=torch.Generator().manual_seed(0), dtype=p0.dtype).to(p0.device)
             self.new_keys = init_new_keys(new, layout, x, gen)
         self.finish(new, model, layout, data)
         if self._reestimates(data):

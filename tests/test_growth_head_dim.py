@@ -1,0 +1,139 @@
+"""Growth of attention heads whose size grows (``head_dim`` mode): the function is kept exactly (float64) and
+every new row trains.
+
+- A half built from a spec (``morph.build_model``) in head_dim mode grows in that mode: the rebuilt base model
+  is analyzed in the half's recorded mode (before: in the current default, heads mode, so the new channels of
+  q, k and v were laid out as whole new heads while the grown modules kept their head count: old heads merged).
+- Queries are scaled by ``sqrt(d'/d) x share`` (:mod:`morph.growth.logits`): the scale ``head_dim ** -0.5``
+  and the products of replicated channels no longer change the logits, and uneven shares part replicated
+  query/key channels (Net2Net; PVT-v2, whose attention channels share the LayerNorm-normalized residual group
+  and replicate under every method).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_growth_trains import _new_rows, _stuck_rows
+from timm.models.pvt_v2 import PyramidVisionTransformerV2
+from timm.models.vision_transformer import VisionTransformer
+
+import morph
+from morph.graph import attention_width
+
+SIZE = (3, 32, 32)
+
+
+def _vit3():  # 3 heads of 16: head_dim mode (3 heads cannot halve)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2,
+                             num_classes=10)
+
+
+def _pvt():  # 1 and 2 heads (PVT-v2 b0's first stages): the q/kv channels couple with the residual stream
+    return PyramidVisionTransformerV2(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), sr_ratios=(2, 1),
+                                      mlp_ratios=(2, 2), num_classes=10)
+
+
+MODELS = {"vit3": _vit3, "pvt": _pvt}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _randomize(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g, dtype=torch.float64) + 0.5)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=torch.float64) * 0.1)
+            elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=torch.float64) * 0.1)
+    return m
+
+
+def _half(build) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with attention_width("head_dim"):
+        return _randomize(morph.scale_width(build().double().eval(), 0.5, input_size=SIZE).eval())
+
+
+def _data(n=4):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn((n, *SIZE), generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
+
+
+CASES = [(n, m) for n in sorted(MODELS) for m in ("net2net", "random", "gradmax")]
+SLOW = {("pvt", "random"), ("pvt", "gradmax")}  # 3-5 s each on a loaded core
+
+
+@pytest.mark.parametrize(("name", "method"),
+                         [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
+def test_head_dim_growth_keeps_the_function_and_new_rows_train(name, method):
+    half = _half(MODELS[name])
+    x, y = _data()
+    grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=SIZE).eval()
+    with torch.no_grad():
+        assert _rel(grown(x), half(x)) <= 1e-9
+    stock = MODELS[name]().double()
+    stock.load_state_dict(grown.state_dict(), strict=True)
+    rows = _new_rows(grown)
+    before = {k: v.detach().clone() for k, v in grown.state_dict().items() if k in rows}
+    grown.train()
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(grown(x), y).backward()
+        opt.step()
+    total, zero, same = _stuck_rows(grown, rows, before)
+    assert total > 0 and zero == 0 and same == 0, (total, zero, same)
+
+
+def test_replicated_queries_split_unevenly_keys_copy():
+    """Net2Net (cycle map: channel ``j`` of a head copies ``j mod d``): a channel and its replica have equal key
+    rows and query rows in the ratio of their shares (1/4 and 3/4: 1 to 3), which parts them when trained."""
+    half = _half(_vit3)
+    grown = morph.grow(half, "net2net", 2.0, seed=0, input_size=SIZE, mapping="cycle")
+    w = grown.blocks[0].attn.qkv.weight.detach()
+    h, d = 3, 8
+    q, k = w[:h * 2 * d].view(h, 2, d, -1), w[h * 2 * d:2 * h * 2 * d].view(h, 2, d, -1)
+    assert torch.equal(k[:, 0], k[:, 1])
+    ratio = q[:, 1].norm(dim=-1) / q[:, 0].norm(dim=-1)
+    assert torch.allclose(torch.maximum(ratio, 1 / ratio), torch.full((h, d), 3.0, dtype=torch.float64))
+    cos = F.cosine_similarity(q[:, 0], q[:, 1], dim=-1)
+    assert torch.allclose(cos, torch.ones(h, d, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_a_spec_built_half_grows_in_its_recorded_mode():
+    """``morph.build_model`` records the spec, so growth rebuilds the base model to lay the channels out: in the
+    half's head_dim mode, not the caller's default (before: new channels formed whole new heads, 3e-3 error)."""
+    with attention_width("head_dim"):
+        half = morph.scale_width(morph.build_model("timm/test_vit"), 0.5, input_size=(3, 160, 160)).double().eval()
+    _randomize(half)
+    x = torch.randn((1, 3, 160, 160), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grown = morph.grow(half, "random", 2.0, seed=0, input_size=(3, 160, 160), keys="zero").eval()
+    a0, a1 = half.blocks[0].attn, grown.blocks[0].attn
+    assert (a1.num_heads, a1.head_dim) == (a0.num_heads, 2 * a0.head_dim)
+    w = grown.blocks[0].attn.qkv.weight.detach().view(3, a1.num_heads, a1.head_dim, -1)
+    nonzero = w.norm(dim=-1) > 0  # per part and head: the old channels first, then the new (zero) ones
+    assert nonzero[:, :, :a0.head_dim].all() and not nonzero[:, :, a0.head_dim:].any()
+    with torch.no_grad():
+        assert _rel(grown(x), half(x)) <= 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradmax_leaves_out_directions_the_loss_does_not_see(dtype):
+    """GradMax's outgoing directions stop at the gradient matrix's numerical rank at its own precision: rows
+    summing to 0 (a layer feeding LayerNorms, CaiT's fc2) leave the all-ones direction with a singular value of
+    rounding size (1e-7 in float32), which a fixed 1e-10 cut took for a direction: that neuron got no gradient."""
+    from morph.growth.gradmax import growth_directions
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 96, generator=g, dtype=dtype)
+    a = a - a.mean(1, keepdim=True)
+    v = growth_directions(a, 384, g)
+    ones = torch.ones(96, dtype=v.dtype) / 96 ** 0.5
+    assert v.shape == (384, 96) and float((v @ ones).abs().max()) < 0.9
