@@ -2,7 +2,7 @@
 machine, which takes a working tree of at most 64 MiB (tar pads every file to 512 bytes and zip adds about 120
 bytes a file; CIFAR-10's 60,000 JPEGs average 920 bytes).
 
-    python benchmarks/pack_images.py pack ../shared/data/cifar10 .gpudata/cifar10.pack --train-per-class 4500
+    python benchmarks/pack_images.py pack data/cifar10 .gpudata/cifar10.pack --train-per-class 4500
     python benchmarks/pack_images.py unpack .gpudata/cifar10.pack /tmp/cifar10
 
 The file: 8 bytes (little-endian length of the index), the index as JSON (``[[split, class, name, size], ...]``),
