@@ -17,6 +17,7 @@ from ..errors import MorphError
 from . import rules as _rules  # noqa: F401  (the built-in rules register themselves on import)
 from . import rules_transformer as _rules_transformer  # noqa: F401
 from .analyzer import Analyzer
+from .mha import TracedMultiheadAttention, traceable
 from .plan import TD, ChannelPlan, ConstSite, LayerPlan
 from .trace import trace
 
@@ -56,6 +57,7 @@ def analyze(
 
 
 def _analyze(model: nn.Module, input_size: tuple[int, ...] | None, batch_size: int) -> ChannelPlan:
+    model = traceable(model)  # nn.MultiheadAttention as Linear modules (the passes call traceable too: same names)
     input_size = tuple(input_size or default_input_size(model))
     p = next(iter(model.parameters()), None)
     example = torch.zeros((batch_size, *input_size), dtype=p.dtype if p is not None else torch.float32)
@@ -92,7 +94,8 @@ def _record_heads(model: nn.Module, gm) -> None:
     heads from head channels (the traced graph keeps only the leaves, not the attention modules' attributes)."""
     gm.meta["morph_heads"] = {
         name: int(m.num_heads) for name, m in model.named_modules()
-        if isinstance(getattr(m, "num_heads", None), int) and not isinstance(m, nn.MultiheadAttention)
+        if isinstance(getattr(m, "num_heads", None), int)
+        and (not isinstance(m, nn.MultiheadAttention) or isinstance(m, TracedMultiheadAttention))
     }
     gm.meta["morph_attention_width"] = _rules.current_attention_width()  # the mode this plan was analyzed in
 

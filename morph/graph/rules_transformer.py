@@ -158,13 +158,14 @@ except ImportError:
 
 
 def _multihead_attention(a: Analyzer, node: fx.Node) -> TD:
-    """Refused, with the reason: ``nn.MultiheadAttention`` (torchvision's ViT) holds q, k and v in one raw
-    ``in_proj_weight`` parameter and runs ``F.multi_head_attention_forward``, not Linear modules and traceable
-    ops, so neither its heads nor its projections are visible to the analysis, templates or tiling."""
+    """Refused, with the reason: an ``nn.MultiheadAttention`` that :mod:`.mha` does not rewrite into Linear modules
+    (separate q/k/v embedding sizes, ``bias_k``/``bias_v`` or zero attention) keeps its raw projection parameters
+    inside ``F.multi_head_attention_forward``, where neither its heads nor its projections are visible."""
     raise a.fail(
-        "torch.nn.MultiheadAttention keeps q, k and v in one raw in_proj_weight parameter inside an untraceable "
-        "forward: morph's width surgery, templates and tiling work on Linear modules",
-        "use timm's vision transformers (timm.layers.Attention), which morph grows",
+        "torch.nn.MultiheadAttention with separate key/value sizes, bias_k/bias_v or add_zero_attn keeps its raw "
+        "projections inside F.multi_head_attention_forward: morph rewrites only the packed self-attention "
+        "(torchvision's ViT)",
+        "use one embedding size for query, key and value",
     )
 
 

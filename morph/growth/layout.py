@@ -31,6 +31,7 @@ import torch.nn as nn
 from ..errors import MorphError
 from ..graph.analyze import ChannelPlan, analyze
 from ..graph.coupling import Dim
+from ..graph.mha import traceable
 from ..info import get_info
 from ..scale import apply_width, check_width, layer_shapes
 
@@ -169,7 +170,7 @@ def _reference(model: nn.Module, input_size: tuple[int, ...] | None,
     rebuildable = info is not None and info.spec is not None and (
         info.spec.source != "callable" or info.spec.name in TRUSTED_FACTORIES)  # never import a recorded callable
     if rebuildable and info.kind == "plain" and info.width != 1:
-        base = build_recorded(info.spec)
+        base = traceable(build_recorded(info.spec))
         plan = analyze(base, info.input_size)
         shapes = layer_shapes(plan, base, info.width)
         if all(tuple(model.get_submodule(n).weight.shape) == s.weight_shape
