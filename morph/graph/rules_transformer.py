@@ -16,10 +16,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .analyzer import Analyzer
-from .plan import TD, LayerPlan
+from .plan import TD, ConstSite, LayerPlan
 from .registry import register_function_rule as _function
 from .registry import register_module_rule as _module
 from .rules import broadcast, couple
+from .trace import node_qualname
 
 __all__: list[str] = []
 
@@ -313,12 +314,15 @@ def _tv_shifted_window_attention(a: Analyzer, node: fx.Node) -> TD:
     scale = a.value(args["logit_scale"])
     if isinstance(scale, TD):
         couple(a, head_dim, scale.dims[0])
+    # Swin-V2's continuous position bias MLP (cpb_mlp: 2 -> 512 -> heads): torchvision fixes its hidden width at
+    # 512 whatever the model's width, so it keeps it (the models made stay models torchvision builds)
+    cpb = sorted((p for n, p in a.layers.items() if n.startswith(f"{node_qualname(node)}.cpb_mlp.")),
+                 key=lambda p: p.order)
+    for p in cpb[:-1]:
+        a.g.mark_fixed(p.out_dim)
     merged = reshape(a, TD((head_dim, chan), (heads, c // heads)), (c,))
     out = a.fresh(c, source=True)
     a.add_layer(LayerPlan(proj, "linear", merged.dims[0], out))
-    from .plan import ConstSite
-    from .trace import node_qualname
-
     a.consts.append(ConstSite(node.name, "shape", 4, (head_dim,), node_qualname(node)))
     return TD((*x.dims[:3], out), out_shape)
 
