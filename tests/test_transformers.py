@@ -97,6 +97,27 @@ def _relpos():  # relative-position MLP bias (reads a coordinate grid buffer), 3
                                    rel_pos_type="mlp")
 
 
+def _tv_vit():  # torchvision's ViT: nn.MultiheadAttention, 4 heads of 8 (heads mode)
+    from torchvision.models import VisionTransformer as TvViT
+
+    return TvViT(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10)
+
+
+def _tv_vit2():  # the smallest: 2 heads of 8, which cannot halve: head_dim mode
+    from torchvision.models import VisionTransformer as TvViT
+
+    return TvViT(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10)
+
+
+def _tv_swin(v2: bool = False):  # torchvision's Swin (shifted_window_attention), windows of 4x4, 4 and 8 heads of 8
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer as TvSwin, SwinTransformerBlockV2
+
+    kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    m = TvSwin(patch_size=[2, 2], embed_dim=32, depths=[2, 1], num_heads=[4, 8], window_size=[4, 4], num_classes=10,
+               **kw)
+    return m.to(torch.get_default_dtype())  # torchvision builds V2's coordinate table in float32
+
+
 # name -> (builder, attention width mode, fused == ensemble exactly?)
 MODELS = {
     "vit4": (_vit4, "heads", False),
@@ -111,17 +132,28 @@ MODELS = {
     "pvt": (_pvt, "heads", False),
     "pit": (_pit, "heads", False),
     "relpos_head_dim": (_relpos, "head_dim", False),
+    "tv_vit": (_tv_vit, "heads", False),
+    "tv_vit2_head_dim": (_tv_vit2, "head_dim", False),
+    "tv_swin": (_tv_swin, "heads", False),
+    "tv_swin_v2": (lambda: _tv_swin(v2=True), "heads", False),
 }
-SLOW = {"swin", "swin3_head_dim", "cait", "xcit", "pvt", "pit", "relpos_head_dim"}  # 3-7 s each on one core
+SLOW = {"swin", "swin3_head_dim", "cait", "xcit", "pvt", "pit", "relpos_head_dim",  # 3-7 s each on one core
+        "tv_vit", "tv_vit2_head_dim", "tv_swin", "tv_swin_v2"}
 
-# the first attention's query, key and value rows: (layer, part, parts) of the layer's output
+# the weight of the first attention's query, key and value rows, q, k and v stacked
 ATTN = {
-    "swin": "layers.0.blocks.0.attn.qkv", "swin3_head_dim": "layers.0.blocks.0.attn.qkv",
-    "vit4": "blocks.0.attn.qkv", "vit3_head_dim": "blocks.0.attn.qkv", "cait": "blocks.0.attn.qkv",
-    "xcit": "blocks.0.attn.qkv", "pit": "transformers.0.blocks.0.attn.qkv", "relpos_head_dim": "blocks.0.attn.qkv",
+    "swin": "layers.0.blocks.0.attn.qkv.weight", "swin3_head_dim": "layers.0.blocks.0.attn.qkv.weight",
+    "vit4": "blocks.0.attn.qkv.weight", "vit3_head_dim": "blocks.0.attn.qkv.weight", "cait": "blocks.0.attn.qkv.weight",
+    "xcit": "blocks.0.attn.qkv.weight", "pit": "transformers.0.blocks.0.attn.qkv.weight",
+    "relpos_head_dim": "blocks.0.attn.qkv.weight",
+    "tv_vit": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
+    "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
+    "tv_swin": "features.1.0.attn.qkv.weight", "tv_swin_v2": "features.1.0.attn.qkv.weight",
 }
 FC1 = {"swin": "layers.0.blocks.0.mlp.fc1", "swin3_head_dim": "layers.0.blocks.0.mlp.fc1",
-       "pvt": "stages.0.blocks.0.mlp.fc1", "pit": "transformers.0.blocks.0.mlp.fc1"}
+       "pvt": "stages.0.blocks.0.mlp.fc1", "pit": "transformers.0.blocks.0.mlp.fc1",
+       "tv_vit": "encoder.layers.encoder_layer_0.mlp.0", "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.mlp.0",
+       "tv_swin": "features.1.0.mlp.0", "tv_swin_v2": "features.1.0.mlp.0"}
 
 
 def _params(names):
@@ -142,7 +174,7 @@ def _randomize(m: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if p.dim() <= 1 and ("norm" in name or name.endswith("alpha") or "gamma" in name):
+            if p.dim() <= 1 and ("norm" in name or ".ln" in name or name.endswith("alpha") or "gamma" in name):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
@@ -276,23 +308,24 @@ def test_growth_strict_function_and_gradient(name, method):
             kv, hk = grown.get_submodule("stages.0.blocks.0.attn.kv"), half.stages[0].blocks[0].attn.kv.out_features
             assert kv.weight.grad[kv.out_features // 2 + hk // 2:].abs().sum() > 0
         if name in ATTN:
-            attn = ATTN[name]
-            qkv, hq = grown.get_submodule(attn), half.get_submodule(attn).out_features // 3
-            v_new = qkv.weight.grad[2 * qkv.out_features // 3 + hq:]  # the new heads' (or channels') value rows
+            qkv, hq = grown.get_parameter(ATTN[name]), half.get_parameter(ATTN[name]).shape[0] // 3
+            n = qkv.shape[0] // 3
+            v_new = qkv.grad[2 * n + hq:]  # the new heads' (or channels') value rows
             assert v_new.abs().sum() > 0
             if mode == "heads" and method in ("random", "gradmax"):
                 # new heads: query and key rows random, value rows 0 (the head outputs 0: exact; or whole heads
                 # replicated, where a group rule says so: XCiT, CaiT); once the values moved, q and k get gradient
-                n = qkv.out_features // 3
-                assert qkv.weight.detach()[n + hq:2 * n].norm(dim=1).min() > 0
-                assert qkv.weight.detach()[hq:n].norm(dim=1).min() > 0
+                assert qkv.detach()[n + hq:2 * n].norm(dim=1).min() > 0
+                assert qkv.detach()[hq:n].norm(dim=1).min() > 0
+                before = qkv.detach().clone()
                 opt = torch.optim.SGD(grown.parameters(), lr=0.1)
                 for _ in range(2):
                     opt.step()
                     opt.zero_grad()
                     nn.functional.cross_entropy(grown(x), y).backward()
-                assert qkv.weight.grad[hq:n].norm(dim=1).min() > 0  # every new query row gets gradient
-                assert qkv.weight.grad[n + hq:2 * n].norm(dim=1).min() > 0  # and every new key row
+                assert qkv.grad[hq:n].norm(dim=1).min() > 0  # every new query row gets gradient
+                assert qkv.grad[n + hq:2 * n].norm(dim=1).min() > 0  # and every new key row
+                assert (qkv.detach() - before)[2 * n + hq:].norm(dim=1).min() > 0  # the new value rows moved
 
 
 def fc1_name(name: str, model: nn.Module) -> str:
@@ -350,12 +383,70 @@ def test_refused_transformers_say_why(spec):
     assert TIMM_TRANSFORMERS_REFUSED[spec] in msg and "\n" not in msg, msg
 
 
-def test_torchvision_vit_is_refused_with_the_reason():
-    from torchvision.models.vision_transformer import VisionTransformer as TvViT
+def test_torchvision_vit_heads_and_stock_halves():
+    """nn.MultiheadAttention: the packed in_proj rows are q, k and v, each a group of heads of 8 channels (heads
+    mode); the half is torchvision's own ViT (nn.MultiheadAttention with in_proj_weight, 2 heads) that loads into
+    the ViT torchvision builds at that width, and the model given is left as it was."""
+    from torchvision.models import VisionTransformer as TvViT
 
-    m = TvViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
-    with pytest.raises(morph.UnsupportedOpError, match="MultiheadAttention keeps q, k and v in one raw in_proj_weight"):
-        morph.scale_width(m.eval(), 0.5, input_size=SIZE)
+    m = _randomize(TvViT(image_size=32, patch_size=8, num_layers=1, num_heads=4, hidden_dim=32, mlp_dim=32,
+                         num_classes=10).eval())
+    keys = list(m.state_dict())
+    plan = analyze(m, SIZE)
+    atoms = plan.atoms(plan.layers["encoder.layers.encoder_layer_0.self_attention.in_proj"].out_dim)
+    assert [s.inner for s in atoms] == [8, 8, 8] and len({plan.groups.find(s.group) for s in atoms}) == 1
+    assert plan.groups.size[plan.groups.find(atoms[0].group)] == 4
+    half = morph.scale_width(m, 0.5, input_size=SIZE).eval()
+    attn = half.encoder.layers[0].self_attention
+    assert type(half) is TvViT and type(attn) is nn.MultiheadAttention
+    assert (attn.num_heads, attn.head_dim, attn.embed_dim, tuple(attn.in_proj_weight.shape)) == (2, 8, 16, (48, 16))
+    assert half.hidden_dim == 16 and half.encoder.layers[0].num_heads == 2
+    stock = TvViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=16, num_classes=10)
+    stock.load_state_dict(half.state_dict(), strict=True)
+    x = _x()
+    with torch.no_grad():
+        assert _rel(stock.eval()(x), half(x)) <= 1e-12
+    assert type(m.encoder.layers[0].self_attention) is nn.MultiheadAttention and list(m.state_dict()) == keys
+    assert "in_proj_weight" in dict(m.encoder.layers[0].self_attention.named_parameters())
+
+
+def test_traced_multihead_attention_is_the_stock_module():
+    """The rewritten forward (in_proj, heads, scaled dot-product attention, out_proj) computes what
+    nn.MultiheadAttention computes, batch first or not, and keeps its state_dict keys both ways."""
+    from morph.graph.mha import TracedMultiheadAttention, stock, traceable
+
+    for batch_first in (True, False):
+        torch.manual_seed(0)
+        ref = nn.Sequential(nn.MultiheadAttention(24, 3, batch_first=batch_first)).eval()
+        new = traceable(ref)
+        assert type(new[0]) is TracedMultiheadAttention and type(ref[0]) is nn.MultiheadAttention
+        assert list(new.state_dict()) == list(ref.state_dict())
+        x = torch.randn(5, 7, 24)
+        with torch.no_grad():
+            y0 = ref[0](x, x, x, need_weights=False)[0]
+            assert _rel(new[0](x, x, x, need_weights=False)[0], y0) <= 1e-12
+            assert _rel(new[0](x, x, x)[0], y0) <= 1e-12  # need_weights: the stock forward
+        back = traceable(ref)
+        back.load_state_dict(ref.state_dict(), strict=True)
+        assert stock(back) == ["0"] and type(back[0]) is nn.MultiheadAttention
+        assert list(back.state_dict()) == list(ref.state_dict())
+
+
+def test_multihead_attention_with_other_key_sizes_is_refused():
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 16)
+            self.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            t = self.proj(x.flatten(2).transpose(1, 2))
+            return self.head(self.attn(t, t[..., :8], t[..., 8:], need_weights=False)[0].mean(1))
+
+    with pytest.raises(morph.UnsupportedOpError, match="separate key/value sizes") as e:
+        morph.scale_width(Cross(), 0.5, input_size=(3, 8, 8))
+    assert "\n" not in str(e.value)
 
 
 def test_the_attention_mode_sticks_to_the_model():
