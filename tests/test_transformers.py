@@ -110,7 +110,8 @@ def _tv_vit2():  # the smallest: 2 heads of 8, which cannot halve: head_dim mode
 
 
 def _tv_swin(v2: bool = False):  # torchvision's Swin (shifted_window_attention), windows of 4x4, 4 and 8 heads of 8
-    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer as TvSwin, SwinTransformerBlockV2
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+    from torchvision.models.swin_transformer import SwinTransformer as TvSwin
 
     kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
     m = TvSwin(patch_size=[2, 2], embed_dim=32, depths=[2, 1], num_heads=[4, 8], window_size=[4, 4], num_classes=10,
@@ -586,3 +587,40 @@ def test_keys_option_zero_leaves_new_queries_and_keys_at_zero():
             assert _rel(g(x), half(x)) <= 1e-12
     with pytest.raises(morph.MorphError, match="keys must be"):
         morph.grow(half, "random", 2.0, seed=0, input_size=SIZE, keys="both")
+
+
+@pytest.mark.slow
+def test_torchvision_vit_save_load_and_optimizer_state(tmp_path):
+    """Template models keep the rewritten attention (in_proj template-mixed), plain ones are stock again; every
+    kind saves and loads bit-exactly, and a plain growth's record names the stock in_proj_weight, so an
+    optimizer's state carries over to the new heads' rows."""
+    from morph.graph.mha import TracedMultiheadAttention
+
+    def build():
+        return _tv_vit()
+
+    m = _randomize(build().eval())
+    a, b = (morph.convert(m, 0.5, seed=s, input_size=SIZE) for s in (1, 2))
+    half = morph.scale_width(m, 0.5, input_size=SIZE)
+    opt = torch.optim.SGD(half.parameters(), lr=0.1, momentum=0.9)
+    nn.functional.cross_entropy(half(_x()), torch.tensor([1, 7])).backward()
+    opt.step()
+    grown = morph.grow(half, "random", 2.0, seed=0, input_size=SIZE)
+    x = _x()
+    for kind, model in (("fused", morph.fuse(a, b, init="zero", seed=0)), ("half", a), ("plain", half),
+                        ("grown", grown)):
+        path = tmp_path / f"{kind}.safetensors"
+        morph.save(model, path)
+        back = morph.load(path, model_fn=build)
+        attn = back.encoder.layers[0].self_attention
+        assert (type(attn) is TracedMultiheadAttention) == (kind in ("fused", "half")), kind
+        with torch.no_grad():
+            assert torch.equal(back.eval()(x), model.eval()(x)), kind
+    new_opt = morph.carry_optimizer_state(opt, half, grown)
+    w_old = half.encoder.layers[0].self_attention.in_proj_weight
+    w_new = grown.encoder.layers[0].self_attention.in_proj_weight
+    buf_old, buf_new = opt.state[w_old]["momentum_buffer"], new_opt.state[w_new]["momentum_buffer"]
+    n_old, n_new = w_old.shape[0] // 3, w_new.shape[0] // 3
+    for part in range(3):  # q, k, v: the old heads' momentum first, zero on the new heads' rows
+        assert torch.equal(buf_new[part * n_new: part * n_new + n_old, :16], buf_old[part * n_old:(part + 1) * n_old])
+        assert not buf_new[part * n_new + n_old:(part + 1) * n_new].any()
