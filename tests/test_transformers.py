@@ -109,13 +109,14 @@ def _tv_vit2():  # the smallest: 2 heads of 8, which cannot halve: head_dim mode
     return TvViT(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10)
 
 
-def _tv_swin(v2: bool = False):  # torchvision's Swin (shifted_window_attention), windows of 4x4, 4 and 8 heads of 8
+def _tv_swin(v2: bool = False, heads: tuple[int, int] = (4, 8)):
+    """torchvision's Swin (shifted_window_attention), windows of 4x4 tokens, 4 and 8 heads of 8 (or 3 and 6)."""
     from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
     from torchvision.models.swin_transformer import SwinTransformer as TvSwin
 
     kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
-    m = TvSwin(patch_size=[2, 2], embed_dim=32, depths=[2, 1], num_heads=[4, 8], window_size=[4, 4], num_classes=10,
-               **kw)
+    m = TvSwin(patch_size=[2, 2], embed_dim=8 * heads[0], depths=[2, 1], num_heads=list(heads), window_size=[4, 4],
+               num_classes=10, **kw)
     return m.to(torch.get_default_dtype())  # torchvision builds V2's coordinate table in float32
 
 
@@ -137,9 +138,10 @@ MODELS = {
     "tv_vit2_head_dim": (_tv_vit2, "head_dim", False),
     "tv_swin": (_tv_swin, "heads", False),
     "tv_swin_v2": (lambda: _tv_swin(v2=True), "heads", False),
+    "tv_swin3_head_dim": (lambda: _tv_swin(heads=(3, 6)), "head_dim", False),
 }
 SLOW = {"swin", "swin3_head_dim", "cait", "xcit", "pvt", "pit", "relpos_head_dim",  # 3-7 s each on one core
-        "tv_vit", "tv_vit2_head_dim", "tv_swin", "tv_swin_v2"}
+        "tv_vit", "tv_vit2_head_dim", "tv_swin", "tv_swin_v2", "tv_swin3_head_dim"}
 
 # the weight of the first attention's query, key and value rows, q, k and v stacked
 ATTN = {
@@ -150,11 +152,12 @@ ATTN = {
     "tv_vit": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
     "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
     "tv_swin": "features.1.0.attn.qkv.weight", "tv_swin_v2": "features.1.0.attn.qkv.weight",
+    "tv_swin3_head_dim": "features.1.0.attn.qkv.weight",
 }
 FC1 = {"swin": "layers.0.blocks.0.mlp.fc1", "swin3_head_dim": "layers.0.blocks.0.mlp.fc1",
        "pvt": "stages.0.blocks.0.mlp.fc1", "pit": "transformers.0.blocks.0.mlp.fc1",
        "tv_vit": "encoder.layers.encoder_layer_0.mlp.0", "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.mlp.0",
-       "tv_swin": "features.1.0.mlp.0", "tv_swin_v2": "features.1.0.mlp.0"}
+       "tv_swin": "features.1.0.mlp.0", "tv_swin_v2": "features.1.0.mlp.0", "tv_swin3_head_dim": "features.1.0.mlp.0"}
 
 
 def _params(names):
