@@ -317,8 +317,9 @@ INPUT_SIZE.update({f"timm/{n}": (3, 224, 224) for n in ("vit_tiny_patch16_224", 
                                                          "cait_xxs24_224", "pit_ti_224", "pvt_v2_b0",
                                                          "visformer_tiny", "efficientformer_l1",
                                                          "xcit_nano_12_p16_224")})
-INPUT_SIZE.update({"torchvision/vit_b_16": (3, 224, 224), "torchvision/swin_t": (3, 224, 224),
-                   "torchvision/swin_v2_t": (3, 224, 224)})
+# torchvision's Swins run at any size (windows padded): 3x112x112 keeps their coverage rows short on a shared CPU
+INPUT_SIZE.update({"torchvision/vit_b_16": (3, 224, 224), "torchvision/swin_t": (3, 112, 112),
+                   "torchvision/swin_v2_t": (3, 112, 112)})
 # torchvision's Swins start with 3 heads: head_dim mode; vit_b_16's 12 heads halve (heads mode)
 ATTENTION_WIDTH.update({"torchvision/swin_t": "head_dim", "torchvision/swin_v2_t": "head_dim"})
 NOT_BLOCKWISE.update({
