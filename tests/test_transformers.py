@@ -436,6 +436,29 @@ def test_traced_multihead_attention_is_the_stock_module():
         assert list(back.state_dict()) == list(ref.state_dict())
 
 
+def test_flops_count_multihead_attention():
+    """fvcore has no handle for nn.MultiheadAttention's fused kernel: morph.flops counts its traceable form, so the
+    stock model's attention products are counted (as the template models', which run that form)."""
+    from morph.graph.mha import traceable
+
+    m = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True))
+
+    class Self(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = m[0]
+
+        def forward(self, x):
+            t = x.flatten(2).transpose(1, 2)
+            return self.attn(t, t, t, need_weights=False)[0]
+
+    model = Self().eval()
+    n, e = 9, 16
+    want = n * e * 3 * e + 2 * n * n * e + n * e * e  # in_proj, q k^T and attn v, out_proj (multiply-adds)
+    assert morph.flops(model, (16, 3, 3)).per_image == want
+    assert type(model.attn) is nn.MultiheadAttention and traceable(model) is not model
+
+
 def test_multihead_attention_with_other_key_sizes_is_refused():
     class Cross(nn.Module):
         def __init__(self) -> None:
