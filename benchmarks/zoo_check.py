@@ -97,19 +97,32 @@ def _numel(model: nn.Module) -> int:
 
 
 def _weighted(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Module path -> weight shape of every conv and linear (template-mixed ones: the tile shape)."""
+    """Module path -> weight shape of every conv and linear (template-mixed ones: the tile shape); a stock
+    ``nn.MultiheadAttention``'s packed ``in_proj_weight`` is the Linear ``<path>.in_proj`` morph makes of it."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, _WEIGHTED):
             out[name] = tuple(m.mix.tile_shape) if hasattr(m, "mix") else tuple(m.weight.shape)
+        elif type(m) is nn.MultiheadAttention and m._parameters.get("in_proj_weight") is not None:
+            out[f"{name}.in_proj" if name else "in_proj"] = tuple(m.in_proj_weight.shape)
     return out
 
 
-def execution_order(gm: fx.GraphModule) -> list[str]:
-    """Conv and linear module paths in the order the traced forward first calls them."""
+def execution_order(gm: fx.GraphModule, model: nn.Module | None = None) -> list[str]:
+    """Conv and linear module paths in the order the traced forward first calls them, or (``model`` given) first
+    reads their weight for a function that applies it (torchvision's Swin attention: ``F.linear`` inside)."""
     mods = dict(gm.named_modules())
     seen: list[str] = []
     for n in gm.graph.nodes:
+        if n.op == "get_attr" and model is not None and str(n.target).endswith(".weight"):
+            path = str(n.target)[: -len(".weight")]
+            try:
+                owner = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(owner, _WEIGHTED) and path not in seen:
+                seen.append(path)
+            continue
         if n.op != "call_module":
             continue
         m = mods[str(n.target)]
@@ -253,7 +266,7 @@ def _check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64,
 
         stage = "analyze"
         plan = analyze(m, input_size)
-        order = execution_order(plan.gm)
+        order = execution_order(plan.gm, m)
 
         stage = "scale_width"
         plain = morph.scale_width(m, 0.5, plan=plan)
