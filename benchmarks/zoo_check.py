@@ -177,8 +177,13 @@ def flops_breakdown(model: nn.Module, plan: ChannelPlan, input_size: tuple[int, 
     """The original's FLOPs per image (fvcore) and their shares by how they scale at half width."""
     from fvcore.nn import FlopCountAnalysis
 
+    from morph.flops import _sdpa_handle
+    from morph.graph.mha import traceable
+
+    model = traceable(model)  # nn.MultiheadAttention as morph.flops counts it: the plan's in_proj Linears
     p = next(iter(model.parameters()))
     fca = FlopCountAnalysis(model.eval(), torch.zeros((1, *input_size), dtype=p.dtype))
+    fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with torch.no_grad():
         total = float(fca.total())
