@@ -373,6 +373,29 @@ def test_timm_transformers_zoo_check(spec, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("spec", ["torchvision/vit_b_16", "torchvision/swin_t", "torchvision/swin_v2_t"])
+def test_torchvision_transformers_zoo_check(spec, tmp_path):
+    """torchvision's own ViT-B/16 (nn.MultiheadAttention, 12 -> 6 heads) and Swin-T / Swin-V2-T (window attention,
+    head_dim mode) built by torchvision (weights=None) through the zoo check: convert, fuse, bake, strict load into
+    the model torchvision builds, save/load, parameter counts predicted; the fusion is measurably not the ensemble
+    (LayerNorm over the joined channels). Swin-V2 in float32: torchvision builds its coordinate table in float32."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from zoo_check import check_model
+
+    dtype = torch.float32 if spec.endswith("_v2_t") else torch.float64
+    with attention_width(ATTENTION_WIDTH.get(spec, "heads")):
+        r = check_model(spec, spec_input_size(spec), dtype=dtype, tmpdir=tmp_path, direct=True, full=False)
+    assert r.status == "ok", f"{r.stage}: {r.error}"
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert r.strict_load and r.stock_relerr <= tol and r.bake_relerr <= tol and r.save_load_exact
+    assert r.params_half == r.params_half_predicted and r.params_fused == r.params_fused_predicted
+    assert r.ensemble_relerr > 1e-3
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", sorted(TIMM_TRANSFORMERS_REFUSED))
 def test_refused_transformers_say_why(spec):
     """Attention families morph cannot analyze yet keep one clear error naming the op (tests/zoo_list.py)."""
