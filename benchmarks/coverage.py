@@ -40,6 +40,9 @@ from zoo_list import (  # noqa: E402
 )
 
 FLOAT64_MAX_PARAMS = 30e6
+# models that cannot run in float64: torchvision builds Swin-V2's relative coordinate table (a buffer its
+# position-bias MLP reads) in float32 whatever the default dtype, and a state_dict load keeps that dtype
+FLOAT32_SPECS = ("torchvision/swin_v2_t", "torchvision/swin_v2_s", "torchvision/swin_v2_b")
 LAST = ("torchvision/regnet_y_128gf",)
 TOL = 1e-5
 PARTS = ("main", "direct", "growth", "trains")  # check_model via morph.build_model; the same built directly;
@@ -293,7 +296,7 @@ def _child(spec: str, mem_gb: float, threads: int = 1, parts: tuple[str, ...] = 
             n = sum(p.numel() for p in morph.build_model(spec).parameters())
     except Exception:  # constructors that compute on tensors (torchvision regnet)
         n = sum(p.numel() for p in morph.build_model(spec).parameters())
-    dtype = torch.float64 if n < FLOAT64_MAX_PARAMS else torch.float32
+    dtype = torch.float64 if n < FLOAT64_MAX_PARAMS and spec not in FLOAT32_SPECS else torch.float32
     row: dict = {}
     if "main" in parts:
         with tempfile.TemporaryDirectory() as d:

@@ -97,19 +97,32 @@ def _numel(model: nn.Module) -> int:
 
 
 def _weighted(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Module path -> weight shape of every conv and linear (template-mixed ones: the tile shape)."""
+    """Module path -> weight shape of every conv and linear (template-mixed ones: the tile shape); a stock
+    ``nn.MultiheadAttention``'s packed ``in_proj_weight`` is the Linear ``<path>.in_proj`` morph makes of it."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, _WEIGHTED):
             out[name] = tuple(m.mix.tile_shape) if hasattr(m, "mix") else tuple(m.weight.shape)
+        elif type(m) is nn.MultiheadAttention and m._parameters.get("in_proj_weight") is not None:
+            out[f"{name}.in_proj" if name else "in_proj"] = tuple(m.in_proj_weight.shape)
     return out
 
 
-def execution_order(gm: fx.GraphModule) -> list[str]:
-    """Conv and linear module paths in the order the traced forward first calls them."""
+def execution_order(gm: fx.GraphModule, model: nn.Module | None = None) -> list[str]:
+    """Conv and linear module paths in the order the traced forward first calls them, or (``model`` given) first
+    reads their weight for a function that applies it (torchvision's Swin attention: ``F.linear`` inside)."""
     mods = dict(gm.named_modules())
     seen: list[str] = []
     for n in gm.graph.nodes:
+        if n.op == "get_attr" and model is not None and str(n.target).endswith(".weight"):
+            path = str(n.target)[: -len(".weight")]
+            try:
+                owner = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(owner, _WEIGHTED) and path not in seen:
+                seen.append(path)
+            continue
         if n.op != "call_module":
             continue
         m = mods[str(n.target)]
@@ -164,9 +177,12 @@ def flops_breakdown(model: nn.Module, plan: ChannelPlan, input_size: tuple[int, 
     """The original's FLOPs per image (fvcore) and their shares by how they scale at half width."""
     from fvcore.nn import FlopCountAnalysis
 
-    p = next(iter(model.parameters()))
-    from morph.flops import _sdpa_handle  # the attention products, as morph.flops counts them for the half
+    from morph.flops import _sdpa_handle
+    from morph.graph.mha import traceable
 
+    model = traceable(model)  # nn.MultiheadAttention as morph.flops counts it: the plan's in_proj Linears
+    p = next(iter(model.parameters()))
+    # the attention products (_sdpa_handle), as morph.flops counts them for the half
     fca = FlopCountAnalysis(model.eval(), torch.zeros((1, *input_size), dtype=p.dtype))
     fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -256,7 +272,7 @@ def _check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64,
 
         stage = "analyze"
         plan = analyze(m, input_size)
-        order = execution_order(plan.gm)
+        order = execution_order(plan.gm, m)
 
         stage = "scale_width"
         plain = morph.scale_width(m, 0.5, plan=plan)

@@ -8,6 +8,7 @@ import dataclasses
 import torch.nn as nn
 
 from .errors import MorphError
+from .graph.mha import stock as mha_stock
 from .info import get_info, set_info
 from .templates import detach, mixed_layers
 
@@ -35,6 +36,7 @@ def bake(model: nn.Module) -> nn.Module:
         detach(m)
     for p in new.parameters():
         p.requires_grad_(True)
+    mha_stock(new)  # in_proj back into nn.MultiheadAttention's in_proj_weight
     return set_info(new, dataclasses.replace(info, kind="plain", width=info.width * info.factor, templates=0, share="none",
                                       set_ids=(), factor=1, growth="", init="",
                                       extra={k: v for k, v in info.extra.items() if k != "superweights"}))

@@ -187,6 +187,7 @@ def _rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None, trus
              shapes: dict[str, tuple[int, ...]] | None) -> nn.Module:
     from .convert import convert
     from .fuse import fuse, grow
+    from .graph.mha import stock as mha_stock
     from .scale import scale_width
     from .zoo import build_recorded
 
@@ -223,7 +224,9 @@ def _rebuild(info: MorphInfo, *, model_fn: Callable[..., nn.Module] | None, trus
             small = _with_info(base, dataclasses.replace(info, width=1.0, extra={})) if fw == 1 else \
                 scale_width(base, fw, input_size=info.input_size)
             layout = build_layout(small, info.width / fw, which="internal", input_size=info.input_size)
-            return _with_info(layout.skeleton(), info)
+            skeleton = layout.skeleton()
+            mha_stock(skeleton)  # nn.MultiheadAttention as the grown model has it
+            return _with_info(skeleton, info)
         if info.width == 1:
             return _with_info(base, info)
         return _with_info(scale_width(base, info.width, input_size=info.input_size), info)

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .errors import MorphError
 from .graph.analyze import ChannelPlan, LayerPlan, analyze
+from .graph.mha import traceable
 from .info import MorphInfo, original_layout, set_info
 from .scale import apply_width, attention_record, check_width, output_shape, stock_init, verify_forward
 from .templates import TemplateBank, TemplateMixing, attach
@@ -114,6 +115,7 @@ def convert(
                               bins=bins, templates=templates, tie=tie, seed=seed, set_id=set_id,
                               input_size=input_size, plan=plan)
     width = check_width(0.5 if width is None else width)
+    model = traceable(model)  # nn.MultiheadAttention's packed projection as the Linear in_proj
     plan = plan or analyze(model, input_size)
     gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(
         int(torch.empty((), dtype=torch.int64).random_()))

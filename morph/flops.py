@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .graph.mha import traceable
 from .info import get_info
 from .templates import mixed_layers
 
@@ -102,6 +103,9 @@ def flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_siz
     info = get_info(model)
     if input_size is None:
         input_size = info.input_size if info else (3, 224, 224)
+    # nn.MultiheadAttention's fused kernel (aten::_native_multi_head_attention) has no fvcore handle: count its
+    # traceable form (the same projections and scaled_dot_product_attention), as the template models run it
+    model = traceable(model)
     p = next(iter(model.parameters()))
     x = torch.zeros((1, *input_size), dtype=p.dtype, device=p.device)
     was = model.training

@@ -22,6 +22,8 @@ import torch.nn as nn
 from .errors import MorphError
 from .graph.analyze import ChannelPlan, LayerPlan, analyze
 from .graph.coupling import Dim
+from .graph.mha import stock as mha_stock
+from .graph.mha import traceable
 from .zoo import get_spec
 
 __all__ = ["scale_width", "attention_record", "LayerShape", "WeightInit", "apply_width", "check_width", "dim_index", "layer_shapes", "stock_init"]
@@ -289,8 +291,8 @@ def apply_width(
         _resize_attr(plan, new, path, dims, width)
     _model_attributes(plan, model, new, width)
     consts = _attention_attributes(plan, new, width)
-    if consts:
-        new = _rewrite_consts(plan, new, width, consts)
+    if consts:  # the model's own forward cannot run at the new width: the traced graph with every literal rewritten
+        new = _rewrite_consts(plan, new, width)
     return new, shapes
 
 
@@ -340,9 +342,11 @@ def _attention_attributes(plan: ChannelPlan, new: nn.Module, width: float) -> li
     if not heads or not plan.consts:
         return list(plan.consts)
     nodes = {n.name: n for n in plan.gm.graph.nodes}
-    rest, changes = [], {}
+    rest, changes, widths = [], {}, {}
     for c in plan.consts:
         mod = None
+        if c.kind == "shape" and _width_attribute(plan, new, c, nodes[c.node], width, widths):
+            continue
         if c.kind == "shape" and c.qualname in heads and plan.size(c.dims[0], width) == plan.size(c.dims[0]):
             continue  # a size that stays (the fixed number of heads in head_dim mode): nothing to rewrite
         if c.kind == "shape" and c.qualname in heads:
@@ -379,6 +383,33 @@ def _attention_attributes(plan: ChannelPlan, new: nn.Module, width: float) -> li
         if hd is not None and isinstance(getattr(mod, "scale", None), float) and "head_dim" in attrs:
             mod.scale = hd ** -0.5
     return rest
+
+
+_WIDTH_ATTRS = ("hidden_dim",)
+
+
+def _width_attribute(plan: ChannelPlan, new: nn.Module, c, node: fx.Node, width: float, done: dict) -> bool:
+    """A reshape's literal that is its module's ``hidden_dim`` (torchvision's ViT: ``x.reshape(n,
+    self.hidden_dim, n_h * n_w)`` after the patch embedding): the attribute is set to the new width, so that the
+    module's own forward runs at it (``done``: the values set). Whether ``c`` was handled so."""
+    try:
+        mod = new.get_submodule(c.qualname)
+    except AttributeError:
+        return False
+    literal = _shape_literal(node, c.index)
+    # the attribute's value before this call set it (``done``: (original, new) per module and attribute)
+    names = [n for n in _WIDTH_ATTRS if literal is not None
+             and done.get((c.qualname, n), (getattr(mod, n, None),))[0] == literal]
+    if not names:
+        return False
+    value = plan.size(c.dims[0], width)
+    for n in names:
+        if done.get((c.qualname, n), (literal, value))[1] != value:
+            raise MorphError(f"{c.qualname}.{n}: the channel analysis gives it two widths "
+                             f"({done[(c.qualname, n)][1]} and {value})")
+        done[(c.qualname, n)] = (literal, value)
+        setattr(mod, n, value)
+    return True
 
 
 def _head_attr_fits(plan: ChannelPlan, dim: Dim, name: str) -> bool:
@@ -448,9 +479,11 @@ def scale_width(
         plan: a precomputed :func:`~morph.graph.analyze` result.
     """
     width = check_width(width)
+    model = traceable(model)  # nn.MultiheadAttention as Linear modules, turned back below
     plan = plan or analyze(model, input_size)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     new, _ = apply_width(model, plan, width, stock_init(gen))
+    mha_stock(new)
     verify_forward(output_shape(plan), new, plan.input_size)
     from .info import MorphInfo, original_layout, set_info
 

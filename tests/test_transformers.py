@@ -97,6 +97,29 @@ def _relpos():  # relative-position MLP bias (reads a coordinate grid buffer), 3
                                    rel_pos_type="mlp")
 
 
+def _tv_vit():  # torchvision's ViT: nn.MultiheadAttention, 4 heads of 8 (heads mode)
+    from torchvision.models import VisionTransformer as TvViT
+
+    return TvViT(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10)
+
+
+def _tv_vit2():  # the smallest: 2 heads of 8, which cannot halve: head_dim mode
+    from torchvision.models import VisionTransformer as TvViT
+
+    return TvViT(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10)
+
+
+def _tv_swin(v2: bool = False, heads: tuple[int, int] = (4, 8)):
+    """torchvision's Swin (shifted_window_attention), windows of 4x4 tokens, 4 and 8 heads of 8 (or 3 and 6)."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+    from torchvision.models.swin_transformer import SwinTransformer as TvSwin
+
+    kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    m = TvSwin(patch_size=[2, 2], embed_dim=8 * heads[0], depths=[2, 1], num_heads=list(heads), window_size=[4, 4],
+               num_classes=10, **kw)
+    return m.to(torch.get_default_dtype())  # torchvision builds V2's coordinate table in float32
+
+
 # name -> (builder, attention width mode, fused == ensemble exactly?)
 MODELS = {
     "vit4": (_vit4, "heads", False),
@@ -111,17 +134,30 @@ MODELS = {
     "pvt": (_pvt, "heads", False),
     "pit": (_pit, "heads", False),
     "relpos_head_dim": (_relpos, "head_dim", False),
+    "tv_vit": (_tv_vit, "heads", False),
+    "tv_vit2_head_dim": (_tv_vit2, "head_dim", False),
+    "tv_swin": (_tv_swin, "heads", False),
+    "tv_swin_v2": (lambda: _tv_swin(v2=True), "heads", False),
+    "tv_swin3_head_dim": (lambda: _tv_swin(heads=(3, 6)), "head_dim", False),
 }
-SLOW = {"swin", "swin3_head_dim", "cait", "xcit", "pvt", "pit", "relpos_head_dim"}  # 3-7 s each on one core
+SLOW = {"swin", "swin3_head_dim", "cait", "xcit", "pvt", "pit", "relpos_head_dim",  # 3-7 s each on one core
+        "tv_vit", "tv_vit2_head_dim", "tv_swin", "tv_swin_v2", "tv_swin3_head_dim"}
 
-# the first attention's query, key and value rows: (layer, part, parts) of the layer's output
+# the weight of the first attention's query, key and value rows, q, k and v stacked
 ATTN = {
-    "swin": "layers.0.blocks.0.attn.qkv", "swin3_head_dim": "layers.0.blocks.0.attn.qkv",
-    "vit4": "blocks.0.attn.qkv", "vit3_head_dim": "blocks.0.attn.qkv", "cait": "blocks.0.attn.qkv",
-    "xcit": "blocks.0.attn.qkv", "pit": "transformers.0.blocks.0.attn.qkv", "relpos_head_dim": "blocks.0.attn.qkv",
+    "swin": "layers.0.blocks.0.attn.qkv.weight", "swin3_head_dim": "layers.0.blocks.0.attn.qkv.weight",
+    "vit4": "blocks.0.attn.qkv.weight", "vit3_head_dim": "blocks.0.attn.qkv.weight", "cait": "blocks.0.attn.qkv.weight",
+    "xcit": "blocks.0.attn.qkv.weight", "pit": "transformers.0.blocks.0.attn.qkv.weight",
+    "relpos_head_dim": "blocks.0.attn.qkv.weight",
+    "tv_vit": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
+    "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
+    "tv_swin": "features.1.0.attn.qkv.weight", "tv_swin_v2": "features.1.0.attn.qkv.weight",
+    "tv_swin3_head_dim": "features.1.0.attn.qkv.weight",
 }
 FC1 = {"swin": "layers.0.blocks.0.mlp.fc1", "swin3_head_dim": "layers.0.blocks.0.mlp.fc1",
-       "pvt": "stages.0.blocks.0.mlp.fc1", "pit": "transformers.0.blocks.0.mlp.fc1"}
+       "pvt": "stages.0.blocks.0.mlp.fc1", "pit": "transformers.0.blocks.0.mlp.fc1",
+       "tv_vit": "encoder.layers.encoder_layer_0.mlp.0", "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.mlp.0",
+       "tv_swin": "features.1.0.mlp.0", "tv_swin_v2": "features.1.0.mlp.0", "tv_swin3_head_dim": "features.1.0.mlp.0"}
 
 
 def _params(names):
@@ -142,7 +178,7 @@ def _randomize(m: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if p.dim() <= 1 and ("norm" in name or name.endswith("alpha") or "gamma" in name):
+            if p.dim() <= 1 and ("norm" in name or ".ln" in name or name.endswith("alpha") or "gamma" in name):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
@@ -275,23 +311,24 @@ def test_growth_strict_function_and_gradient(name, method):
             kv, hk = grown.get_submodule("stages.0.blocks.0.attn.kv"), half.stages[0].blocks[0].attn.kv.out_features
             assert kv.weight.grad[kv.out_features // 2 + hk // 2:].abs().sum() > 0
         if name in ATTN:
-            attn = ATTN[name]
-            qkv, hq = grown.get_submodule(attn), half.get_submodule(attn).out_features // 3
-            v_new = qkv.weight.grad[2 * qkv.out_features // 3 + hq:]  # the new heads' (or channels') value rows
+            qkv, hq = grown.get_parameter(ATTN[name]), half.get_parameter(ATTN[name]).shape[0] // 3
+            n = qkv.shape[0] // 3
+            v_new = qkv.grad[2 * n + hq:]  # the new heads' (or channels') value rows
             assert v_new.abs().sum() > 0
             if mode == "heads" and method in ("random", "gradmax"):
                 # new heads: query and key rows random, value rows 0 (the head outputs 0: exact; or whole heads
                 # replicated, where a group rule says so: XCiT, CaiT); once the values moved, q and k get gradient
-                n = qkv.out_features // 3
-                assert qkv.weight.detach()[n + hq:2 * n].norm(dim=1).min() > 0
-                assert qkv.weight.detach()[hq:n].norm(dim=1).min() > 0
+                assert qkv.detach()[n + hq:2 * n].norm(dim=1).min() > 0
+                assert qkv.detach()[hq:n].norm(dim=1).min() > 0
+                before = qkv.detach().clone()
                 opt = torch.optim.SGD(grown.parameters(), lr=0.1)
                 for _ in range(2):
                     opt.step()
                     opt.zero_grad()
                     nn.functional.cross_entropy(grown(x), y).backward()
-                assert qkv.weight.grad[hq:n].norm(dim=1).min() > 0  # every new query row gets gradient
-                assert qkv.weight.grad[n + hq:2 * n].norm(dim=1).min() > 0  # and every new key row
+                assert qkv.grad[hq:n].norm(dim=1).min() > 0  # every new query row gets gradient
+                assert qkv.grad[n + hq:2 * n].norm(dim=1).min() > 0  # and every new key row
+                assert (qkv.detach() - before)[2 * n + hq:].norm(dim=1).min() > 0  # the new value rows moved
 
 
 def fc1_name(name: str, model: nn.Module) -> str:
@@ -335,6 +372,29 @@ def test_timm_transformers_zoo_check(spec, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("spec", ["torchvision/vit_b_16", "torchvision/swin_t", "torchvision/swin_v2_t"])
+def test_torchvision_transformers_zoo_check(spec, tmp_path):
+    """torchvision's own ViT-B/16 (nn.MultiheadAttention, 12 -> 6 heads) and Swin-T / Swin-V2-T (window attention,
+    head_dim mode) built by torchvision (weights=None) through the zoo check: convert, fuse, bake, strict load into
+    the model torchvision builds, save/load, parameter counts predicted; the fusion is measurably not the ensemble
+    (LayerNorm over the joined channels). Swin-V2 in float32: torchvision builds its coordinate table in float32."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from zoo_check import check_model
+
+    dtype = torch.float32 if spec.endswith("_v2_t") else torch.float64
+    with attention_width(ATTENTION_WIDTH.get(spec, "heads")):
+        r = check_model(spec, spec_input_size(spec), dtype=dtype, tmpdir=tmp_path, direct=True, full=False)
+    assert r.status == "ok", f"{r.stage}: {r.error}"
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert r.strict_load and r.stock_relerr <= tol and r.bake_relerr <= tol and r.save_load_exact
+    assert r.params_half == r.params_half_predicted and r.params_fused == r.params_fused_predicted
+    assert r.ensemble_relerr > 1e-3
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", sorted(TIMM_TRANSFORMERS_REFUSED))
 def test_refused_transformers_say_why(spec):
     """Attention families morph cannot analyze yet keep one clear error naming the op (tests/zoo_list.py)."""
@@ -349,12 +409,93 @@ def test_refused_transformers_say_why(spec):
     assert TIMM_TRANSFORMERS_REFUSED[spec] in msg and "\n" not in msg, msg
 
 
-def test_torchvision_vit_is_refused_with_the_reason():
-    from torchvision.models.vision_transformer import VisionTransformer as TvViT
+def test_torchvision_vit_heads_and_stock_halves():
+    """nn.MultiheadAttention: the packed in_proj rows are q, k and v, each a group of heads of 8 channels (heads
+    mode); the half is torchvision's own ViT (nn.MultiheadAttention with in_proj_weight, 2 heads) that loads into
+    the ViT torchvision builds at that width, and the model given is left as it was."""
+    from torchvision.models import VisionTransformer as TvViT
 
-    m = TvViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
-    with pytest.raises(morph.UnsupportedOpError, match="MultiheadAttention keeps q, k and v in one raw in_proj_weight"):
-        morph.scale_width(m.eval(), 0.5, input_size=SIZE)
+    m = _randomize(TvViT(image_size=32, patch_size=8, num_layers=1, num_heads=4, hidden_dim=32, mlp_dim=32,
+                         num_classes=10).eval())
+    keys = list(m.state_dict())
+    plan = analyze(m, SIZE)
+    atoms = plan.atoms(plan.layers["encoder.layers.encoder_layer_0.self_attention.in_proj"].out_dim)
+    assert [s.inner for s in atoms] == [8, 8, 8] and len({plan.groups.find(s.group) for s in atoms}) == 1
+    assert plan.groups.size[plan.groups.find(atoms[0].group)] == 4
+    half = morph.scale_width(m, 0.5, input_size=SIZE).eval()
+    attn = half.encoder.layers[0].self_attention
+    assert type(half) is TvViT and type(attn) is nn.MultiheadAttention
+    assert (attn.num_heads, attn.head_dim, attn.embed_dim, tuple(attn.in_proj_weight.shape)) == (2, 8, 16, (48, 16))
+    assert half.hidden_dim == 16 and half.encoder.layers[0].num_heads == 2
+    stock = TvViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=16, num_classes=10)
+    stock.load_state_dict(half.state_dict(), strict=True)
+    x = _x()
+    with torch.no_grad():
+        assert _rel(stock.eval()(x), half(x)) <= 1e-12
+    assert type(m.encoder.layers[0].self_attention) is nn.MultiheadAttention and list(m.state_dict()) == keys
+    assert "in_proj_weight" in dict(m.encoder.layers[0].self_attention.named_parameters())
+
+
+def test_traced_multihead_attention_is_the_stock_module():
+    """The rewritten forward (in_proj, heads, scaled dot-product attention, out_proj) computes what
+    nn.MultiheadAttention computes, batch first or not, and keeps its state_dict keys both ways."""
+    from morph.graph.mha import TracedMultiheadAttention, stock, traceable
+
+    for batch_first in (True, False):
+        torch.manual_seed(0)
+        ref = nn.Sequential(nn.MultiheadAttention(24, 3, batch_first=batch_first)).eval()
+        new = traceable(ref)
+        assert type(new[0]) is TracedMultiheadAttention and type(ref[0]) is nn.MultiheadAttention
+        assert list(new.state_dict()) == list(ref.state_dict())
+        x = torch.randn(5, 7, 24)
+        with torch.no_grad():
+            y0 = ref[0](x, x, x, need_weights=False)[0]
+            assert _rel(new[0](x, x, x, need_weights=False)[0], y0) <= 1e-12
+            assert _rel(new[0](x, x, x)[0], y0) <= 1e-12  # need_weights: the stock forward
+        back = traceable(ref)
+        back.load_state_dict(ref.state_dict(), strict=True)
+        assert stock(back) == ["0"] and type(back[0]) is nn.MultiheadAttention
+        assert list(back.state_dict()) == list(ref.state_dict())
+
+
+def test_flops_count_multihead_attention():
+    """fvcore has no handle for nn.MultiheadAttention's fused kernel: morph.flops counts its traceable form, so the
+    stock model's attention products are counted (as the template models', which run that form)."""
+    from morph.graph.mha import traceable
+
+    m = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True))
+
+    class Self(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = m[0]
+
+        def forward(self, x):
+            t = x.flatten(2).transpose(1, 2)
+            return self.attn(t, t, t, need_weights=False)[0]
+
+    model = Self().eval()
+    n, e = 9, 16
+    want = n * e * 3 * e + 2 * n * n * e + n * e * e  # in_proj, q k^T and attn v, out_proj (multiply-adds)
+    assert morph.flops(model, (16, 3, 3)).per_image == want
+    assert type(model.attn) is nn.MultiheadAttention and traceable(model) is not model
+
+
+def test_multihead_attention_with_other_key_sizes_is_refused():
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 16)
+            self.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            t = self.proj(x.flatten(2).transpose(1, 2))
+            return self.head(self.attn(t, t[..., :8], t[..., 8:], need_weights=False)[0].mean(1))
+
+    with pytest.raises(morph.UnsupportedOpError, match="separate key/value sizes") as e:
+        morph.scale_width(Cross(), 0.5, input_size=(3, 8, 8))
+    assert "\n" not in str(e.value)
 
 
 def test_the_attention_mode_sticks_to_the_model():
@@ -494,3 +635,40 @@ def test_keys_option_zero_leaves_new_queries_and_keys_at_zero():
             assert _rel(g(x), half(x)) <= 1e-12
     with pytest.raises(morph.MorphError, match="keys must be"):
         morph.grow(half, "random", 2.0, seed=0, input_size=SIZE, keys="both")
+
+
+@pytest.mark.slow
+def test_torchvision_vit_save_load_and_optimizer_state(tmp_path):
+    """Template models keep the rewritten attention (in_proj template-mixed), plain ones are stock again; every
+    kind saves and loads bit-exactly, and a plain growth's record names the stock in_proj_weight, so an
+    optimizer's state carries over to the new heads' rows."""
+    from morph.graph.mha import TracedMultiheadAttention
+
+    def build():
+        return _tv_vit()
+
+    m = _randomize(build().eval())
+    a, b = (morph.convert(m, 0.5, seed=s, input_size=SIZE) for s in (1, 2))
+    half = morph.scale_width(m, 0.5, input_size=SIZE)
+    opt = torch.optim.SGD(half.parameters(), lr=0.1, momentum=0.9)
+    nn.functional.cross_entropy(half(_x()), torch.tensor([1, 7])).backward()
+    opt.step()
+    grown = morph.grow(half, "random", 2.0, seed=0, input_size=SIZE)
+    x = _x()
+    for kind, model in (("fused", morph.fuse(a, b, init="zero", seed=0)), ("half", a), ("plain", half),
+                        ("grown", grown)):
+        path = tmp_path / f"{kind}.safetensors"
+        morph.save(model, path)
+        back = morph.load(path, model_fn=build)
+        attn = back.encoder.layers[0].self_attention
+        assert (type(attn) is TracedMultiheadAttention) == (kind in ("fused", "half")), kind
+        with torch.no_grad():
+            assert torch.equal(back.eval()(x), model.eval()(x)), kind
+    new_opt = morph.carry_optimizer_state(opt, half, grown)
+    w_old = half.encoder.layers[0].self_attention.in_proj_weight
+    w_new = grown.encoder.layers[0].self_attention.in_proj_weight
+    buf_old, buf_new = opt.state[w_old]["momentum_buffer"], new_opt.state[w_new]["momentum_buffer"]
+    n_old, n_new = w_old.shape[0] // 3, w_new.shape[0] // 3
+    for part in range(3):  # q, k, v: the old heads' momentum first, zero on the new heads' rows
+        assert torch.equal(buf_new[part * n_new: part * n_new + n_old, :16], buf_old[part * n_old:(part + 1) * n_old])
+        assert not buf_new[part * n_new + n_old:(part + 1) * n_new].any()

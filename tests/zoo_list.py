@@ -15,7 +15,8 @@ from __future__ import annotations
 
 __all__ = [
     "TORCHVISION_MODELS", "TIMM_MODELS", "TIMM_CI", "TIMM_EXTRA", "TIMM_REFUSED", "TIMM_NOT_CNN", "NOT_CNN", "INPUT_SIZE", "FLOPS_INPUT_SIZE", "NOT_BLOCKWISE",
-    "FLOPS_DEVIATIONS", "TIMM_TRANSFORMERS", "TIMM_TRANSFORMERS_REFUSED", "TORCHVISION_TRANSFORMERS_REFUSED",
+    "FLOPS_DEVIATIONS", "TIMM_TRANSFORMERS", "TIMM_TRANSFORMERS_REFUSED", "TORCHVISION_TRANSFORMERS",
+    "TORCHVISION_TRANSFORMERS_REFUSED",
     "ATTENTION_WIDTH", "transformer_specs",
     "spec_input_size", "flops_input_size", "ci_specs", "all_specs", "torchvision_all",
 ]
@@ -296,11 +297,16 @@ TIMM_TRANSFORMERS_REFUSED: dict[str, str] = {
     "timm/mobilevitv2_050": "MobileVitV2Block",
 }
 
-# torchvision's attention models, refused with the op named in the one-line error
-TORCHVISION_TRANSFORMERS_REFUSED: dict[str, str] = {
-    "torchvision/vit_b_16": "MultiheadAttention",
-    "torchvision/swin_t": "shifted_window_attention",
+# torchvision's attention models (nn.MultiheadAttention rewritten by morph.graph.mha; Swin's fx-wrapped window
+# attention read through its Linears' weights): family -> builder
+TORCHVISION_TRANSFORMERS = {
+    "vit (nn.MultiheadAttention)": "vit_b_16",
+    "swin (shifted_window_attention)": "swin_t",
+    "swin_v2 (cosine attention, continuous position bias MLP)": "swin_v2_t",
 }
+
+# torchvision's attention models, refused with the op named in the one-line error
+TORCHVISION_TRANSFORMERS_REFUSED: dict[str, str] = {}
 
 INPUT_SIZE.update({f"timm/{n}": (3, 160, 160) for n in ("test_vit", "test_vit2", "test_vit3", "test_vit4",
                                                          "test_vit_relpos")})
@@ -312,7 +318,16 @@ INPUT_SIZE.update({f"timm/{n}": (3, 224, 224) for n in ("vit_tiny_patch16_224", 
                                                          "cait_xxs24_224", "pit_ti_224", "pvt_v2_b0",
                                                          "visformer_tiny", "efficientformer_l1",
                                                          "xcit_nano_12_p16_224")})
-INPUT_SIZE.update({"torchvision/vit_b_16": (3, 224, 224), "torchvision/swin_t": (3, 224, 224)})
+# torchvision's Swins run at any size (windows padded): 3x112x112 keeps their coverage rows short on a shared CPU
+INPUT_SIZE.update({"torchvision/vit_b_16": (3, 224, 224), "torchvision/swin_t": (3, 112, 112),
+                   "torchvision/swin_v2_t": (3, 112, 112)})
+# torchvision's Swins start with 3 heads: head_dim mode; vit_b_16's 12 heads halve (heads mode)
+ATTENTION_WIDTH.update({"torchvision/swin_t": "head_dim", "torchvision/swin_v2_t": "head_dim"})
+NOT_BLOCKWISE.update({
+    "torchvision/vit_b_16": _LN,
+    "torchvision/swin_t": f"{_LN}; relative-position bias tables are shared by a's and b's heads",
+    "torchvision/swin_v2_t": f"{_LN}; the position-bias MLP's hidden layer (fixed at 512) is shared by a's and b's heads",
+})
 INPUT_SIZE.update({"timm/test_coatnet": (3, 160, 160), "timm/test_maxvit": (3, 160, 160),
                    "timm/maxvit_nano_rw_256": (3, 256, 256)})
 
@@ -356,4 +371,5 @@ FLOPS_DEVIATIONS.update({
 
 def transformer_specs() -> list[str]:
     """The attention and token-mixing models that pass (the refused ones: ``*_TRANSFORMERS_REFUSED``)."""
-    return [f"timm/{n}" for n in TIMM_TRANSFORMERS.values()]
+    return [f"timm/{n}" for n in TIMM_TRANSFORMERS.values()] + [
+        f"torchvision/{n}" for n in TORCHVISION_TRANSFORMERS.values()]

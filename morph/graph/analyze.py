@@ -18,6 +18,7 @@ from . import rules as _rules  # noqa: F401  (the built-in rules register themse
 from . import rules_transformer as _rules_transformer  # noqa: F401
 from .analyzer import Analyzer
 from .forwards import head_count
+from .mha import TracedMultiheadAttention, traceable
 from .plan import TD, ChannelPlan, ConstSite, LayerPlan
 from .trace import trace
 
@@ -57,6 +58,7 @@ def analyze(
 
 
 def _analyze(model: nn.Module, input_size: tuple[int, ...] | None, batch_size: int) -> ChannelPlan:
+    model = traceable(model)  # nn.MultiheadAttention as Linear modules (the passes call traceable too: same names)
     input_size = tuple(input_size or default_input_size(model))
     p = next(iter(model.parameters()), None)
     example = torch.zeros((batch_size, *input_size), dtype=p.dtype if p is not None else torch.float32)
@@ -91,7 +93,8 @@ def _drop_traced_constants(model: nn.Module, a: Analyzer) -> None:
 def _record_heads(model: nn.Module, gm) -> None:
     """The attention modules' head counts by module path (``num_heads``), which the reshape rule reads to tell
     heads from head channels (the traced graph keeps only the leaves, not the attention modules' attributes)."""
-    heads = {name: head_count(m) for name, m in model.named_modules() if not isinstance(m, nn.MultiheadAttention)}
+    heads = {name: head_count(m) for name, m in model.named_modules()
+             if not isinstance(m, nn.MultiheadAttention) or isinstance(m, TracedMultiheadAttention)}
     gm.meta["morph_heads"] = {name: n for name, n in heads.items() if n is not None}
     gm.meta["morph_attention_width"] = _rules.current_attention_width()  # the mode this plan was analyzed in
 

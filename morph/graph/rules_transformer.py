@@ -16,10 +16,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .analyzer import Analyzer
-from .plan import TD, LayerPlan
+from .plan import TD, ConstSite, LayerPlan
 from .registry import register_function_rule as _function
 from .registry import register_module_rule as _module
 from .rules import broadcast, couple
+from .trace import node_qualname
 
 __all__: list[str] = []
 
@@ -158,13 +159,14 @@ except ImportError:
 
 
 def _multihead_attention(a: Analyzer, node: fx.Node) -> TD:
-    """Refused, with the reason: ``nn.MultiheadAttention`` (torchvision's ViT) holds q, k and v in one raw
-    ``in_proj_weight`` parameter and runs ``F.multi_head_attention_forward``, not Linear modules and traceable
-    ops, so neither its heads nor its projections are visible to the analysis, templates or tiling."""
+    """Refused, with the reason: an ``nn.MultiheadAttention`` that :mod:`.mha` does not rewrite into Linear modules
+    (separate q/k/v embedding sizes, ``bias_k``/``bias_v`` or zero attention) keeps its raw projection parameters
+    inside ``F.multi_head_attention_forward``, where neither its heads nor its projections are visible."""
     raise a.fail(
-        "torch.nn.MultiheadAttention keeps q, k and v in one raw in_proj_weight parameter inside an untraceable "
-        "forward: morph's width surgery, templates and tiling work on Linear modules",
-        "use timm's vision transformers (timm.layers.Attention), which morph grows",
+        "torch.nn.MultiheadAttention with separate key/value sizes, bias_k/bias_v or add_zero_attn keeps its raw "
+        "projections inside F.multi_head_attention_forward: morph rewrites only the packed self-attention "
+        "(torchvision's ViT)",
+        "use one embedding size for query, key and value",
     )
 
 
@@ -217,22 +219,106 @@ def _mobilevit_v2_block(a: Analyzer, node: fx.Node) -> TD:
     )
 
 
-def _torchvision_swin(a: Analyzer, node: fx.Node) -> TD:
-    """Refused, with the reason: torchvision's Swin runs each window attention in ``shifted_window_attention``, a
-    function fx keeps whole (``torch.fx.wrap``) that receives the qkv and projection weights as raw tensors and
-    applies them with ``F.linear`` and its own head count argument: no Linear module call the analysis, the
-    templates or the tiling could work on."""
-    raise a.fail(
-        "torchvision's Swin attention is one fx-wrapped function (shifted_window_attention) that applies the qkv "
-        "and projection weights as raw tensors with F.linear: morph's width surgery, templates and tiling work on "
-        "Linear modules",
-        "use timm's Swin (swin_tiny_patch4_window7_224), which morph grows",
-    )
+def _positions(a: Analyzer, t: TD) -> None:
+    """The dims of an index or coordinate table: positions, which keep their sizes."""
+    for d in t.dims:
+        a.g.mark_fixed(d)
+        for seg in a.g.atoms(d):
+            a.g.structural[a.g.find(seg.group)] = True
+
+
+def _tv_relative_position_bias(a: Analyzer, node: fx.Node) -> TD:
+    """torchvision's ``_get_relative_position_bias(table [(2wh-1)(2ww-1), heads], index [N*N], window_size)``:
+    ``[1, heads, N, N]``, the table's rows gathered by the index: the heads stay, the rest are positions."""
+    table, index = a.value(node.args[0]), a.value(node.args[1])
+    out_shape = _shape(a)
+    if not isinstance(table, TD) or len(table.shape) != 2 or len(out_shape) != 4 or out_shape[1] != table.shape[1]:
+        raise a.fail("expected a [positions, heads] relative-position table")
+    _positions(a, TD(table.dims[:1], table.shape[:1]))
+    if isinstance(index, TD):
+        _positions(a, index)
+    return TD((a.structural(1), table.dims[1], a.structural(out_shape[2]), a.structural(out_shape[3])), out_shape)
+
+
+def _tv_patch_merging_pad(a: Analyzer, node: fx.Node) -> TD:
+    """torchvision's ``_patch_merging_pad(x [..., H, W, C])``: the four 2x2 neighbours side by side,
+    ``[..., H/2, W/2, 4C]``: the channels four times over."""
+    x = a.value(node.args[0])
+    out_shape = _shape(a)
+    if not isinstance(x, TD) or out_shape[-1] != 4 * x.shape[-1]:
+        raise a.fail("expected channels-last input")
+    lead = tuple(x.dims[:-3]) if out_shape[:-3] == x.shape[:-3] else tuple(a.structural(n) for n in out_shape[:-3])
+    cat = tuple(seg for _ in range(4) for seg in a.g.atoms(x.dims[-1]))
+    return TD((*lead, a.structural(out_shape[-3]), a.structural(out_shape[-2]), cat), out_shape)
+
+
+def _linear_of(a: Analyzer, weight_arg, bias_arg, shape: tuple[int, int]) -> str:
+    """The Linear module whose ``weight`` (and ``bias``) a function receives as raw tensors read through
+    ``get_attr``: its path; the tensors are the layer's, not free parameters."""
+    if not (isinstance(weight_arg, fx.Node) and weight_arg.op == "get_attr" and str(weight_arg.target).endswith(".weight")):
+        raise a.fail("expected the weight of a Linear module")
+    path = str(weight_arg.target)[: -len(".weight")]  # torchvision's Swin: the attention's qkv and proj Linears
+    w = a.value(weight_arg)
+    if not isinstance(w, TD) or w.shape != shape:
+        raise a.fail(f"{path}.weight is not a {shape[0]} x {shape[1]} Linear weight")
+    a.params.pop(str(weight_arg.target), None)
+    if isinstance(bias_arg, fx.Node) and bias_arg.op == "get_attr":
+        if str(bias_arg.target) != f"{path}.bias":
+            raise a.fail(f"the bias of {path} is another module's")
+        a.params.pop(str(bias_arg.target), None)
+    return path
+
+
+def _tv_shifted_window_attention(a: Analyzer, node: fx.Node) -> TD:
+    """torchvision's ``shifted_window_attention(x [B, H, W, C], qkv_weight, proj_weight, relative_position_bias,
+    window_size, num_heads, shift_size, ..., qkv_bias, proj_bias, logit_scale)``: one fx-wrapped function that
+    applies the ``qkv`` and ``proj`` Linear modules' weights with ``F.linear``. Their layers are found through the
+    ``get_attr`` of their weights (the module's own forward runs them; templates and tiling replace the modules'
+    weights). The qkv rows are ``(3, heads, head_dim)`` like timm's (:func:`.rules.attention_width` says which
+    scales), the bias ``[1, heads, N, N]`` (and Swin-V2's ``logit_scale [heads, 1, 1]``) has the heads, and
+    ``num_heads`` is recorded as the module attribute to set at the new width."""
+    from .rules import _split_heads, reshape
+
+    names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+             "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
+    args = {n: _arg(node, i, n) for i, n in enumerate(names)}
+    x, bias = a.value(args["input"]), a.value(args["relative_position_bias"])
+    out_shape = _shape(a)
+    heads = args["num_heads"]
+    if not isinstance(x, TD) or len(x.shape) != 4 or tuple(out_shape) != x.shape or not isinstance(heads, int):
+        raise a.fail("expected a channels-last [B, H, W, C] input and a literal num_heads")
+    c = x.shape[3]
+    if c % heads:
+        raise a.fail(f"{c} channels do not split into {heads} heads")
+    qkv = _linear_of(a, args["qkv_weight"], args["qkv_bias"], (3 * c, c))
+    proj = _linear_of(a, args["proj_weight"], args["proj_bias"], (c, c))
+    qkv_out = a.fresh(3 * c, source=True)
+    a.add_layer(LayerPlan(qkv, "linear", x.dims[3], qkv_out))
+    split = _split_heads(a, qkv_out, (3, heads, c // heads), [0, 1, 2])
+    head_dim, chan = split[1], split[2]
+    if isinstance(bias, TD):
+        couple(a, head_dim, bias.dims[1])
+    scale = a.value(args["logit_scale"])
+    if isinstance(scale, TD):
+        couple(a, head_dim, scale.dims[0])
+    # Swin-V2's continuous position bias MLP (cpb_mlp: 2 -> 512 -> heads): torchvision fixes its hidden width at
+    # 512 whatever the model's width, so it keeps it (the models made stay models torchvision builds)
+    cpb = sorted((p for n, p in a.layers.items() if n.startswith(f"{node_qualname(node)}.cpb_mlp.")),
+                 key=lambda p: p.order)
+    for p in cpb[:-1]:
+        a.g.mark_fixed(p.out_dim)
+    merged = reshape(a, TD((head_dim, chan), (heads, c // heads)), (c,))
+    out = a.fresh(c, source=True)
+    a.add_layer(LayerPlan(proj, "linear", merged.dims[0], out))
+    a.consts.append(ConstSite(node.name, "shape", 4, (head_dim,), node_qualname(node)))
+    return TD((*x.dims[:3], out), out_shape)
 
 
 try:
     import torchvision.models.swin_transformer as _tv_swin
 
-    _function(_tv_swin._get_relative_position_bias, _tv_swin.shifted_window_attention)(_torchvision_swin)
+    _function(_tv_swin._get_relative_position_bias)(_tv_relative_position_bias)
+    _function(_tv_swin._patch_merging_pad)(_tv_patch_merging_pad)
+    _function(_tv_swin.shifted_window_attention)(_tv_shifted_window_attention)
 except (ImportError, AttributeError):
     pass

@@ -9,6 +9,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import MorphError
 from .forwards import traceable_forward
+from .mha import TracedMultiheadAttention
 from .registry import autowrap_functions, has_module_rule
 
 __all__ = ["MorphTracer", "trace", "node_qualname"]
@@ -52,6 +53,8 @@ class MorphTracer(fx.Tracer):
         self._timm_leaves = tuple(leaf_mods)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, TracedMultiheadAttention):  # traced through: its Linear modules and heads
+            return False
         if isinstance(m, _LEAF_TYPES) or has_module_rule(m):
             return True
         if traceable_forward(m) is not None:

@@ -16,8 +16,8 @@ So new key rows get random directions, then new query rows where the outputs do 
 at the first step (their gradient needs only the outgoing weights), then the loss reaches q and k.
 
 Which rows are queries and keys is read off the grown model itself, not off its class: one forward pass with
-``F.scaled_dot_product_attention`` and batched ``Tensor.__matmul__`` (explicit ``q @ k.transpose(-2, -1)``:
-Swin, LeViT) watched, and the gradients of random probes of each call's inputs with respect to every weight
+``F.scaled_dot_product_attention`` and batched ``Tensor.__matmul__`` and ``Tensor.matmul`` (explicit
+``q @ k.transpose(-2, -1)``: Swin, LeViT; torchvision's Swin: ``q.matmul(...)``) watched, and the gradients of random probes of each call's inputs with respect to every weight
 whose new rows are all zero. The zero new rows of one layer that reach ``k`` (SDPA) or the right factor of a
 matmul and no other input of that call are a candidate, then those that reach ``q`` (the left factor) only;
 a candidate is kept where the outputs stay the same to rounding and undone where they change (the values of
@@ -37,7 +37,13 @@ from .directions import mean_norm, random_directions
 
 __all__ = ["KEYS", "init_new_keys"]
 
-_ATTENTION_OPS = (F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm)
+_ATTENTION_OPS: tuple = (F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm)
+try:  # torchvision's Swin: the window attention is one fx-wrapped function (q.matmul(k.transpose(-2, -1)) inside)
+    from torchvision.models.swin_transformer import shifted_window_attention as _tv_swin_attention
+
+    _ATTENTION_OPS += (_tv_swin_attention,)
+except ImportError:
+    pass
 
 #: ``keys`` option of the plain methods: ``random`` (new key rows at random, query rows 0) or ``zero``.
 KEYS = ("random", "zero")
@@ -60,26 +66,31 @@ def init_new_keys(new: nn.Module, layout, x: torch.Tensor, gen: torch.Generator)
     if not cands:
         return []
     seen: list[tuple[torch.Tensor, ...]] = []  # (q, k, v) of SDPA calls; (a, b) of matmuls
-    orig_sdpa, orig_mm = F.scaled_dot_product_attention, torch.Tensor.__matmul__
+    orig_sdpa, orig_mm, orig_matmul = F.scaled_dot_product_attention, torch.Tensor.__matmul__, torch.Tensor.matmul
 
     def watch_sdpa(q, k, v, *args, **kwargs):
         seen.append((q, k, v))
         return orig_sdpa(q, k, v, *args, **kwargs)
 
-    def watch_mm(a, b):
-        if isinstance(b, torch.Tensor) and a.dim() >= 3 and b.dim() >= 3:  # batched: attention products
-            seen.append((a, b))
-        return orig_mm(a, b)
+    def watching(orig):
+        def watch_mm(a, b):
+            if isinstance(b, torch.Tensor) and a.dim() >= 3 and b.dim() >= 3:  # batched: attention products
+                seen.append((a, b))
+            return orig(a, b)
+
+        return watch_mm
 
     was = new.training
     buffers = {k: v.detach().clone() for k, v in new.named_buffers()}
     new.eval()
-    try:
-        F.scaled_dot_product_attention, torch.Tensor.__matmul__ = watch_sdpa, watch_mm
+    try:  # the operator and the method (torchvision's Swin: q.matmul(k.transpose(-2, -1)))
+        F.scaled_dot_product_attention = watch_sdpa
+        torch.Tensor.__matmul__, torch.Tensor.matmul = watching(orig_mm), watching(orig_matmul)
         with torch.enable_grad():
             y0 = _first(new(x))
     finally:
-        F.scaled_dot_product_attention, torch.Tensor.__matmul__ = orig_sdpa, orig_mm
+        F.scaled_dot_product_attention = orig_sdpa
+        torch.Tensor.__matmul__, torch.Tensor.matmul = orig_mm, orig_matmul
     try:
         # the outputs must stay the same with BatchNorms on batch statistics too: in eval mode a candidate may
         # keep them by chance (EfficientViT's ReLU kernel zeroes random new queries on the running statistics)

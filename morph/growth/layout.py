@@ -32,6 +32,7 @@ import torch.nn as nn
 from ..errors import MorphError
 from ..graph.analyze import ChannelPlan, analyze
 from ..graph.coupling import Dim
+from ..graph.mha import traceable
 from ..graph.rules import attention_width
 from ..info import get_info
 from ..scale import apply_width, check_width, layer_shapes
@@ -171,7 +172,7 @@ def _reference(model: nn.Module, input_size: tuple[int, ...] | None,
     rebuildable = info is not None and info.spec is not None and (
         info.spec.source != "callable" or info.spec.name in TRUSTED_FACTORIES)  # never import a recorded callable
     if rebuildable and info.kind == "plain" and info.width != 1:
-        base = build_recorded(info.spec)
+        base = traceable(build_recorded(info.spec))
         mode = (info.extra or {}).get("attention_width")
         with attention_width(mode) if mode else contextlib.nullcontext():  # the mode the model was made in
             plan = analyze(base, info.input_size)

@@ -51,6 +51,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import MorphError
+from ..graph.mha import stock as mha_stock
+from ..graph.mha import stock_name, traceable
 from ..info import MorphInfo, get_info, set_info
 from ..zoo import get_spec
 from . import activation
@@ -202,6 +204,7 @@ class PlainGrowth(GrowthMethod):
             )
         self._check_options()
         self.gen = gen
+        model = traceable(model)  # nn.MultiheadAttention's packed projection as the Linear in_proj (turned back below)
         layout = build_layout(model, width, rule=self.rule, mapping=self.mapping, which=self.opts["which"], gen=gen,
                               plan=self.opts["plan"], input_size=self.opts["input_size"])
         split_unevenly(layout, float(self.opts["split"]), gen)
@@ -247,6 +250,9 @@ class PlainGrowth(GrowthMethod):
         new.growth_report = self.report(layout)
         new.growth_liveness = {"live": dict(self.live_layers), "chained_norms": sorted(self.chained),
                                "offsets": sorted(self.offsets)}
+        mha = mha_stock(new)
+        if mha:  # the stock parameter names (in_proj_weight) in the record, new and old alike
+            record = {stock_name(k, mha): [(src, stock_name(o, mha), i) for src, o, i in v] for k, v in record.items()}
         new.growth_record = GrowthRecord(record)
         spec = info.spec if info is not None else get_spec(model)
         size = tuple(layout.plan.input_size)

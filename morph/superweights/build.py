@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from morph.errors import MorphError
 from morph.graph.analyze import ChannelPlan, analyze
+from morph.graph.mha import traceable
 from morph.info import MorphInfo, original_layout, set_info
 from morph.scale import apply_width, check_width, output_shape, stock_init, verify_forward
 from morph.templates import attach
@@ -255,6 +256,7 @@ def prepare(model: nn.Module, width: float, input_size: tuple[int, ...] | None =
     width = check_width(width)
     if width > 1:
         raise MorphError(f"template sharing converts at width <= 1, got {width:g}")
+    model = traceable(model)  # nn.MultiheadAttention's packed projection as the Linear in_proj
     plan = plan or analyze(model, input_size)
     new, _ = apply_width(model, plan, width, stock_init())
     return new, plan
