@@ -83,6 +83,11 @@ TRAINS_NOTES = {
                          "6.9 -> 1.6e5; net2net 6.8 -> 127), as on vgg11 (BatchNorm-free)",
     "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only); not investigated (squeeze-excitation gates, like "
                                    "legacy_seresnet18)",
+    **{f"torchvision/{n}": "the check's 3 steps at lr 0.1 diverge, as on vgg11 and vgg13 (random's loss in the loss "
+                             "column); not traced per layer" for n in ("vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
+    "torchvision/regnet_y_32gf": "1483 (random) and 1492 (gradmax) of 54337 rows, loss 6.98 -> 10.82: RegNetY "
+                                 "squeeze-excitation gates, presumably as regnet_y_16gf; not traced",
+    "torchvision/convnext_large": "3 of 82656 rows (gradmax only); not investigated",
     "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
                               "channel's value times its upstream gradient over 2x2 positions x 4 images, summed against the "
                               "SE bottleneck's sparse ReLU units, is exactly 0 at all 3 steps (0 at the first by "
