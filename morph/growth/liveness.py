@@ -368,13 +368,9 @@ def shuffled_inputs(layout: Layout) -> dict[str, str]:
     return out
 
 
-def zero_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
-    """Of the layers ``names`` of ``model``, those whose input is exactly zero on the batch ``x`` (eval mode, no
-    gradient; the model's training flag is restored)."""
-    seen: dict[str, bool] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: seen.__setitem__(n, seen.get(n, True) and not bool(args[0].detach().any())))
-        for n in names]
+def _probe(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One eval-mode forward of ``model`` on ``x`` without gradient, for ``hooks`` to read; the hooks are removed
+    and the model's training flag restored afterwards."""
     was = model.training
     try:
         model.eval()
@@ -384,6 +380,16 @@ def zero_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str
         model.train(was)
         for h in hooks:
             h.remove()
+
+
+def zero_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
+    """Of the layers ``names`` of ``model``, those whose input is exactly zero on the batch ``x`` (eval mode, no
+    gradient; the model's training flag is restored)."""
+    seen: dict[str, bool] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: seen.__setitem__(n, seen.get(n, True) and not bool(args[0].detach().any())))
+        for n in names]
+    _probe(model, x, hooks)
     return [n for n in names if seen.get(n, False)]
 
 
@@ -413,15 +419,7 @@ def constant_inputs(model: nn.Module, layout: Layout, x: torch.Tensor, tol: floa
         seen[name] = (c, max(dev, float((v - c).abs().max())))
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    _probe(model, x, hooks)
     out = {}
     for name, (c, dev) in seen.items():
         scale = float(c.abs().max())
