@@ -223,9 +223,11 @@ class GrowthConfig:
         growth_batches: training batches (of ``optim.batch_size``) that ``gradmax`` and ``firefly``
             read at the growth step (GradMax: one batch of 128).
         firefly_steps: Adam steps of Firefly-Opt on its batch (growneuron: 100).
-        device: where ``morph.grow`` runs the growth baselines' growth step: ``train`` (the training
-            device: on a GPU, GradMax's gradients and Firefly's Adam steps run there) or ``cpu``. Random
-            draws come from seeded CPU generators either way; MixtureGrowth's fusion (copies and new
+        device: where the small model is when ``morph.grow`` is called for the growth baselines:
+            ``train`` (the training device) or ``cpu``. ``morph.grow`` computes a plain method on a CPU
+            copy either way (its index maps and seeded random draws live on the CPU; GradMax's gradients
+            and Firefly's Adam steps too) and returns the grown model on the input's device; the option
+            decides the device that ``growth.json`` records. MixtureGrowth's fusion (copies and new
             coefficients, no data) always runs on the CPU.
     """
 
