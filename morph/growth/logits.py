@@ -20,7 +20,8 @@ old ones, exactly. The uneven shares also break the symmetry a replicated channe
 gradients in proportion to their shares, so replicas part at the first step.
 
 Which rows are queries is read off the grown model, as :mod:`.keys` does: one forward pass of the model and of
-the grown model with ``F.scaled_dot_product_attention`` and batched ``Tensor.__matmul__`` watched; a call whose
+the grown model with SDPA (``F.scaled_dot_product_attention``, and ``torch._C._nn``'s, which fx
+GraphModules call) and batched ``Tensor.__matmul__`` and ``Tensor.matmul`` (torchvision's Swin) watched; a call whose
 contraction size grew and whose output keeps its shape is a logit product ``q @ k^T`` (``attn @ v`` contracts
 over tokens, which do not change); the rows of the last layer that reach its left factor (``q``) and not its
 right one are that call's queries. For SDPA ``s`` is the ratio of the scales it applies (its default
