@@ -137,3 +137,48 @@ def test_gradmax_leaves_out_directions_the_loss_does_not_see(dtype):
     v = growth_directions(a, 384, g)
     ones = torch.ones(96, dtype=v.dtype) / 96 ** 0.5
     assert v.shape == (384, 96) and float((v @ ones).abs().max()) < 0.9
+
+
+def _coatnet():  # timm's test_coatnet config at 64x64: conv stages, then transformer stages of 1, 2, 3 and 4 heads
+    from timm.models.maxxvit import MaxxVit, model_cfgs
+
+    return MaxxVit(model_cfgs["test_coatnet"], img_size=64, num_classes=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["net2net", "random", "gradmax"])
+def test_maxxvit_head_dim_growth_is_exact(method):
+    """timm's maxxvit attention calls ``F.scaled_dot_product_attention``; a rewritten half's GraphModule code calls
+    it as ``torch._C._nn.scaled_dot_product_attention``, which the logit watcher now sees too (before: net2net
+    1.1e-2, random and gradmax 3.6e-3 at this size)."""
+    size = (3, 64, 64)
+    torch.manual_seed(0)
+    with attention_width("head_dim"):
+        half = _randomize(morph.scale_width(_coatnet().double().eval(), 0.5, input_size=size).eval())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn((2, *size), generator=g, dtype=torch.float64), torch.randint(0, 10, (2,), generator=g)
+    grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=size).eval()
+    with torch.no_grad():
+        assert _rel(grown(x), half(x)) <= 1e-6
+    _coatnet().double().load_state_dict(grown.state_dict(), strict=True)
+
+
+def _tv_swin3():  # torchvision's Swin, 3 and 6 heads of 8: head_dim mode
+    from torchvision.models.swin_transformer import SwinTransformer as TvSwin
+
+    return TvSwin(patch_size=[2, 2], embed_dim=24, depths=[2, 1], num_heads=[3, 6], window_size=[4, 4],
+                  num_classes=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["net2net", "random", "gradmax"])
+def test_torchvision_swin_head_dim_growth_is_exact(method):
+    """The query scale ``(C // num_heads) ** -0.5`` lives inside torchvision's ``shifted_window_attention`` (an fx
+    leaf), whose logits are ``q.matmul(k^T)``: ``Tensor.matmul`` is watched now (before: net2net 2.9e-2, random
+    and gradmax 1.4e-2), and the grown model's ReLU-gradient TorchFunctionMode does not record a call twice."""
+    half = _half(_tv_swin3)
+    x, y = _data(2)
+    grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=SIZE).eval()
+    with torch.no_grad():
+        assert _rel(grown(x), half(x)) <= 1e-6
+    _tv_swin3().double().load_state_dict(grown.state_dict(), strict=True)

@@ -20,7 +20,8 @@ old ones, exactly. The uneven shares also break the symmetry a replicated channe
 gradients in proportion to their shares, so replicas part at the first step.
 
 Which rows are queries is read off the grown model, as :mod:`.keys` does: one forward pass of the model and of
-the grown model with ``F.scaled_dot_product_attention`` and batched ``Tensor.__matmul__`` watched; a call whose
+the grown model with SDPA (``F.scaled_dot_product_attention``, and ``torch._C._nn``'s, which fx
+GraphModules call) and batched ``Tensor.__matmul__`` and ``Tensor.matmul`` (torchvision's Swin) watched; a call whose
 contraction size grew and whose output keeps its shape is a logit product ``q @ k^T`` (``attn @ v`` contracts
 over tokens, which do not change); the rows of the last layer that reach its left factor (``q``) and not its
 right one are that call's queries. For SDPA ``s`` is the ratio of the scales it applies (its default
@@ -39,34 +40,60 @@ import torch.nn.functional as F
 
 __all__ = ["keep_logits"]
 
-_ATTENTION_OPS = (F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm)
+_ATTENTION_OPS: tuple = (F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm)
+try:  # torchvision's Swin: the window attention is one fx-wrapped function (q.matmul(k.transpose(-2, -1)) inside)
+    from torchvision.models.swin_transformer import shifted_window_attention as _tv_swin_attention
+
+    _ATTENTION_OPS += (_tv_swin_attention,)
+except ImportError:
+    pass
 
 
 class _Watch:
-    """Records ``("sdpa", q, k, scale)`` and ``("mm", a, b, None)`` for every SDPA call and batched ``@``."""
+    """Records ``("sdpa", q, k, scale)`` and ``("mm", a, b, None)`` for every SDPA call and batched ``@`` or
+    ``Tensor.matmul`` (torchvision's Swin: ``q.matmul(k.transpose(-2, -1))``). SDPA is watched under both of its
+    names: ``F.scaled_dot_product_attention`` and ``torch._C._nn.scaled_dot_product_attention``, which is what the
+    code of an fx ``GraphModule`` calls (timm's maxxvit halves are rewritten GraphModules)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, torch.Tensor, torch.Tensor, float | None]] = []
 
     def __enter__(self) -> _Watch:
-        self.sdpa, self.mm = F.scaled_dot_product_attention, torch.Tensor.__matmul__
-        orig_sdpa, orig_mm, calls = self.sdpa, self.mm, self.calls
+        self.sdpa, self.nn_sdpa = F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention
+        self.mm, self.matmul = torch.Tensor.__matmul__, torch.Tensor.matmul
+        orig_sdpa, calls, inside = self.nn_sdpa, self.calls, [False]
+
+        def once(call, record):
+            # a TorchFunctionMode (the grown model's ReLU sub-gradient, .activation) dispatches the original
+            # method to the patched name again: record the outer call only
+            if inside[0]:
+                return call()
+            if record is not None:
+                calls.append(record)
+            inside[0] = True
+            try:
+                return call()
+            finally:
+                inside[0] = False
 
         def sdpa(q, k, v, *args, **kwargs):
             scale = kwargs.get("scale", args[3] if len(args) > 3 else None)
-            calls.append(("sdpa", q, k, scale))
-            return orig_sdpa(q, k, v, *args, **kwargs)
+            return once(lambda: orig_sdpa(q, k, v, *args, **kwargs), ("sdpa", q, k, scale))
 
-        def mm(a, b):
-            if isinstance(b, torch.Tensor) and a.dim() >= 3 and b.dim() >= 3:
-                calls.append(("mm", a, b, None))
-            return orig_mm(a, b)
+        def watching(orig):
+            def mm(a, b):
+                batched = isinstance(b, torch.Tensor) and a.dim() >= 3 and b.dim() >= 3
+                return once(lambda: orig(a, b), ("mm", a, b, None) if batched else None)
 
-        F.scaled_dot_product_attention, torch.Tensor.__matmul__ = sdpa, mm
+            return mm
+
+        F.scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention = sdpa
+        torch.Tensor.__matmul__, torch.Tensor.matmul = watching(self.mm), watching(self.matmul)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        F.scaled_dot_product_attention, torch.Tensor.__matmul__ = self.sdpa, self.mm
+        F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention = self.sdpa, self.nn_sdpa
+        torch.Tensor.__matmul__, torch.Tensor.matmul = self.mm, self.matmul
 
 
 def _shape(kind: str, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
