@@ -128,8 +128,39 @@ def _positions(t: torch.Tensor, weights) -> list[dict[int, dict[int, int]]]:
     """For each weight, ``head -> {channel: row}`` of its rows reaching ``t`` (``[..., heads, tokens, d]``: the
     head axis is tried from -3 back) through a reshape, or ``{}``."""
     empty: list[dict] = [{} for _ in weights]
-    if not t.requires_grad:
+    if not t.requires_grad or t.grad_fn is None:
         return empty
+    near = _near(t, weights)
+    if not near:
+        return empty
+    out = _positions_of(t, [weights[i] for i in near])
+    for i, pos in zip(near, out, strict=True):
+        empty[i] = pos
+    return empty
+
+
+def _near(t: torch.Tensor, weights, depth: int = 16) -> list[int]:
+    """Indices of the weights within ``depth`` autograd nodes of ``t``: a layer whose rows reach ``t`` through a
+    reshape is a few nodes away (view, permute, select, the matmul); asking autograd for the others' gradients
+    would run the backward through the whole network before ``t``, per probe (85 s of swin_v2_t's growth)."""
+    ids = {id(w): i for i, w in enumerate(weights)}
+    found, seen, frontier = set(), set(), [t.grad_fn]
+    for _ in range(depth):
+        nxt = []
+        for fn in frontier:
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            var = getattr(fn, "variable", None)
+            if var is not None and id(var) in ids:
+                found.add(ids[id(var)])
+            nxt += [f for f, _ in fn.next_functions]
+        frontier = nxt
+    return sorted(found)
+
+
+def _positions_of(t: torch.Tensor, weights) -> list[dict[int, dict[int, int]]]:
+    empty: list[dict] = [{} for _ in weights]
     d = t.shape[-1]
     g1 = torch.autograd.grad(t.sum(), weights, retain_graph=True, allow_unused=True)
     for axis in range(t.dim() - 2, 0, -1):  # -2 is tokens in [..., heads, tokens, d]; try -3, -4, ...
