@@ -655,6 +655,10 @@ def main() -> None:
     if args.add:
         _add(out, args, tuple(args.add))
         return
+    if "main" not in args.parts and not args.table_only:
+        # the growth, trains and direct parts extend a main row (status, params): without one nothing is written
+        ap.error("--parts without main has no row to extend: run --parts main first, or --add "
+                 f"{' '.join(args.parts)} [--redo] --only SPEC ... on an existing <out>.json")
     if args.only:
         specs = args.only
     elif args.ci:

@@ -85,19 +85,22 @@ def pair_matrix(producer: nn.Module, consumer: nn.Module, x: torch.Tensor, grad:
     return m.view(o, ck, k2[0] * k2[1]).permute(1, 0, 2).reshape(ck, o * k2[0] * k2[1])
 
 
-def growth_directions(a: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+def growth_directions(a: torch.Tensor, k: int, gen: torch.Generator, eps: float | None = None) -> torch.Tensor:
     """The top-``k`` right singular vectors of ``a`` (rows of the result), by singular value, as far as its
     numerical rank goes; beyond it, random unit directions. A singular vector of singular value 0 is a direction
     the loss does not see (the all-ones direction of the logits of a classifier pair, whose cross-entropy
     gradient sums to 0 over the classes): a neuron with those outgoing weights would never get a gradient,
-    while a random direction has a component where the gradient is."""
+    while a random direction has a component where the gradient is. ``eps``: the machine epsilon of the data
+    ``a`` was computed from (default: ``a``'s own dtype; :func:`pair_matrix` accumulates in float64)."""
     n = a.shape[1]
     _, s, vh = torch.linalg.svd(a, full_matrices=False)
-    # numerical rank at the matrix's own precision (numpy's matrix_rank tolerance): a direction the loss does not
-    # see keeps a singular value of rounding size, ~1e-7 of the largest in float32 (a layer feeding LayerNorms,
-    # whose gradients sum to 0 over the channels, as CaiT's fc2: a fixed 1e-10 cut gave a new neuron the all-ones
-    # direction, which gets no gradient)
-    tol = float(s.max()) * max(a.shape) * torch.finfo(a.dtype).eps if s.numel() else 0.0
+    # numerical rank at the data's precision (numpy's matrix_rank tolerance): a direction the loss does not see
+    # keeps a singular value of rounding size, ~1e-7 of the largest in float32 (a layer feeding LayerNorms, whose
+    # gradients sum to 0 over the channels, as CaiT's fc2: a fixed 1e-10 cut, or float64's epsilon for a matrix
+    # accumulated in float64 from float32 activations, gave a new neuron the all-ones direction, which gets no
+    # gradient: 24 of cait_xxs24's 17858 new rows stayed 0 after training)
+    eps = torch.finfo(a.dtype).eps if eps is None else eps
+    tol = float(s.max()) * max(a.shape) * eps if s.numel() else 0.0
     rank = int((s > tol).sum()) if s.numel() and float(s.max()) > 0 else 0
     top = vh[:min(k, rank)]
     if k <= top.shape[0]:
@@ -131,6 +134,7 @@ class GradMaxGrowth(RandomGrowth):
                 self.why[g.root] = why
             else:
                 self.chains[g.root] = (prod[0], cons[0])
+        self.eps: dict[int, float] = {}  # per pair, the machine epsilon of the activations and gradients of M
         self.matrices = self._matrices(model, data) if self.chains else {}
 
     def _not_chain(self, model, layout, root, prod, cons) -> str:
@@ -206,6 +210,8 @@ class GradMaxGrowth(RandomGrowth):
                         self.why[root] = "a token op (pooling over tokens) between the pair"
                         continue
                     m = pair_matrix(model.get_submodule(p), model.get_submodule(c), cap_in[p][0], grads[c], hidden)
+                    self.eps[root] = max(self.eps.get(root, 0.0), torch.finfo(grads[c].dtype).eps,
+                                         torch.finfo(cap_in[p][0].dtype).eps)
                     acc[root] = acc[root] + m if root in acc else m
         finally:
             for h in hooks:
@@ -239,7 +245,7 @@ class GradMaxGrowth(RandomGrowth):
                 continue
             sel = (group == root).nonzero().flatten()
             a = self.matrices[root]
-            v = growth_directions(a, len(sel), self.gen)  # [k, o * k2 * k2]
+            v = growth_directions(a, len(sel), self.gen, self.eps.get(root))  # [k, o * k2 * k2]
             v = v.view(len(sel), old.shape[0], *old.shape[2:])
             v = v * (float(self.opts["scale"]) * self._norm(old, 1))
             out_map = self.layout.dim(self.layout.plan.layers[name].out_dim)

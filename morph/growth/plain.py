@@ -56,6 +56,7 @@ from ..graph.mha import stock_name, traceable
 from ..info import MorphInfo, get_info, set_info
 from ..zoo import get_spec
 from . import activation
+from .cosine import cosine_query_keys
 from .directions import mean_norm, random_directions
 from .layout import FRESH, OLD, DimMap, Layout, build_layout, split_unevenly
 from .liveness import (
@@ -240,6 +241,8 @@ class PlainGrowth(GrowthMethod):
             (1, *layout.plan.input_size), generator=torch.Generator().manual_seed(0), dtype=p0.dtype).to(p0.device)
         # heads that grew (head_dim mode): queries scaled so that the logits stay (.logits)
         self.scaled_queries = keep_logits(new, model, layout, x)
+        # cosine attention (Swin-V2) whose heads grew: new query and key rows a rotated copy of the old (.cosine)
+        self.cosine_rows = cosine_query_keys(new, model, layout, x, gen, zero_rows=self.opts["keys"] == "random")
         if self.opts["keys"] == "random":
             from .keys import init_new_keys
 
