@@ -27,7 +27,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/zoo_list.py: the model lists, shared with tests/test_zoo.py
 
-from zoo_check import GROWTH_METHODS, PRESERVING  # noqa: E402
+from zoo_check import (  # noqa: E402
+    GROWTH_METHODS,
+    PRESERVING,
+    TRAINS_LR_LADDER,
+    TRAINS_LR_RISE,
+    choose_trains_lr,
+    sgd_in_backward,
+)
 from zoo_list import (  # noqa: E402
     FLOPS_DEVIATIONS,
     NOT_BLOCKWISE,
@@ -48,7 +55,8 @@ TOL = 1e-5
 PARTS = ("main", "direct", "growth", "trains")  # check_model via morph.build_model; the same built directly;
 # growth methods (function); the grown models train (new rows move)
 GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
-TRAINS_STEPS, TRAINS_LR, TRAINS_BATCH = 3, 0.1, 4
+TRAINS_STEPS, TRAINS_BATCH = 3, 4
+TRAINS_LR_BEFORE = 0.1  # the lr of every trains row run before the rule (rows without "trains_lr")
 # why a model's grown neurons do not train (the "trains" section lists every failure with this, or "not investigated")
 TRAINS_NOTES = {
     "timm/nf_regnet_b0": "squeeze-excitation gate rows that moved less than 1e-12 of their layer's norm: the stock init sets "
@@ -119,21 +127,6 @@ def rows_near(new, old, tol: float, k: int = 32) -> int:
     return int(hit.sum())
 
 
-def sgd_in_backward(model, lr: float) -> list:
-    """Plain SGD (no momentum, no weight decay) applied to each parameter as soon as backward has accumulated its
-    gradient, which is then freed: the update of ``torch.optim.SGD(model.parameters(), lr)`` after
-    ``loss.backward()``, bit for bit, without holding every gradient at once (regnet_y_128gf: 2.6 GB). Returns the
-    hook handles (``.remove()`` them)."""
-    import torch
-
-    def step(p):
-        with torch.no_grad():
-            p.add_(p.grad, alpha=-lr)
-        p.grad = None
-
-    return [p.register_post_accumulate_grad_hook(step) for p in model.parameters() if p.requires_grad]
-
-
 def _train_grown(half, method: str, x, y, input_size, steps: int, lr: float, opts: dict) -> dict:
     """One method of :func:`check_trains`: grow, train, count. Its tensors are freed when it returns (the next
     method's growth must not find the previous grown model and its copies still in memory)."""
@@ -183,25 +176,17 @@ def _train_grown(half, method: str, x, y, input_size, steps: int, lr: float, opt
 
 
 def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...] = GROWTH_METHODS,
-                 steps: int = TRAINS_STEPS, lr: float = TRAINS_LR, firefly_steps: int = 5) -> dict:
+                 steps: int = TRAINS_STEPS, lr: float | None = None, firefly_steps: int = 5) -> tuple[dict, dict | None]:
     """Do the grown models train? ``scale_width(model, 0.5)`` (norms randomized) grown back with each method's
-    defaults, then ``steps`` plain SGD steps (lr ``lr``, float32, train mode, a batch of ``TRAINS_BATCH`` random
-    images). Per method: ``rows`` = new output rows (fresh or replica) of conv/linear layers whose old rows moved
-    (layers the loss reaches: not auxiliary heads, whose outputs the first output leaves out), ``zero`` = those
-    still exactly zero, ``replica`` = those still equal (to 1e-6 of the old rows' mean norm) to an old row of their
-    layer that moved by more than 1e-4 of it during the steps (the replica of a neuron that got no gradient cannot
-    part; float32 rounding must not pass for parting), ``loss`` = the training loss at the first and the last step. A method that raises records
-    ``status`` ``error`` (MorphError) or ``crash``. The SGD step runs inside backward (:func:`sgd_in_backward`) and
-    only the old rows are kept for the comparison, so that regnet_y_128gf's grown model trains within 12 GB."""
-    import gc
-
+    defaults and trained (:func:`trains_of`), on a batch of ``TRAINS_BATCH`` random images at ``input_size`` and
+    random labels. Returns ``(per method, the lr record)``; a model that cannot be built or scaled records
+    ``status`` ``error`` (MorphError) or ``crash`` for every method, and no lr record."""
     import torch
     from zoo_check import attention_mode, randomize_norms
 
     import morph
     from morph.graph import attention_width
 
-    out: dict[str, dict] = {}
     try:
         torch.manual_seed(0)
         with attention_width(attention_mode(spec)):  # the half records it: growth analyzes it the same way
@@ -212,24 +197,54 @@ def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...
         with torch.no_grad():
             out_half = half(x)
         classes = (out_half[0] if isinstance(out_half, (tuple, list)) else out_half).shape[-1]
+        del out_half
         y = torch.randint(0, classes, (TRAINS_BATCH,), generator=g)
-        for method in methods:
-            t0 = time.perf_counter()
-            try:
-                opts = {"steps": firefly_steps} if method == "firefly" else {}
-                r = _train_grown(half, method, x, y, input_size, steps, lr, opts)
-            except morph.MorphError as e:
-                r = {"status": "error", "error": str(e).splitlines()[0][:300]}
-            except Exception as e:  # noqa: BLE001 - recorded, reported as a crash
-                r = {"status": "crash", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-            r["seconds"] = time.perf_counter() - t0
-            out[method] = r
-            gc.collect()
+        return trains_of(half, x, y, input_size, methods, steps, lr, firefly_steps)
     except morph.MorphError as e:
-        out = {m: {"status": "error", "error": str(e).splitlines()[0][:300]} for m in methods}
+        return {m: {"status": "error", "error": str(e).splitlines()[0][:300]} for m in methods}, None
     except Exception as e:  # noqa: BLE001
-        out = {m: {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]} for m in methods}
-    return out
+        return {m: {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]} for m in methods}, None
+
+
+def trains_of(half, x, y, input_size: tuple[int, ...], methods: tuple[str, ...] = GROWTH_METHODS,
+              steps: int = TRAINS_STEPS, lr: float | None = None, firefly_steps: int = 5) -> tuple[dict, dict]:
+    """The trains check on the un-grown model ``half`` (eval mode) and the batch ``(x, y)``. First the learning
+    rate, once per model and the same for every method: ``lr``, or where it is None the rule of
+    :func:`zoo_check.choose_trains_lr` (the largest of ``TRAINS_LR_LADDER`` at which ``steps`` SGD steps of ``half``
+    itself, no growth, keep every loss finite and within ``TRAINS_LR_RISE`` times the first). Then per method: grow
+    ``half`` back to twice its width (``morph.grow(half, method, 2.0, data=(x, y), seed=0)``), ``steps`` plain
+    SGD steps at that lr (float32, train mode). Per method: ``lr``; ``rows`` = new output rows (fresh or replica)
+    of conv/linear layers whose old rows moved (layers the loss reaches: not auxiliary heads, whose outputs the
+    first output leaves out), ``zero`` = those still exactly zero, ``replica`` = those still equal (to 1e-6 of the
+    old rows' mean norm) to an old row of their layer that moved by more than 1e-4 of it during the steps (the
+    replica of a neuron that got no gradient cannot part; float32 rounding must not pass for parting), ``loss`` =
+    the training loss at the first and the last step. A method that raises records ``status`` ``error``
+    (MorphError) or ``crash``. The SGD step runs inside backward (:func:`sgd_in_backward`) and only the old rows
+    are kept for the comparison, so that regnet_y_128gf's grown model trains within 12 GB. Returns ``(per method,
+    the lr record)``: ``{"lr", "stable", "losses": {lr: the un-grown model's losses}, "seconds"}`` (``"fixed":
+    True`` and no losses when ``lr`` was given)."""
+    import gc
+
+    import morph
+
+    t0 = time.perf_counter()
+    rec = ({"lr": lr, "fixed": True} if lr is not None else choose_trains_lr(half, x, y, steps))
+    rec["seconds"] = time.perf_counter() - t0
+    out: dict[str, dict] = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        try:
+            opts = {"steps": firefly_steps} if method == "firefly" else {}
+            r = _train_grown(half, method, x, y, input_size, steps, rec["lr"], opts)
+        except morph.MorphError as e:
+            r = {"status": "error", "error": str(e).splitlines()[0][:300]}
+        except Exception as e:  # noqa: BLE001 - recorded, reported as a crash
+            r = {"status": "crash", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        r["lr"] = rec["lr"]
+        r["seconds"] = time.perf_counter() - t0
+        out[method] = r
+        gc.collect()
+    return out, rec
 
 
 def trains_verdict(r: dict, method: str) -> str:
@@ -319,7 +334,7 @@ def _child(spec: str, mem_gb: float, threads: int = 1, parts: tuple[str, ...] = 
         row["growth"] = check_growth(spec, spec_input_size(spec), dtype=dtype)
         row["growth_dtype"] = str(dtype).replace("torch.", "")
     if "trains" in parts:
-        row["trains"] = check_trains(spec, spec_input_size(spec))
+        row["trains"], row["trains_lr"] = check_trains(spec, spec_input_size(spec))
     print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -598,22 +613,40 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         n_ok = len([r for r in ran if trains_verdict(r, m) == "yes"])
         summary[f"trains_{m}"] = f"{n_ok}/{len(ran)}"
         counts.append(f"`{m}` **{n_ok}/{len(ran)}**")
+    ruled = [r for r in ran if "trains_lr" in r]
+    chosen = {}
+    for r in ruled:
+        if r["trains_lr"]:
+            chosen[r["trains_lr"]["lr"]] = chosen.get(r["trains_lr"]["lr"], 0) + 1
+    summary["trains_lr"] = {repr(k): v for k, v in sorted(chosen.items(), reverse=True)}
+    ladder = ", ".join(f"{v:g}" for v in TRAINS_LR_LADDER)
     lines = [
         "",
         "## Grown models train",
         "",
         "`morph.grow(half, method, 2.0, data=(x, y), seed=0)` with each method's defaults (ReLU sub-gradient 1 at 0,",
         "new BatchNorm weights 0.1, Net2Net's uneven split) on `scale_width(model, 0.5)` with randomized norms, then",
-        f"{TRAINS_STEPS} plain SGD steps (lr {TRAINS_LR}, float32, train mode, {TRAINS_BATCH} random images at the"
-        " model's input size; the loss on the first output). **trains**: in every conv/linear layer the loss reaches"
+        f"{TRAINS_STEPS} plain SGD steps (at the model's lr, below; float32, train mode, {TRAINS_BATCH} random images at"
+        " the model's input size; the loss on the first output). **trains**: in every conv/linear layer the loss reaches"
         " (an old row moves), no new output row (fresh or replica) is still",
         "exactly zero or still equal (to 1e-6 of the old rows' mean norm) to an old row of its layer that moved by more"
         " than 1e-4 of it, and the loss"
         f" stays finite. {len(ran)} models (`python benchmarks/coverage.py --add trains [--only SPEC ...]`);"
         " trains on: " + ", ".join(counts) + ".",
         "",
-        "| model | net2net | random | gradmax | firefly | new rows | loss (random) | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"**lr**: one per model, the same for every method, chosen before any method runs and without a grown model:"
+        f" the largest of {ladder} at which the same {TRAINS_STEPS} SGD steps on the un-grown half itself (the same"
+        f" batch, train mode) keep every loss, at each step and after the last, finite and at most"
+        f" {TRAINS_LR_RISE:g} times the first step's (`benchmarks/zoo_check.py` `choose_trains_lr`; the smallest, marked"
+        " **unstable**, where none does). **half loss**: the half's loss at that lr, first step -> after the last."
+        f" Rows run before this rule ({len(ran) - len(ruled)} of {len(ran)}) ran at the fixed lr"
+        f" {TRAINS_LR_BEFORE:g} (lr column `{TRAINS_LR_BEFORE:g}*`; the rule's choice for them not measured); rows"
+        f" run with it: {len(ruled)}"
+        + (" (" + ", ".join(f"lr {k:g}: {v}" for k, v in sorted(chosen.items(), reverse=True)) + ")" if ruled else "")
+        + ".",
+        "",
+        "| model | lr | net2net | random | gradmax | firefly | new rows | half loss | loss (random) | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in ran:
         t = r["trains"]
@@ -622,7 +655,18 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         rd = t.get("random", {})
         loss = f"{rd['loss'][0]:.2f} -> {rd['loss'][1]:.2f}" if rd.get("status") == "ok" else ""
         secs = sum(x.get("seconds", 0.0) for x in t.values())
-        lines.append(f"| {r['spec']} | {' | '.join(cells)} | {rows_n if rows_n is not None else ''} | {loss} | {secs:.0f} |")
+        rec = r.get("trains_lr", "before the rule")
+        if rec is None:  # the run crashed or timed out before it chose one
+            lr, half_loss = "—", ""
+        elif isinstance(rec, dict):
+            lr = f"{rec['lr']:g}" + ("" if rec.get("stable", True) else " **unstable**")
+            hl = rec.get("losses", {}).get(repr(rec["lr"]))
+            half_loss = f"{hl[0]:.2f} -> {hl[-1]:.2f}" if hl else ""
+            secs += rec.get("seconds", 0.0)
+        else:
+            lr, half_loss = f"{TRAINS_LR_BEFORE:g}*", ""
+        lines.append(f"| {r['spec']} | {lr} | {' | '.join(cells)} | {rows_n if rows_n is not None else ''} | "
+                     f"{half_loss} | {loss} | {secs:.0f} |")
     fails = [(r["spec"], [m for m in GROWTH_METHODS if trains_verdict(r, m) != "yes"]) for r in ran]
     fails = [(spec, ms) for spec, ms in fails if ms]
     if fails:
@@ -725,12 +769,18 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
             else:
                 err = {"status": "crash", "stage": "", "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
                 r.update({k: err if k == "direct" else {m: err for m in GROWTH_METHODS} for k in missing})
+                if "trains" in missing:
+                    r["trains_lr"] = None
         except subprocess.TimeoutExpired:
             err = {"status": "timeout", "stage": "", "error": f"over the {args.timeout}s budget"}
             r.update({k: err if k == "direct" else {m: err for m in GROWTH_METHODS} for k in missing})
+            if "trains" in missing:
+                r["trains_lr"] = None
         msg = [f"direct {direct_verdict(r)}"] if "direct" in missing else []
         msg += [f"{m} {growth_verdict(r, m)}" for m in GROWTH_METHODS] if "growth" in missing else []
-        msg += [f"{m} trains {trains_verdict(r, m)}" for m in GROWTH_METHODS] if "trains" in missing else []
+        if "trains" in missing:
+            msg += [f"trains lr {(r.get('trains_lr') or {}).get('lr')}"]
+            msg += [f"{m} trains {trains_verdict(r, m)}" for m in GROWTH_METHODS]
         print(f"{r['spec']}: {'; '.join(msg)}", flush=True)
         _write_json(jpath, rows)  # after every model: an interrupted run keeps what it finished (rerun to go on)
         write_table(rows, out, meta.get("seconds", 0.0))
