@@ -80,19 +80,32 @@ TRAINS_NOTES = {
                                  "images) every new row of the same block's a and b convs has exactly zero gradient (its new "
                                  "channels off), so the gate rows never get one (gradients per step measured with random; gradmax "
                                  "grows these groups the same way)",
-    "torchvision/vgg11": "24 of 5472 rows (random only): the 3 steps diverge on this BatchNorm-free net at lr 0.1 (random's "
-                         "loss 6.9 -> 2.5e10; net2net's 6.9 -> 32, timm/vgg11's random 6.9 -> 3.2e6) and new channels "
-                         "end behind ReLUs that are off, with exactly zero gradient (a rerun of random alone, other dropout "
-                         "masks: 4558 new rows with zero gradient at the third step, loss 7.7e22)",
-    "torchvision/vgg11_bn": "1 (random) and 10 (gradmax) of 5472 rows: the 3 steps diverge here too (random 7.6 -> 4.8e4, "
-                            "gradmax 6.9 -> 3.4e4, net2net 7.8 -> 2.4e5: BatchNorm in the features, none in the 25088-wide "
-                            "classifier); not traced per layer, presumably as vgg11",
-    "torchvision/vgg13": "55 (random) and 1 (gradmax) of 5568 rows: the 3 steps diverge (random 6.9 -> 1.3e10, gradmax "
-                         "6.9 -> 1.6e5; net2net 6.8 -> 127), as on vgg11 (BatchNorm-free)",
     "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only); not investigated (squeeze-excitation gates, like "
                                    "legacy_seresnet18)",
-    **{f"torchvision/{n}": "the check's 3 steps at lr 0.1 diverge, as on vgg11 and vgg13 (random's loss in the loss "
-                             "column); not traced per layer" for n in ("vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
+    "torchvision/vgg11": "5 of 5472 rows (random only) at lr 0.01 (the half's 3 steps at 0.1 go 6.87 -> 1.4e15, at "
+                         "0.03 to 21.1), all in the classifier: 4 of classifier.0's 2048 new rows and 1 of classifier.3's, "
+                         "each layer followed by ReLU and Dropout(0.5). Replaying the check (same draws), those rows' "
+                         "gradient norm is 0 in float32 at all 3 steps (every entry exactly 0 at 2 of them); random's grown "
+                         "model's loss rises 6.89 -> 6.14 -> 72 at the lr where the half's falls (6.87 -> 5.81); dropout "
+                         "alone would leave 2^-12 x 4096 = 1 such row expected (as on alexnet); not traced further",
+    **{f"torchvision/{n}": f"{counts} at lr {lr} (the rule's: the half's 3 steps at 0.1 diverge, {half}); the grown "
+                           f"{which} model's loss rises at that lr ({rise}) where the half's stays within 2x (half loss "
+                           "column); not traced per layer (vgg11's are classifier rows behind Dropout)"
+       for n, counts, lr, half, which, rise in (
+           ("vgg11_bn", "2 of 5472 rows (random only)", "0.01", "7.42 -> 4.9e7", "random", "7.59 -> 93; gradmax's "
+            "6.92 -> 131 with no zero row"),
+           ("vgg13", "1 of 5568 rows (random only)", "0.03", "6.87 -> 2.3e12", "random", "6.92 -> 21"),
+           ("vgg13_bn", "1 (random) and 1 (gradmax) of 5568 rows", "0.01", "6.73 -> 3.2e7", "random and gradmax",
+            "6.67 -> 284, 7.14 -> 117"),
+           ("vgg16_bn", "1 of 6208 rows (random only)", "0.01", "7.03 -> 1.1e8", "random", "8.13 -> 151; gradmax's "
+            "7.81 -> 160 with no zero row"),
+           ("vgg19", "1 of 6848 rows (gradmax only)", "0.03", "6.94 -> 6.9e29", "gradmax", "6.92 -> 3.7e4"),
+           ("vgg19_bn", "1 (random) and 3 (gradmax) of 6848 rows", "0.01", "7.53 -> 1.2e8", "random and gradmax",
+            "7.27 -> 520, 7.10 -> 199"),
+       )},
+    "torchvision/vgg16": "1 of 6208 rows (random only) at lr 0.01 (the rule's: the half's 3 steps at 0.1 diverge, 6.91 -> "
+                         "4.4e29); here every method's loss falls at that lr (random 7.01 -> 6.69); not traced per layer "
+                         "(vgg11's are classifier rows behind Dropout)",
     "torchvision/regnet_y_32gf": "1483 (random) and 1492 (gradmax) of 54337 rows, loss 6.98 -> 10.82: RegNetY "
                                  "squeeze-excitation gates, presumably as regnet_y_16gf; not traced",
     "torchvision/convnext_large": "3 of 82656 rows (gradmax only); not investigated",
