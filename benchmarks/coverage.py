@@ -52,7 +52,8 @@ FLOAT64_MAX_PARAMS = 30e6
 FLOAT32_SPECS = ("torchvision/swin_v2_t", "torchvision/swin_v2_s", "torchvision/swin_v2_b")
 LAST = ("torchvision/regnet_y_128gf",)
 TOL = 1e-5
-PARTS = ("main", "direct", "growth", "trains")  # check_model via morph.build_model; the same built directly;
+PARTS = ("main", "direct", "growth", "trains")
+PART_KEY = {"lr": "trains_lr_rule"}  # parts whose row key is not their name  # check_model via morph.build_model; the same built directly;
 # growth methods (function); the grown models train (new rows move)
 GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
 TRAINS_STEPS, TRAINS_BATCH = 3, 4
@@ -194,29 +195,38 @@ def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...
     defaults and trained (:func:`trains_of`), on a batch of ``TRAINS_BATCH`` random images at ``input_size`` and
     random labels. Returns ``(per method, the lr record)``; a model that cannot be built or scaled records
     ``status`` ``error`` (MorphError) or ``crash`` for every method, and no lr record."""
+    import morph
+
+    try:
+        half, x, y = trains_setup(spec, input_size)
+        return trains_of(half, x, y, input_size, methods, steps, lr, firefly_steps)
+    except morph.MorphError as e:
+        return {m: {"status": "error", "error": str(e).splitlines()[0][:300]} for m in methods}, None
+    except Exception as e:  # noqa: BLE001
+        return {m: {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]} for m in methods}, None
+
+
+def trains_setup(spec: str, input_size: tuple[int, ...]):
+    """The trains check's un-grown model and batch: ``scale_width(model, 0.5)`` with randomized norms (eval mode),
+    ``TRAINS_BATCH`` random images at ``input_size`` and random labels, all drawn from seed 0."""
     import torch
     from zoo_check import attention_mode, randomize_norms
 
     import morph
     from morph.graph import attention_width
 
-    try:
-        torch.manual_seed(0)
-        with attention_width(attention_mode(spec)):  # the half records it: growth analyzes it the same way
-            half = morph.scale_width(morph.build_model(spec), 0.5, input_size=input_size).eval()
-        randomize_norms(half)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn((TRAINS_BATCH, *input_size), generator=g)
-        with torch.no_grad():
-            out_half = half(x)
-        classes = (out_half[0] if isinstance(out_half, (tuple, list)) else out_half).shape[-1]
-        del out_half
-        y = torch.randint(0, classes, (TRAINS_BATCH,), generator=g)
-        return trains_of(half, x, y, input_size, methods, steps, lr, firefly_steps)
-    except morph.MorphError as e:
-        return {m: {"status": "error", "error": str(e).splitlines()[0][:300]} for m in methods}, None
-    except Exception as e:  # noqa: BLE001
-        return {m: {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]} for m in methods}, None
+    torch.manual_seed(0)
+    with attention_width(attention_mode(spec)):  # the half records it: growth analyzes it the same way
+        half = morph.scale_width(morph.build_model(spec), 0.5, input_size=input_size).eval()
+    randomize_norms(half)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((TRAINS_BATCH, *input_size), generator=g)
+    with torch.no_grad():
+        out_half = half(x)
+    classes = (out_half[0] if isinstance(out_half, (tuple, list)) else out_half).shape[-1]
+    del out_half
+    y = torch.randint(0, classes, (TRAINS_BATCH,), generator=g)
+    return half, x, y
 
 
 def trains_of(half, x, y, input_size: tuple[int, ...], methods: tuple[str, ...] = GROWTH_METHODS,
@@ -348,6 +358,14 @@ def _child(spec: str, mem_gb: float, threads: int = 1, parts: tuple[str, ...] = 
         row["growth_dtype"] = str(dtype).replace("torch.", "")
     if "trains" in parts:
         row["trains"], row["trains_lr"] = check_trains(spec, spec_input_size(spec))
+    if "lr" in parts:  # only the rule's lr, for a row whose trains part ran before the rule (at TRAINS_LR_BEFORE)
+        try:
+            t0 = time.perf_counter()
+            rec = choose_trains_lr(*trains_setup(spec, spec_input_size(spec)), TRAINS_STEPS)
+            rec["seconds"] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - recorded
+            rec = {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]}
+        row["trains_lr_rule"] = rec
     print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -627,11 +645,15 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         summary[f"trains_{m}"] = f"{n_ok}/{len(ran)}"
         counts.append(f"`{m}` **{n_ok}/{len(ran)}**")
     ruled = [r for r in ran if "trains_lr" in r]
+    before = [r for r in ran if "trains_lr" not in r]
+    probed = [r for r in before if (r.get("trains_lr_rule") or {}).get("lr") is not None]
+    same = [r for r in probed if r["trains_lr_rule"]["lr"] == TRAINS_LR_BEFORE]
     chosen = {}
     for r in ruled:
         if r["trains_lr"]:
             chosen[r["trains_lr"]["lr"]] = chosen.get(r["trains_lr"]["lr"], 0) + 1
     summary["trains_lr"] = {repr(k): v for k, v in sorted(chosen.items(), reverse=True)}
+    summary["trains_lr_before"] = {"rows": len(before), "rule_checked": len(probed), "rule_same": len(same)}
     ladder = ", ".join(f"{v:g}" for v in TRAINS_LR_LADDER)
     lines = [
         "",
@@ -652,11 +674,15 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         f" batch, train mode) keep every loss, at each step and after the last, finite and at most"
         f" {TRAINS_LR_RISE:g} times the first step's (`benchmarks/zoo_check.py` `choose_trains_lr`; the smallest, marked"
         " **unstable**, where none does). **half loss**: the half's loss at that lr, first step -> after the last."
-        f" Rows run before this rule ({len(ran) - len(ruled)} of {len(ran)}) ran at the fixed lr"
-        f" {TRAINS_LR_BEFORE:g} (lr column `{TRAINS_LR_BEFORE:g}*`; the rule's choice for them not measured); rows"
-        f" run with it: {len(ruled)}"
+        f" Rows run with the rule: {len(ruled)}"
         + (" (" + ", ".join(f"lr {k:g}: {v}" for k, v in sorted(chosen.items(), reverse=True)) + ")" if ruled else "")
-        + ".",
+        + f". Rows run before it ({len(before)} of {len(ran)}) ran at the fixed lr {TRAINS_LR_BEFORE:g}; for"
+        f" {len(probed)} of them the rule alone was run since (`--add lr`: the probe on the half, no method): where it"
+        f" chooses {TRAINS_LR_BEFORE:g} ({len(same)}) the row ran at the rule's lr (the probe leaves the random state"
+        f" alone, so a rerun would repeat the row's steps), and the lr column shows it with the half's loss; where it"
+        f" chooses less ({len(probed) - len(same)}) the column reads `{TRAINS_LR_BEFORE:g}* (rule: lr)`: the row"
+        f" needs a rerun at that lr; `{TRAINS_LR_BEFORE:g}*` alone: the rule not run yet"
+        f" ({len(before) - len(probed)}).",
         "",
         "| model | lr | net2net | random | gradmax | firefly | new rows | half loss | loss (random) | s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -677,7 +703,15 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
             half_loss = f"{hl[0]:.2f} -> {hl[-1]:.2f}" if hl else ""
             secs += rec.get("seconds", 0.0)
         else:
+            rule = r.get("trains_lr_rule") or {}
             lr, half_loss = f"{TRAINS_LR_BEFORE:g}*", ""
+            if rule.get("lr") == TRAINS_LR_BEFORE:
+                lr = f"{TRAINS_LR_BEFORE:g}"
+                hl = rule["losses"][repr(TRAINS_LR_BEFORE)]
+                half_loss = f"{hl[0]:.2f} -> {hl[-1]:.2f}"
+            elif rule:
+                lr += f" (rule: {rule['lr']:g}{'' if rule.get('stable', True) else ' unstable'})" if "lr" in rule else \
+                    f" (rule: {rule.get('status', '?')})"
         lines.append(f"| {r['spec']} | {lr} | {' | '.join(cells)} | {rows_n if rows_n is not None else ''} | "
                      f"{half_loss} | {loss} | {secs:.0f} |")
     fails = [(r["spec"], [m for m in GROWTH_METHODS if trains_verdict(r, m) != "yes"]) for r in ran]
@@ -698,10 +732,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model (1 is fastest on a shared CPU)")
     ap.add_argument("--resume", action="store_true", help="keep rows of <out>.json, run the missing models")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
-    ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains"), default=None,
-                    help="run only these parts for the passing rows of <out>.json that lack them, and merge them in")
+    ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains", "lr"), default=None,
+                    help="run only these parts for the passing rows of <out>.json that lack them, and merge them in "
+                         "(lr: only the trains check's lr rule, for rows whose trains part ran before it)")
     ap.add_argument("--redo", action="store_true", help="with --add: run the parts again where rows have them")
-    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=(*PARTS, "lr"),
                     help="parts to run per model (default: all; add the others later with --add)")
     ap.add_argument("--child", default="")
     args = ap.parse_args()
@@ -768,10 +803,15 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
     rows = json.loads(jpath.read_text())
     meta = json.loads(out.with_suffix(".meta.json").read_text()) if out.with_suffix(".meta.json").exists() else {}
     only = set(args.only or [])
+    def wanted(r: dict, p: str) -> bool:  # lr: rows whose trains part ran before the lr rule
+        if p == "lr":
+            return "trains" in r and "trains_lr" not in r and (args.redo or "trains_lr_rule" not in r)
+        return args.redo or p not in r
+
     todo = [r for r in rows if r["status"] == "ok" and (not only or r["spec"] in only)
-            and (args.redo or any(p not in r for p in parts))]
+            and any(wanted(r, p) for p in parts)]
     for r in sorted(todo, key=lambda r: r.get("params", 0)):  # smallest first: the most models per hour
-        missing = [p for p in parts if p not in r or args.redo]
+        missing = [p for p in parts if wanted(r, p)]
         try:
             p = subprocess.run([sys.executable, __file__, "--child", r["spec"], "--parts", *missing, "--mem-gb",
                                 str(args.mem_gb), "--threads", str(args.threads)],
@@ -780,23 +820,33 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
             if line:
                 r.update(json.loads(line[-1][7:]))
             else:
-                err = {"status": "crash", "stage": "", "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
-                r.update({k: err if k == "direct" else {m: err for m in GROWTH_METHODS} for k in missing})
-                if "trains" in missing:
-                    r["trains_lr"] = None
+                _failed(r, missing, {"status": "crash", "stage": "",
+                                     "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]})
         except subprocess.TimeoutExpired:
-            err = {"status": "timeout", "stage": "", "error": f"over the {args.timeout}s budget"}
-            r.update({k: err if k == "direct" else {m: err for m in GROWTH_METHODS} for k in missing})
-            if "trains" in missing:
-                r["trains_lr"] = None
+            _failed(r, missing, {"status": "timeout", "stage": "", "error": f"over the {args.timeout}s budget"})
         msg = [f"direct {direct_verdict(r)}"] if "direct" in missing else []
         msg += [f"{m} {growth_verdict(r, m)}" for m in GROWTH_METHODS] if "growth" in missing else []
+        if "lr" in missing:
+            msg += [f"the rule's lr {r['trains_lr_rule'].get('lr', r['trains_lr_rule'].get('error'))}"]
         if "trains" in missing:
             msg += [f"trains lr {(r.get('trains_lr') or {}).get('lr')}"]
             msg += [f"{m} trains {trains_verdict(r, m)}" for m in GROWTH_METHODS]
         print(f"{r['spec']}: {'; '.join(msg)}", flush=True)
         _write_json(jpath, rows)  # after every model: an interrupted run keeps what it finished (rerun to go on)
         write_table(rows, out, meta.get("seconds", 0.0))
+
+
+def _failed(r: dict, missing: list[str], err: dict) -> None:
+    """Record ``err`` for the parts of ``r`` that a child run did not return."""
+    for k in missing:
+        if k == "direct":
+            r[k] = err
+        elif k == "lr":
+            r["trains_lr_rule"] = err
+        else:
+            r[k] = {m: err for m in GROWTH_METHODS}
+        if k == "trains":
+            r["trains_lr"] = None
 
 
 def _write_json(path: Path, rows: list[dict]) -> None:

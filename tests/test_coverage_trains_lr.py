@@ -122,11 +122,19 @@ def test_the_table_prints_each_rows_lr():
                            "seconds": 1.0}},
             {"spec": "timm/b", "status": "ok", "trains": t},
             {"spec": "timm/c", "status": "ok", "trains": t,
-             "trains_lr": {"lr": 0.003, "stable": False, "losses": {"0.003": [2.0, 5.0]}, "seconds": 1.0}}]
+             "trains_lr": {"lr": 0.003, "stable": False, "losses": {"0.003": [2.0, 5.0]}, "seconds": 1.0}},
+            # run before the rule at lr 0.1, the rule alone run since (--add lr)
+            {"spec": "timm/d", "status": "ok", "trains": t,
+             "trains_lr_rule": {"lr": 0.1, "stable": True, "losses": {"0.1": [2.0, 1.2]}, "seconds": 1.0}},
+            {"spec": "timm/e", "status": "ok", "trains": t,
+             "trains_lr_rule": {"lr": 0.03, "stable": True, "losses": {"0.1": [2.0, 9.0], "0.03": [2.0, 1.0]}}}]
     summary = {}
     lines = _table._trains_table(rows, summary)
     row = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in lines if ln.startswith("| timm/")}
     assert row["timm/a"][1] == "0.03" and row["timm/a"][7] == "2.00 -> 1.50"
     assert row["timm/b"][1] == "0.1*" and row["timm/b"][7] == ""
     assert row["timm/c"][1] == "0.003 **unstable**"
+    assert row["timm/d"][1] == "0.1" and row["timm/d"][7] == "2.00 -> 1.20"
+    assert row["timm/e"][1] == "0.1* (rule: 0.03)" and row["timm/e"][7] == ""
     assert summary["trains_lr"] == {"0.03": 1, "0.003": 1}
+    assert summary["trains_lr_before"] == {"rows": 3, "rule_checked": 2, "rule_same": 1}
