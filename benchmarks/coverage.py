@@ -72,7 +72,10 @@ TRAINS_NOTES = {
                                   "BatchNorm bias (a.1) by up to 1.0 while the channel's scale is new_gamma 0.1 (the "
                                   "channel sits at the ReLU's kink and its bias gets the whole upstream sum), so a channel "
                                   "whose bias went negative is off everywhere at step 1 (3 of 24 with 4 images, 15 of 24 "
-                                  "with 8) and everything behind it stays zero",
+                                  "with 8) and everything behind it stays zero. Same draws, random: new_gamma 1.0 "
+                                  "(growneuron's identity norm) leaves none but the loss ends at 30.6 (9.4 with 0.1); at lr "
+                                  "0.03 none stays zero for random or gradmax (loss 6.95 -> 3.0, 2.4); the lr rule keeps 0.1 "
+                                  "(the half: 6.95 -> 7.99 in 3 steps, within 2x)",
     "torchvision/alexnet": "1 of 2048 new rows of classifier.1 (random only): the Dropout(0.5) after it dropped that neuron "
                            "on all 4 images at all 3 steps; expected 2048 x 2^-12 = 0.5 such rows (a zero-incoming neuron "
                            "sits at the ReLU's kink and trains at the first step dropout keeps it)",
@@ -80,7 +83,8 @@ TRAINS_NOTES = {
                                  "gets no gradient (the gated new channel is 0); after step 0 (loss 7.1 -> 6.3 -> 43, lr 0.1 on 4 "
                                  "images) every new row of the same block's a and b convs has exactly zero gradient (its new "
                                  "channels off), so the gate rows never get one (gradients per step measured with random; gradmax "
-                                 "grows these groups the same way)",
+                                 "grows these groups the same way). Neither lr 0.03 (the same 223) nor new_gamma 1.0 (295, "
+                                 "loss 60.8) clears it (random, same draws)",
     "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only); not investigated (squeeze-excitation gates, like "
                                    "legacy_seresnet18)",
     "torchvision/vgg11": "5 of 5472 rows (random only) at lr 0.01 (the half's 3 steps at 0.1 go 6.87 -> 1.4e15, at "
