@@ -684,7 +684,7 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         f" {len(probed)} of them the rule alone was run since (`--add lr`: the probe on the half, no method): where it"
         f" chooses {TRAINS_LR_BEFORE:g} ({len(same)}) the row ran at the rule's lr (the probe leaves the random state"
         f" alone, so a rerun would repeat the row's steps), and the lr column shows it with the half's loss; where it"
-        f" chooses less ({len(probed) - len(same)}) the column reads `{TRAINS_LR_BEFORE:g}* (rule: lr)`: the row"
+        f" chooses less ({len(probed) - len(same)}) the column reads `{TRAINS_LR_BEFORE:g}* (rule: <its lr>)`: the row"
         f" needs a rerun at that lr; `{TRAINS_LR_BEFORE:g}*` alone: the rule not run yet"
         f" ({len(before) - len(probed)}).",
         "",
