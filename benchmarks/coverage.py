@@ -27,7 +27,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/zoo_list.py: the model lists, shared with tests/test_zoo.py
 
-from zoo_check import GROWTH_METHODS, PRESERVING  # noqa: E402
+from zoo_check import (  # noqa: E402
+    GROWTH_METHODS,
+    PRESERVING,
+    TRAINS_LR_LADDER,
+    TRAINS_LR_RISE,
+    choose_trains_lr,
+    sgd_in_backward,
+)
 from zoo_list import (  # noqa: E402
     FLOPS_DEVIATIONS,
     NOT_BLOCKWISE,
@@ -45,10 +52,12 @@ FLOAT64_MAX_PARAMS = 30e6
 FLOAT32_SPECS = ("torchvision/swin_v2_t", "torchvision/swin_v2_s", "torchvision/swin_v2_b")
 LAST = ("torchvision/regnet_y_128gf",)
 TOL = 1e-5
-PARTS = ("main", "direct", "growth", "trains")  # check_model via morph.build_model; the same built directly;
+PARTS = ("main", "direct", "growth", "trains")
+PART_KEY = {"lr": "trains_lr_rule"}  # parts whose row key is not their name  # check_model via morph.build_model; the same built directly;
 # growth methods (function); the grown models train (new rows move)
 GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
-TRAINS_STEPS, TRAINS_LR, TRAINS_BATCH = 3, 0.1, 4
+TRAINS_STEPS, TRAINS_BATCH = 3, 4
+TRAINS_LR_BEFORE = 0.1  # the lr of every trains row run before the rule (rows without "trains_lr")
 # why a model's grown neurons do not train (the "trains" section lists every failure with this, or "not investigated")
 TRAINS_NOTES = {
     "timm/nf_regnet_b0": "squeeze-excitation gate rows that moved less than 1e-12 of their layer's norm: the stock init sets "
@@ -63,7 +72,10 @@ TRAINS_NOTES = {
                                   "BatchNorm bias (a.1) by up to 1.0 while the channel's scale is new_gamma 0.1 (the "
                                   "channel sits at the ReLU's kink and its bias gets the whole upstream sum), so a channel "
                                   "whose bias went negative is off everywhere at step 1 (3 of 24 with 4 images, 15 of 24 "
-                                  "with 8) and everything behind it stays zero",
+                                  "with 8) and everything behind it stays zero. Same draws, random: new_gamma 1.0 "
+                                  "(growneuron's identity norm) leaves none but the loss ends at 30.6 (9.4 with 0.1); at lr "
+                                  "0.03 none stays zero for random or gradmax (loss 6.95 -> 3.0, 2.4); the lr rule keeps 0.1 "
+                                  "(the half: 6.95 -> 7.99 in 3 steps, within 2x)",
     "torchvision/alexnet": "1 of 2048 new rows of classifier.1 (random only): the Dropout(0.5) after it dropped that neuron "
                            "on all 4 images at all 3 steps; expected 2048 x 2^-12 = 0.5 such rows (a zero-incoming neuron "
                            "sits at the ReLU's kink and trains at the first step dropout keeps it)",
@@ -71,20 +83,34 @@ TRAINS_NOTES = {
                                  "gets no gradient (the gated new channel is 0); after step 0 (loss 7.1 -> 6.3 -> 43, lr 0.1 on 4 "
                                  "images) every new row of the same block's a and b convs has exactly zero gradient (its new "
                                  "channels off), so the gate rows never get one (gradients per step measured with random; gradmax "
-                                 "grows these groups the same way)",
-    "torchvision/vgg11": "24 of 5472 rows (random only): the 3 steps diverge on this BatchNorm-free net at lr 0.1 (random's "
-                         "loss 6.9 -> 2.5e10; net2net's 6.9 -> 32, timm/vgg11's random 6.9 -> 3.2e6) and new channels "
-                         "end behind ReLUs that are off, with exactly zero gradient (a rerun of random alone, other dropout "
-                         "masks: 4558 new rows with zero gradient at the third step, loss 7.7e22)",
-    "torchvision/vgg11_bn": "1 (random) and 10 (gradmax) of 5472 rows: the 3 steps diverge here too (random 7.6 -> 4.8e4, "
-                            "gradmax 6.9 -> 3.4e4, net2net 7.8 -> 2.4e5: BatchNorm in the features, none in the 25088-wide "
-                            "classifier); not traced per layer, presumably as vgg11",
-    "torchvision/vgg13": "55 (random) and 1 (gradmax) of 5568 rows: the 3 steps diverge (random 6.9 -> 1.3e10, gradmax "
-                         "6.9 -> 1.6e5; net2net 6.8 -> 127), as on vgg11 (BatchNorm-free)",
+                                 "grows these groups the same way). Neither lr 0.03 (the same 223) nor new_gamma 1.0 (295, "
+                                 "loss 60.8) clears it (random, same draws)",
     "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only); not investigated (squeeze-excitation gates, like "
                                    "legacy_seresnet18)",
-    **{f"torchvision/{n}": "the check's 3 steps at lr 0.1 diverge, as on vgg11 and vgg13 (random's loss in the loss "
-                             "column); not traced per layer" for n in ("vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
+    "torchvision/vgg11": "5 of 5472 rows (random only) at lr 0.01 (the half's 3 steps at 0.1 go 6.87 -> 1.4e15, at "
+                         "0.03 to 21.1), all in the classifier: 4 of classifier.0's 2048 new rows and 1 of classifier.3's, "
+                         "each layer followed by ReLU and Dropout(0.5). Replaying the check (same draws), those rows' "
+                         "gradient norm is 0 in float32 at all 3 steps (every entry exactly 0 at 2 of them); random's grown "
+                         "model's loss rises 6.89 -> 6.14 -> 72 at the lr where the half's falls (6.87 -> 5.81); dropout "
+                         "alone would leave 2^-12 x 4096 = 1 such row expected (as on alexnet); not traced further",
+    **{f"torchvision/{n}": f"{counts} at lr {lr} (the rule's: the half's 3 steps at 0.1 diverge, {half}); the grown "
+                           f"{which} model's loss rises at that lr ({rise}) where the half's stays within 2x (half loss "
+                           "column); not traced per layer (vgg11's are classifier rows behind Dropout)"
+       for n, counts, lr, half, which, rise in (
+           ("vgg11_bn", "2 of 5472 rows (random only)", "0.01", "7.42 -> 4.9e7", "random", "7.59 -> 93; gradmax's "
+            "6.92 -> 131 with no zero row"),
+           ("vgg13", "1 of 5568 rows (random only)", "0.03", "6.87 -> 2.3e12", "random", "6.92 -> 21"),
+           ("vgg13_bn", "1 (random) and 1 (gradmax) of 5568 rows", "0.01", "6.73 -> 3.2e7", "random and gradmax",
+            "6.67 -> 284, 7.14 -> 117"),
+           ("vgg16_bn", "1 of 6208 rows (random only)", "0.01", "7.03 -> 1.1e8", "random", "8.13 -> 151; gradmax's "
+            "7.81 -> 160 with no zero row"),
+           ("vgg19", "1 of 6848 rows (gradmax only)", "0.03", "6.94 -> 6.9e29", "gradmax", "6.92 -> 3.7e4"),
+           ("vgg19_bn", "1 (random) and 3 (gradmax) of 6848 rows", "0.01", "7.53 -> 1.2e8", "random and gradmax",
+            "7.27 -> 520, 7.10 -> 199"),
+       )},
+    "torchvision/vgg16": "1 of 6208 rows (random only) at lr 0.01 (the rule's: the half's 3 steps at 0.1 diverge, 6.91 -> "
+                         "4.4e29); here every method's loss falls at that lr (random 7.01 -> 6.69); not traced per layer "
+                         "(vgg11's are classifier rows behind Dropout)",
     "torchvision/regnet_y_32gf": "1483 (random) and 1492 (gradmax) of 54337 rows, loss 6.98 -> 10.82: RegNetY "
                                  "squeeze-excitation gates, presumably as regnet_y_16gf; not traced",
     "torchvision/convnext_large": "3 of 82656 rows (gradmax only); not investigated",
@@ -117,21 +143,6 @@ def rows_near(new, old, tol: float, k: int = 32) -> int:
         ii, jj = i[s:s + step], j[s:s + step]
         hit[ii[(new[ii] - old[jj]).norm(dim=1) <= tol]] = True
     return int(hit.sum())
-
-
-def sgd_in_backward(model, lr: float) -> list:
-    """Plain SGD (no momentum, no weight decay) applied to each parameter as soon as backward has accumulated its
-    gradient, which is then freed: the update of ``torch.optim.SGD(model.parameters(), lr)`` after
-    ``loss.backward()``, bit for bit, without holding every gradient at once (regnet_y_128gf: 2.6 GB). Returns the
-    hook handles (``.remove()`` them)."""
-    import torch
-
-    def step(p):
-        with torch.no_grad():
-            p.add_(p.grad, alpha=-lr)
-        p.grad = None
-
-    return [p.register_post_accumulate_grad_hook(step) for p in model.parameters() if p.requires_grad]
 
 
 def _train_grown(half, method: str, x, y, input_size, steps: int, lr: float, opts: dict) -> dict:
@@ -183,53 +194,84 @@ def _train_grown(half, method: str, x, y, input_size, steps: int, lr: float, opt
 
 
 def check_trains(spec: str, input_size: tuple[int, ...], methods: tuple[str, ...] = GROWTH_METHODS,
-                 steps: int = TRAINS_STEPS, lr: float = TRAINS_LR, firefly_steps: int = 5) -> dict:
+                 steps: int = TRAINS_STEPS, lr: float | None = None, firefly_steps: int = 5) -> tuple[dict, dict | None]:
     """Do the grown models train? ``scale_width(model, 0.5)`` (norms randomized) grown back with each method's
-    defaults, then ``steps`` plain SGD steps (lr ``lr``, float32, train mode, a batch of ``TRAINS_BATCH`` random
-    images). Per method: ``rows`` = new output rows (fresh or replica) of conv/linear layers whose old rows moved
-    (layers the loss reaches: not auxiliary heads, whose outputs the first output leaves out), ``zero`` = those
-    still exactly zero, ``replica`` = those still equal (to 1e-6 of the old rows' mean norm) to an old row of their
-    layer that moved by more than 1e-4 of it during the steps (the replica of a neuron that got no gradient cannot
-    part; float32 rounding must not pass for parting), ``loss`` = the training loss at the first and the last step. A method that raises records
-    ``status`` ``error`` (MorphError) or ``crash``. The SGD step runs inside backward (:func:`sgd_in_backward`) and
-    only the old rows are kept for the comparison, so that regnet_y_128gf's grown model trains within 12 GB."""
-    import gc
+    defaults and trained (:func:`trains_of`), on a batch of ``TRAINS_BATCH`` random images at ``input_size`` and
+    random labels. Returns ``(per method, the lr record)``; a model that cannot be built or scaled records
+    ``status`` ``error`` (MorphError) or ``crash`` for every method, and no lr record."""
+    import morph
 
+    try:
+        half, x, y = trains_setup(spec, input_size)
+        return trains_of(half, x, y, input_size, methods, steps, lr, firefly_steps)
+    except morph.MorphError as e:
+        return {m: {"status": "error", "error": str(e).splitlines()[0][:300]} for m in methods}, None
+    except Exception as e:  # noqa: BLE001
+        return {m: {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]} for m in methods}, None
+
+
+def trains_setup(spec: str, input_size: tuple[int, ...]):
+    """The trains check's un-grown model and batch: ``scale_width(model, 0.5)`` with randomized norms (eval mode),
+    ``TRAINS_BATCH`` random images at ``input_size`` and random labels, all drawn from seed 0."""
     import torch
     from zoo_check import attention_mode, randomize_norms
 
     import morph
     from morph.graph import attention_width
 
+    torch.manual_seed(0)
+    with attention_width(attention_mode(spec)):  # the half records it: growth analyzes it the same way
+        half = morph.scale_width(morph.build_model(spec), 0.5, input_size=input_size).eval()
+    randomize_norms(half)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((TRAINS_BATCH, *input_size), generator=g)
+    with torch.no_grad():
+        out_half = half(x)
+    classes = (out_half[0] if isinstance(out_half, (tuple, list)) else out_half).shape[-1]
+    del out_half
+    y = torch.randint(0, classes, (TRAINS_BATCH,), generator=g)
+    return half, x, y
+
+
+def trains_of(half, x, y, input_size: tuple[int, ...], methods: tuple[str, ...] = GROWTH_METHODS,
+              steps: int = TRAINS_STEPS, lr: float | None = None, firefly_steps: int = 5) -> tuple[dict, dict]:
+    """The trains check on the un-grown model ``half`` (eval mode) and the batch ``(x, y)``. First the learning
+    rate, once per model and the same for every method: ``lr``, or where it is None the rule of
+    :func:`zoo_check.choose_trains_lr` (the largest of ``TRAINS_LR_LADDER`` at which ``steps`` SGD steps of ``half``
+    itself, no growth, keep every loss finite and within ``TRAINS_LR_RISE`` times the first). Then per method: grow
+    ``half`` back to twice its width (``morph.grow(half, method, 2.0, data=(x, y), seed=0)``), ``steps`` plain
+    SGD steps at that lr (float32, train mode). Per method: ``lr``; ``rows`` = new output rows (fresh or replica)
+    of conv/linear layers whose old rows moved (layers the loss reaches: not auxiliary heads, whose outputs the
+    first output leaves out), ``zero`` = those still exactly zero, ``replica`` = those still equal (to 1e-6 of the
+    old rows' mean norm) to an old row of their layer that moved by more than 1e-4 of it during the steps (the
+    replica of a neuron that got no gradient cannot part; float32 rounding must not pass for parting), ``loss`` =
+    the training loss at the first and the last step. A method that raises records ``status`` ``error``
+    (MorphError) or ``crash``. The SGD step runs inside backward (:func:`sgd_in_backward`) and only the old rows
+    are kept for the comparison, so that regnet_y_128gf's grown model trains within 12 GB. Returns ``(per method,
+    the lr record)``: ``{"lr", "stable", "losses": {lr: the un-grown model's losses}, "seconds"}`` (``"fixed":
+    True`` and no losses when ``lr`` was given)."""
+    import gc
+
+    import morph
+
+    t0 = time.perf_counter()
+    rec = ({"lr": lr, "fixed": True} if lr is not None else choose_trains_lr(half, x, y, steps))
+    rec["seconds"] = time.perf_counter() - t0
     out: dict[str, dict] = {}
-    try:
-        torch.manual_seed(0)
-        with attention_width(attention_mode(spec)):  # the half records it: growth analyzes it the same way
-            half = morph.scale_width(morph.build_model(spec), 0.5, input_size=input_size).eval()
-        randomize_norms(half)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn((TRAINS_BATCH, *input_size), generator=g)
-        with torch.no_grad():
-            out_half = half(x)
-        classes = (out_half[0] if isinstance(out_half, (tuple, list)) else out_half).shape[-1]
-        y = torch.randint(0, classes, (TRAINS_BATCH,), generator=g)
-        for method in methods:
-            t0 = time.perf_counter()
-            try:
-                opts = {"steps": firefly_steps} if method == "firefly" else {}
-                r = _train_grown(half, method, x, y, input_size, steps, lr, opts)
-            except morph.MorphError as e:
-                r = {"status": "error", "error": str(e).splitlines()[0][:300]}
-            except Exception as e:  # noqa: BLE001 - recorded, reported as a crash
-                r = {"status": "crash", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-            r["seconds"] = time.perf_counter() - t0
-            out[method] = r
-            gc.collect()
-    except morph.MorphError as e:
-        out = {m: {"status": "error", "error": str(e).splitlines()[0][:300]} for m in methods}
-    except Exception as e:  # noqa: BLE001
-        out = {m: {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]} for m in methods}
-    return out
+    for method in methods:
+        t0 = time.perf_counter()
+        try:
+            opts = {"steps": firefly_steps} if method == "firefly" else {}
+            r = _train_grown(half, method, x, y, input_size, steps, rec["lr"], opts)
+        except morph.MorphError as e:
+            r = {"status": "error", "error": str(e).splitlines()[0][:300]}
+        except Exception as e:  # noqa: BLE001 - recorded, reported as a crash
+            r = {"status": "crash", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        r["lr"] = rec["lr"]
+        r["seconds"] = time.perf_counter() - t0
+        out[method] = r
+        gc.collect()
+    return out, rec
 
 
 def trains_verdict(r: dict, method: str) -> str:
@@ -319,7 +361,15 @@ def _child(spec: str, mem_gb: float, threads: int = 1, parts: tuple[str, ...] = 
         row["growth"] = check_growth(spec, spec_input_size(spec), dtype=dtype)
         row["growth_dtype"] = str(dtype).replace("torch.", "")
     if "trains" in parts:
-        row["trains"] = check_trains(spec, spec_input_size(spec))
+        row["trains"], row["trains_lr"] = check_trains(spec, spec_input_size(spec))
+    if "lr" in parts:  # only the rule's lr, for a row whose trains part ran before the rule (at TRAINS_LR_BEFORE)
+        try:
+            t0 = time.perf_counter()
+            rec = choose_trains_lr(*trains_setup(spec, spec_input_size(spec)), TRAINS_STEPS)
+            rec["seconds"] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - recorded
+            rec = {"status": "crash", "error": f"{type(e).__name__}: {e}"[:300]}
+        row["trains_lr_rule"] = rec
     print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -598,22 +648,48 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         n_ok = len([r for r in ran if trains_verdict(r, m) == "yes"])
         summary[f"trains_{m}"] = f"{n_ok}/{len(ran)}"
         counts.append(f"`{m}` **{n_ok}/{len(ran)}**")
+    ruled = [r for r in ran if "trains_lr" in r]
+    before = [r for r in ran if "trains_lr" not in r]
+    probed = [r for r in before if (r.get("trains_lr_rule") or {}).get("lr") is not None]
+    same = [r for r in probed if r["trains_lr_rule"]["lr"] == TRAINS_LR_BEFORE]
+    chosen = {}
+    for r in ruled:
+        if r["trains_lr"]:
+            chosen[r["trains_lr"]["lr"]] = chosen.get(r["trains_lr"]["lr"], 0) + 1
+    summary["trains_lr"] = {repr(k): v for k, v in sorted(chosen.items(), reverse=True)}
+    summary["trains_lr_before"] = {"rows": len(before), "rule_checked": len(probed), "rule_same": len(same)}
+    ladder = ", ".join(f"{v:g}" for v in TRAINS_LR_LADDER)
     lines = [
         "",
         "## Grown models train",
         "",
         "`morph.grow(half, method, 2.0, data=(x, y), seed=0)` with each method's defaults (ReLU sub-gradient 1 at 0,",
         "new BatchNorm weights 0.1, Net2Net's uneven split) on `scale_width(model, 0.5)` with randomized norms, then",
-        f"{TRAINS_STEPS} plain SGD steps (lr {TRAINS_LR}, float32, train mode, {TRAINS_BATCH} random images at the"
-        " model's input size; the loss on the first output). **trains**: in every conv/linear layer the loss reaches"
+        f"{TRAINS_STEPS} plain SGD steps (at the model's lr, below; float32, train mode, {TRAINS_BATCH} random images at"
+        " the model's input size; the loss on the first output). **trains**: in every conv/linear layer the loss reaches"
         " (an old row moves), no new output row (fresh or replica) is still",
         "exactly zero or still equal (to 1e-6 of the old rows' mean norm) to an old row of its layer that moved by more"
         " than 1e-4 of it, and the loss"
         f" stays finite. {len(ran)} models (`python benchmarks/coverage.py --add trains [--only SPEC ...]`);"
         " trains on: " + ", ".join(counts) + ".",
         "",
-        "| model | net2net | random | gradmax | firefly | new rows | loss (random) | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"**lr**: one per model, the same for every method, chosen before any method runs and without a grown model:"
+        f" the largest of {ladder} at which the same {TRAINS_STEPS} SGD steps on the un-grown half itself (the same"
+        f" batch, train mode) keep every loss, at each step and after the last, finite and at most"
+        f" {TRAINS_LR_RISE:g} times the first step's (`benchmarks/zoo_check.py` `choose_trains_lr`; the smallest, marked"
+        " **unstable**, where none does). **half loss**: the half's loss at that lr, first step -> after the last."
+        f" Rows run with the rule: {len(ruled)}"
+        + (" (" + ", ".join(f"lr {k:g}: {v}" for k, v in sorted(chosen.items(), reverse=True)) + ")" if ruled else "")
+        + f". Rows run before it ({len(before)} of {len(ran)}) ran at the fixed lr {TRAINS_LR_BEFORE:g}; for"
+        f" {len(probed)} of them the rule alone was run since (`--add lr`: the probe on the half, no method): where it"
+        f" chooses {TRAINS_LR_BEFORE:g} ({len(same)}) the row ran at the rule's lr (the probe leaves the random state"
+        f" alone, so a rerun would repeat the row's steps), and the lr column shows it with the half's loss; where it"
+        f" chooses less ({len(probed) - len(same)}) the column reads `{TRAINS_LR_BEFORE:g}* (rule: <its lr>)`: the row"
+        f" needs a rerun at that lr; `{TRAINS_LR_BEFORE:g}*` alone: the rule not run yet"
+        f" ({len(before) - len(probed)}).",
+        "",
+        "| model | lr | net2net | random | gradmax | firefly | new rows | half loss | loss (random) | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in ran:
         t = r["trains"]
@@ -622,7 +698,26 @@ def _trains_table(rows: list[dict], summary: dict) -> list[str]:
         rd = t.get("random", {})
         loss = f"{rd['loss'][0]:.2f} -> {rd['loss'][1]:.2f}" if rd.get("status") == "ok" else ""
         secs = sum(x.get("seconds", 0.0) for x in t.values())
-        lines.append(f"| {r['spec']} | {' | '.join(cells)} | {rows_n if rows_n is not None else ''} | {loss} | {secs:.0f} |")
+        rec = r.get("trains_lr", "before the rule")
+        if rec is None:  # the run crashed or timed out before it chose one
+            lr, half_loss = "—", ""
+        elif isinstance(rec, dict):
+            lr = f"{rec['lr']:g}" + ("" if rec.get("stable", True) else " **unstable**")
+            hl = rec.get("losses", {}).get(repr(rec["lr"]))
+            half_loss = f"{hl[0]:.2f} -> {hl[-1]:.2f}" if hl else ""
+            secs += rec.get("seconds", 0.0)
+        else:
+            rule = r.get("trains_lr_rule") or {}
+            lr, half_loss = f"{TRAINS_LR_BEFORE:g}*", ""
+            if rule.get("lr") == TRAINS_LR_BEFORE:
+                lr = f"{TRAINS_LR_BEFORE:g}"
+                hl = rule["losses"][repr(TRAINS_LR_BEFORE)]
+                half_loss = f"{hl[0]:.2f} -> {hl[-1]:.2f}"
+            elif rule:
+                lr += f" (rule: {rule['lr']:g}{'' if rule.get('stable', True) else ' unstable'})" if "lr" in rule else \
+                    f" (rule: {rule.get('status', '?')})"
+        lines.append(f"| {r['spec']} | {lr} | {' | '.join(cells)} | {rows_n if rows_n is not None else ''} | "
+                     f"{half_loss} | {loss} | {secs:.0f} |")
     fails = [(r["spec"], [m for m in GROWTH_METHODS if trains_verdict(r, m) != "yes"]) for r in ran]
     fails = [(spec, ms) for spec, ms in fails if ms]
     if fails:
@@ -641,10 +736,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model (1 is fastest on a shared CPU)")
     ap.add_argument("--resume", action="store_true", help="keep rows of <out>.json, run the missing models")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
-    ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains"), default=None,
-                    help="run only these parts for the passing rows of <out>.json that lack them, and merge them in")
+    ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains", "lr"), default=None,
+                    help="run only these parts for the passing rows of <out>.json that lack them, and merge them in "
+                         "(lr: only the trains check's lr rule, for rows whose trains part ran before it)")
     ap.add_argument("--redo", action="store_true", help="with --add: run the parts again where rows have them")
-    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=(*PARTS, "lr"),
                     help="parts to run per model (default: all; add the others later with --add)")
     ap.add_argument("--child", default="")
     args = ap.parse_args()
@@ -715,10 +811,15 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
     rows = json.loads(jpath.read_text())
     meta = json.loads(out.with_suffix(".meta.json").read_text()) if out.with_suffix(".meta.json").exists() else {}
     only = set(args.only or [])
+    def wanted(r: dict, p: str) -> bool:  # lr: rows whose trains part ran before the lr rule
+        if p == "lr":
+            return "trains" in r and "trains_lr" not in r and (args.redo or "trains_lr_rule" not in r)
+        return args.redo or p not in r
+
     todo = [r for r in rows if r["status"] == "ok" and (not only or r["spec"] in only)
-            and (args.redo or any(p not in r for p in parts))]
+            and any(wanted(r, p) for p in parts)]
     for r in sorted(todo, key=lambda r: r.get("params", 0)):  # smallest first: the most models per hour
-        missing = [p for p in parts if p not in r or args.redo]
+        missing = [p for p in parts if wanted(r, p)]
         try:
             p = subprocess.run([sys.executable, __file__, "--child", r["spec"], "--parts", *missing, "--mem-gb",
                                 str(args.mem_gb), "--threads", str(args.threads)],
@@ -727,17 +828,33 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
             if line:
                 r.update(json.loads(line[-1][7:]))
             else:
-                err = {"status": "crash", "stage": "", "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
-                r.update({k: err if k == "direct" else {m: err for m in GROWTH_METHODS} for k in missing})
+                _failed(r, missing, {"status": "crash", "stage": "",
+                                     "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]})
         except subprocess.TimeoutExpired:
-            err = {"status": "timeout", "stage": "", "error": f"over the {args.timeout}s budget"}
-            r.update({k: err if k == "direct" else {m: err for m in GROWTH_METHODS} for k in missing})
+            _failed(r, missing, {"status": "timeout", "stage": "", "error": f"over the {args.timeout}s budget"})
         msg = [f"direct {direct_verdict(r)}"] if "direct" in missing else []
         msg += [f"{m} {growth_verdict(r, m)}" for m in GROWTH_METHODS] if "growth" in missing else []
-        msg += [f"{m} trains {trains_verdict(r, m)}" for m in GROWTH_METHODS] if "trains" in missing else []
+        if "lr" in missing:
+            msg += [f"the rule's lr {r['trains_lr_rule'].get('lr', r['trains_lr_rule'].get('error'))}"]
+        if "trains" in missing:
+            msg += [f"trains lr {(r.get('trains_lr') or {}).get('lr')}"]
+            msg += [f"{m} trains {trains_verdict(r, m)}" for m in GROWTH_METHODS]
         print(f"{r['spec']}: {'; '.join(msg)}", flush=True)
         _write_json(jpath, rows)  # after every model: an interrupted run keeps what it finished (rerun to go on)
         write_table(rows, out, meta.get("seconds", 0.0))
+
+
+def _failed(r: dict, missing: list[str], err: dict) -> None:
+    """Record ``err`` for the parts of ``r`` that a child run did not return."""
+    for k in missing:
+        if k == "direct":
+            r[k] = err
+        elif k == "lr":
+            r["trains_lr_rule"] = err
+        else:
+            r[k] = {m: err for m in GROWTH_METHODS}
+        if k == "trains":
+            r["trains_lr"] = None
 
 
 def _write_json(path: Path, rows: list[dict]) -> None:

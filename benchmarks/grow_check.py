@@ -1,6 +1,7 @@
 """One model's growth, quickly: the function error of each method (float64, eval mode) and, with ``--trains``, the
-per-layer new rows still zero or equal to an old row after 3 SGD steps (the coverage table's trains check,
-``benchmarks/coverage.py`` ``check_trains``, per layer). The model's attention width mode is
+per-layer new rows still zero or equal to an old row after 3 SGD steps at the lr the trains check chooses for the
+un-grown model (the coverage table's trains check, ``benchmarks/coverage.py`` ``check_trains``, per layer; the lr
+rule is ``benchmarks/zoo_check.py`` ``choose_trains_lr``, the same lr for every method). The model's attention width mode is
 ``tests/zoo_list.py`` ``ATTENTION_WIDTH`` unless ``--attention`` is given::
 
     python benchmarks/grow_check.py timm/visformer_tiny --methods net2net random
@@ -10,6 +11,7 @@ per-layer new rows still zero or equal to an old row after 3 SGD steps (the cove
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -24,12 +26,12 @@ def main() -> None:
     ap.add_argument("spec")
     ap.add_argument("--methods", nargs="+", default=["net2net", "random", "gradmax"])
     ap.add_argument("--attention", choices=("heads", "head_dim"), default=None)
-    ap.add_argument("--trains", action="store_true", help="also train 3 SGD steps and count stuck new rows")
+    ap.add_argument("--trains", action="store_true", help="also train 3 SGD steps (the trains check's lr) and count stuck new rows")
     args = ap.parse_args()
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    from zoo_check import attention_mode, randomize_norms
+    from zoo_check import attention_mode, choose_trains_lr, randomize_norms
     from zoo_list import spec_input_size
 
     import morph
@@ -48,6 +50,12 @@ def main() -> None:
         y0 = half(x)
     out0 = y0[0] if isinstance(y0, (tuple, list)) else y0
     y = torch.randint(0, out0.shape[-1], (2,), generator=g)
+    if args.trains:  # once, on the un-grown model: every method trains at this lr
+        rule = choose_trains_lr(copy.deepcopy(half).float(), x.float(), y, 3)
+        lr = rule["lr"]
+        print(f"{args.spec}: trains lr {lr:g}" + ("" if rule["stable"] else " (no lr of the ladder is stable)")
+              + "; the un-grown model's losses: "
+              + ", ".join(f"lr {k}: {v[0]:.3g} -> {v[-1]:.3g}" for k, v in rule["losses"].items()), flush=True)
     for m in args.methods:
         t0 = time.perf_counter()
         opts = {"steps": 5} if m == "firefly" else {}
@@ -67,7 +75,7 @@ def main() -> None:
             grown = grown.float()
             before = {k: v.detach().clone() for k, v in grown.state_dict().items() if k in masks}
             grown.train()
-            opt = torch.optim.SGD(grown.parameters(), lr=0.1)
+            opt = torch.optim.SGD(grown.parameters(), lr=lr)
             for _ in range(3):
                 opt.zero_grad()
                 o = grown(x.float())

@@ -384,6 +384,69 @@ def randomize_norms(model: nn.Module, seed: int = 1) -> None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
+def sgd_in_backward(model, lr: float) -> list:
+    """Plain SGD (no momentum, no weight decay) applied to each parameter as soon as backward has accumulated its
+    gradient, which is then freed: the update of ``torch.optim.SGD(model.parameters(), lr)`` after
+    ``loss.backward()``, bit for bit, without holding every gradient at once (regnet_y_128gf: 2.6 GB). Returns the
+    hook handles (``.remove()`` them)."""
+    def step(p):
+        with torch.no_grad():
+            p.add_(p.grad, alpha=-lr)
+        p.grad = None
+
+    return [p.register_post_accumulate_grad_hook(step) for p in model.parameters() if p.requires_grad]
+
+
+# the trains check's learning rate: the largest of the ladder at which the un-grown model trains without exploding
+TRAINS_LR_LADDER = (0.1, 0.03, 0.01, 0.003)
+TRAINS_LR_RISE = 2.0  # no loss of the steps (nor the one after them) above this many times the first step's
+
+
+def sgd_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """``steps`` plain SGD steps on ``(x, y)`` (cross-entropy on the first output, the mode ``model`` is in, the
+    update of :func:`sgd_in_backward`), then one more forward: the loss at each step and after the last one."""
+    import torch.nn.functional as F
+
+    hooks = sgd_in_backward(model, lr)
+    losses = []
+    try:
+        for i in range(steps + 1):
+            o = model(x)
+            loss = F.cross_entropy(_first(o), y)
+            if i < steps:
+                loss.backward()
+            losses.append(float(loss.detach()))
+            del o, loss
+    finally:
+        for h in hooks:
+            h.remove()
+    return losses
+
+
+def choose_trains_lr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+                     ladder: tuple[float, ...] = TRAINS_LR_LADDER, rise: float = TRAINS_LR_RISE) -> dict:
+    """The trains check's learning rate for ``model``, the un-grown model: decided once, before any growth method
+    runs, so that every method's grown model trains at the same lr and no grown model has a say in it. The largest
+    lr of ``ladder`` at which ``steps`` plain SGD steps on a copy of ``model`` in train mode (:func:`sgd_losses`)
+    keep every loss, at each step and after the last, finite and at most ``rise`` times the first step's loss (a
+    loss that shoots up and comes back down is a net whose ReLUs went off, not one that trains);
+    the smallest of ``ladder`` with ``stable`` false if none does. ``model`` is not changed, nor the global random
+    state (dropout draws) that the methods' steps see. Returns ``{"lr", "stable", "losses": {str(lr): [...]}}``."""
+    import gc
+
+    tried: dict[str, list[float]] = {}
+    for lr in ladder:
+        m = copy.deepcopy(model).train()
+        with torch.random.fork_rng(devices=[]):
+            losses = sgd_losses(m, x, y, steps, lr)
+        del m
+        gc.collect()
+        tried[repr(lr)] = losses
+        if all(math.isfinite(v) and v <= rise * losses[0] for v in losses):
+            return {"lr": lr, "stable": True, "losses": tried}
+    return {"lr": ladder[-1], "stable": False, "losses": tried}
+
+
 def _norms_train(model: nn.Module) -> None:
     """Eval mode except BatchNorm layers, which use batch statistics (dropout stays off: its masks depend on
     the width, so train mode with dropout is not a function of the input alone)."""
