@@ -150,6 +150,8 @@ def _scale_queries(new: nn.Module, layout, x: torch.Tensor, old_calls, new_calls
         d_old, d_new = a0.shape[-1], a.shape[-1]
         if d_old == d_new or _shape(kind, a0, b0) != _shape(kind, a, b) or not (a.requires_grad and b.requires_grad):
             continue  # not a logit product whose head size grew
+        if kind == "mm" and _unit(a0, -1) and _unit(b0, -2):
+            continue  # cosine attention (Swin-V2): L2-normalized factors do not see a query scale (.cosine)
         grads = []
         for t in (a, b):
             loss = (t * torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t)).sum()
@@ -191,6 +193,12 @@ def _scale_queries(new: nn.Module, layout, x: torch.Tensor, old_calls, new_calls
             if _probs_error(new, x, i, old_calls) >= err:
                 _scale_rows(new, factors, name, rows, 1 / ratio)
     return {name: int((f != 1).sum()) for name, f in factors.items()}
+
+
+def _unit(t: torch.Tensor, dim: int) -> bool:
+    """Every vector of ``t`` along ``dim`` has unit L2 norm (an ``F.normalize`` output)."""
+    n = t.detach().double().norm(dim=dim)
+    return bool(torch.allclose(n, torch.ones_like(n), atol=1e-5))
 
 
 def _apply(new: nn.Module, factors: dict[str, torch.Tensor]) -> None:
