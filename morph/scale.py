@@ -172,12 +172,12 @@ def _resize_layer(plan: ChannelPlan, p: LayerPlan, m: nn.Module, s: LayerShape, 
         m.weight = nn.Parameter(init(w, idx, s.weight_shape, fan_old, fan_new, width),
                                 requires_grad=w.requires_grad)
         if m.bias is not None:
-            m.bias = nn.Parameter(m.bias.detach().index_select(0, i_out).clone(), requires_grad=m.bias.requires_grad)
+            m.bias = nn.Parameter(_take(m.bias.detach(), [i_out]).clone(), requires_grad=m.bias.requires_grad)
         if not m.transposed:  # other per-output-channel tensors of conv subclasses (timm ScaledStdConv2d's gain)
             for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
                 if name in ("weight", "bias") or t is None or t.dim() == 0 or t.shape[0] != m.out_channels:
                     continue
-                new = t.detach().index_select(0, i_out).clone()
+                new = _take(t.detach(), [i_out]).clone()
                 if isinstance(t, nn.Parameter):
                     setattr(m, name, nn.Parameter(new, requires_grad=t.requires_grad))
                 else:
@@ -190,7 +190,7 @@ def _resize_layer(plan: ChannelPlan, p: LayerPlan, m: nn.Module, s: LayerShape, 
             requires_grad=w.requires_grad,
         )
         if m.bias is not None:
-            m.bias = nn.Parameter(m.bias.detach().index_select(0, i_out).clone(), requires_grad=m.bias.requires_grad)
+            m.bias = nn.Parameter(_take(m.bias.detach(), [i_out]).clone(), requires_grad=m.bias.requires_grad)
         m.in_features, m.out_features = s.in_ch, s.out_ch
     elif p.kind == "scalar":
         return

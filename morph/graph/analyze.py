@@ -61,7 +61,8 @@ def _analyze(model: nn.Module, input_size: tuple[int, ...] | None, batch_size: i
     model = traceable(model)  # nn.MultiheadAttention as Linear modules (the passes call traceable too: same names)
     input_size = tuple(input_size or default_input_size(model))
     p = next(iter(model.parameters()), None)
-    example = torch.zeros((batch_size, *input_size), dtype=p.dtype if p is not None else torch.float32)
+    example = torch.zeros((batch_size, *input_size), dtype=p.dtype if p is not None else torch.float32,
+                          device=p.device if p is not None else None)  # where the model is (a GPU model traces on it)
     gm = trace(model, example)
     _record_heads(model, gm)
     a = Analyzer(gm)

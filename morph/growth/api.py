@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -62,11 +61,8 @@ def grow(
             if isinstance(x, torch.Tensor) and x.dim() == 4:  # images: (C, H, W)
                 impl.opts["input_size"] = tuple(int(s) for s in x.shape[1:])
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if cls.template or device.type == "cpu":
-        return impl.grow(model, width, data, gen)
-    # a plain method's index maps and random draws live on the CPU (its generator): grow a CPU copy, move back
-    cpu = copy.deepcopy(model).cpu()
-    if data is not None:
-        data = [tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in batch) for batch in data]
-    return impl.grow(cpu, width, data, gen).to(device)
+    if data is not None and not cls.template:  # the batches go where the model is
+        device = next((p.device for p in model.parameters()), None)
+        if device is not None:
+            data = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch) for batch in data]
+    return impl.grow(model, width, data, gen)

@@ -269,7 +269,8 @@ def _plan(layout, layers, heads, gen, zero_rows) -> list[_Edit]:
             if sorted(qh) != sorted(kh):
                 continue
             chans = sorted(qh)
-            q_rows, k_rows = torch.tensor([qh[c] for c in chans]), torch.tensor([kh[c] for c in chans])
+            q_rows = torch.tensor([qh[c] for c in chans], device=wd.device)
+            k_rows = torch.tensor([kh[c] for c in chans], device=wd.device)
             old = out_map.kind[q_rows] == OLD
             if not bool((old == (out_map.kind[k_rows] == OLD)).all()):
                 continue

@@ -83,7 +83,7 @@ class FireflyGrowth(RandomGrowth):
             in_map = None if grouped else layout.dim(p.in_dim)
             w = mod.weight
             rows = out_map.fresh
-            cols = in_map.fresh if in_map is not None else torch.zeros(w.shape[1], dtype=torch.bool)
+            cols = in_map.fresh if in_map is not None else torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
             if not rows.any() and not cols.any():
                 continue
             mask = fresh_mask(tuple(w.shape), out_map, in_map).to(w.device)

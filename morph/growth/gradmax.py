@@ -105,7 +105,7 @@ def growth_directions(a: torch.Tensor, k: int, gen: torch.Generator, eps: float 
     top = vh[:min(k, rank)]
     if k <= top.shape[0]:
         return top
-    extra = torch.randn(k - top.shape[0], n, generator=gen, dtype=vh.dtype)
+    extra = torch.randn(k - top.shape[0], n, generator=gen, dtype=vh.dtype).to(vh.device)  # drawn on the CPU
     return torch.cat([top, extra / extra.norm(dim=1, keepdim=True)])
 
 
@@ -239,7 +239,7 @@ class GradMaxGrowth(RandomGrowth):
         return f"random ({self.why.get(root, '')})"
 
     def outgoing(self, name, w, rows, cols, group, old):
-        done = torch.zeros(len(cols), dtype=torch.bool)
+        done = torch.zeros(len(cols), dtype=torch.bool, device=cols.device)
         for root in group.unique().tolist():
             if root not in self.chains or self.chains[root][1] != name:
                 continue

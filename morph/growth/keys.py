@@ -221,7 +221,7 @@ def _set_keys(new, inputs, cands, seen, gen, targets=(1, 0)) -> list[str]:
 
 
 def _fresh_mask(n: int, rows: torch.Tensor) -> torch.Tensor:
-    m = torch.zeros(n, dtype=torch.bool)
+    m = torch.zeros(n, dtype=torch.bool, device=rows.device)
     m[rows] = True
     return m
 

@@ -111,10 +111,14 @@ class Layout:
     w_to: float
     groups: dict[int, GroupGrowth]
     conv_groups: dict[str, int] | None = None  # the original's group counts when the target is the original
+    #: where :meth:`dim`'s maps live: the grown model's device (set by the plain methods), so that every index
+    #: and mask they give is on the device of the weights it selects from; ``None``: the CPU
+    device: torch.device | None = None
     _dims: dict[tuple, DimMap] = field(default_factory=dict)
 
     # -- per-position maps ------------------------------------------------------------------------
     def dim(self, dim: Dim) -> DimMap:
+        """The map of one plan dim, on :attr:`device` (computed on the CPU from the groups' mappings, then moved)."""
         key = tuple(dim)
         if key not in self._dims:
             src, kind, count, group, share = [], [], [], [], []
@@ -135,7 +139,7 @@ class Layout:
                 share.append(sh.repeat_interleave(s.inner))
                 group.append(torch.full((g.new * s.inner,), g.root, dtype=torch.long))
                 base += g.old * s.inner
-            cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt)  # noqa: E731
+            cat = lambda xs, dt: (torch.cat(xs) if xs else torch.zeros(0, dtype=dt)).to(self.device)  # noqa: E731
             self._dims[key] = DimMap(cat(src, torch.long), cat(kind, torch.int8), cat(count, torch.float64),
                                      cat(group, torch.long), base, cat(share, torch.float64))
         return self._dims[key]
@@ -280,6 +284,7 @@ def _internal(plan: ChannelPlan, root: int) -> bool:
 def build_layout(
     model: nn.Module, width: float, *, rule: str = "fresh", mapping: str = "cycle", which: str = "all",
     gen: torch.Generator | None = None, input_size: tuple[int, ...] | None = None, plan: ChannelPlan | None = None,
+    device: torch.device | None = None,
 ) -> Layout:
     """The layout of growing ``model`` by ``width`` (a ratio, e.g. 2.0).
 
@@ -293,6 +298,8 @@ def build_layout(
             ``internal`` (only groups between one producing and one consuming layer).
         plan: a precomputed :func:`morph.analyze` of ``model`` itself (saves the trace when growing one
             model several ways); the target is then ``model`` at ``width`` x its own width.
+        device: where :meth:`Layout.dim` puts its maps (the model's device); the groups' mappings, and the
+            random draws that make them (``gen``, a CPU generator), stay on the CPU.
     """
     ratio = check_width(width)
     if ratio < 1:
@@ -347,7 +354,7 @@ def build_layout(
     # the plan answers sizes at both widths from the (possibly edited) allocation
     plan._sizes[w0], plan._sizes[w1] = old_sizes, new_sizes
     _block_widening_groups(model, ref, plan, w1, groups, conv_groups)
-    return Layout(plan, ref, w0, w1, groups, conv_groups)
+    return Layout(plan, ref, w0, w1, groups, conv_groups, device)
 
 
 def _block_widening_groups(model: nn.Module, ref: nn.Module, plan: ChannelPlan, w1: float,

@@ -241,7 +241,7 @@ def _slice_rows(layout: Layout, producer: str, split: fx.Node, k: int) -> torch.
     if stop > len(atoms):
         return None
     sizes = [layout.groups[plan.groups.find(a.group)].new * a.inner for a in atoms]
-    mask = torch.zeros(sum(sizes), dtype=torch.bool)
+    mask = torch.zeros(sum(sizes), dtype=torch.bool, device=layout.device)
     mask[sum(sizes[:start]):sum(sizes[:stop])] = True
     return mask
 

@@ -170,8 +170,9 @@ def _scale_queries(new: nn.Module, layout, x: torch.Tensor, old_calls, new_calls
             continue
         name, p, rows = hit
         dm = layout.dim(p.out_dim)
-        share = torch.where(dm.fresh, torch.ones(len(dm), dtype=torch.float64), dm.fanout.to(torch.float64))
-        f = factors.setdefault(name, torch.ones(len(rows), dtype=torch.float64))
+        share = torch.where(dm.fresh, torch.ones(len(dm), dtype=torch.float64, device=dm.fresh.device),
+                            dm.fanout.to(torch.float64))
+        f = factors.setdefault(name, torch.ones(len(rows), dtype=torch.float64, device=rows.device))
         f[rows] = share[rows]
         if kind == "sdpa":
             f[rows] *= _scale(kind, a0, s0) / _scale(kind, a, s1)
@@ -228,7 +229,7 @@ def _probs_error(new: nn.Module, x: torch.Tensor, i: int, old_calls) -> float | 
 
 
 def _scale_rows(new: nn.Module, factors: dict[str, torch.Tensor], name: str, rows: torch.Tensor, s: float) -> None:
-    f = torch.ones(len(rows), dtype=torch.float64)
+    f = torch.ones(len(rows), dtype=torch.float64, device=rows.device)
     f[rows] = s
     _apply(new, {name: f})
     factors[name][rows] *= s

@@ -33,9 +33,10 @@ def _embed(old: torch.Tensor, shape: tuple[int, ...], index: list[torch.Tensor |
     for d in range(len(shape)):
         idx = index[d] if d < len(index) else None
         if idx is None:
-            sel_new.append(torch.arange(shape[d]))
-            sel_old.append(torch.arange(shape[d]))
+            sel_new.append(torch.arange(shape[d], device=out.device))
+            sel_old.append(torch.arange(shape[d], device=out.device))
         else:
+            idx = idx.to(out.device)  # the record's indices are on the CPU; the state is where the model is
             keep = (idx >= 0).nonzero().flatten()
             sel_new.append(keep)
             sel_old.append(idx[keep])

@@ -206,8 +206,9 @@ class PlainGrowth(GrowthMethod):
         self._check_options()
         self.gen = gen
         model = traceable(model)  # nn.MultiheadAttention's packed projection as the Linear in_proj (turned back below)
+        p0 = next(iter(model.parameters()))
         layout = build_layout(model, width, rule=self.rule, mapping=self.mapping, which=self.opts["which"], gen=gen,
-                              plan=self.opts["plan"], input_size=self.opts["input_size"])
+                              plan=self.opts["plan"], input_size=self.opts["input_size"], device=p0.device)
         split_unevenly(layout, float(self.opts["split"]), gen)
         self.layout = layout
         # where zero new neurons could not start to train (module docstring of .liveness)
@@ -218,7 +219,6 @@ class PlainGrowth(GrowthMethod):
             if name not in self.live_layers:
                 self.live_layers[name], self.live_rows[name] = product, rows
         self.chained = set(chained_norms(layout)) if zero else set()
-        p0 = next(iter(model.parameters()))
         new = layout.skeleton().to(dtype=p0.dtype, device=p0.device)
         _copy_same_shape(model, new)
         self.prepare(model, layout, data)
@@ -506,9 +506,10 @@ def _gather(t: torch.Tensor, axes: list[DimMap | None]) -> torch.Tensor:
 
 
 def _old_index(a: DimMap | None) -> torch.Tensor | None:
+    """The record's index of one axis (on the CPU: a :class:`~.optim.GrowthRecord` is metadata of the model)."""
     if a is None:
         return None
-    return torch.where(a.kind == OLD, a.src, torch.full_like(a.src, -1))
+    return torch.where(a.kind == OLD, a.src, torch.full_like(a.src, -1)).cpu()
 
 
 def _copy_same_shape(model: nn.Module, new: nn.Module) -> None:
