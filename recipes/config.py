@@ -223,12 +223,11 @@ class GrowthConfig:
         growth_batches: training batches (of ``optim.batch_size``) that ``gradmax`` and ``firefly``
             read at the growth step (GradMax: one batch of 128).
         firefly_steps: Adam steps of Firefly-Opt on its batch (growneuron: 100).
-        device: where the small model is when ``morph.grow`` is called for the growth baselines:
-            ``train`` (the training device) or ``cpu``. ``morph.grow`` computes a plain method on a CPU
-            copy either way (its index maps and seeded random draws live on the CPU; GradMax's gradients
-            and Firefly's Adam steps too) and returns the grown model on the input's device; the option
-            decides the device that ``growth.json`` records. MixtureGrowth's fusion (copies and new
-            coefficients, no data) always runs on the CPU.
+        device: where the growth baselines' growth step runs: ``train`` (the training device: on a GPU,
+            GradMax's gradients and Firefly's Adam steps run there) or ``cpu`` (the small model is moved to
+            the CPU first). ``morph.grow`` grows a model on the device it is on, with the same seeded draws
+            on every device (docs/growth.md, "Devices"); ``growth.json`` records the device. MixtureGrowth's
+            fusion (copies and new coefficients, no data) always runs on the CPU.
     """
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))

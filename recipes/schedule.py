@@ -25,7 +25,8 @@ Methods (``growth.methods``):
   what the method's class says (``GrowthMethod.step_flops``): GradMax's gradient batches
   (``3 x F_small x images``), Firefly-Opt's Adam steps on its batch and the re-estimation of the norm
   statistics (``(3 x steps + 2) x F_target x images``); Random and Net2Net cost nothing. The growth
-  step's maths runs on a CPU copy (``morph.grow``); the grown model goes back to the training device.
+  step runs where ``growth.device`` says (``train``: the training device; ``cpu``), the grown model
+  trains on the training device.
 
 After growth (every growing method) the training follows ``growth.after``: ``paper`` (a fresh
 cosine from ``optim.lr``) or ``official`` (the official code's cycles from ``growth.lr_growing``),
@@ -371,7 +372,7 @@ def _grow_baseline(p: Planner, method: str, seed: int) -> Stages:
     else:
         t0 = time.perf_counter()
         data = p.trainer.growth_batches(derive_seed(seed, "growth-data"), g.growth_batches)
-        small = _cpu(r1.model) if g.device == "cpu" else r1.model  # morph.grow computes on a CPU copy
+        small = _cpu(r1.model) if g.device == "cpu" else r1.model  # morph.grow grows on the model's device
         reads = morph.growth.get_growth_method(method).needs_data
         grown = morph.grow(small, method=method, width=1.0 / g.width, data=data if reads else None,
                            seed=derive_seed(seed, method, "grow"), **_growth_options(p, method))

@@ -7,7 +7,10 @@ On a GPU, an op that mixes a CUDA tensor with a CPU tensor (other than a 0-dim o
 SVD, Adam) while :class:`PretendDevice` checks, op by op, what a GPU would:
 
 - an op (other than ``copy_``, which copies across devices) with a pretend tensor and a CPU tensor of at least
-  one dim raises :class:`DeviceMix`, as a CUDA kernel does ("Expected all tensors to be on the same device");
+  one dim raises :class:`DeviceMix`, as a CUDA kernel does ("Expected all tensors to be on the same device"). It
+  is stricter than CUDA in one place: advanced indexing (``w[cpu_index]``, ``aten.index``/``index_put_``), which
+  CUDA accepts with a CPU index by copying it over at every call, is refused too: every index is to be on the
+  device of the tensor it indexes;
 - a factory on the pretend device given a CPU generator raises (CUDA refuses a CPU generator);
 - ``t.data = cpu_tensor`` on a pretend tensor raises (on a GPU it silently moves the parameter to the CPU);
 - ``.to(device)``, ``.to(other_tensor)``, ``torch.zeros(..., device=device)`` and the like create pretend
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -137,17 +141,34 @@ class PretendDevice(TorchDispatchMode):
 
     def __enter__(self) -> PretendDevice:
         _ACTIVE.append(self)
+        self._factories = _Factories().__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
         _ACTIVE.remove(self)
-        return super().__exit__(*exc)
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._factories.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or {}, self)
 
 
 _ACTIVE: list[PretendDevice] = []
+_FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray}
+
+
+class _Factories(TorchFunctionMode):
+    """``torch.tensor(data, device=...)`` and its kin build the tensor and move it below the dispatch modes (with
+    the Python key excluded): on the pretend device that would be a real meta tensor, without the data. They are
+    built on the CPU here and moved through :class:`PretendDevice`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _FROM_DATA and _is_pretend_device(kwargs.get("device")):
+            return func(*args, **{**kwargs, "device": torch.device("cpu")}).to(PRETEND)
+        return func(*args, **kwargs)
 
 
 def to_pretend(model: nn.Module) -> nn.Module:

@@ -26,9 +26,12 @@ def grow(
         method: a name from :func:`morph.list_growth_methods`; default ``mixturegrowth`` for a template
             model (MixtureGrowth without fusion) and required for a plain one.
         width: the width ratio (any ratio >= 1 the shapes allow; ``mixturegrowth``: 2).
-        data: an ``(inputs, targets)`` batch or an iterable of them (``gradmax``, ``firefly``); read once. A plain
-            model is traced at the images' size (unless ``input_size=`` is given).
-        seed: seed of every random draw of the method.
+        data: an ``(inputs, targets)`` batch or an iterable of them (``gradmax``, ``firefly``); read once, and
+            moved to the model's device. A plain model is traced at the images' size (unless ``input_size=`` is
+            given).
+        seed: seed of every random draw of the method. The draws come from a CPU generator seeded with it, in the
+            same order on every device, and are moved to the model's device: a model on a GPU grows there (index
+            maps, masks, gradients, Firefly's steps), with the numbers the same seed draws on the CPU.
         **options: the method's options (``epsilon``, ``mapping``, ``which``, ``init`` ...).
 
     Returns:
@@ -55,14 +58,13 @@ def grow(
     if data is not None and not cls.template:
         from .plain import iterate_batches
 
-        data = list(iterate_batches(data))  # read once: the method, the input size and the norm statistics use it
+        # read once: the method, the input size and the norm statistics use it; moved to where the model is
+        device = next((p.device for p in model.parameters()), None)
+        data = [tuple(t.to(device) if isinstance(t, torch.Tensor) and device is not None else t for t in batch)
+                for batch in iterate_batches(data)]
         if data and "input_size" in cls.options and impl.opts.get("input_size") is None:
             x = data[0][0]
             if isinstance(x, torch.Tensor) and x.dim() == 4:  # images: (C, H, W)
                 impl.opts["input_size"] = tuple(int(s) for s in x.shape[1:])
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    if data is not None and not cls.template:  # the batches go where the model is
-        device = next((p.device for p in model.parameters()), None)
-        if device is not None:
-            data = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch) for batch in data]
     return impl.grow(model, width, data, gen)

@@ -314,7 +314,7 @@ def _split(in_map, n_rows: int, w: torch.Tensor, gen: torch.Generator) -> torch.
     scale = float(w.double().std())
     f = torch.randn((n_rows, len(reps)), generator=gen, dtype=torch.float64).to(w) * scale
     e = torch.zeros((n_rows, w.shape[1]), dtype=w.dtype, device=w.device)
-    e[:, reps] += f
+    e[:, torch.tensor(reps, device=w.device)] += f
     e.index_add_(1, torch.tensor([where[int(in_map.src[r])] for r in reps], device=w.device), -f)
     return e
 
