@@ -15,7 +15,8 @@ it with a CPU tensor of one dim or more is refused, as a CUDA kernel refuses it.
 - the batches given in ``data=`` on the CPU are moved to the model's device by ``morph.grow``.
 
 On main before this change, ``morph.grow`` grew a CPU copy of a device model (every weight copied to the CPU:
-the second check fails), and without that copy ``plain.py`` mixed a CPU index into ``index_select`` (the first).
+the second check fails), and without that copy ``plain.py`` mixed a CPU index into ``index_select`` (the first;
+the WRN half) and ``morph.analyze`` traced the model on a CPU example (the CNN; ``morph.scale_width`` too).
 """
 
 from __future__ import annotations
@@ -146,3 +147,17 @@ def test_the_pretend_device_refuses_what_a_gpu_refuses():
         assert torch.equal(w.index_select(0, torch.tensor([0, 2]).to(w.device)).elem, torch.ones(2, 3))
         assert w.cpu().device.type == "cpu" and device.to_cpu == [(4, 3)]
     assert len(device.violations) == 3
+
+
+def test_scale_width_and_analysis_on_the_device():
+    """``morph.scale_width`` of a model on the device (its tracing, and the index maps of the narrowed layers):
+    no op mixes devices, and the half is the CPU's, bit for bit."""
+    torch.manual_seed(0)
+    model = _cnn()
+    on_cpu = morph.scale_width(model, 0.5, input_size=(3, 16, 16))
+    with PretendDevice() as device:
+        half = morph.scale_width(to_pretend(copy.deepcopy(model)), 0.5, input_size=(3, 16, 16))
+    assert device.violations == [] and [s for s in device.to_cpu if len(s) >= 2] == []
+    assert all(isinstance(t, Pretend) for t in list(half.parameters()) + list(half.buffers()))
+    a, b = on_cpu.state_dict(), to_cpu(half).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
