@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/zoo_list.py: the model lists, shared with tests/test_zoo.py
 
 from zoo_check import (  # noqa: E402
+    FLOPS_FIELDS,
     GROWTH_METHODS,
     PRESERVING,
     TRAINS_LR_LADDER,
@@ -53,7 +54,7 @@ FLOAT32_SPECS = ("torchvision/swin_v2_t", "torchvision/swin_v2_s", "torchvision/
 LAST = ("torchvision/regnet_y_128gf",)
 TOL = 1e-5
 PARTS = ("main", "direct", "growth", "trains")
-PART_KEY = {"lr": "trains_lr_rule"}  # parts whose row key is not their name  # check_model via morph.build_model; the same built directly;
+PART_KEY = {"lr": "trains_lr_rule", "flops": "flops_rerun"}  # parts whose row key is not their name  # check_model via morph.build_model; the same built directly;
 # growth methods (function); the grown models train (new rows move)
 GROWTH_TOL = {"float64": 1e-6, "float32": 1e-4}
 TRAINS_STEPS, TRAINS_BATCH = 3, 4
@@ -333,7 +334,7 @@ def _child(spec: str, mem_gb: float, threads: int = 1, parts: tuple[str, ...] = 
     import tempfile
 
     import torch
-    from zoo_check import check_growth, check_model
+    from zoo_check import check_flops, check_growth, check_model
 
     import morph
 
@@ -357,6 +358,11 @@ def _child(spec: str, mem_gb: float, threads: int = 1, parts: tuple[str, ...] = 
         row["direct"] = {k: getattr(rd, k) for k in ("status", "stage", "error", "strict_load", "stock_relerr",
                                                     "ensemble_relerr", "save_load_exact", "bake_relerr", "seconds")}
         del rd
+    if "flops" in parts:  # only the FLOPs fields of the main part (rerun: the attention products counted since)
+        f = check_flops(spec, spec_input_size(spec), flops_input_size(spec))
+        if f["status"] == "ok":
+            row.update({k: f[k] for k in FLOPS_FIELDS})
+        row["flops_rerun"] = {k: v for k, v in f.items() if k not in FLOPS_FIELDS}
     if "growth" in parts:
         row["growth"] = check_growth(spec, spec_input_size(spec), dtype=dtype)
         row["growth_dtype"] = str(dtype).replace("torch.", "")
@@ -736,11 +742,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model (1 is fastest on a shared CPU)")
     ap.add_argument("--resume", action="store_true", help="keep rows of <out>.json, run the missing models")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>.json, run nothing")
-    ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains", "lr"), default=None,
+    ap.add_argument("--add", nargs="+", choices=("direct", "growth", "trains", "lr", "flops"), default=None,
                     help="run only these parts for the passing rows of <out>.json that lack them, and merge them in "
-                         "(lr: only the trains check's lr rule, for rows whose trains part ran before it)")
+                         "(lr: only the trains check's lr rule, for rows whose trains part ran before it; flops: "
+                         "only the main part's FLOPs columns, again)")
     ap.add_argument("--redo", action="store_true", help="with --add: run the parts again where rows have them")
-    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=(*PARTS, "lr"),
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=(*PARTS, "lr", "flops"),
                     help="parts to run per model (default: all; add the others later with --add)")
     ap.add_argument("--child", default="")
     args = ap.parse_args()
@@ -814,6 +821,8 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
     def wanted(r: dict, p: str) -> bool:  # lr: rows whose trains part ran before the lr rule
         if p == "lr":
             return "trains" in r and "trains_lr" not in r and (args.redo or "trains_lr_rule" not in r)
+        if p == "flops":  # every passing row has the main part's FLOPs: rerun where not rerun yet
+            return args.redo or "flops_rerun" not in r
         return args.redo or p not in r
 
     todo = [r for r in rows if r["status"] == "ok" and (not only or r["spec"] in only)
@@ -834,6 +843,10 @@ def _add(out: Path, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
             _failed(r, missing, {"status": "timeout", "stage": "", "error": f"over the {args.timeout}s budget"})
         msg = [f"direct {direct_verdict(r)}"] if "direct" in missing else []
         msg += [f"{m} {growth_verdict(r, m)}" for m in GROWTH_METHODS] if "growth" in missing else []
+        if "flops" in missing:
+            fr = r["flops_rerun"]
+            msg += [f"FLOPs {r['flops_ratio']:.3f} (exp {r['flops_expected']:.3f}, {fr['seconds']:.0f}s)"
+                    if fr["status"] == "ok" else f"FLOPs {fr['status']}: {fr.get('error', '')}"]
         if "lr" in missing:
             msg += [f"the rule's lr {r['trains_lr_rule'].get('lr', r['trains_lr_rule'].get('error'))}"]
         if "trains" in missing:
@@ -851,6 +864,8 @@ def _failed(r: dict, missing: list[str], err: dict) -> None:
             r[k] = err
         elif k == "lr":
             r["trains_lr_rule"] = err
+        elif k == "flops":
+            r["flops_rerun"] = err
         else:
             r[k] = {m: err for m in GROWTH_METHODS}
         if k == "trains":

@@ -6,6 +6,12 @@ rule is ``benchmarks/zoo_check.py`` ``choose_trains_lr``, the same lr for every 
 
     python benchmarks/grow_check.py timm/visformer_tiny --methods net2net random
     python benchmarks/grow_check.py timm/pvt_v2_b0 --methods random --trains
+    python benchmarks/grow_check.py timm/test_maxvit --direct --img-size 64
+
+``--direct`` builds the model with its library's own constructor (``timm.create_model``, torchvision's
+``get_model``) instead of ``morph.build_model``: the half records no spec, so growth analyzes the half itself (a
+rewritten ``GraphModule`` where morph had to rewrite the forward), not the rebuilt stock model. ``--img-size S``
+passes ``img_size=S`` to the constructor and traces at 3xSxS.
 """
 
 from __future__ import annotations
@@ -26,23 +32,27 @@ def main() -> None:
     ap.add_argument("spec")
     ap.add_argument("--methods", nargs="+", default=["net2net", "random", "gradmax"])
     ap.add_argument("--attention", choices=("heads", "head_dim"), default=None)
+    ap.add_argument("--direct", action="store_true", help="build with the library's constructor, not morph.build_model")
+    ap.add_argument("--img-size", type=int, default=None, help="img_size= for the constructor; input 3 x S x S")
     ap.add_argument("--trains", action="store_true", help="also train 3 SGD steps (the trains check's lr) and count stuck new rows")
     args = ap.parse_args()
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    from zoo_check import attention_mode, choose_trains_lr, randomize_norms
+    from zoo_check import attention_mode, build_direct, choose_trains_lr, randomize_norms
     from zoo_list import spec_input_size
 
     import morph
     from morph.graph import attention_width
 
     torch.set_num_threads(1)
-    size = spec_input_size(args.spec)
+    size = spec_input_size(args.spec) if args.img_size is None else (3, args.img_size, args.img_size)
     mode = args.attention or attention_mode(args.spec)
+    kwargs = {} if args.img_size is None else {"img_size": args.img_size}
     torch.manual_seed(0)
     with attention_width(mode):
-        half = morph.scale_width(morph.build_model(args.spec), 0.5, input_size=size).double().eval()
+        model = build_direct(args.spec, **kwargs) if args.direct else morph.build_model(args.spec, **kwargs)
+        half = morph.scale_width(model, 0.5, input_size=size).double().eval()
     randomize_norms(half)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((2, *size), generator=g, dtype=torch.float64)

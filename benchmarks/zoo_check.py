@@ -297,21 +297,11 @@ def _check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64,
 
         stage = "flops"
         if full:
-            fs = tuple(flops_size or default_input_size(m))
-            r.flops_input = fs
-            m32 = _float32(m)
-            r.flops, shares = flops_breakdown(m32, plan, fs)
-            del m32
-            r.share_dense, r.share_edge, r.share_grouped, r.share_other = (shares[k] for k in ("dense", "edge", "grouped", "other"))
-            r.flops_plain_ratio = morph.flops(_float32(plain), fs).per_image / r.flops
+            flops_original(r, m, plan, plain, flops_size)
+            del plain  # before the half's count copies it to float32: the largest models need the memory
+            flops_half(r, a)
+        else:
             del plain
-            a32 = _float32(a)
-            rep = morph.flops(a32, fs, batch_size=BATCH)
-            del a32
-            r.flops_half = rep.per_image
-            r.flops_ratio = r.flops_half / r.flops
-            r.share_generation = rep.generation / BATCH / r.flops
-            r.flops_expected = 0.25 * r.share_dense + 0.5 * (r.share_edge + r.share_grouped + r.share_other) + r.share_generation
         del m, plan
         gc.collect()
 
@@ -356,6 +346,68 @@ def _check_model(spec: str, input_size: tuple[int, ...], *, dtype=torch.float64,
         torch.set_default_dtype(old)
         r.seconds = time.perf_counter() - t0
     return r
+
+
+FLOPS_FIELDS = ("flops_input", "flops", "flops_half", "flops_ratio", "flops_plain_ratio", "share_dense", "share_edge",
+                "share_grouped", "share_other", "share_generation", "flops_expected")
+
+
+def flops_original(r: ZooResult, m: nn.Module, plan: ChannelPlan, plain: nn.Module,
+                   flops_size: tuple[int, ...] | None) -> None:
+    """The FLOPs fields of ``r`` (:data:`FLOPS_FIELDS`) of the original ``m`` (analyzed as ``plan``) and its plain
+    half ``plain``, per image at ``flops_size`` (default: the model's own input), in float32, the attention
+    products (``scaled_dot_product_attention``) counted; :func:`flops_half` adds the half template model's."""
+    fs = tuple(flops_size or default_input_size(m))
+    r.flops_input = fs
+    m32 = _float32(m)
+    r.flops, shares = flops_breakdown(m32, plan, fs)
+    del m32
+    r.share_dense, r.share_edge, r.share_grouped, r.share_other = (shares[k] for k in ("dense", "edge", "grouped", "other"))
+    r.flops_plain_ratio = morph.flops(_float32(plain), fs).per_image / r.flops
+
+
+def flops_half(r: ZooResult, a: nn.Module) -> None:
+    """The half template model's FLOPs per image (weight generation amortized over :data:`BATCH` images), its
+    ratio to the original's (:func:`flops_original` first) and the breakdown's expected ratio."""
+    fs = r.flops_input
+    a32 = _float32(a)
+    rep = morph.flops(a32, fs, batch_size=BATCH)
+    del a32
+    r.flops_half = rep.per_image
+    r.flops_ratio = r.flops_half / r.flops
+    r.share_generation = rep.generation / BATCH / r.flops
+    r.flops_expected = 0.25 * r.share_dense + 0.5 * (r.share_edge + r.share_grouped + r.share_other) + r.share_generation
+
+
+def check_flops(spec: str, input_size: tuple[int, ...], flops_size: tuple[int, ...] | None = None,
+                templates: int = 2) -> dict:
+    """Only the FLOPs fields of :func:`check_model`'s row (the same half: ``convert(0.5, templates)``), under the
+    model's attention width mode, in float32 (counts do not depend on the dtype): ``{"status": "ok", field:
+    value, ...}``, or the error as ``check_model`` records it."""
+    from morph.graph.rules import attention_width
+
+    t0 = time.perf_counter()
+    r = ZooResult(spec, dtype="float32", input_size=tuple(input_size))
+    stage = "build"
+    try:
+        with attention_width(attention_mode(spec)):
+            torch.manual_seed(0)
+            m = morph.build_model(spec).float().eval()
+            stage = "analyze"
+            plan = analyze(m, input_size)
+            stage = "scale_width"
+            plain = morph.scale_width(m, 0.5, plan=plan)
+            stage = "convert"
+            a = morph.convert(m, 0.5, templates, seed=1, plan=plan).eval()
+            stage = "flops"
+            flops_original(r, m, plan, plain, flops_size)
+            flops_half(r, a)
+    except morph.MorphError as e:
+        return {"status": "error", "stage": stage, "error": str(e).splitlines()[0]}
+    except Exception as e:  # noqa: BLE001 - recorded, reported as a crash
+        return {"status": "crash", "stage": stage, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    row = r.row()
+    return {"status": "ok", **{k: row[k] for k in FLOPS_FIELDS}, "seconds": time.perf_counter() - t0}
 
 
 # ------------------------------------------------------------------------------------------------

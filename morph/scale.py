@@ -268,7 +268,23 @@ def _rewrite_consts(plan: ChannelPlan, model: nn.Module, width: float, consts: l
     for attr in ("morph_spec", "pretrained_cfg", "default_cfg", *_MODEL_ATTRS):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
+    heads = _heads_at(plan, width)
+    if heads:  # the graph keeps no attention modules: their head counts, for the next analysis (.graph.analyze)
+        gm.meta["morph_heads"] = heads
     return gm
+
+
+def _heads_at(plan: ChannelPlan, width: float) -> dict[str, int]:
+    """The head count of every attention module of ``plan`` at ``width``: a hard-coded count that is a dim of
+    heads (heads mode) scales with it; otherwise (head_dim mode, one head) the count stays."""
+    heads = dict(plan.gm.meta.get("morph_heads") or {})
+    nodes = {n.name: n for n in plan.gm.graph.nodes}
+    new = {}
+    for c in plan.consts:
+        if (c.kind == "shape" and c.qualname in heads and _shape_literal(nodes[c.node], c.index) == heads[c.qualname]
+                and _head_attr_fits(plan, c.dims[0], "num_heads")):
+            new[c.qualname] = plan.size(c.dims[0], width)
+    return {**heads, **new}
 
 
 def apply_width(

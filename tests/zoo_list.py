@@ -359,11 +359,13 @@ NOT_BLOCKWISE.update({
 # handle) halve in head_dim mode, where the head size halves and the number of tokens stays
 _ATTN = "patch embedding, head and token-mixing Linears (one side fixed) halve instead of quartering (edge column)"
 FLOPS_DEVIATIONS.update({f"timm/{n}": _ATTN for n in (
-    "test_vit", "test_vit2", "gmlp_ti16_224", "test_vit_relpos")})
+    "test_vit", "test_vit2", "gmlp_ti16_224")})
 _HEAD_DIM_ATTN = ("attention products (q.k and attn.v) halve instead of quartering: head_dim mode halves the head size "
                   "and keeps the tokens and the head count")
 FLOPS_DEVIATIONS.update({f"timm/{n}": _HEAD_DIM_ATTN for n in (
-    "test_vit3", "test_vit4", "test_coatnet", "vit_tiny_patch16_224", "deit_tiny_patch16_224")})
+    "test_vit3", "test_vit4", "test_coatnet", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224", "pvt_v2_b0", "pit_ti_224")})
+FLOPS_DEVIATIONS["timm/test_vit_relpos"] = f"{_ATTN}; {_HEAD_DIM_ATTN}"
 _OTHER = "the other column (ops whose FLOPs are linear in the width: norms, scales, pooling) halves instead of quartering"
 FLOPS_DEVIATIONS.update({"timm/visformer_tiny": _OTHER, "timm/cait_xxs24_224": _OTHER})
 FLOPS_DEVIATIONS.update({

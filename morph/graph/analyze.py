@@ -11,6 +11,7 @@ plan (:mod:`morph.scale`).
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import MorphError
@@ -93,9 +94,13 @@ def _drop_traced_constants(model: nn.Module, a: Analyzer) -> None:
 
 def _record_heads(model: nn.Module, gm) -> None:
     """The attention modules' head counts by module path (``num_heads``), which the reshape rule reads to tell
-    heads from head channels (the traced graph keeps only the leaves, not the attention modules' attributes)."""
+    heads from head channels (the traced graph keeps only the leaves, not the attention modules' attributes). A
+    graph that :mod:`morph.scale` rewrote (a ``GraphModule``: its attention modules are gone, the module paths
+    of its nodes are kept, :func:`.trace.trace`) recorded them in its ``meta["morph_heads"]``."""
     heads = {name: head_count(m) for name, m in model.named_modules()
              if not isinstance(m, nn.MultiheadAttention) or isinstance(m, TracedMultiheadAttention)}
+    if isinstance(model, fx.GraphModule):  # a rewritten graph (morph.scale) keeps no attention modules: its record
+        heads = {**(model.meta.get("morph_heads") or {}), **{k: v for k, v in heads.items() if v is not None}}
     gm.meta["morph_heads"] = {name: n for name, n in heads.items() if n is not None}
     gm.meta["morph_attention_width"] = _rules.current_attention_width()  # the mode this plan was analyzed in
 

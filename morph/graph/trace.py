@@ -87,6 +87,8 @@ def trace(model: nn.Module, example: torch.Tensor, *, train: bool = False) -> fx
                 f"torch.fx cannot trace {type(model).__name__}: {str(e).splitlines()[0]}; "
                 "mark the offending submodule as a leaf with timm.layers.register_notrace_module"
             ) from e
+        if isinstance(model, fx.GraphModule):
+            _keep_module_paths(model.graph, graph)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         with torch.no_grad(), torch.random.fork_rng():
             try:
@@ -99,6 +101,20 @@ def trace(model: nn.Module, example: torch.Tensor, *, train: bool = False) -> fx
     finally:
         model.train(was_training)
     return gm
+
+
+def _keep_module_paths(old: fx.Graph, new: fx.Graph) -> None:
+    """A GraphModule's code runs at its root: retraced, its nodes lose the module paths (``nn_module_stack``)
+    that the graph it runs recorded, such as the attention module a reshape into heads runs in, whose head
+    count the reshape rule reads (a rewritten half of timm's maxvit: without it, ``view(B, -1, heads,
+    3 * head_dim)`` is read as a channel shuffle). They are copied from the GraphModule's own graph onto the
+    nodes the retrace reproduced (same name, op and target) that have none."""
+    recorded = {n.name: n for n in old.nodes}
+    for n in new.nodes:
+        o = recorded.get(n.name)
+        if (o is not None and o.op == n.op and o.target == n.target and o.meta.get("nn_module_stack")
+                and not n.meta.get("nn_module_stack")):
+            n.meta["nn_module_stack"] = dict(o.meta["nn_module_stack"])
 
 
 def _propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
