@@ -92,7 +92,7 @@ TRAINS_NOTES = {
                                  "regnet_y_1_6gf's block1-1 all 24 get a negative gradient (biases up, channels on). Neither lr "
                                  "0.03 (the same 223) nor new_gamma 1.0 (295, loss 60.8) clears it; the lr rule keeps 0.1 (the "
                                  "half: 7.12 -> 9.29)",
-    "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only), the same row and losses when rerun with gradmax's "
+    "torchvision/efficientnet_b7": "1 of 114280 rows (gradmax only), the same count and losses when rerun with gradmax's "
                                    "rank cut at the activations' precision (the change that cleared convnext_large's 3 gradmax "
                                    "rows, same lr 0.1, bit-identical losses); a draw of the train-mode randomness: the model has "
                                    "StochasticDepth (55 blocks, p up to 0.196) and Dropout(0.5), and gradmax replayed alone (the "
@@ -121,8 +121,15 @@ TRAINS_NOTES = {
     "torchvision/vgg16": "1 of 6208 rows (random only) at lr 0.01 (the rule's: the half's 3 steps at 0.1 diverge, 6.91 -> "
                          "4.4e29); here every method's loss falls at that lr (random 7.01 -> 6.69); not traced per layer "
                          "(vgg11's are classifier rows behind Dropout)",
-    "torchvision/regnet_y_32gf": "1483 (random) and 1492 (gradmax) of 54337 rows, loss 6.98 -> 10.82: RegNetY "
-                                 "squeeze-excitation gates, presumably as regnet_y_16gf; not traced",
+    "torchvision/regnet_y_32gf": "651 (random) and 644 (gradmax) of 54337 rows at the rule's lr 0.03 (at the old fixed 0.1: "
+                                 "1483 and 1492, loss 6.98 -> 10.82; the half's 3 steps at 0.1 go 6.98 -> 15.9): as "
+                                 "regnet_y_16gf, one squeeze-excitation gate, block3-0's se.fc2 (random: 651 of its 696 new "
+                                 "rows, replayed with the check's draws). At step 0 the BatchNorm bias of every new channel of "
+                                 "the block's conv a (f.a.1) gets a positive gradient (696 of 696; |g| median 5.8, max 6.2), the "
+                                 "step moves them to -0.16 ... -0.19 against the new scale 0.1, and all 696 are off (0 at every "
+                                 "position behind the ReLU) from step 1 on, their bias gradient 0; conv b's new channels, with "
+                                 "zero input, output their bias, which step 0 moved below 0 for 651: off, and their gate rows get "
+                                 "no gradient",
     "timm/legacy_seresnet18": "a squeeze-excitation gate row (layer4.1.se_module.fc2) whose gradient, the gated new "
                               "channel's value times its upstream gradient over 2x2 positions x 4 images, summed against the "
                               "SE bottleneck's sparse ReLU units, is exactly 0 at all 3 steps (0 at the first by "
