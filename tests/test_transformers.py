@@ -97,6 +97,16 @@ def _relpos():  # relative-position MLP bias (reads a coordinate grid buffer), 3
                                    rel_pos_type="mlp")
 
 
+def _swinv2(heads: tuple[int, int] = (3, 6)):
+    """timm's Swin-V2: F.linear of the qkv Linear's weight with a bias concatenated from q_bias, a zero k_bias buffer
+    and v_bias; cosine attention with a learned logit scale; a continuous position-bias MLP; windows of 4x4 tokens,
+    shifted in the second block; 3 and 6 heads of 8 (head_dim mode) or 4 and 8 (heads mode)."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    return SwinTransformerV2(img_size=32, patch_size=2, window_size=4, embed_dim=8 * heads[0], depths=(2, 1),
+                             num_heads=heads, num_classes=10)
+
+
 def _tv_vit():  # torchvision's ViT: nn.MultiheadAttention, 4 heads of 8 (heads mode)
     from torchvision.models import VisionTransformer as TvViT
 
@@ -134,6 +144,8 @@ MODELS = {
     "pvt": (_pvt, "heads", False),
     "pit": (_pit, "heads", False),
     "relpos_head_dim": (_relpos, "head_dim", False),
+    "swinv2_head_dim": (_swinv2, "head_dim", False),
+    "swinv2": (lambda: _swinv2((4, 8)), "heads", False),
     "tv_vit": (_tv_vit, "heads", False),
     "tv_vit2_head_dim": (_tv_vit2, "head_dim", False),
     "tv_swin": (_tv_swin, "heads", False),
@@ -149,12 +161,14 @@ ATTN = {
     "vit4": "blocks.0.attn.qkv.weight", "vit3_head_dim": "blocks.0.attn.qkv.weight", "cait": "blocks.0.attn.qkv.weight",
     "xcit": "blocks.0.attn.qkv.weight", "pit": "transformers.0.blocks.0.attn.qkv.weight",
     "relpos_head_dim": "blocks.0.attn.qkv.weight",
+    "swinv2_head_dim": "layers.0.blocks.0.attn.qkv.weight", "swinv2": "layers.0.blocks.0.attn.qkv.weight",
     "tv_vit": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
     "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
     "tv_swin": "features.1.0.attn.qkv.weight", "tv_swin_v2": "features.1.0.attn.qkv.weight",
     "tv_swin3_head_dim": "features.1.0.attn.qkv.weight",
 }
 FC1 = {"swin": "layers.0.blocks.0.mlp.fc1", "swin3_head_dim": "layers.0.blocks.0.mlp.fc1",
+       "swinv2_head_dim": "layers.0.blocks.0.mlp.fc1", "swinv2": "layers.0.blocks.0.mlp.fc1",
        "pvt": "stages.0.blocks.0.mlp.fc1", "pit": "transformers.0.blocks.0.mlp.fc1",
        "tv_vit": "encoder.layers.encoder_layer_0.mlp.0", "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.mlp.0",
        "tv_swin": "features.1.0.mlp.0", "tv_swin_v2": "features.1.0.mlp.0", "tv_swin3_head_dim": "features.1.0.mlp.0"}
