@@ -1,6 +1,7 @@
 """New rows of grown transformers train: cosine attention (Swin-V2), and GradMax behind layer scale (CaiT).
 
-Cosine attention (torchvision's Swin-V2) grown in head_dim mode: exact, and every new row trains.
+Cosine attention (torchvision's Swin-V2, and timm's, whose query bias is a parameter of the attention module that
+its forward concatenates into ``F.linear``) grown in head_dim mode: exact, and every new row trains.
 
 Swin-V2 L2-normalizes each head's queries and keys. Zero new query and key channels (Random, GradMax) kept the
 function but never got a gradient (each one's gradient is the other one's value), and replicated ones
@@ -58,6 +59,29 @@ def _swin_v2(heads=(3, 6)) -> nn.Module:
     return m
 
 
+def _timm_swin_v2(heads=(3, 6)) -> nn.Module:
+    """timm's Swin-V2 (its own WindowAttention: F.linear of qkv.weight with q_bias, a zero k_bias, v_bias)."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    torch.manual_seed(0)
+    m = SwinTransformerV2(img_size=32, patch_size=2, window_size=4, embed_dim=8 * heads[0], depths=(2, 1),
+                          num_heads=heads, num_classes=10).to(torch.float64).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() <= 1 and "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("logit_scale"):
+                continue
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
+    return m
+
+
+# builder, the first block's qkv Linear
+COSINE = {"torchvision": (_swin_v2, "features.1.0.attn.qkv"), "timm": (_timm_swin_v2, "layers.0.blocks.0.attn.qkv")}
+
+
 def _queries(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     """The query outputs (tokens x channels) of ``layer`` (a qkv Linear, which its attention module reads as
     weights: hooked there) on ``x``."""
@@ -70,8 +94,9 @@ def _queries(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
         h.remove()
     lin = model.get_submodule(layer)
     n = lin.out_features // 3
+    bias = lin.bias if lin.bias is not None else model.get_submodule(layer.rpartition(".")[0]).q_bias  # timm
     with torch.no_grad():
-        return F.linear(out[0].flatten(0, -2), lin.weight[:n], lin.bias[:n])
+        return F.linear(out[0].flatten(0, -2), lin.weight[:n], bias[:n])
 
 
 def _linear_residual(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,20 +106,21 @@ def _linear_residual(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("impl", sorted(COSINE))
 @pytest.mark.parametrize("method", ["random", "gradmax", "net2net"])
-def test_cosine_attention_head_dim_growth_is_exact_and_trains(method):
+def test_cosine_attention_head_dim_growth_is_exact_and_trains(method, impl):
+    build, layer = COSINE[impl]
     x = torch.randn(4, *SIZE, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([1, 7, 2, 3])
     with attention_width("head_dim"):
-        half = morph.scale_width(_swin_v2(), 0.5, input_size=SIZE).eval()
+        half = morph.scale_width(build(), 0.5, input_size=SIZE).eval()
         grown = morph.grow(half, method, 2.0, data=(x, y), seed=0, input_size=SIZE).eval()
-    stock = _swin_v2().eval()
+    stock = build().eval()
     stock.load_state_dict(grown.state_dict(), strict=True)
     with torch.no_grad():
         yg = grown(x)
         assert float((stock(x) - yg).norm() / yg.norm()) <= 1e-12
         assert float((yg - half(x)).norm() / yg.norm()) <= 1e-12
-    layer = "features.1.0.attn.qkv"
     n = grown.get_submodule(layer).out_features // 3
     new_q = torch.zeros(n, dtype=torch.bool)
     for h in range(3):  # 3 heads of 4 -> 3 heads of 8: each head's last 4 channels are new

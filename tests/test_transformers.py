@@ -97,6 +97,25 @@ def _relpos():  # relative-position MLP bias (reads a coordinate grid buffer), 3
                                    rel_pos_type="mlp")
 
 
+def _swinv2(heads: tuple[int, int] = (3, 6), depths: tuple[int, int] = (2, 1)):
+    """timm's Swin-V2: F.linear of the qkv Linear's weight with a bias concatenated from q_bias, a zero k_bias buffer
+    and v_bias; cosine attention with a learned logit scale; a continuous position-bias MLP; windows of 4x4 tokens,
+    shifted in the second block; 3 and 6 heads of 8 (head_dim mode) or 4 and 8 (heads mode)."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    return SwinTransformerV2(img_size=32, patch_size=2, window_size=4, embed_dim=8 * heads[0], depths=depths,
+                             num_heads=heads, num_classes=10)
+
+
+def _swinv2_cr():
+    """timm's other Swin-V2 (``swin_transformer_v2_cr``): a qkv Linear with its bias, cosine attention, a position-bias
+    meta MLP, post-norm residuals, extra stage norms (the ``_ns`` models); 3 and 6 heads of 8: head_dim mode."""
+    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
+
+    return SwinTransformerV2Cr(img_size=(32, 32), patch_size=2, window_size=4, embed_dim=24, depths=(2, 1),
+                               num_heads=(3, 6), num_classes=10, extra_norm_stage=True)
+
+
 def _tv_vit():  # torchvision's ViT: nn.MultiheadAttention, 4 heads of 8 (heads mode)
     from torchvision.models import VisionTransformer as TvViT
 
@@ -134,6 +153,9 @@ MODELS = {
     "pvt": (_pvt, "heads", False),
     "pit": (_pit, "heads", False),
     "relpos_head_dim": (_relpos, "head_dim", False),
+    "swinv2_head_dim": (_swinv2, "head_dim", False),
+    "swinv2": (lambda: _swinv2((4, 8)), "heads", False),
+    "swinv2_cr_head_dim": (_swinv2_cr, "head_dim", False),
     "tv_vit": (_tv_vit, "heads", False),
     "tv_vit2_head_dim": (_tv_vit2, "head_dim", False),
     "tv_swin": (_tv_swin, "heads", False),
@@ -141,6 +163,7 @@ MODELS = {
     "tv_swin3_head_dim": (lambda: _tv_swin(heads=(3, 6)), "head_dim", False),
 }
 SLOW = {"swin", "swin3_head_dim", "cait", "xcit", "pvt", "pit", "relpos_head_dim",  # 3-7 s each on one core
+        "swinv2", "swinv2_head_dim", "swinv2_cr_head_dim",
         "tv_vit", "tv_vit2_head_dim", "tv_swin", "tv_swin_v2", "tv_swin3_head_dim"}
 
 # the weight of the first attention's query, key and value rows, q, k and v stacked
@@ -149,12 +172,16 @@ ATTN = {
     "vit4": "blocks.0.attn.qkv.weight", "vit3_head_dim": "blocks.0.attn.qkv.weight", "cait": "blocks.0.attn.qkv.weight",
     "xcit": "blocks.0.attn.qkv.weight", "pit": "transformers.0.blocks.0.attn.qkv.weight",
     "relpos_head_dim": "blocks.0.attn.qkv.weight",
+    "swinv2_head_dim": "layers.0.blocks.0.attn.qkv.weight", "swinv2": "layers.0.blocks.0.attn.qkv.weight",
+    "swinv2_cr_head_dim": "stages.0.blocks.0.attn.qkv.weight",
     "tv_vit": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
     "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
     "tv_swin": "features.1.0.attn.qkv.weight", "tv_swin_v2": "features.1.0.attn.qkv.weight",
     "tv_swin3_head_dim": "features.1.0.attn.qkv.weight",
 }
 FC1 = {"swin": "layers.0.blocks.0.mlp.fc1", "swin3_head_dim": "layers.0.blocks.0.mlp.fc1",
+       "swinv2_head_dim": "layers.0.blocks.0.mlp.fc1", "swinv2": "layers.0.blocks.0.mlp.fc1",
+       "swinv2_cr_head_dim": "stages.0.blocks.0.mlp.fc1",
        "pvt": "stages.0.blocks.0.mlp.fc1", "pit": "transformers.0.blocks.0.mlp.fc1",
        "tv_vit": "encoder.layers.encoder_layer_0.mlp.0", "tv_vit2_head_dim": "encoder.layers.encoder_layer_0.mlp.0",
        "tv_swin": "features.1.0.mlp.0", "tv_swin_v2": "features.1.0.mlp.0", "tv_swin3_head_dim": "features.1.0.mlp.0"}
@@ -232,6 +259,57 @@ def test_one_head_left_is_refused():
         morph.scale_width(m, 0.5, input_size=SIZE)
     with attention_width("head_dim"):
         assert morph.scale_width(m, 0.5, input_size=SIZE).blocks[0].attn.head_dim == 8
+
+
+def test_swinv2_functional_qkv_plan():
+    """timm's Swin-V2 runs its qkv Linear as ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``: the Linear is
+    the layer, and q_bias, the zero k_bias buffer and v_bias are free tensors whose channels are q's, k's and v's;
+    in head_dim mode the cosine attention's F.normalize over each head's channels is accepted and the head count
+    stays; the half is timm's own class with every tensor at half width."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    m = _randomize(_swinv2(depths=(1, 1)).eval())
+    with attention_width("head_dim"):
+        plan = analyze(m, SIZE)
+        qkv = plan.layers["layers.0.blocks.0.attn.qkv"]
+        assert (plan.size(qkv.in_dim, 0.5), plan.size(qkv.out_dim, 0.5)) == (12, 36)
+        for b in ("q_bias", "k_bias", "v_bias"):
+            assert [plan.size(d, 0.5) for d in plan.params[f"layers.0.blocks.0.attn.{b}"]] == [12]
+        half = morph.scale_width(m, 0.5, plan=plan).eval()
+    attn = half.layers[0].blocks[0].attn
+    assert type(half) is SwinTransformerV2 and attn.num_heads == 3
+    assert tuple(attn.qkv.weight.shape) == (36, 12) and tuple(attn.q_bias.shape) == tuple(attn.k_bias.shape) == (12,)
+    assert not attn.k_bias.any()  # still timm's zero key bias
+    with torch.no_grad():
+        assert half(_x()).shape == (2, 10)
+
+
+class _FreeLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.w)
+
+
+class _ChannelNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return nn.functional.normalize(self.fc(x), dim=-1)
+
+
+@pytest.mark.parametrize("model, what", [(_FreeLinear, "expected the weight of a Linear module"),
+                                         (_ChannelNorm, "L2 normalization over a channel dim")])
+def test_functional_linear_and_channel_normalize_refusals(model, what):
+    """F.linear with a weight that is no module's ``weight``, and F.normalize over channels outside attention heads:
+    one line naming the op."""
+    with pytest.raises(morph.MorphError) as e:
+        analyze(model(), (8,))
+    assert what in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_attention_width_rejects_unknown_mode():

@@ -275,6 +275,8 @@ TIMM_TRANSFORMERS = {
     "xcit (cross-covariance attention, Fourier position encoding)": "xcit_nano_12_p16_224",
     "vit (debug, relative-position MLP bias)": "test_vit_relpos",
     "maxvit": "maxvit_nano_rw_256",  # 2 heads in its first stage: head_dim mode
+    # 3 heads in its first stage: head_dim mode; qkv as F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))
+    "swinv2 (cosine attention, continuous position-bias MLP)": "swinv2_tiny_window8_256",
     # timm keeps these blocks out of fx; morph traces its stand-in forwards (morph/graph/forwards.py)
     "mobilevit (conv stages, patch unfold into a transformer)": "mobilevit_xxs",
     "efficientvit-mit (multi-scale ReLU linear attention)": "efficientvit_b0",
@@ -288,7 +290,7 @@ ATTENTION_WIDTH: dict[str, str] = {
                                           "deit_tiny_patch16_224", "test_coatnet", "test_maxvit",
                                           "swin_tiny_patch4_window7_224", "deit_tiny_distilled_patch16_224",
                                           "pit_ti_224", "pvt_v2_b0", "visformer_tiny",
-                                          "test_vit_relpos", "maxvit_nano_rw_256")},
+                                          "test_vit_relpos", "maxvit_nano_rw_256", "swinv2_tiny_window8_256")},
 }
 
 # timm attention/hybrid families morph refuses at analysis, with the op named in the one-line error
@@ -329,7 +331,7 @@ NOT_BLOCKWISE.update({
     "torchvision/swin_v2_t": f"{_LN}; the position-bias MLP's hidden layer (fixed at 512) is shared by a's and b's heads",
 })
 INPUT_SIZE.update({"timm/test_coatnet": (3, 160, 160), "timm/test_maxvit": (3, 160, 160),
-                   "timm/maxvit_nano_rw_256": (3, 256, 256)})
+                   "timm/maxvit_nano_rw_256": (3, 256, 256), "timm/swinv2_tiny_window8_256": (3, 256, 256)})
 
 _TOKENS = "a token-mixing Linear is one weight shared by a's and b's channels"
 NOT_BLOCKWISE.update({
@@ -352,6 +354,7 @@ NOT_BLOCKWISE.update({
     "timm/mobilevit_xxs": _LN,
     "timm/edgenext_xx_small": _LN,
     "timm/efficientvit_b0": f"{_LN} (classifier head)",
+    "timm/swinv2_tiny_window8_256": f"{_LN}; cosine attention normalizes each head over a's and b's channels together",
 })
 
 # small transformers: the patch embedding and the head (one side fixed) halve instead of quartering (edge column);

@@ -19,7 +19,7 @@ from .analyzer import Analyzer
 from .plan import TD, ConstSite, LayerPlan
 from .registry import register_function_rule as _function
 from .registry import register_module_rule as _module
-from .rules import broadcast, couple
+from .rules import _heads_of, broadcast, couple, current_attention_width
 from .trace import node_qualname
 
 __all__: list[str] = []
@@ -201,9 +201,19 @@ def _normalize(a: Analyzer, node: fx.Node) -> TD:
     if not isinstance(x, TD):
         raise a.fail("expected a tensor")
     dim = _arg(node, 2, "dim", 1) % len(x.shape)
-    if not a.g.is_structural(x.dims[dim]):
+    if not a.g.is_structural(x.dims[dim]) and not _head_channels(a, x, dim):
         raise a.fail("L2 normalization over a channel dim (replicated or new channels change the norm)")
     return TD(x.dims, _shape(a))
+
+
+def _head_channels(a: Analyzer, x: TD, dim: int) -> bool:
+    """Whether ``x``'s ``dim`` is the channel dim of attention heads: the last dim of a ``[..., heads, tokens,
+    head_dim]`` tensor inside a module with ``num_heads`` heads, in ``head_dim`` mode (cosine attention,
+    timm's Swin-V2: ``normalize(q) . normalize(k)`` per head). Growth keeps such heads' norms with rotated
+    copies of their query and key rows (:mod:`morph.growth.cosine`)."""
+    heads = _heads_of(a)
+    return (current_attention_width() == "head_dim" and heads is not None and dim == len(x.shape) - 1
+            and len(x.shape) >= 3 and x.shape[-3] == heads)
 
 
 @_module("timm.models.mobilevit.MobileVitV2Block")
@@ -267,6 +277,30 @@ def _linear_of(a: Analyzer, weight_arg, bias_arg, shape: tuple[int, int]) -> str
             raise a.fail(f"the bias of {path} is another module's")
         a.params.pop(str(bias_arg.target), None)
     return path
+
+
+@_function(F.linear)
+def _functional_linear(a: Analyzer, node: fx.Node) -> TD:
+    """``F.linear(x, weight, bias)`` with the weight of a Linear module read through ``get_attr`` (timm's Swin-V2
+    ``WindowAttention``: ``F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))``): that module is the layer
+    (its own forward reads the weight, so templates and tiling replace it as any Linear's), and a bias that is
+    not the module's own (parameters and buffers concatenated) is a free tensor whose channels are the output's.
+    A weight that is not a module's ``weight`` is refused (the module's own unused bias would be refused by the
+    coverage check of :func:`~.analyze.analyze`)."""
+    x = a.value(_arg(node, 0, "input"))
+    w_arg, b_arg = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    out_shape = _shape(a)
+    if not isinstance(x, TD) or not isinstance(a.value(w_arg), TD):
+        raise a.fail("expected a tensor input and weight")
+    path = _linear_of(a, w_arg, b_arg, (out_shape[-1], x.shape[-1]))
+    out = a.fresh(out_shape[-1], source=True)
+    a.add_layer(LayerPlan(path, "linear", x.dims[-1], out))
+    bias = a.value(b_arg)
+    if isinstance(bias, TD) and not (isinstance(b_arg, fx.Node) and b_arg.op == "get_attr"):
+        if len(bias.shape) != 1 or bias.shape[0] != out_shape[-1]:
+            raise a.fail(f"expected a bias of {out_shape[-1]} channels")
+        a.g.unify(out, bias.dims[0])
+    return TD((*x.dims[:-1], out), out_shape)
 
 
 def _tv_shifted_window_attention(a: Analyzer, node: fx.Node) -> TD:

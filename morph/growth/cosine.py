@@ -16,7 +16,8 @@ is kept for every input iff ``A^T A = a^2 I``, ``B^T B = b^2 I`` and ``A^T B = a
 (1 + a^2)(1 + b^2)``, i.e. ``B = A = a O`` with ``O^T O = I``: then ``q' . k' = (1 + a^2) q . k`` and both norms
 grow by ``sqrt(1 + a^2)``. That needs ``d' - d >= d`` (doubling or more); this module takes ``a = 1`` and ``O``
 the first ``d`` columns of a random orthogonal matrix: new query rows (weights and bias) ``= O x`` the head's
-old query rows, the same ``O`` for the key rows. Such a copy gets gradients ``O x`` the old rows' ones, so plain
+old query rows, the same ``O`` for the key rows (the bias: the Linear's own, or timm's Swin-V2 ``q_bias``, ``k_bias``
+and ``v_bias`` of the attention module, which its forward concatenates into ``F.linear``). Such a copy gets gradients ``O x`` the old rows' ones, so plain
 SGD would keep it a rotated copy for good (Net2Net's symmetry); the columns of the new rows on input channels
 that equal another one at growth (a replica and its source) are split differently (``+f`` on the replica, ``-f``
 on its source, ``f`` random at the rows' entry scale): the outputs do not change at growth, and the copy parts
@@ -206,7 +207,7 @@ def _rotate(new, layout, layers, heads, x, y0, gen, zero_rows) -> dict[str, int]
     def err() -> float:
         return float((_first(new(x)) - y0).norm() / y0.norm().clamp_min(1e-30))
 
-    edits = _plan(layout, layers, heads, gen, zero_rows)
+    edits = _plan(new, layout, layers, heads, gen, zero_rows)
     if not edits:
         return {}
     changed: dict[str, int] = {}
@@ -236,34 +237,68 @@ def _rotate(new, layout, layers, heads, x, y0, gen, zero_rows) -> dict[str, int]
     return changed
 
 
+class _Bias:
+    """The bias of a layer's output rows: the Linear's own, or (timm's Swin-V2, whose ``qkv`` Linear has none and
+    runs as ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``) its attention module's ``q_bias``, ``k_bias``
+    (a zero buffer) and ``v_bias`` side by side."""
+
+    def __init__(self, new: nn.Module, name: str, mod: nn.Module) -> None:
+        self.parts: list[torch.Tensor] = []
+        if mod.bias is not None:
+            self.parts = [mod.bias]
+        elif name.endswith(".qkv"):
+            owner = new.get_submodule(name[: -len(".qkv")])
+            parts = [getattr(owner, f"{c}_bias", None) for c in "qkv"]
+            n = mod.weight.shape[0]
+            if all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in parts) and sum(t.numel() for t in parts) == n:
+                self.parts = parts
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    def get(self) -> torch.Tensor:
+        return torch.cat([t.detach() for t in self.parts])
+
+    def set(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        start = 0
+        for t in self.parts:
+            n = t.numel()
+            sel = (rows >= start) & (rows < start + n)
+            if bool(sel.any()):
+                t.data[rows[sel] - start] = values[sel]
+            start += n
+
+
 class _Edit:
     """New query and key rows of one head: their rotated copy (and split), and the rows as the method left them."""
 
-    def __init__(self, name, mod, rows, w_new, b_new, split):
-        self.name, self.mod, self.rows, self.w_new, self.b_new, self.split = name, mod, rows, w_new, b_new, split
+    def __init__(self, name, mod, bias, rows, w_new, b_new, split):
+        self.name, self.mod, self.bias, self.rows, self.w_new, self.b_new = name, mod, bias, rows, w_new, b_new
+        self.split = split
         self.w_old = mod.weight.detach()[rows].clone()
-        self.b_old = None if mod.bias is None else mod.bias.detach()[rows].clone()
+        self.b_old = bias.get()[rows].clone() if bias else None
 
     def apply(self, split: bool) -> None:
         w = self.w_new + self.split if split and self.split is not None else self.w_new
         self.mod.weight.data[self.rows] = w.view_as(self.w_old)
         if self.b_new is not None:
-            self.mod.bias.data[self.rows] = self.b_new
+            self.bias.set(self.rows, self.b_new)
 
     def undo(self) -> None:
         self.mod.weight.data[self.rows] = self.w_old
         if self.b_old is not None:
-            self.mod.bias.data[self.rows] = self.b_old
+            self.bias.set(self.rows, self.b_old)
 
 
-def _plan(layout, layers, heads, gen, zero_rows) -> list[_Edit]:
+def _plan(new, layout, layers, heads, gen, zero_rows) -> list[_Edit]:
     edits: list[_Edit] = []
     done: set[tuple[str, tuple[int, ...]]] = set()
     for name, qpos, kpos in heads:
         mod = layers[name]
         p = layout.plan.layers[name]
         out_map, in_map = layout.dim(p.out_dim), layout.dim(p.in_dim)
-        wd, b = mod.weight.detach(), mod.bias
+        bias = _Bias(new, name, mod)
+        wd, b = mod.weight.detach(), (bias.get() if bias else None)
         for h in sorted(set(qpos) & set(kpos)):
             qh, kh = qpos[h], kpos[h]
             if sorted(qh) != sorted(kh):
@@ -288,8 +323,8 @@ def _plan(layout, layers, heads, gen, zero_rows) -> list[_Edit]:
                 continue  # rows the method set otherwise (Firefly's fitted rows): left alone
             rot = _orthogonal(n_new, n_old, gen).to(wd)
             w_new = torch.cat([rot @ wd[q_rows[old]].flatten(1), rot @ wd[k_rows[old]].flatten(1)])
-            b_new = None if b is None else torch.cat([rot @ b.detach()[q_rows[old]], rot @ b.detach()[k_rows[old]]])
-            edits.append(_Edit(name, mod, rows, w_new, b_new, _split(in_map, len(rows), wd, gen)))
+            b_new = None if b is None else torch.cat([rot @ b[q_rows[old]], rot @ b[k_rows[old]]])
+            edits.append(_Edit(name, mod, bias, rows, w_new, b_new, _split(in_map, len(rows), wd, gen)))
     return edits
 
 
