@@ -39,14 +39,9 @@ def _float64():
     torch.set_default_dtype(old)
 
 
-def _swin_v2(heads=(3, 6)) -> nn.Module:
-    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
-    from torchvision.models.swin_transformer import SwinTransformer as TvSwin
-
-    torch.manual_seed(0)
-    m = TvSwin(patch_size=[2, 2], embed_dim=8 * heads[0], depths=[2, 1], num_heads=list(heads), window_size=[4, 4],
-               num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
-    m = m.to(torch.float64).eval()
+def _randomized(m: nn.Module) -> nn.Module:
+    """Norm scales in [0.5, 1.5), every other parameter but the cosine attention's ``logit_scale`` Gaussian
+    (fan-in scaled), from a fixed generator: no weight of the stock initialization is zero or shared."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -57,6 +52,17 @@ def _swin_v2(heads=(3, 6)) -> nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
     return m
+
+
+def _swin_v2(heads=(3, 6)) -> nn.Module:
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+    from torchvision.models.swin_transformer import SwinTransformer as TvSwin
+
+    torch.manual_seed(0)
+    m = TvSwin(patch_size=[2, 2], embed_dim=8 * heads[0], depths=[2, 1], num_heads=list(heads), window_size=[4, 4],
+               num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+    m = m.to(torch.float64).eval()
+    return _randomized(m)
 
 
 def _timm_swin_v2(heads=(3, 6)) -> nn.Module:
@@ -66,16 +72,7 @@ def _timm_swin_v2(heads=(3, 6)) -> nn.Module:
     torch.manual_seed(0)
     m = SwinTransformerV2(img_size=32, patch_size=2, window_size=4, embed_dim=8 * heads[0], depths=(2, 1),
                           num_heads=heads, num_classes=10).to(torch.float64).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() <= 1 and "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif name.endswith("logit_scale"):
-                continue
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
-    return m
+    return _randomized(m)
 
 
 # builder, the first block's qkv Linear
