@@ -78,7 +78,7 @@ def main() -> int:
         subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
         _grow(old_src, Path(tmp) / "old.pt")
         _grow(ROOT, Path(tmp) / "new.pt")
-        old, new = torch.load(Path(tmp) / "old.pt"), torch.load(Path(tmp) / "new.pt")
+        old, new = torch.load(Path(tmp) / "old.pt", weights_only=True), torch.load(Path(tmp) / "new.pt", weights_only=True)
     bad = 0
     for key in old:
         a, b = old[key], new.get(key, {})
